@@ -1,0 +1,49 @@
+"""The `turnout` command line. Each command group lives in proxy/commands/<group>.py with a
+`register(subparsers)` that adds its commands; each command's handler returns the exit status."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from proxy import __version__
+
+# Command modules, in the order their commands appear in --help.
+COMMAND_MODULES = (
+    "proxy.commands.serve",
+    "proxy.commands.demo",
+    "proxy.commands.check",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="turnout",
+        description="Route HTTP traffic between immutable versions of a service: weighted canaries, "
+        "dedicated versions for large clients, sticky assignment and instant fallback.",
+    )
+    parser.add_argument("--version", action="version", version=f"turnout {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

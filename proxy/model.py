@@ -1,0 +1,118 @@
+"""The routing model: versions, routes and the whole state, as frozen data.
+
+Design rule: nothing here does I/O or imports asyncio/aiohttp. A version's *spec* never changes once
+registered (immutable infrastructure: a release is a new version); only its instances (endpoints) come
+and go. Changes produce a new State through `dataclasses.replace`; nothing is mutated in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+VersionKind = Literal["static", "local", "docker"]
+IdentityKind = Literal["header", "cookie", "query"]
+NetworkMode = Literal["bridge", "host"]
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    path: str = "/"
+    interval: float = 2.0
+    timeout: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class VersionSpec:
+    """Where a version's instances come from. Compared whole to refuse re-registration with changes."""
+
+    kind: VersionKind
+    endpoints: tuple[str, ...] = ()  # static: the instances themselves, as http://host:port URLs
+    command: tuple[str, ...] = ()  # local: argv of a process; PORT is set in its environment
+    image: str | None = None  # docker: repo@sha256:... (a tag only with allow_tag, then resolved)
+    allow_tag: bool = False
+    replicas: int = 1
+    port: int | None = None  # docker: the container's listening port
+    env: tuple[tuple[str, str], ...] = ()
+    network: NetworkMode = "bridge"
+    health: HealthCheck = field(default_factory=HealthCheck)
+    labels: tuple[tuple[str, str], ...] = ()
+    check: tuple[str, ...] = ()  # gate command that must exit 0 before the version may get traffic
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    name: str
+    spec: VersionSpec
+    # Current instances. For static versions this is spec.endpoints; providers update it for the others.
+    endpoints: tuple[str, ...]
+    created: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    host: str | None = None  # exact host, or "*.example.com"
+    path_prefix: str = "/"
+    headers: tuple[tuple[str, str], ...] = ()  # lower-case name, exact value
+
+    @property
+    def specificity(self) -> tuple[int, int, int]:
+        host_rank = 0 if self.host is None else (1 if self.host.startswith("*.") else 2)
+        return (host_rank, len(self.path_prefix), len(self.headers))
+
+
+@dataclass(frozen=True, slots=True)
+class IdentitySource:
+    kind: IdentityKind
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    version: str
+    percent: float
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    match: Match = field(default_factory=Match)
+    identity: tuple[IdentitySource, ...] = ()
+    # Insertion order is the order versions occupy sticky buckets: keep it stable, append new versions.
+    split: tuple[tuple[str, float], ...] = ()
+    sticky: bool = True
+    pins: Mapping[str, str] = field(default_factory=dict)
+    fallback: tuple[str, ...] = ()
+    mirror: Mirror | None = None
+    expose_version: bool = False
+    # Drain support: name of a cookie recording the version a session was assigned (None: off).
+    assignment_cookie: str | None = None
+
+    @property
+    def split_map(self) -> dict[str, float]:
+        return dict(self.split)
+
+    def referenced_versions(self) -> set[str]:
+        names = {v for v, _ in self.split} | set(self.pins.values()) | set(self.fallback)
+        if self.mirror is not None:
+            names.add(self.mirror.version)
+        return names
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    versions: Mapping[str, Version] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()  # file order breaks ties between equally specific matches
+
+    def route(self, name: str) -> Route | None:
+        for r in self.routes:
+            if r.name == name:
+                return r
+        return None
+
+    def users_of(self, version: str) -> list[str]:
+        return [r.name for r in self.routes if version in r.referenced_versions()]
+
+
+EMPTY_STATE = State()

@@ -1,0 +1,86 @@
+"""Choosing a version for one request: sticky buckets, exact weighted cycles, and the fallback chain.
+
+Design rules:
+- Sticky assignment hashes (route, client id) with BLAKE2b into BUCKETS buckets; versions occupy contiguous
+  bucket ranges in the order the split lists them. Moving weight between neighbours moves only the
+  clients in the range between the old and new boundary, and a version whose share grows never loses a
+  client while the versions before it in the split keep or lose weight (put canaries last).
+  BLAKE2b, not Python's salted `hash()`, so every process and machine agrees.
+- Requests without a client id follow a precomputed smooth weighted round-robin cycle: exact proportions
+  (a 3:1 split over 4 picks gives 3 and 1), O(1) per pick, no random numbers on the hot path.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from collections.abc import Sequence
+from hashlib import blake2b
+
+BUCKETS = 10_000
+
+# Longest precomputed weighted cycle; weights are quantised to BUCKETS parts first, so this suffices.
+MAX_CYCLE = BUCKETS
+
+
+def bucket_of(route: str, client_id: str) -> int:
+    key = f"{route}\0{client_id}".encode("utf-8", "surrogatepass")
+    digest = blake2b(key, digest_size=8, person=b"turnout1").digest()
+    return int.from_bytes(digest, "big") % BUCKETS
+
+
+def bucket_bounds(weights: Sequence[float]) -> list[int]:
+    """Upper bucket bound (exclusive) of each version's range, in split order."""
+    total = sum(weights)
+    bounds = []
+    acc = 0.0
+    for w in weights:
+        acc += w
+        bounds.append(round(acc / total * BUCKETS) if total > 0 else 0)
+    if bounds and total > 0:
+        bounds[-1] = BUCKETS
+    return bounds
+
+
+def index_for_bucket(bounds: Sequence[int], bucket: int) -> int:
+    return bisect_right(bounds, bucket)
+
+
+def quantise(weights: Sequence[float]) -> list[int]:
+    """Integer shares that keep the ratios, reduced by their gcd, summing to at most BUCKETS."""
+    total = sum(weights)
+    if total <= 0:
+        return [0] * len(weights)
+    if all(float(w).is_integer() for w in weights) and total <= BUCKETS:
+        shares = [int(w) for w in weights]
+    else:
+        bounds = bucket_bounds(weights)
+        shares = [b - a for a, b in zip([0, *bounds[:-1]], bounds, strict=True)]
+    g = 0
+    for s in shares:
+        g = math.gcd(g, s)
+    return [s // g for s in shares] if g else shares
+
+
+def smooth_cycle(weights: Sequence[float]) -> list[int]:
+    """Indices of versions in nginx-style smooth weighted round-robin order, one full period long."""
+    shares = quantise(weights)
+    period = sum(shares)
+    if period == 0:
+        return []
+    current = [0] * len(shares)
+    out = []
+    for _ in range(min(period, MAX_CYCLE)):
+        best = 0
+        for i, s in enumerate(shares):
+            current[i] += s
+            if current[i] > current[best]:
+                best = i
+        current[best] -= period
+        out.append(best)
+    return out
+
+
+def fallback_chain(chosen: str, fallback: Sequence[str]) -> tuple[str, ...]:
+    """The chosen version, then the route's fallbacks in order, each once."""
+    return (chosen, *(f for f in fallback if f != chosen))

@@ -1,0 +1,59 @@
+"""One frozen Settings object for a proxy process; options are resolved once, at start.
+
+Defaults are the safe ones: listeners on loopback, limits and timeouts on. Every limit says why it has
+its value, and the README's limits table mirrors this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    # Request line longer than this -> 414. 8 KiB is what nginx and HAProxy accept by default.
+    max_request_line: int = 8 * 1024
+    # Whole header block larger than this -> 431. 64 KiB covers large cookies and JWTs.
+    max_header_bytes: int = 64 * 1024
+    # More header fields than this -> 431. HAProxy's default is 101.
+    max_headers: int = 100
+    # Request body larger than this -> 413. Large enough for typical APIs and uploads; raise per need.
+    max_body_bytes: int = 100 * 1024 * 1024
+    # Idempotent requests with a body up to this size are buffered so they can be retried on a fallback.
+    retry_buffer_bytes: int = 64 * 1024
+    # Pipelined requests parsed but not yet answered per connection before reading pauses.
+    max_pipelined: int = 32
+    # Write-buffer water marks for flow control in both directions.
+    high_water: int = 256 * 1024
+    low_water: int = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    header_read: float = 10.0  # whole request head must arrive within this -> 408 (slowloris)
+    keepalive_idle: float = 75.0  # idle client connection between requests
+    upstream_connect: float = 3.0  # -> 504 (or fallback, when one is left)
+    upstream_response: float = 60.0  # request sent -> response head received; -> 504
+    upstream_idle: float = 60.0  # no byte from the upstream while reading a body
+    upstream_pool_idle: float = 30.0  # idle pooled upstream connection is closed after this
+    body_read_idle: float = 60.0  # no byte from the client while reading its body
+    shutdown_grace: float = 30.0  # SIGTERM: in-flight requests may finish within this
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: tuple[str, int] = ("127.0.0.1", 8080)
+    admin: tuple[str, int] = ("127.0.0.1", 8081)
+    workers: int = 1
+    store: str | None = None  # sqlite:///path (default path when None) or etcd://host:port/prefix
+    routes: str | None = None  # route file seeding/updating the store (see the restart rule)
+    admin_token_file: str | None = None
+    metrics_auth: bool = False  # require the admin token on /metrics too
+    trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-* are kept (IPs or CIDRs)
+    access_log: str | None = None  # path, "-" for stdout, None for off
+    access_log_client_ids: bool = False  # log raw client ids instead of a salted hash
+    pool_size: int = 64  # idle keep-alive connections kept per upstream endpoint
+    passive_eject_after: int = 5  # consecutive connect failures / 5xx that eject an endpoint
+    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    state_dir: str | None = None  # where the admin token and default database live

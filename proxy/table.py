@@ -1,0 +1,163 @@
+"""The compiled route table: built once per state revision, read once per request, swapped whole.
+
+Design rule: everything a request needs is precomputed here, so the request path does a handful of dict
+lookups and no allocation beyond what it must: pins map a client straight to a ready (reason, chain)
+pair, sticky routes bisect precomputed bucket bounds, and per-request picks walk a precomputed cycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+from urllib.parse import parse_qsl
+
+from proxy.model import Route, State, Version
+from proxy.select import bucket_bounds, bucket_of, fallback_chain, index_for_bucket, smooth_cycle
+
+# Why a version was chosen; the data plane reports "fallback" itself when it moves down the chain.
+PIN: Final = "pin"
+STICKY: Final = "sticky"
+WEIGHTED: Final = "weighted"
+ASSIGNED: Final = "assigned"
+
+Pick = tuple[str, tuple[str, ...]]  # (reason, chain: chosen version first, then fallbacks)
+
+
+class CompiledRoute:
+    __slots__ = (
+        "_bounds", "_cycle", "_cycle_len", "_next", "_pins", "_sticky_picks", "_weighted_picks",
+        "assignment_cookie", "chains", "expose_version", "header_ids", "host", "host_suffix", "identity",
+        "match_headers", "name", "prefix", "prefix_dir", "route",
+    )
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+        self.name = route.name
+        self.expose_version = route.expose_version
+        self.assignment_cookie = route.assignment_cookie
+        m = route.match
+        self.host = None if m.host is None or m.host.startswith("*.") else m.host
+        self.host_suffix = m.host[1:] if m.host and m.host.startswith("*.") else None
+        self.prefix = m.path_prefix
+        self.prefix_dir = m.path_prefix if m.path_prefix.endswith("/") else m.path_prefix + "/"
+        self.match_headers = m.headers
+        self.identity = tuple((s.kind, s.name) for s in route.identity)
+        # Only header identities are common enough to deserve their own fast path.
+        self.header_ids = all(kind == "header" for kind, _ in self.identity)
+        names = [v for v, _ in route.split]
+        weights = [w for _, w in route.split]
+        all_versions = set(names) | set(route.pins.values()) | set(route.fallback)
+        self.chains = {v: fallback_chain(v, route.fallback) for v in all_versions}
+        self._sticky_picks = [(STICKY, self.chains[v]) for v in names]
+        self._weighted_picks = [(WEIGHTED, self.chains[v]) for v in names]
+        pin_picks = {v: (PIN, self.chains[v]) for v in set(route.pins.values())}
+        self._pins = {client: pin_picks[v] for client, v in route.pins.items()}
+        self._bounds = bucket_bounds(weights)
+        self._cycle = [self._weighted_picks[i] for i in smooth_cycle(weights)]
+        self._cycle_len = len(self._cycle)
+        self._next = 0
+
+    def __repr__(self) -> str:
+        split = " ".join(f"{v}={w:g}" for v, w in self.route.split)
+        return (f"<CompiledRoute {self.name} [{self.prefix}] split: {split} | pins: {len(self._pins)}"
+                f" | sticky: {'on' if self.route.sticky else 'off'}>")
+
+    def matches(self, host: str, path: str, headers: Mapping[str, str]) -> bool:
+        if self.host is not None and host != self.host:
+            return False
+        if self.host_suffix is not None and not host.endswith(self.host_suffix):
+            return False
+        if self.prefix != "/" and path != self.prefix and not path.startswith(self.prefix_dir):
+            return False
+        for name, value in self.match_headers:
+            if headers.get(name) != value:
+                return False
+        return True
+
+    def client_id(self, headers: Mapping[str, str], query: str | None = None) -> str | None:
+        """The first identity source that yields a non-empty value. `headers` has lower-case names."""
+        for kind, name in self.identity:
+            if kind == "header":
+                v = headers.get(name)
+                if v:
+                    return v
+            elif kind == "cookie":
+                v = cookie_value(headers.get("cookie"), name)
+                if v:
+                    return v
+            elif query:
+                for k, qv in parse_qsl(query, keep_blank_values=False):
+                    if k == name and qv:
+                        return qv
+        return None
+
+    def pick(self, client_id: str | None) -> Pick:
+        if client_id is not None:
+            pinned = self._pins.get(client_id)
+            if pinned is not None:
+                return pinned
+            if self.route.sticky and self._cycle_len:
+                return self._sticky_picks[index_for_bucket(self._bounds, bucket_of(self.name, client_id))]
+        return self.pick_weighted()
+
+    def pick_weighted(self) -> Pick:
+        i = self._next
+        self._next = i + 1 if i + 1 < self._cycle_len else 0
+        return self._cycle[i]
+
+    def assigned(self, version: str) -> Pick | None:
+        """Pick for a session that carries an assignment cookie naming `version`, if it is still routable."""
+        chain = self.chains.get(version)
+        return None if chain is None else (ASSIGNED, chain)
+
+
+def cookie_value(header: str | None, name: str) -> str | None:
+    if not header:
+        return None
+    for part in header.split(";"):
+        k, sep, v = part.strip().partition("=")
+        if sep and k == name:
+            return v.strip('"') or None
+    return None
+
+
+class RouteTable:
+    __slots__ = ("_single", "revision", "routes", "state", "versions")
+
+    def __init__(self, state: State, revision: int = 0) -> None:
+        self.state = state
+        self.revision = revision
+        self.versions: Mapping[str, Version] = state.versions
+        indexed = list(enumerate(state.routes))
+        # Most specific first; file order breaks ties.
+        indexed.sort(key=lambda ir: (tuple(-x for x in ir[1].match.specificity), ir[0]))
+        self.routes = tuple(CompiledRoute(r) for _, r in indexed)
+        only = self.routes[0] if len(self.routes) == 1 else None
+        self._single = only if only is not None and _matches_everything(only) else None
+
+    def __repr__(self) -> str:
+        pins = sum(len(r.route.pins) for r in self.routes)
+        return (f"<RouteTable revision {self.revision} [Routes: {len(self.routes)} | "
+                f"Versions: {len(self.versions)} | Pins: {pins}]>")
+
+    def match(self, host: str, path: str, headers: Mapping[str, str]) -> CompiledRoute | None:
+        """`host` is lower-case without port; `path` excludes the query."""
+        if self._single is not None:
+            return self._single
+        for r in self.routes:
+            if r.matches(host, path, headers):
+                return r
+        return None
+
+    def route(self, name: str) -> CompiledRoute | None:
+        for r in self.routes:
+            if r.name == name:
+                return r
+        return None
+
+
+def _matches_everything(r: CompiledRoute) -> bool:
+    return r.host is None and r.host_suffix is None and r.prefix == "/" and not r.match_headers
+
+
+EMPTY_TABLE = RouteTable(State())
