@@ -1,0 +1,1 @@
+"""The control plane: an aiohttp application on its own (loopback) listener."""

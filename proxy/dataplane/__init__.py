@@ -1,0 +1,1 @@
+"""The request path: asyncio protocols on uvloop with httptools (llhttp) parsing both directions."""
