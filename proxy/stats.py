@@ -7,7 +7,11 @@ prometheus-client's per-request cost (2-7 us) would be a large share of the prox
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Literal
+
+# Upper bounds (seconds) of latency buckets: from a cache-hit 0.5 ms to a 10 s slow request.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 UpstreamErrorKind = Literal["connect", "timeout", "reset", "invalid_response"]
 RejectReason = Literal["bad_request", "too_large", "timeout", "no_route", "no_healthy_version"]
@@ -18,6 +22,10 @@ class Stats:
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, int], int] = {}
         self.duration_sum: dict[tuple[str, str], float] = {}
+        # (route, version) -> count per LATENCY_BUCKETS bucket, plus one overflow slot (> 10 s)
+        self.latency: dict[tuple[str, str], list[int]] = {}
+        self.bytes_in: dict[tuple[str, str], int] = {}
+        self.bytes_out: dict[tuple[str, str], int] = {}
         self.upstream_errors: dict[tuple[str, str], int] = {}
         self.fallbacks: dict[tuple[str, str, str], int] = {}
         self.retries: dict[str, int] = {}
@@ -29,6 +37,12 @@ class Stats:
         self.requests[key] = self.requests.get(key, 0) + 1
         k2 = (route, version)
         self.duration_sum[k2] = self.duration_sum.get(k2, 0.0) + duration
+        hist = self.latency.get(k2)
+        if hist is None:
+            hist = self.latency[k2] = [0] * (len(LATENCY_BUCKETS) + 1)
+        hist[bisect_left(LATENCY_BUCKETS, duration)] += 1
+        self.bytes_in[k2] = self.bytes_in.get(k2, 0) + bytes_in
+        self.bytes_out[k2] = self.bytes_out.get(k2, 0) + bytes_out
 
     def upstream_error(self, version: str, kind: UpstreamErrorKind) -> None:
         key = (version, kind)
