@@ -1,52 +1,94 @@
 """Per-process request statistics recorded by the data plane (interface; exported by proxy.metrics).
 
-Design rule: the request path only increments plain Python ints in dicts keyed by label tuples; the
+Design rule: the request path only increments plain Python ints held in slotted objects reached through
+nested dicts keyed by plain strings (no tuple key is built per request; str hashes are cached); the
 Prometheus text, cross-worker sums and the status page's numbers are computed at scrape time, because
 prometheus-client's per-request cost (2-7 us) would be a large share of the proxy's CPU budget.
+`Stats.request` costs about 0.25 us (timeit, 200k calls, CPython 3.11; see docs/metrics.md).
+
+Everything here runs on the event loop thread: no locks. `snapshot()` copies the counters into plain
+JSON-able data that proxy.metrics publishes across worker processes and sums.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Literal
+from typing import Any, Literal
 
 # Upper bounds (seconds) of latency buckets: from a cache-hit 0.5 ms to a 10 s slow request.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# One count per bucket plus an overflow slot (> 10 s, only in the +Inf bucket).
+HIST_SLOTS = len(LATENCY_BUCKETS) + 1
 
 UpstreamErrorKind = Literal["connect", "timeout", "reset", "invalid_response"]
 RejectReason = Literal["bad_request", "too_large", "timeout", "no_route", "no_healthy_version"]
 Side = Literal["downstream", "upstream"]
+CanaryResult = Literal["pass", "fail", "inconclusive"]
+
+
+class Cell:
+    """Counters of one (route, version) pair; the request path touches only this object."""
+
+    __slots__ = ("bytes_in", "bytes_out", "codes", "duration_sum", "hist", "upstream_errors")
+
+    def __init__(self) -> None:
+        self.codes: dict[int, int] = {}
+        self.duration_sum = 0.0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.hist = [0] * HIST_SLOTS  # non-cumulative: slot i counts durations in (bucket i-1, bucket i]
+        self.upstream_errors = 0
 
 
 class Stats:
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, int], int] = {}
-        self.duration_sum: dict[tuple[str, str], float] = {}
-        # (route, version) -> count per LATENCY_BUCKETS bucket, plus one overflow slot (> 10 s)
-        self.latency: dict[tuple[str, str], list[int]] = {}
-        self.bytes_in: dict[tuple[str, str], int] = {}
-        self.bytes_out: dict[tuple[str, str], int] = {}
-        self.upstream_errors: dict[tuple[str, str], int] = {}
+        self.cells: dict[str, dict[str, Cell]] = {}  # route -> version -> Cell
+        self.upstream_errors: dict[tuple[str, str], int] = {}  # (version, kind)
         self.fallbacks: dict[tuple[str, str, str], int] = {}
         self.retries: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
         self.connections: dict[str, int] = {"downstream": 0, "upstream": 0}
+        self.mirrors: dict[tuple[str, str, int], int] = {}
+        # Route tables installed / refused by this process (the lead increments these directly).
+        self.applied = 0
+        self.apply_errors = 0
+        self.access_log_dropped = 0
+        self.canary_steps: dict[str, int] = {}
+        self.canary_results: dict[tuple[str, str], int] = {}
+
+    def __repr__(self) -> str:
+        n = sum(sum(c.codes.values()) for vs in self.cells.values() for c in vs.values())
+        conns = self.connections
+        return (f"<Stats [Requests: {n} | Connections: {conns['downstream']} downstream, "
+                f"{conns['upstream']} upstream]>")
+
+    def _cell(self, route: str, version: str) -> Cell:
+        return self.cells.setdefault(route, {}).setdefault(version, Cell())
+
+    # -- request path -------------------------------------------------------------------------------
 
     def request(self, route: str, version: str, status: int, duration: float, bytes_in: int, bytes_out: int) -> None:
-        key = (route, version, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        k2 = (route, version)
-        self.duration_sum[k2] = self.duration_sum.get(k2, 0.0) + duration
-        hist = self.latency.get(k2)
-        if hist is None:
-            hist = self.latency[k2] = [0] * (len(LATENCY_BUCKETS) + 1)
-        hist[bisect_left(LATENCY_BUCKETS, duration)] += 1
-        self.bytes_in[k2] = self.bytes_in.get(k2, 0) + bytes_in
-        self.bytes_out[k2] = self.bytes_out.get(k2, 0) + bytes_out
+        try:
+            c = self.cells[route][version]
+        except KeyError:
+            c = self._cell(route, version)
+        codes = c.codes
+        codes[status] = codes.get(status, 0) + 1
+        c.duration_sum += duration
+        c.bytes_in += bytes_in
+        c.bytes_out += bytes_out
+        c.hist[bisect_left(LATENCY_BUCKETS, duration)] += 1
 
-    def upstream_error(self, version: str, kind: UpstreamErrorKind) -> None:
+    def upstream_error(self, version: str, kind: UpstreamErrorKind, route: str | None = None) -> None:
+        """`route`, when the caller knows it, also feeds the per-(route, version) error count canaries use."""
         key = (version, kind)
         self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
+        if route is not None:
+            try:
+                c = self.cells[route][version]
+            except KeyError:
+                c = self._cell(route, version)
+            c.upstream_errors += 1
 
     def fallback(self, route: str, from_version: str, to_version: str) -> None:
         key = (route, from_version, to_version)
@@ -60,3 +102,48 @@ class Stats:
 
     def connection(self, side: Side, delta: int) -> None:
         self.connections[side] += delta
+
+    def mirror(self, route: str, version: str, code: int) -> None:
+        """A mirrored (shadow) request finished; `code` 0 when it failed without a response."""
+        key = (route, version, code)
+        self.mirrors[key] = self.mirrors.get(key, 0) + 1
+
+    # -- control plane ------------------------------------------------------------------------------
+
+    def canary_step(self, route: str, step: int) -> None:
+        self.canary_steps[route] = step
+
+    def canary_analysis(self, route: str, result: CanaryResult) -> None:
+        key = (route, result)
+        self.canary_results[key] = self.canary_results.get(key, 0) + 1
+
+    # -- read side ----------------------------------------------------------------------------------
+
+    @property
+    def requests(self) -> dict[tuple[str, str, int], int]:
+        return {(r, v, code): n for r, vs in self.cells.items() for v, c in vs.items() for code, n in c.codes.items()}
+
+    @property
+    def latency(self) -> dict[tuple[str, str], list[int]]:
+        return {(r, v): list(c.hist) for r, vs in self.cells.items() for v, c in vs.items()}
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters as JSON-able data (the wire format workers publish; proxy.metrics.StatsSnapshot reads it)."""
+        return {
+            "cells": [
+                [r, v, {str(k): n for k, n in c.codes.items()}, c.duration_sum, c.bytes_in, c.bytes_out,
+                 list(c.hist), c.upstream_errors]
+                for r, vs in self.cells.items() for v, c in vs.items()
+            ],
+            "upstream_errors": [[v, k, n] for (v, k), n in self.upstream_errors.items()],
+            "fallbacks": [[r, a, b, n] for (r, a, b), n in self.fallbacks.items()],
+            "retries": dict(self.retries),
+            "rejected": dict(self.rejected),
+            "connections": dict(self.connections),
+            "mirrors": [[r, v, code, n] for (r, v, code), n in self.mirrors.items()],
+            "applied": self.applied,
+            "apply_errors": self.apply_errors,
+            "access_log_dropped": self.access_log_dropped,
+            "canary_steps": dict(self.canary_steps),
+            "canary_results": [[r, res, n] for (r, res), n in self.canary_results.items()],
+        }

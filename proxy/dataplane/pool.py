@@ -1,0 +1,89 @@
+"""Upstream endpoints of one version: keep-alive pools, health state and round-robin choice.
+
+Design rule: choosing an endpoint and taking an idle connection are synchronous and allocation-free, so
+the request path never awaits when a pooled connection is ready. Health flags are plain booleans that
+timers and checks flip; the request path only reads them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from proxy.dataplane.upstream import UpstreamConnection
+
+
+class Endpoint:
+    __slots__ = (
+        "active_ok", "address", "ejected", "ejections", "failures", "host", "idle", "port", "readmit_handle",
+        "url", "version",
+    )
+
+    def __init__(self, version: str, url: str) -> None:
+        self.version = version
+        self.url = url
+        parts = urlsplit(url if "//" in url else "http://" + url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 80
+        self.address = f"{self.host}:{self.port}"
+        self.idle: list[UpstreamConnection] = []  # LIFO: the most recently used connection is the warmest
+        # Optimistic start: a new endpoint serves until a check or passive ejection says otherwise.
+        self.active_ok = True
+        self.ejected = False
+        self.failures = 0  # consecutive connect failures / 5xx responses
+        self.ejections = 0  # consecutive ejections; doubles the next ejection's length
+        self.readmit_handle: object | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.active_ok and not self.ejected
+
+    def __repr__(self) -> str:
+        state = "healthy" if self.healthy else ("ejected" if self.ejected else "failing")
+        return f"<Endpoint {self.version} {self.url} [{state} | Connections: {len(self.idle)} idle]>"
+
+    def take_idle(self) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.reusable():
+                return conn
+        return None
+
+    def close_idle(self) -> None:
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+
+
+class Backend:
+    """One version's endpoints, chosen round robin among the healthy ones."""
+
+    __slots__ = ("_next", "endpoints", "name")
+
+    def __init__(self, name: str, endpoints: list[Endpoint]) -> None:
+        self.name = name
+        self.endpoints = endpoints
+        self._next = 0
+
+    def __repr__(self) -> str:
+        healthy = sum(1 for e in self.endpoints if e.healthy)
+        return f"<Backend {self.name} [Endpoints: {healthy} healthy, {len(self.endpoints) - healthy} unhealthy]>"
+
+    def pick(self) -> Endpoint | None:
+        eps = self.endpoints
+        n = len(eps)
+        i = self._next
+        for _ in range(n):
+            if i >= n:
+                i = 0
+            ep = eps[i]
+            i += 1
+            if ep.active_ok and not ep.ejected:
+                self._next = i
+                return ep
+        return None
+
+    def has_healthy(self) -> bool:
+        return any(e.active_ok and not e.ejected for e in self.endpoints)

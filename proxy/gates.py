@@ -1,0 +1,174 @@
+"""Gates a version must pass before it may receive traffic: readiness and an optional check command.
+
+Design rule: gates guard *increases* of traffic only. Taking weight away (a rollback, a drain) is never
+refused, because the way back must always be open. Readiness is a pure function of the state and the
+data plane's health view; the check command (e.g. an image vulnerability scanner) runs once per version
+(versions are immutable, so a pass holds) and its verdict is written to history either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+from proxy.errors import ConflictError, StaleRevisionError
+from proxy.model import State, Version
+from proxy.store.base import Revision, Store
+
+# A scanner pulling a vulnerability database can take minutes; longer than this is a hung check.
+CHECK_TIMEOUT = 300.0
+# How much of a check's output is kept in history: enough for the findings' summary line(s).
+OUTPUT_TAIL_CHARS = 2000
+OUTPUT_TAIL_LINES = 10
+# An event record races only with real changes; a handful of retries outlasts any burst of them.
+RECORD_ATTEMPTS = 10
+
+HealthMap = Mapping[str, Mapping[str, bool]]  # version -> endpoint -> healthy?
+
+
+def version_ready(version: Version, health: HealthMap) -> str | None:
+    """None when `version` may take traffic, else why not.
+
+    A version the data plane has not reported on yet (no active health check, or not probed yet) counts
+    as ready when it has instances: passive ejection and fallback still protect requests.
+    """
+    if not version.endpoints:
+        return f"version {version.name!r} has no instances"
+    seen = health.get(version.name)
+    if seen and not any(seen.values()):
+        return f"version {version.name!r} has no healthy endpoint (0 of {len(seen)} healthy)"
+    return None
+
+
+def check_readiness(state: State, new_weights: Mapping[str, float], health: HealthMap, *,
+                    route: str | None = None, force: bool = False) -> None:
+    """Refuse (ConflictError, 409) to give weight > 0 to a version with no healthy endpoint.
+
+    With `route`, only versions whose weight rises on that route are checked, so an operator can still
+    re-balance the others while one version is down. `force` skips the gate (the operator knows better).
+    """
+    if force:
+        return
+    r = None if route is None else state.route(route)
+    before = {} if r is None else dict(r.split)
+    problems = []
+    for name, weight in new_weights.items():
+        if weight <= 0 or weight <= before.get(name, 0.0):
+            continue
+        version = state.versions.get(name)
+        if version is None:
+            continue  # unknown versions are the validator's to report
+        why = version_ready(version, health)
+        if why is not None:
+            problems.append(why)
+    if problems:
+        raise ConflictError("; ".join(problems) + " (use force to override)")
+
+
+@dataclass(frozen=True, slots=True)
+class CheckVerdict:
+    version: str
+    ok: bool
+    exit_code: int | None  # None: did not exit by itself (timed out, could not start)
+    output: str  # tail of stdout+stderr
+    duration: float
+    time: float
+
+    @property
+    def summary(self) -> str:
+        verdict = "passed" if self.ok else "FAILED"
+        how = "timed out" if self.exit_code is None else f"exit {self.exit_code}"
+        last = self.output.strip().splitlines()[-1] if self.output.strip() else "no output"
+        return f"check {self.version}: {verdict} ({how}, {self.duration:.1f}s): {last[:200]}"
+
+
+def _tail(data: bytes) -> str:
+    text = data.decode("utf-8", "replace")
+    lines = text.rstrip().splitlines()[-OUTPUT_TAIL_LINES:]
+    return "\n".join(lines)[-OUTPUT_TAIL_CHARS:]
+
+
+async def run_check(version: Version, timeout: float = CHECK_TIMEOUT) -> CheckVerdict:
+    """Run the version's check command with its identity in the environment; never raises."""
+    started = time.monotonic()
+    env = {
+        **os.environ,
+        "TURNOUT_VERSION": version.name,
+        "TURNOUT_IMAGE": version.spec.image or "",
+        "TURNOUT_ENDPOINTS": " ".join(version.endpoints),
+    }
+
+    def verdict(ok: bool, code: int | None, output: str) -> CheckVerdict:
+        return CheckVerdict(version.name, ok, code, output, time.monotonic() - started, time.time())
+
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *version.spec.check, env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    except OSError as e:
+        return verdict(False, None, f"cannot run {version.spec.check[0]!r}: {e.strerror or e}")
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        out, _ = await proc.communicate()
+        return verdict(False, None, _tail(out) + f"\n(timed out after {timeout:g}s)")
+    code = proc.returncode if proc.returncode is not None else -1
+    return verdict(code == 0, code, _tail(out))
+
+
+def _meta_key(version: str) -> str:
+    return f"check/{version}"
+
+
+async def last_verdict(store: Store, version: str) -> CheckVerdict | None:
+    raw = await store.get_meta(_meta_key(version))
+    return None if raw is None else CheckVerdict(**json.loads(raw))
+
+
+async def record(store: Store, *, actor: str, summary: str, reason: str = "",
+                 routes: tuple[str, ...] = ()) -> Revision:
+    """Write an event that changes no state (a verdict, a drain finished) into the revision history."""
+    for _ in range(RECORD_ATTEMPTS):
+        cur = await store.current()
+        try:
+            return await store.commit(cur.state, expected=cur.number, actor=actor, reason=reason,
+                                      summary=summary, routes=routes)
+        except StaleRevisionError:
+            continue  # someone committed in between: the event goes after their revision
+    raise StaleRevisionError(-1, (await store.current()).number)
+
+
+async def check_gate(store: Store, version: Version, *, actor: str, routes: tuple[str, ...] = (),
+                     timeout: float = CHECK_TIMEOUT, force: bool = False) -> CheckVerdict | None:
+    """Run (or reuse a pass of) the version's check command; ConflictError when it fails.
+
+    Returns None when the version has no check. The verdict goes to meta (for status) and to history.
+    """
+    if not version.spec.check:
+        return None
+    prior = await last_verdict(store, version.name)
+    if prior is not None and prior.ok:
+        return prior
+    v = await run_check(version, timeout)
+    await store.set_meta(_meta_key(version.name), json.dumps(asdict(v)))
+    await record(store, actor=actor, summary=v.summary, reason=v.output, routes=routes)
+    if not v.ok and not force:
+        raise ConflictError(f"{v.summary} (version gets no traffic until its check passes)")
+    return v
+
+
+async def admit(store: Store, state: State, new_weights: Mapping[str, float], health: HealthMap, *,
+                route: str, actor: str, force: bool = False) -> None:
+    """Both gates for a split change, for the admin API's PATCH split: readiness, then check commands."""
+    check_readiness(state, new_weights, health, route=route, force=force)
+    r = state.route(route)
+    before = {} if r is None else dict(r.split)
+    for name, weight in new_weights.items():
+        version = state.versions.get(name)
+        if version is not None and weight > 0 and weight > before.get(name, 0.0):
+            await check_gate(store, version, actor=actor, routes=(route,), force=force)

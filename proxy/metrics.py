@@ -1,0 +1,497 @@
+"""Statistics across worker processes, and the Prometheus exposition built from them at scrape time.
+
+Design rule: nothing here runs per request. Each worker's `WorkerPublisher` writes its Stats snapshot to
+`<directory>/<worker_id>.json` (write to a temporary file, then atomic rename) every half second; the
+supervisor's `aggregate` sums its own Stats with every published file. Counters stay monotonic:
+- a dead worker's file stays and keeps being summed (its gauges are dropped once the file is stale);
+- a worker restarted in the same slot by the same supervisor starts from its predecessor's counters;
+- files left by an earlier run (written before this supervisor process started) are ignored, and a new
+  worker overwrites its slot's file from zero, so a restart of the whole proxy starts counters afresh.
+
+All names and labels of the exported series live in this module; docs/metrics.md is their reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from proxy.stats import HIST_SLOTS, LATENCY_BUCKETS, Stats
+from proxy.table import RouteTable
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# How often a worker publishes: the status page polls every second, so half a second keeps it current.
+PUBLISH_INTERVAL = 0.5
+# A worker file not rewritten for this long belongs to a dead (or hung) worker: its gauges no longer count.
+STALE_AFTER = 5.0
+# AdminContext.extras key holding the directory workers publish into (None with a single process).
+METRICS_DIR_KEY = "metrics_dir"
+
+
+# -- snapshot ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VersionStats:
+    """Counters of one (route, version) pair. `latency` holds non-cumulative counts per LATENCY_BUCKETS
+    bucket plus a final overflow slot (> 10 s)."""
+
+    requests: int = 0
+    errors_5xx: int = 0
+    upstream_errors: int = 0
+    latency: tuple[int, ...] = (0,) * HIST_SLOTS
+    duration_sum: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    codes: Mapping[int, int] = field(default_factory=dict)
+
+    @property
+    def error_ratio(self) -> float:
+        """5xx responses / requests; 0.0 without requests."""
+        return self.errors_5xx / self.requests if self.requests else 0.0
+
+    def quantile(self, q: float) -> float:
+        return quantile(self.latency, q)
+
+    def minus(self, older: VersionStats) -> VersionStats:
+        """Counts since `older` (a snapshot of the same pair taken earlier); never negative."""
+        codes = {c: max(0, n - older.codes.get(c, 0)) for c, n in self.codes.items()}
+        return VersionStats(
+            requests=max(0, self.requests - older.requests),
+            errors_5xx=max(0, self.errors_5xx - older.errors_5xx),
+            upstream_errors=max(0, self.upstream_errors - older.upstream_errors),
+            latency=tuple(max(0, a - b) for a, b in zip(self.latency, older.latency, strict=True)),
+            duration_sum=max(0.0, self.duration_sum - older.duration_sum),
+            bytes_in=max(0, self.bytes_in - older.bytes_in),
+            bytes_out=max(0, self.bytes_out - older.bytes_out),
+            codes={c: n for c, n in codes.items() if n},
+        )
+
+
+EMPTY_VERSION_STATS = VersionStats()
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    """Statistics of the whole proxy (supervisor + every worker) at one moment.
+
+    Counters are totals since the proxy started; use `since(older)` for a window.
+    """
+
+    time: float
+    cells: Mapping[tuple[str, str], VersionStats]  # (route, version)
+    upstream_errors: Mapping[tuple[str, str], int]  # (version, kind)
+    fallbacks: Mapping[tuple[str, str, str], int]  # (route, from_version, to_version)
+    retries: Mapping[str, int]  # route
+    rejected: Mapping[str, int]  # reason
+    connections: Mapping[str, int]  # side -> open now (gauge)
+    mirrors: Mapping[tuple[str, str, int], int]  # (route, version, code)
+    applied: int
+    apply_errors: int
+    access_log_dropped: int
+    canary_steps: Mapping[str, int]  # route -> current step (gauge)
+    canary_results: Mapping[tuple[str, str], int]  # (route, result)
+    workers: tuple[str, ...] = ()  # worker ids whose published files were summed
+    stale_workers: tuple[str, ...] = ()  # ... of which these stopped publishing (dead or hung)
+
+    def get(self, route: str, version: str) -> VersionStats:
+        return self.cells.get((route, version), EMPTY_VERSION_STATS)
+
+    def versions_of(self, route: str) -> dict[str, VersionStats]:
+        return {v: s for (r, v), s in self.cells.items() if r == route}
+
+    def since(self, older: StatsSnapshot) -> StatsSnapshot:
+        """Counters as differences from `older`; gauges as they are now."""
+        return StatsSnapshot(
+            time=self.time,
+            cells={k: s.minus(older.get(*k)) for k, s in self.cells.items()},
+            upstream_errors=_minus(self.upstream_errors, older.upstream_errors),
+            fallbacks=_minus(self.fallbacks, older.fallbacks),
+            retries=_minus(self.retries, older.retries),
+            rejected=_minus(self.rejected, older.rejected),
+            connections=self.connections,
+            mirrors=_minus(self.mirrors, older.mirrors),
+            applied=max(0, self.applied - older.applied),
+            apply_errors=max(0, self.apply_errors - older.apply_errors),
+            access_log_dropped=max(0, self.access_log_dropped - older.access_log_dropped),
+            canary_steps=self.canary_steps,
+            canary_results=_minus(self.canary_results, older.canary_results),
+            workers=self.workers,
+            stale_workers=self.stale_workers,
+        )
+
+
+def _minus(new: Mapping[Any, int], old: Mapping[Any, int]) -> dict[Any, int]:
+    return {k: max(0, n - old.get(k, 0)) for k, n in new.items()}
+
+
+def quantile(hist_counts: Iterable[int], q: float) -> float:
+    """Estimate the q-quantile (0..1) in seconds from non-cumulative bucket counts (LATENCY_BUCKETS order,
+    an optional trailing overflow slot), interpolating linearly inside the bucket the rank falls in, as
+    Prometheus' histogram_quantile does. NaN without observations; the largest bound when the rank is in
+    the overflow slot."""
+    counts = list(hist_counts)
+    total = sum(counts)
+    if total <= 0:
+        return math.nan
+    rank = min(max(q, 0.0), 1.0) * total
+    seen = 0
+    for i, n in enumerate(counts):
+        if n and seen + n >= rank:
+            if i >= len(LATENCY_BUCKETS):
+                return LATENCY_BUCKETS[-1]
+            lower = LATENCY_BUCKETS[i - 1] if i else 0.0
+            return lower + (LATENCY_BUCKETS[i] - lower) * ((rank - seen) / n)
+        seen += n
+    return LATENCY_BUCKETS[-1]
+
+
+class _Sum:
+    """Accumulates Stats.snapshot() wire dicts."""
+
+    def __init__(self) -> None:
+        self.cells: dict[tuple[str, str], list[Any]] = {}  # [codes, dsum, bin, bout, hist, uerr]
+        self.counters: dict[str, dict[Any, int]] = {
+            "upstream_errors": {}, "fallbacks": {}, "retries": {}, "rejected": {}, "mirrors": {},
+            "canary_results": {},
+        }
+        self.scalars = {"applied": 0, "apply_errors": 0, "access_log_dropped": 0}
+        self.connections: dict[str, int] = {"downstream": 0, "upstream": 0}
+        self.canary_steps: dict[str, int] = {}
+
+    def add(self, wire: Mapping[str, Any], gauges: bool = True) -> None:
+        for r, v, codes, dsum, bin_, bout, hist, uerr in wire.get("cells", ()):
+            cell = self.cells.get((r, v))
+            if cell is None:
+                cell = self.cells[(r, v)] = [{}, 0.0, 0, 0, [0] * HIST_SLOTS, 0]
+            for code, n in codes.items():
+                cell[0][int(code)] = cell[0].get(int(code), 0) + n
+            cell[1] += dsum
+            cell[2] += bin_
+            cell[3] += bout
+            h = cell[4]
+            for i, n in enumerate(hist[:HIST_SLOTS]):
+                h[i] += n
+            cell[5] += uerr
+        c = self.counters
+        _add(c["upstream_errors"], ((tuple(x[:-1]), x[-1]) for x in wire.get("upstream_errors", ())))
+        _add(c["fallbacks"], ((tuple(x[:-1]), x[-1]) for x in wire.get("fallbacks", ())))
+        _add(c["retries"], wire.get("retries", {}).items())
+        _add(c["rejected"], wire.get("rejected", {}).items())
+        _add(c["mirrors"], (((x[0], x[1], int(x[2])), x[3]) for x in wire.get("mirrors", ())))
+        _add(c["canary_results"], ((tuple(x[:-1]), x[-1]) for x in wire.get("canary_results", ())))
+        for k in self.scalars:
+            self.scalars[k] += int(wire.get(k, 0))
+        if gauges:
+            for side, n in wire.get("connections", {}).items():
+                self.connections[side] = self.connections.get(side, 0) + n
+            self.canary_steps.update(wire.get("canary_steps", {}))
+
+    def wire(self) -> dict[str, Any]:
+        """Counters only (the base a restarted worker continues from)."""
+        c = self.counters
+        return {
+            "cells": [[r, v, {str(k): n for k, n in cell[0].items()}, cell[1], cell[2], cell[3], cell[4], cell[5]]
+                      for (r, v), cell in self.cells.items()],
+            "upstream_errors": [[*k, n] for k, n in c["upstream_errors"].items()],
+            "fallbacks": [[*k, n] for k, n in c["fallbacks"].items()],
+            "retries": dict(c["retries"]),
+            "rejected": dict(c["rejected"]),
+            "mirrors": [[*k, n] for k, n in c["mirrors"].items()],
+            "canary_results": [[*k, n] for k, n in c["canary_results"].items()],
+            **self.scalars,
+        }
+
+    def freeze(self, now: float, workers: tuple[str, ...], stale: tuple[str, ...]) -> StatsSnapshot:
+        cells = {}
+        for key, (codes, dsum, bin_, bout, hist, uerr) in self.cells.items():
+            cells[key] = VersionStats(
+                requests=sum(codes.values()), errors_5xx=sum(n for code, n in codes.items() if code >= 500),
+                upstream_errors=uerr, latency=tuple(hist), duration_sum=dsum, bytes_in=bin_, bytes_out=bout,
+                codes=dict(codes))
+        c = self.counters
+        return StatsSnapshot(
+            time=now, cells=cells, upstream_errors=c["upstream_errors"], fallbacks=c["fallbacks"],
+            retries=c["retries"], rejected=c["rejected"], connections=self.connections, mirrors=c["mirrors"],
+            applied=self.scalars["applied"], apply_errors=self.scalars["apply_errors"],
+            access_log_dropped=self.scalars["access_log_dropped"], canary_steps=self.canary_steps,
+            canary_results=c["canary_results"], workers=workers, stale_workers=stale)
+
+
+def _add(into: dict[Any, int], items: Iterable[tuple[Any, int]]) -> None:
+    for k, n in items:
+        into[k] = into.get(k, 0) + n
+
+
+# -- cross-process publishing -----------------------------------------------------------------------
+
+
+def _process_start_time() -> float:
+    """Wall-clock start of this process: files older than it were left by an earlier run."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22 (starttime), counted after "pid (comm)"
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+# One clock tick of slack: /proc's start time is rounded to ticks.
+_STARTED = _process_start_time() - 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    worker: str
+    time: float
+    pid: int
+    ppid: int
+    stats: Mapping[str, Any]
+    extra: Mapping[str, Any]
+
+
+def _read(path: Path) -> Published | None:
+    try:
+        d = json.loads(path.read_bytes())
+        return Published(str(d["worker"]), float(d["time"]), int(d["pid"]), int(d["ppid"]), d["stats"],
+                         d.get("extra") or {})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # vanished between listing and reading, or not ours
+
+
+def read_published(directory: Path, since: float | None = None) -> Iterator[Published]:
+    """Every worker file written after `since` (default: this process's start)."""
+    cutoff = _STARTED if since is None else since
+    try:
+        paths = sorted(directory.glob("*.json"))
+    except OSError:
+        return
+    for p in paths:
+        pub = _read(p)
+        if pub is not None and pub.time >= cutoff:
+            yield pub
+
+
+def worker_extras(directory: Path | None) -> list[Mapping[str, Any]]:
+    """The `extra` dicts of workers that are alive (published within STALE_AFTER)."""
+    if directory is None:
+        return []
+    now = time.time()
+    return [p.extra for p in read_published(directory) if now - p.time < STALE_AFTER]
+
+
+def aggregate(local: Stats, directory: Path | None) -> StatsSnapshot:
+    """This process's Stats plus every worker's published file. The caller must not also publish
+    `local` into `directory` (it would be counted twice)."""
+    acc = _Sum()
+    acc.add(local.snapshot())
+    now = time.time()
+    workers: list[str] = []
+    stale: list[str] = []
+    if directory is not None:
+        for pub in read_published(directory):
+            fresh = now - pub.time < STALE_AFTER
+            acc.add(pub.stats, gauges=fresh)
+            workers.append(pub.worker)
+            if not fresh:
+                stale.append(pub.worker)
+    return acc.freeze(now, tuple(workers), tuple(stale))
+
+
+class WorkerPublisher:
+    """Publishes one worker's Stats (plus `extra()`, e.g. its health view) for the supervisor to sum."""
+
+    def __init__(self, stats: Stats, directory: Path, worker_id: str,
+                 extra: Callable[[], dict[str, Any]] | None = None, interval: float = PUBLISH_INTERVAL) -> None:
+        if not worker_id or "/" in worker_id or worker_id.startswith("."):
+            raise ValueError(f"worker_id must be a plain file name, got {worker_id!r}")
+        self.stats = stats
+        self.directory = Path(directory)
+        self.worker_id = worker_id
+        self.extra = extra
+        self.interval = interval
+        self.path = self.directory / f"{worker_id}.json"
+        self.publishes = 0
+        self._base: Mapping[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"<WorkerPublisher {self.worker_id} -> {self.path} [Publishes: {self.publishes}]>"
+
+    def _load_base(self) -> None:
+        """Continue from the counters of the previous worker in this slot, if the same supervisor ran it."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        prev = _read(self.path)
+        if prev is not None and prev.ppid == os.getppid() and prev.pid != os.getpid():
+            self._base = prev.stats
+
+    def render(self) -> bytes:
+        wire = self.stats.snapshot()
+        if self._base is not None:
+            acc = _Sum()
+            acc.add(self._base, gauges=False)
+            acc.add(wire)
+            merged = acc.wire()
+            merged["connections"] = wire["connections"]
+            merged["canary_steps"] = wire["canary_steps"]
+            wire = merged
+        extra = self.extra() if self.extra is not None else {}
+        doc = {"worker": self.worker_id, "time": time.time(), "pid": os.getpid(), "ppid": os.getppid(),
+               "stats": wire, "extra": extra}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    def write(self, data: bytes) -> None:
+        tmp = self.directory / f".{self.worker_id}.{os.getpid()}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.path)  # readers see the old file or the new one, never half of one
+
+    def publish(self) -> None:
+        self.write(self.render())
+        self.publishes += 1
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._load_base()
+        try:
+            while True:
+                # Snapshot on the loop thread (Stats has no locks); the file write happens off it.
+                data = self.render()
+                await loop.run_in_executor(None, self.write, data)
+                self.publishes += 1
+                await asyncio.sleep(self.interval)
+        finally:
+            with contextlib.suppress(OSError):
+                self.publish()
+
+
+# -- Prometheus exposition --------------------------------------------------------------------------
+
+Health = Mapping[str, Mapping[str, bool]]
+
+
+def families(snap: StatsSnapshot, table: RouteTable, health: Health) -> list[Metric]:
+    """Every exported series. Names and labels here are the contract documented in docs/metrics.md."""
+    out: list[Metric] = []
+
+    reqs = CounterMetricFamily("turnout_requests", "Proxied requests answered, by route, version and status code.",
+                               labels=["route", "version", "code"])
+    dur = HistogramMetricFamily("turnout_request_duration_seconds",
+                                "Time from request head received to response fully sent, by route and version.",
+                                labels=["route", "version"])
+    nbytes = CounterMetricFamily("turnout_request_bytes", "Body bytes received from clients (in) and sent to "
+                                 "them (out), by route and version.", labels=["route", "version", "direction"])
+    for (route, version), s in sorted(snap.cells.items()):
+        for code, n in sorted(s.codes.items()):
+            reqs.add_metric([route, version, str(code)], n)
+        cum = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, n in zip(LATENCY_BUCKETS, s.latency, strict=False):
+            cum += n
+            buckets.append((_fmt_le(bound), cum))
+        buckets.append(("+Inf", s.requests))
+        dur.add_metric([route, version], buckets, s.duration_sum)
+        nbytes.add_metric([route, version, "in"], s.bytes_in)
+        nbytes.add_metric([route, version, "out"], s.bytes_out)
+    out += [reqs, dur, nbytes]
+
+    out.append(_counter("turnout_upstream_errors", "Failed upstream attempts, by version and kind "
+                        "(connect, timeout, reset, invalid_response).", ["version", "kind"], snap.upstream_errors))
+    out.append(_counter("turnout_fallbacks", "Requests moved down a route's fallback chain.",
+                        ["route", "from_version", "to_version"], snap.fallbacks))
+    out.append(_counter("turnout_retries", "Upstream attempts retried, by route.", ["route"], snap.retries))
+    out.append(_counter("turnout_requests_rejected", "Requests refused before reaching any version, by reason.",
+                        ["reason"], snap.rejected))
+    out.append(_counter("turnout_mirror_requests", "Mirrored (shadow) requests, by route, version and status code "
+                        "(0: no response).", ["route", "version", "code"], snap.mirrors))
+    out.append(_counter("turnout_canary_analysis", "Canary analysis rounds, by route and result.",
+                        ["route", "result"], snap.canary_results))
+
+    weight = GaugeMetricFamily("turnout_route_weight", "Configured split weight of a version in a route "
+                               "(share = weight / sum of the route's weights).", labels=["route", "version"])
+    pins = GaugeMetricFamily("turnout_pins", "Clients pinned to a dedicated version, by route.", labels=["route"])
+    for r in table.routes:
+        for version, w in r.route.split:
+            weight.add_metric([r.name, version], w)
+        pins.add_metric([r.name], len(r.route.pins))
+    out += [weight, pins]
+
+    up = GaugeMetricFamily("turnout_endpoint_up", "1 when the endpoint is considered healthy, else 0.",
+                           labels=["version", "endpoint"])
+    for version in sorted(health):
+        for endpoint, ok in sorted(health[version].items()):
+            up.add_metric([version, endpoint], 1.0 if ok else 0.0)
+    out.append(up)
+
+    conns = GaugeMetricFamily("turnout_connections", "Open connections, downstream (clients) and upstream.",
+                              labels=["side"])
+    for side, n in sorted(snap.connections.items()):
+        conns.add_metric([side], n)
+    out.append(conns)
+
+    steps = GaugeMetricFamily("turnout_canary_step", "Current step of a route's canary rollout.", labels=["route"])
+    for route, step in sorted(snap.canary_steps.items()):
+        steps.add_metric([route], step)
+    out.append(steps)
+
+    out.append(GaugeMetricFamily("turnout_state_revision", "Revision of the route table being served.",
+                                 value=table.revision))
+    out.append(CounterMetricFamily("turnout_state_applied", "Route tables installed (summed over processes).",
+                                   value=snap.applied))
+    out.append(CounterMetricFamily("turnout_state_apply_errors", "Revisions or route files that could not be "
+                                   "installed; the previous table kept serving.", value=snap.apply_errors))
+    out.append(CounterMetricFamily("turnout_access_log_dropped", "Access log lines dropped because the writer "
+                                   "fell behind.", value=snap.access_log_dropped))
+    workers = GaugeMetricFamily("turnout_workers", "Worker processes whose statistics are summed, by state "
+                                "(stale: stopped publishing).", labels=["state"])
+    stale = len(snap.stale_workers)
+    workers.add_metric(["live"], len(snap.workers) - stale)
+    workers.add_metric(["stale"], stale)
+    out.append(workers)
+    return out
+
+
+def _counter(name: str, doc: str, labels: list[str], values: Mapping[Any, int]) -> CounterMetricFamily:
+    fam = CounterMetricFamily(name, doc, labels=labels)
+    for key, n in sorted(values.items(), key=lambda kv: tuple(map(str, _tuple(kv[0])))):
+        fam.add_metric([str(x) for x in _tuple(key)], n)
+    return fam
+
+
+def _tuple(key: Any) -> tuple[Any, ...]:
+    return key if isinstance(key, tuple) else (key,)
+
+
+def _fmt_le(bound: float) -> str:
+    return repr(float(bound))
+
+
+class _Fixed:
+    def __init__(self, metrics: list[Metric]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> list[Metric]:
+        return self.metrics
+
+
+def render(snap: StatsSnapshot, table: RouteTable, health: Health) -> bytes:
+    """The /metrics body (Prometheus text format 0.0.4)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(families(snap, table, health)))
+    return bytes(generate_latest(registry))

@@ -1,0 +1,350 @@
+"""`turnout serve`: one supervisor process wiring store, route table, data plane, admin API and providers.
+
+Process model:
+- workers == 1: the data plane runs in the supervisor's own event loop, so an admin write installs the
+  new table in the same process right after the commit (rollback in a few milliseconds).
+- workers > 1: the supervisor runs the admin API, providers and controllers; N worker processes each
+  bind the listen port with SO_REUSEPORT, open the store and follow it with `watch` (SQLite polls every
+  10 ms, etcd pushes), and publish their statistics for the supervisor's /metrics.
+
+Restart rule for `--routes FILE`: the file seeds an empty store; later it is applied as a new revision
+only when its content changed since it was last applied, so a restart never undoes live changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from proxy.errors import ValidationError
+from proxy.model import State
+from proxy.ops import apply_document
+from proxy.parse import parse_yaml
+from proxy.runtime import TableHolder
+from proxy.settings import Limits, Settings, Timeouts
+from proxy.stats import Stats
+from proxy.store import Revision, Store, open_store
+from proxy.table import RouteTable
+
+ROUTES_FILE_META = "routes_file.sha256"
+
+
+def state_dir(settings: Settings) -> Path:
+    if settings.state_dir:
+        return Path(settings.state_dir)
+    from proxy.store.sqlite import default_path
+
+    return default_path().parent
+
+
+def log(msg: str) -> None:
+    print(f"turnout: {msg}", file=sys.stderr, flush=True)
+
+
+async def seed_from_file(store: Store, path: str, stats: Stats | None = None) -> Revision:
+    """Apply the route file per the restart rule; an invalid file leaves the stored state serving."""
+    text = Path(path).read_text(encoding="utf-8")
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    current = await store.current()
+    if current.number > 0 and await store.get_meta(ROUTES_FILE_META) == digest:
+        log(f"{path} unchanged since it was last applied; serving revision {current.number}")
+        return current
+
+    def change(state: State) -> tuple[State, str]:
+        return apply_document(state, parse_yaml(text, now=time.time(), current=state))
+
+    try:
+        rev = await store.update(change, actor=f"file:{os.path.basename(path)}",
+                                 reason="seed from route file" if current.number == 0 else "route file changed")
+    except ValidationError as e:
+        for err in e.errors:
+            log(f"{path}: {err}")
+        if stats is not None:
+            stats.apply_errors = getattr(stats, "apply_errors", 0) + 1
+        if current.number == 0:
+            raise
+        log(f"{path} refused; still serving revision {current.number}")
+        return current
+    await store.set_meta(ROUTES_FILE_META, digest)
+    if rev.number != current.number:
+        log(f"applied {path} as revision {rev.number}: {rev.info.summary}")
+    return rev
+
+
+class Follower:
+    """Installs every new revision into the table holder and tells listeners (the data plane)."""
+
+    def __init__(self, store: Store, holder: TableHolder, stats: Stats) -> None:
+        self.store = store
+        self.holder = holder
+        self.stats = stats
+        self.listeners: list[Callable[[RouteTable], None]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def install(self, rev: Revision) -> None:
+        if rev.number <= self.holder.table.revision and self.holder.table.revision != 0:
+            return
+        try:
+            table = RouteTable(rev.state, rev.number)
+        except Exception as e:  # a table that cannot compile must never take the old one down
+            self.stats.apply_errors = getattr(self.stats, "apply_errors", 0) + 1
+            log(f"revision {rev.number} could not be compiled, still serving {self.holder.table.revision}: {e}")
+            return
+        self.on_table(table)
+
+    def on_table(self, table: RouteTable) -> None:
+        if self.holder.offer(table):
+            self.stats.applied = getattr(self.stats, "applied", 0) + 1
+            for listener in self.listeners:
+                listener(table)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                async for rev in self.store.watch(self.holder.table.revision):
+                    self.install(rev)
+                    backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log(f"store watch failed ({e}); serving revision {self.holder.table.revision}, retrying")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def settings_to_json(settings: Settings) -> str:
+    return json.dumps(dataclasses.asdict(settings))
+
+
+def settings_from_json(text: str) -> Settings:
+    d: dict[str, Any] = json.loads(text)
+    d["listen"] = tuple(d["listen"])
+    d["admin"] = tuple(d["admin"])
+    d["trusted_proxies"] = tuple(d["trusted_proxies"])
+    d["limits"] = Limits(**d["limits"])
+    d["timeouts"] = Timeouts(**d["timeouts"])
+    return Settings(**d)
+
+
+def metrics_dir(settings: Settings) -> Path:
+    return state_dir(settings) / "run" / f"metrics-{settings.listen[1]}"
+
+
+async def _stop_on_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+
+
+async def run_worker(settings: Settings, worker_id: str) -> None:
+    """One data-plane worker process (workers > 1)."""
+    from proxy.dataplane.server import start_dataplane
+
+    stats = Stats()
+    store = open_store(settings.store)
+    rev = await store.current()
+    holder = TableHolder(RouteTable(rev.state, rev.number))
+    follower = Follower(store, holder, stats)
+    dataplane = await start_dataplane(settings, holder, stats, reuse_port=True)
+    follower.listeners.append(dataplane.table_changed)
+    follower.start()
+    publisher_task = None
+    try:
+        from proxy.metrics import WorkerPublisher
+
+        publisher = WorkerPublisher(stats, metrics_dir(settings), worker_id,
+                                    extra=lambda: {"health": dataplane.health_view()})
+        publisher_task = asyncio.get_running_loop().create_task(publisher.run())
+    except ImportError:
+        pass
+    await _stop_on_signal()
+    await dataplane.shutdown(settings.timeouts.shutdown_grace)
+    await follower.stop()
+    if publisher_task is not None:
+        publisher_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publisher_task
+    await store.close()
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stats = Stats()
+        self.store = open_store(settings.store)
+        self.holder = TableHolder()
+        self.follower = Follower(self.store, self.holder, self.stats)
+        self.dataplane: Any = None
+        self.workers: list[asyncio.subprocess.Process] = []
+        self.admin_runner: Any = None
+        self.services: list[Any] = []  # objects with async start()/stop(): providers, controllers
+        self.ctx: Any = None
+
+    async def start(self) -> None:
+        s = self.settings
+        if s.routes:
+            rev = await seed_from_file(self.store, s.routes, self.stats)
+        else:
+            rev = await self.store.current()
+        self.follower.install(rev)
+        if s.workers <= 1:
+            from proxy.dataplane.server import start_dataplane
+
+            self.dataplane = await start_dataplane(s, self.holder, self.stats)
+            self.follower.listeners.append(self.dataplane.table_changed)
+        else:
+            await self._spawn_workers()
+        self.follower.start()
+        await self._start_admin()
+        log(f"proxy listening on http://{_hostport(s.listen)} ({s.workers} worker(s)); "
+            f"admin API on http://{_hostport(s.admin)}; store {self.store.url}; revision {rev.number}")
+
+    async def _spawn_workers(self) -> None:
+        s = self.settings
+        # Bind once here so a port conflict is reported before any worker starts.
+        probe = socket.socket(socket.AF_INET6 if ":" in s.listen[0] else socket.AF_INET)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        probe.bind(s.listen)
+        probe.close()
+        payload = settings_to_json(s)
+        for i in range(s.workers):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "proxy", "_worker", "--id", str(i), "--settings-json", payload)
+            self.workers.append(proc)
+
+    def health_view(self) -> dict[str, dict[str, bool]]:
+        if self.dataplane is not None:
+            return {v: dict(eps) for v, eps in self.dataplane.health_view().items()}
+        try:
+            from proxy.metrics import worker_extras
+        except ImportError:
+            return {}
+        merged: dict[str, dict[str, bool]] = {}
+        for extra in worker_extras(metrics_dir(self.settings)):
+            for v, eps in extra.get("health", {}).items():
+                for ep, up in eps.items():
+                    merged.setdefault(v, {})[ep] = merged.get(v, {}).get(ep, False) or bool(up)
+        return merged
+
+    async def _start_admin(self) -> None:
+        from aiohttp import web
+
+        from proxy.admin.app import create_app
+        from proxy.admin.auth import load_tokens
+        from proxy.admin.context import AdminContext
+
+        sdir = state_dir(self.settings)
+        tokens, written = load_tokens(self.settings, sdir)
+        if written is not None:
+            log(f"admin token written to {written} (mode 0600)")
+        self.ctx = AdminContext(settings=self.settings, store=self.store, holder=self.holder, stats=self.stats,
+                                health=self.health_view, tokens=tokens)
+        self.ctx.extras["on_table"] = [self.follower.on_table]
+        self.ctx.extras["metrics_dir"] = metrics_dir(self.settings) if self.settings.workers > 1 else None
+        app = create_app(self.ctx)
+        self.admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self.admin_runner.setup()
+        site = web.TCPSite(self.admin_runner, self.settings.admin[0], self.settings.admin[1])
+        await site.start()
+        for svc in self._optional_services():
+            try:
+                await svc.start()
+                self.services.append(svc)
+            except Exception as e:
+                log(f"{type(svc).__name__} did not start: {e}")
+
+    def _optional_services(self) -> list[Any]:
+        out: list[Any] = []
+        try:
+            from proxy.canary import CanaryController
+        except ImportError:
+            pass
+        else:
+            out.append(CanaryController(self.ctx, self._stats_source()))
+        state = self.holder.table.state
+        if any(v.spec.kind == "docker" for v in state.versions.values()) or os.environ.get("TURNOUT_DOCKER"):
+            try:
+                from proxy.providers.docker import DockerProvider
+            except ImportError:
+                pass
+            else:
+                out.append(DockerProvider(self.store))
+        return out
+
+    def _stats_source(self) -> Callable[[], Any]:
+        try:
+            from proxy.metrics import aggregate
+        except ImportError:
+            return lambda: self.stats
+        directory = metrics_dir(self.settings) if self.settings.workers > 1 else None
+        return lambda: aggregate(self.stats, directory)
+
+    async def stop(self) -> None:
+        grace = self.settings.timeouts.shutdown_grace
+        for svc in reversed(self.services):
+            with contextlib.suppress(Exception):
+                await svc.stop()
+        if self.dataplane is not None:
+            await self.dataplane.shutdown(grace)
+        for proc in self.workers:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.workers:
+            try:
+                await asyncio.wait_for(proc.wait(), grace + 5)
+            except TimeoutError:
+                proc.kill()
+        await self.follower.stop()
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
+        await self.store.close()
+
+
+async def run_supervisor(settings: Settings, on_ready: Callable[[Supervisor], None] | None = None) -> None:
+    sup = Supervisor(settings)
+    try:
+        await sup.start()
+        if on_ready is not None:
+            on_ready(sup)
+        await _stop_on_signal()
+        log("stopping: finishing in-flight requests")
+    finally:
+        await sup.stop()
+
+
+def _hostport(hp: tuple[str, int]) -> str:
+    return f"[{hp[0]}]:{hp[1]}" if ":" in hp[0] else f"{hp[0]}:{hp[1]}"
+
+
+def run(coro: Any) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep a plain-asyncio path for debugging
+        asyncio.run(coro)
