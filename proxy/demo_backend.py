@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from aiohttp import web
 
@@ -33,7 +34,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--name", required=True)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "0")) or None, required="PORT" not in os.environ)
     a = p.parse_args()
     web.run_app(make_app(a.name), host=a.host, port=a.port, access_log=None, print=None)
 

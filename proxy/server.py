@@ -279,7 +279,9 @@ class Supervisor:
                 log(f"{type(svc).__name__} did not start: {e}")
 
     def _optional_services(self) -> list[Any]:
-        out: list[Any] = []
+        from proxy.providers.local import LocalProvider
+
+        out: list[Any] = [LocalProvider(self.store)]
         try:
             from proxy.canary import CanaryController
         except ImportError:
