@@ -15,6 +15,9 @@ COMMAND_MODULES = (
     "proxy.commands.serve",
     "proxy.commands.demo",
     "proxy.commands.check",
+    "proxy.commands.ops",
+    "proxy.commands.docker",
+    "proxy.commands.canary",
 )
 
 

@@ -92,7 +92,7 @@ class Checker:
         if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
             self.fail(path, f"expected {'an integer' if integer else 'a number'}, got {_kind(value)}")
             return None
-        if math.isnan(value) or value < minimum or (maximum is not None and value > maximum):
+        if not math.isfinite(value) or value < minimum or (maximum is not None and value > maximum):
             bound = f">= {minimum:g}" if maximum is None else f"between {minimum:g} and {maximum:g}"
             self.fail(path, f"expected a number {bound}, got {value!r}")
             return None

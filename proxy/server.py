@@ -344,9 +344,6 @@ def _hostport(hp: tuple[str, int]) -> str:
 
 
 def run(coro: Any) -> None:
-    try:
-        import uvloop
+    import uvloop
 
-        uvloop.run(coro)
-    except ImportError:  # pragma: no cover - uvloop is a dependency; keep a plain-asyncio path for debugging
-        asyncio.run(coro)
+    uvloop.run(coro)

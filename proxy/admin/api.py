@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -36,6 +37,7 @@ from proxy.ops import (
     unpin,
 )
 from proxy.parse import (
+    NAME_RE,
     Checker,
     parse_route_body,
     parse_split_body,
@@ -109,18 +111,18 @@ class Api:
         rev = await self.ctx.store.current()
         if _etag(rev.number) in _etags(request.headers.get("If-None-Match")):
             return web.Response(status=304, headers={"ETag": _etag(rev.number)})
-        return _json({"revision": rev.number, **state_to_stored(rev.state)}, rev.number)
+        return json_reply({"revision": rev.number, **state_to_stored(rev.state)}, rev.number)
 
     async def get_health(self, request: web.Request) -> web.Response:
         view = self.ctx.health()
         out = {v: {"healthy": sum(1 for ok in eps.values() if ok), "total": len(eps), "endpoints": dict(eps)}
                for v, eps in view.items()}
-        return _json({"revision": self.ctx.holder.table.revision, "versions": out})
+        return json_reply({"revision": self.ctx.holder.table.revision, "versions": out})
 
     async def list_versions(self, request: web.Request) -> web.Response:
         rev = await self.ctx.store.current()
         versions = [_version_view(v, rev.state) for v in rev.state.versions.values()]
-        return _json({"revision": rev.number, "versions": versions}, rev.number)
+        return json_reply({"revision": rev.number, "versions": versions}, rev.number)
 
     async def get_version(self, request: web.Request) -> web.Response:
         rev = await self.ctx.store.current()
@@ -128,7 +130,7 @@ class Api:
         v = rev.state.versions.get(name)
         if v is None:
             raise NotFoundError(f"no version named {name!r}")
-        return _json(_version_view(v, rev.state), rev.number)
+        return json_reply(_version_view(v, rev.state), rev.number)
 
     async def get_route(self, request: web.Request) -> web.Response:
         rev = await self.ctx.store.current()
@@ -136,7 +138,7 @@ class Api:
         r = rev.state.route(name)
         if r is None:
             raise NotFoundError(f"no route named {name!r}")
-        return _json(route_to_dict(r), rev.number)
+        return json_reply(route_to_dict(r), rev.number)
 
     async def list_revisions(self, request: web.Request) -> web.Response:
         q = request.query
@@ -144,69 +146,69 @@ class Api:
         limit = _int_param(q.get("limit"), "limit", DEFAULT_HISTORY, 1, MAX_HISTORY)
         before = _int_param(q.get("before"), "before", None, 1, None) if "before" in q else None
         infos = await self.ctx.store.history(route=route, limit=limit, before=before)
-        return _json({"revisions": [_info_view(i) for i in infos]})
+        return json_reply({"revisions": [_info_view(i) for i in infos]})
 
     async def get_revision(self, request: web.Request) -> web.Response:
         number = _int_param(request.match_info["number"], "number", 0, 0, None)
         rev = await self.ctx.store.get(number)
-        return _json({**_info_view(rev.info), **state_to_stored(rev.state)}, rev.number)
+        return json_reply({**_info_view(rev.info), **state_to_stored(rev.state)}, rev.number)
 
     # writes
 
     async def put_version(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        body = await _json_body(request)
+        name = _valid_name(request, "version")
+        body = await read_json(request)
         now = time.time()
-        result = await self._write(request, lambda s: put_version(s, parse_version_body(body, name, now)))
+        result = await self.write(request, lambda s: put_version(s, parse_version_body(body, name, now)))
         v = result.revision.state.versions[name]
         return result.response(version=_version_view(v, result.revision.state), created_status=201)
 
     async def delete_version(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        result = await self._write(request, lambda s: delete_version(s, name))
+        result = await self.write(request, lambda s: delete_version(s, name))
         return result.response()
 
     async def put_route(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        body = await _json_body(request)
+        name = _valid_name(request, "route")
+        body = await read_json(request)
         existed: list[bool] = []
 
         def change(s: State) -> Change:
             existed.append(s.route(name) is not None)
             return put_route(s, parse_route_body(body, name, s))
 
-        result = await self._write(request, change)
+        result = await self.write(request, change)
         route = result.revision.state.route(name)
         assert route is not None
         return result.response(route=route_to_dict(route), created_status=None if existed[-1] else 201)
 
     async def delete_route(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        return (await self._write(request, lambda s: delete_route(s, name))).response()
+        return (await self.write(request, lambda s: delete_route(s, name))).response()
 
     async def patch_split(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        body = await _json_body(request)
-        result = await self._write(request, lambda s: set_split(s, name, parse_split_body(body, s.versions)))
+        body = await read_json(request)
+        result = await self.write(request, lambda s: set_split(s, name, parse_split_body(body, s.versions)))
         return result.response()
 
     async def put_pin(self, request: web.Request) -> web.Response:
         name, client = request.match_info["name"], request.match_info["client"]
-        body = await _json_body(request)
+        body = await read_json(request)
         c = Checker()
         d = c.mapping(body, "", {"version"})
         version = c.string(d.get("version"), "version", what="a version name") if d is not None else None
         c.raise_if_any()
         assert version is not None
-        return (await self._write(request, lambda s: pin(s, name, client, version))).response()
+        return (await self.write(request, lambda s: pin(s, name, client, version))).response()
 
     async def delete_pin(self, request: web.Request) -> web.Response:
         name, client = request.match_info["name"], request.match_info["client"]
-        return (await self._write(request, lambda s: unpin(s, name, client))).response()
+        return (await self.write(request, lambda s: unpin(s, name, client))).response()
 
     async def rollback(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        body = await _json_body(request, empty_ok=True)
+        body = await read_json(request, empty_ok=True)
         c = Checker()
         d = c.mapping(body, "", {"revision"})
         target: int | None = None
@@ -223,7 +225,7 @@ class Api:
             target = last[0].number - 1
         earlier = await self.ctx.store.get(target)
         at = target
-        result = await self._write(request, lambda s: rollback_route(s, name, earlier.state, at))
+        result = await self.write(request, lambda s: rollback_route(s, name, earlier.state, at))
         route = result.revision.state.route(name)
         return result.response(rolled_back_to=at, route=None if route is None else route_to_dict(route))
 
@@ -245,13 +247,14 @@ class Api:
                 raise StaleRevisionError(expected, cur.number)
             new, summary = change(cur.state)
             changed = bool(summary) and new != cur.state
-            return _json({"revision": cur.number, "changed": changed, "summary": summary if changed else "",
-                          "dry_run": True}, cur.number)
-        return (await self._write(request, change)).response()
+            body = {"revision": cur.number, "changed": changed, "summary": summary if changed else "", "dry_run": True}
+            return json_reply(body, cur.number)
+        return (await self.write(request, change)).response()
 
     # the write path
 
-    async def _write(self, request: web.Request, change: Callable[[State], Change]) -> WriteResult:
+    async def write(self, request: web.Request, change: Callable[[State], Change]) -> WriteResult:
+        """Commit `change` with the request's If-Match, reason and actor; install the result here."""
         expected = _if_match(request)
         reason = _reason(request)
         outcome: list[tuple[bool, str]] = []
@@ -267,6 +270,8 @@ class Api:
         if changed:
             await self.install(rev)
         return WriteResult(rev, changed, summary if changed else "")
+
+    _write = write  # the name feature modules first used
 
     async def install(self, rev: Revision) -> None:
         """Serve `rev` in this process now, instead of waiting for the store watcher to deliver it."""
@@ -286,13 +291,11 @@ class Api:
                 log.exception("on_table hook %r failed for revision %d", hook, rev.number)
 
 
+@dataclass(frozen=True, slots=True)
 class WriteResult:
-    __slots__ = ("changed", "revision", "summary")
-
-    def __init__(self, revision: Revision, changed: bool, summary: str) -> None:
-        self.revision = revision
-        self.changed = changed
-        self.summary = summary
+    revision: Revision
+    changed: bool
+    summary: str  # empty when nothing changed
 
     def __repr__(self) -> str:
         return f"<WriteResult revision {self.revision.number} [{'changed' if self.changed else 'no change'}]>"
@@ -301,16 +304,16 @@ class WriteResult:
         body = {"revision": self.revision.number, "changed": self.changed, "summary": self.summary,
                 **{k: v for k, v in extra.items() if v is not None}}
         status = created_status if created_status is not None and self.changed else 200
-        return _json(body, self.revision.number, status=status)
+        return json_reply(body, self.revision.number, status=status)
 
 
 def routes(ctx: AdminContext) -> list[web.RouteDef]:
     return Api(ctx).routes()
 
 
-# helpers
+# helpers (json_reply / read_json are shared with feature modules)
 
-def _json(data: Mapping[str, Any], revision: int | None = None, status: int = 200) -> web.Response:
+def json_reply(data: Mapping[str, Any], revision: int | None = None, status: int = 200) -> web.Response:
     headers = {"ETag": _etag(revision)} if revision is not None else None
     return web.Response(text=json.dumps(data, indent=1) + "\n", status=status, content_type="application/json",
                         headers=headers)
@@ -348,6 +351,14 @@ def _reason(request: web.Request) -> str:
     return reason
 
 
+def _valid_name(request: web.Request, what: str) -> str:
+    """Names in the URL are checked like names in a route file, so every stored state can be exported."""
+    name = request.match_info["name"]
+    if not NAME_RE.match(name):
+        raise ValidationError([FieldError("name", f"a {what} name is 1-63 letters, digits, '.', '_' or '-'")])
+    return name
+
+
 def _flag(value: str | None) -> bool:
     return value is not None and value.lower() in ("", "1", "true", "yes", "on")
 
@@ -379,7 +390,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-async def _json_body(request: web.Request, empty_ok: bool = False) -> object:
+async def read_json(request: web.Request, empty_ok: bool = False) -> object:
     raw = await request.read()
     if not raw.strip():
         if empty_ok:
@@ -405,3 +416,8 @@ def _version_view(v: Version, state: State) -> dict[str, Any]:
 def _info_view(i: RevisionInfo) -> dict[str, Any]:
     return {"revision": i.number, "time": i.time, "actor": i.actor, "reason": i.reason, "summary": i.summary,
             "routes_changed": list(i.routes)}
+
+
+# Names feature modules imported before these became public.
+_json = json_reply
+_json_body = read_json

@@ -75,7 +75,8 @@ def authorize(tokens: Mapping[str, str], header: str | None) -> str | None:
 
 def actor_of(request: web.Request) -> str:
     """The authenticated actor; public endpoints (which have none) get "anonymous"."""
-    return request.get(ACTOR_KEY, "anonymous")
+    actor = request.get(ACTOR_KEY)
+    return actor if isinstance(actor, str) else "anonymous"
 
 
 def auth_middleware(settings: Settings, tokens: Callable[[], Mapping[str, str]]) -> Any:

@@ -1,0 +1,163 @@
+"""Admin endpoints for progressive delivery: canary rollouts and drains (included by proxy.admin.app).
+
+Every command goes through the process's CanaryController (ctx.extras["canary"]), whose lock orders it with
+the controller's own steps. A process that runs no controller still accepts commands (they act on the
+store), but nothing advances its rollouts: `"driven": false` in the listing says so.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+from aiohttp import web
+
+from proxy import drain
+from proxy.admin.auth import actor_of
+from proxy.admin.context import AdminContext
+from proxy.admin.problem import BadRequestError
+from proxy.canary import CanaryController, Rollout, describe, load_rollout, parse_config
+from proxy.errors import FieldError, NotFoundError, ValidationError
+from proxy.parse import Checker
+
+PREFIX = "/api/v1"
+
+
+def rollout_view(r: Rollout) -> dict[str, Any]:
+    d = asdict(r)
+    d["percent"] = r.percent
+    d["text"] = describe(r)
+    return d
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data, indent=1) + "\n", status=status, content_type="application/json")
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequestError(f"invalid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValidationError([FieldError("", "expected a JSON object")])
+    return data
+
+
+def _force(body: dict[str, Any], request: web.Request) -> bool:
+    value = body.get("force", request.query.get("force", False))
+    if isinstance(value, str):
+        return value.lower() in ("1", "true", "yes", "on", "")
+    if not isinstance(value, bool):
+        raise ValidationError([FieldError("force", "expected true or false")])
+    return value
+
+
+class CanaryApi:
+    def __init__(self, ctx: AdminContext) -> None:
+        self.ctx = ctx
+        self._fallback: CanaryController | None = None
+
+    def controller(self) -> CanaryController:
+        ctl = self.ctx.extras.get("canary")
+        if isinstance(ctl, CanaryController):
+            return ctl
+        if self._fallback is None:
+            from proxy.metrics import METRICS_DIR_KEY, aggregate
+
+            self._fallback = CanaryController(
+                self.ctx, lambda: aggregate(self.ctx.stats, self.ctx.extras.get(METRICS_DIR_KEY)))
+        return self._fallback
+
+    def routes(self) -> list[web.RouteDef]:
+        p = PREFIX
+        return [
+            web.get(f"{p}/canary", self.list_rollouts),
+            web.get(f"{p}/canary/{{route}}", self.get_rollout),
+            web.post(f"{p}/canary/{{route}}", self.start),
+            web.post(f"{p}/canary/{{route}}/pause", self.pause),
+            web.post(f"{p}/canary/{{route}}/resume", self.resume),
+            web.post(f"{p}/canary/{{route}}/abort", self.abort),
+            web.get(f"{p}/drains", self.list_drains),
+            web.get(f"{p}/drains/{{route}}", self.get_drain),
+            web.post(f"{p}/drains/{{route}}", self.start_drain),
+            web.delete(f"{p}/drains/{{route}}", self.cancel_drain),
+        ]
+
+    # rollouts
+
+    async def list_rollouts(self, request: web.Request) -> web.Response:
+        rollouts = await self.controller().rollouts()
+        driven = isinstance(self.ctx.extras.get("canary"), CanaryController)
+        return _json({"driven": driven, "rollouts": [rollout_view(r) for r in rollouts]})
+
+    async def get_rollout(self, request: web.Request) -> web.Response:
+        route = request.match_info["route"]
+        r = await load_rollout(self.ctx.store, route)
+        if r is None:
+            raise NotFoundError(f"no rollout on route {route!r}")
+        return _json(rollout_view(r))
+
+    async def start(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        cfg = parse_config(body, request.match_info["route"])
+        r = await self.controller().start_rollout(cfg, actor=actor_of(request), force=_force(body, request))
+        return _json(rollout_view(r), status=201)
+
+    async def pause(self, request: web.Request) -> web.Response:
+        return _json(rollout_view(await self.controller().pause(request.match_info["route"],
+                                                                actor=actor_of(request))))
+
+    async def resume(self, request: web.Request) -> web.Response:
+        return _json(rollout_view(await self.controller().resume(request.match_info["route"],
+                                                                 actor=actor_of(request))))
+
+    async def abort(self, request: web.Request) -> web.Response:
+        return _json(rollout_view(await self.controller().abort(request.match_info["route"],
+                                                                actor=actor_of(request))))
+
+    # drains
+
+    async def list_drains(self, request: web.Request) -> web.Response:
+        now = self.controller().clock()
+        return _json({"drains": [{**asdict(d), "text": drain.summary(d, now)}
+                                 for d in await drain.load_drains(self.ctx.store)]})
+
+    async def get_drain(self, request: web.Request) -> web.Response:
+        route = request.match_info["route"]
+        d = await drain.load_drain(self.ctx.store, route)
+        if d is None:
+            raise NotFoundError(f"no drain on route {route!r}")
+        return _json({**asdict(d), "text": drain.summary(d, self.controller().clock())})
+
+    async def start_drain(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        c = Checker()
+        known = {"from", "to", "quiet", "force"}
+        for k in body:
+            if k not in known:
+                c.fail(k, f"unknown field (expected one of: {', '.join(sorted(known))})")
+        old = c.string(body.get("from"), "from", what="the version to drain")
+        new = c.string(body.get("to"), "to", what="the version new sessions go to")
+        quiet = c.number(body.get("quiet", drain.DEFAULT_QUIET), "quiet", 0, 7 * 86400)
+        c.raise_if_any()
+        assert old is not None and new is not None and quiet is not None
+        ctl = self.controller()
+        d = await drain.start_drain(self.ctx.store, self.ctx.health(), request.match_info["route"], old, new,
+                                    quiet=float(quiet), actor=actor_of(request), now=ctl.clock(),
+                                    force=_force(body, request))
+        return _json({**asdict(d), "text": drain.summary(d, ctl.clock())}, status=201)
+
+    async def cancel_drain(self, request: web.Request) -> web.Response:
+        ctl = self.controller()
+        d = await drain.cancel_drain(self.ctx.store, request.match_info["route"], actor=actor_of(request),
+                                     now=ctl.clock())
+        return _json({**asdict(d), "text": drain.summary(d, ctl.clock())})
+
+
+def routes(ctx: AdminContext) -> list[web.RouteDef]:
+    return CanaryApi(ctx).routes()

@@ -1,0 +1,157 @@
+"""Admin endpoints of the Docker provider, under /api/v1/docker (bearer token like every other write).
+
+    GET    /api/v1/docker/versions              every docker version: pinned image, replicas healthy/desired
+    GET    /api/v1/docker/versions/{name}       one of them, with each replica's state and last error
+    PUT    /api/v1/docker/versions/{name}       deploy: resolve the image, register the version (201)
+    POST   /api/v1/docker/versions/{name}/scale {"replicas": N}
+    DELETE /api/v1/docker/versions/{name}       retire: refused (409) while a route references it
+    GET    /api/v1/docker/versions/{name}/logs  ?tail=N: recent log lines per container
+
+Registering is all a deploy does here: the provider sees the new revision and starts the containers, and
+the CLI follows their progress with GET. So a docker version registered any other way (a route file,
+PUT /api/v1/versions) gets its containers the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from aiohttp import web
+
+from proxy.admin.api import Api, _json, _json_body
+from proxy.admin.context import AdminContext
+from proxy.errors import ConflictError, FieldError, NotFoundError, TurnoutError, ValidationError
+from proxy.ops import delete_version, put_version
+from proxy.parse import parse_version_body
+
+P = "/api/v1/docker"
+EXTRAS_KEY = "docker"  # ctx.extras["docker"]: the running DockerProvider, when the supervisor sets it
+# How long a retire waits for the containers to be removed before answering (they still go afterwards).
+RETIRE_WAIT = 30.0
+MAX_LOG_TAIL = 1000
+
+
+class ProviderMissingError(TurnoutError):
+    status_hint = 503
+
+
+def provider_of(ctx: AdminContext) -> Any:
+    from proxy.providers.docker import DockerProvider
+
+    provider = ctx.extras.get(EXTRAS_KEY) or DockerProvider.for_store(ctx.store)
+    if provider is None:
+        raise ProviderMissingError("the Docker provider is not running in this proxy (start `turnout serve` with "
+                                   "TURNOUT_DOCKER=1, or with a docker version in its route file)")
+    return provider
+
+
+def version_status_view(s: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(s)
+    d["routes"] = list(s.routes)
+    d["instances"] = list(s.instances)
+    d["replicas"] = [{**r, "last_logs": list(r["last_logs"])} for r in d["replicas"]]
+    return d
+
+
+class DockerApi:
+    def __init__(self, ctx: AdminContext) -> None:
+        self.ctx = ctx
+        self.api = Api(ctx)
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get(f"{P}/versions", self.list_versions),
+            web.get(f"{P}/versions/{{name}}", self.get_version),
+            web.put(f"{P}/versions/{{name}}", self.deploy),
+            web.post(f"{P}/versions/{{name}}/scale", self.scale),
+            web.delete(f"{P}/versions/{{name}}", self.retire),
+            web.get(f"{P}/versions/{{name}}/logs", self.logs),
+        ]
+
+    def _engine(self, provider: Any) -> dict[str, Any]:
+        return {"ok": provider.engine_error is None, "error": provider.engine_error,
+                "state_id": provider.state_id}
+
+    async def list_versions(self, request: web.Request) -> web.Response:
+        provider = provider_of(self.ctx)
+        rev = await self.ctx.store.current()
+        versions = [version_status_view(s) for s in provider.status(rev.state)]
+        return _json({"revision": rev.number, "engine": self._engine(provider), "versions": versions}, rev.number)
+
+    async def get_version(self, request: web.Request) -> web.Response:
+        provider = provider_of(self.ctx)
+        rev = await self.ctx.store.current()
+        name = request.match_info["name"]
+        for s in provider.status(rev.state):
+            if s.name == name:
+                return _json({"revision": rev.number, "engine": self._engine(provider), **version_status_view(s)},
+                             rev.number)
+        if name in rev.state.versions:
+            raise ConflictError(f"version {name!r} is a {rev.state.versions[name].spec.kind} version, not docker")
+        raise NotFoundError(f"no version named {name!r}")
+
+    async def deploy(self, request: web.Request) -> web.Response:
+        provider = provider_of(self.ctx)
+        name = request.match_info["name"]
+        body = await _json_body(request)
+        if not isinstance(body, dict) or "image" not in body:
+            raise ValidationError([FieldError("image", "required: the image to run (repo@sha256:..., or a tag "
+                                              "with allow_tag)")])
+        version = parse_version_body(body, name, time.time())
+        spec = version.spec
+        if spec.network == "bridge" and spec.port is None:
+            raise ValidationError([FieldError("port", "required with network bridge: the port the container "
+                                              "listens on (published on 127.0.0.1)")])
+        assert spec.image is not None
+        resolved = await provider.resolve_image(spec.image)
+        labels = dict(spec.labels)
+        if resolved.tag is not None:
+            labels["turnout.tag"] = resolved.tag
+        # Stored pinned: the digest is what runs from now on, whatever the tag points to later.
+        spec = dataclasses.replace(spec, image=resolved.pinned, allow_tag=False, labels=tuple(labels.items()))
+        version = dataclasses.replace(version, spec=spec)
+        result = await self.api._write(request, lambda state: put_version(state, version))
+        provider.kick()
+        return result.response(created_status=201, image=resolved.pinned, image_id=resolved.image_id,
+                               tag=resolved.tag)
+
+    async def scale(self, request: web.Request) -> web.Response:
+        provider = provider_of(self.ctx)
+        name = request.match_info["name"]
+        body = await _json_body(request)
+        n = body.get("replicas") if isinstance(body, dict) else None
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ValidationError([FieldError("replicas", f"expected an integer, got {n!r}")])
+        from proxy.providers.docker import set_replicas
+
+        result = await self.api._write(request, lambda state: set_replicas(state, name, n))
+        provider.kick()
+        return result.response()
+
+    async def retire(self, request: web.Request) -> web.Response:
+        provider = provider_of(self.ctx)
+        name = request.match_info["name"]
+        state = (await self.ctx.store.current()).state
+        v = state.versions.get(name)
+        if v is not None and v.spec.kind != "docker":
+            raise ConflictError(f"version {name!r} is a {v.spec.kind} version; retire it with "
+                                f"DELETE /api/v1/versions/{name}")
+        result = await self.api._write(request, lambda s: delete_version(s, name))
+        provider.kick()
+        left = await provider.wait_removed(name, RETIRE_WAIT)
+        return result.response(containers_left=left)
+
+    async def logs(self, request: web.Request) -> web.Response:
+        provider = provider_of(self.ctx)
+        name = request.match_info["name"]
+        raw = request.query.get("tail", "20")
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_LOG_TAIL:
+            raise ValidationError([FieldError("tail", f"expected a number between 1 and {MAX_LOG_TAIL}, got {raw!r}")])
+        return _json({"name": name, "containers": await provider.logs(name, int(raw))})
+
+
+def routes(ctx: AdminContext) -> list[web.RouteDef]:
+    return DockerApi(ctx).routes()
+

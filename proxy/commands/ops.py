@@ -1,0 +1,339 @@
+"""Operator commands that talk to a running proxy's admin API: status, split, pin, unpin, rollback,
+history, apply, versions.
+
+Exit status: 0 done (including "no change"), 1 the API refused (its field-path messages are printed),
+2 bad usage or an unreadable local file, 3 the admin API could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+from urllib.parse import quote
+
+from proxy.admin.tokens import TOKEN_ENV, TokenFileError, client_token
+from proxy.client import DEFAULT_ADMIN, AdminClient, ProblemError, Reply, UnreachableError
+
+API = "/api/v1"
+BAR_WIDTH = 50
+# One fill character per version in the split bar, cycled; distinct at a glance in any terminal.
+BAR_CHARS = "#=*+~%@o"
+
+Command = Callable[[argparse.Namespace, AdminClient], int]
+
+
+class UsageError(Exception):
+    pass
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("status", help="routes, weights, pins and healthy endpoints of a running proxy",
+                       description="Show each route of a running proxy: versions, weights (with a bar), "
+                       "pins and healthy endpoints, and the current revision.")
+    _common(p)
+    p.set_defaults(func=_entry(cmd_status))
+
+    p = sub.add_parser("split", help="set a route's traffic weights, e.g. `split web v1=90 v2=10`",
+                       description="Set weights of versions on a route; versions not named keep their weight "
+                       "(set one to 0 to take it out).")
+    p.add_argument("route")
+    p.add_argument("weights", nargs="+", metavar="VERSION=WEIGHT")
+    _common(p, write=True)
+    p.set_defaults(func=_entry(cmd_split))
+
+    p = sub.add_parser("pin", help="send one client to a dedicated version",
+                       description="Pin CLIENT (its identity value) to VERSION on ROUTE.")
+    p.add_argument("route")
+    p.add_argument("client")
+    p.add_argument("version")
+    _common(p, write=True)
+    p.set_defaults(func=_entry(cmd_pin))
+
+    p = sub.add_parser("unpin", help="remove a client's pin", description="Remove CLIENT's pin on ROUTE.")
+    p.add_argument("route")
+    p.add_argument("client")
+    _common(p, write=True)
+    p.set_defaults(func=_entry(cmd_unpin))
+
+    p = sub.add_parser("rollback", help="put a route back as it was before its last change (or at --to N)",
+                       description="Restore ROUTE as it was one revision before its most recent change, or as "
+                       "it was at revision --to N. The rollback is itself a new revision.")
+    p.add_argument("route")
+    p.add_argument("--to", type=int, metavar="N", help="the revision to restore the route from")
+    _common(p, write=True)
+    p.set_defaults(func=_entry(cmd_rollback))
+
+    p = sub.add_parser("history", help="revisions: number, time, actor, summary and reason",
+                       description="List revisions, newest first, optionally only those that changed ROUTE.")
+    p.add_argument("route", nargs="?")
+    p.add_argument("--limit", type=int, default=20, metavar="N", help="at most N revisions (default 20)")
+    _common(p)
+    p.set_defaults(func=_entry(cmd_history))
+
+    p = sub.add_parser("apply", help="replace routes and versions with a route file's (via the admin API)",
+                       description="Send a route file to a running proxy; it is validated and committed as "
+                       "one revision. Unlisted, unreferenced versions are retired.")
+    p.add_argument("file", help="route file (YAML or JSON), - for standard input")
+    p.add_argument("--dry-run", action="store_true", help="validate and show the change without committing")
+    _common(p, write=True)
+    p.set_defaults(func=_entry(cmd_apply))
+
+    p = sub.add_parser("versions", help="registered versions: kind, instances, created, routes using them",
+                       description="List the versions registered in a running proxy.")
+    _common(p)
+    p.set_defaults(func=_entry(cmd_versions))
+
+
+def _common(p: argparse.ArgumentParser, write: bool = False) -> None:
+    g = p.add_argument_group("admin API")
+    g.add_argument("--admin", metavar="URL",
+                   help=f"admin API address (default: $TURNOUT_ADMIN or {DEFAULT_ADMIN})")
+    g.add_argument("--token-file", metavar="PATH",
+                   help=f"file holding the admin token (default: ${TOKEN_ENV}, then <state dir>/admin-token)")
+    g.add_argument("--json", action="store_true", help="print the API's JSON answer (for scripts)")
+    if write:
+        g.add_argument("--reason", default="", help="why; recorded in the history with your token's name")
+        g.add_argument("--if-match", type=int, metavar="N",
+                       help="refuse (412) unless the current revision is still N")
+
+
+def _entry(command: Command) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            client = AdminClient(args.admin, client_token(args.token_file))
+            return command(args, client)
+        except UsageError as e:
+            print(f"turnout {args.command}: {e}", file=sys.stderr)
+            return 2
+        except TokenFileError as e:
+            print(f"turnout {args.command}: {e}", file=sys.stderr)
+            return 2
+        except ProblemError as e:
+            _print_problem(e, sys.stderr)
+            return 1
+        except UnreachableError as e:
+            print(f"turnout {args.command}: {e}", file=sys.stderr)
+            return 3
+
+    return run
+
+
+def _print_problem(e: ProblemError, out: TextIO) -> None:
+    print(f"error: {e}", file=out)
+    for path, message in e.errors:
+        print(f"  {path}: {message}" if path else f"  {message}", file=out)
+    if e.status == 401:
+        print(f"  (give the token with --token-file PATH or ${TOKEN_ENV}; `turnout serve` prints where it "
+              "wrote a generated one)", file=out)
+    current = e.problem.get("current_revision")
+    if e.status == 412 and current is not None:
+        print(f"  (the current revision is {current})", file=out)
+
+
+def _path(*parts: str) -> str:
+    return API + "".join("/" + quote(p, safe="") for p in parts)
+
+
+def _write_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"if_match": args.if_match, "reason": args.reason or None}
+
+
+def _report_write(args: argparse.Namespace, reply: Reply) -> int:
+    data = reply.data or {}
+    if args.json:
+        print(json.dumps(data, indent=2))
+    elif data.get("changed"):
+        print(f"revision {data['revision']}: {data.get('summary', '')}")
+    else:
+        print(f"no change (revision {data.get('revision')})")
+    return 0
+
+
+# writes
+
+def cmd_split(args: argparse.Namespace, client: AdminClient) -> int:
+    weights: dict[str, float] = {}
+    for item in args.weights:
+        name, sep, value = item.partition("=")
+        try:
+            w = float(value)
+        except ValueError:
+            w = -1.0
+        if not sep or not name or not value or not math.isfinite(w) or w < 0:
+            raise UsageError(f"expected VERSION=WEIGHT with a weight >= 0, got {item!r}")
+        weights[name] = int(w) if w == int(w) else w
+    reply = client.request("PATCH", _path("routes", args.route) + "/split", weights, **_write_options(args))
+    return _report_write(args, reply)
+
+
+def cmd_pin(args: argparse.Namespace, client: AdminClient) -> int:
+    reply = client.request("PUT", _path("routes", args.route, "pins", args.client), {"version": args.version},
+                           **_write_options(args))
+    return _report_write(args, reply)
+
+
+def cmd_unpin(args: argparse.Namespace, client: AdminClient) -> int:
+    reply = client.request("DELETE", _path("routes", args.route, "pins", args.client), **_write_options(args))
+    return _report_write(args, reply)
+
+
+def cmd_rollback(args: argparse.Namespace, client: AdminClient) -> int:
+    body = {} if args.to is None else {"revision": args.to}
+    reply = client.request("POST", _path("routes", args.route, "rollback"), body, **_write_options(args))
+    return _report_write(args, reply)
+
+
+def cmd_apply(args: argparse.Namespace, client: AdminClient) -> int:
+    try:
+        if args.file == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(args.file, "rb") as f:
+                data = f.read()
+    except OSError as e:
+        raise UsageError(f"{args.file}: {e.strerror}") from e
+    query = {"dry_run": "true"} if args.dry_run else None
+    try:
+        reply = client.request("POST", API + "/apply", raw=data, content_type="application/yaml", query=query,
+                               **_write_options(args))
+    except ProblemError as e:
+        if e.status == 422 and not args.json:
+            # Same shape as `turnout check`: file: path: message.
+            for path, message in e.errors:
+                print(f"{args.file}: {path}: {message}" if path else f"{args.file}: {message}", file=sys.stderr)
+            print(f"{args.file}: {len(e.errors)} error(s); nothing applied", file=sys.stderr)
+            return 1
+        raise
+    if args.dry_run and not args.json:
+        d = reply.data or {}
+        summary = str(d.get("summary")) if d.get("changed") else "no change"
+        print(f"dry run at revision {d.get('revision')}: {summary}")
+        return 0
+    return _report_write(args, reply)
+
+
+# reads
+
+def cmd_history(args: argparse.Namespace, client: AdminClient) -> int:
+    if args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    query = {"limit": str(args.limit)}
+    if args.route:
+        query["route"] = args.route
+    data = client.get(API + "/revisions", query).data
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    rows = [[str(r["revision"]), _time(r["time"]), r["actor"] or "-", r["summary"], r["reason"]]
+            for r in data["revisions"]]
+    if not rows:
+        print("no revisions" + (f" changed route {args.route}" if args.route else ""))
+        return 0
+    print(_table(["REV", "TIME (UTC)", "ACTOR", "SUMMARY", "REASON"], rows))
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace, client: AdminClient) -> int:
+    data = client.get(API + "/versions").data
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    rows = []
+    for v in data["versions"]:
+        source = v["spec"].get("image") or " ".join(v["spec"].get("command", [])) or "static"
+        instances = ", ".join(v["instances"]) or "-"
+        rows.append([v["name"], v["kind"], instances, _time(v["created"]) if v["created"] else "-",
+                     ", ".join(v["routes"]) or "-", source if v["kind"] != "static" else ""])
+    if not rows:
+        print(f"no versions (revision {data['revision']})")
+        return 0
+    print(_table(["VERSION", "KIND", "INSTANCES", "CREATED (UTC)", "ROUTES", "SOURCE"], rows))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, client: AdminClient) -> int:
+    state = client.get(API + "/state").data
+    health = client.get(API + "/health").data
+    if args.json:
+        print(json.dumps({"state": state, "health": health}, indent=2))
+        return 0
+    print(render_status(state, health))
+    return 0
+
+
+def render_status(state: dict[str, Any], health: dict[str, Any]) -> str:
+    lines = [f"revision {state['revision']} ({len(state['routes'])} route(s), {len(state['versions'])} "
+             f"version(s)); data plane at revision {health.get('revision', '?')}"]
+    seen_health = health.get("versions", {})
+    for name, r in state["routes"].items():
+        m = r.get("match", {})
+        where = f"host {m['host']}" if m.get("host") else "any host"
+        pins: dict[str, str] = r.get("pins", {})
+        extras = [where, f"prefix {m.get('path_prefix', '/')}", f"sticky {'on' if r.get('sticky') else 'off'}",
+                  f"{len(pins)} pin(s)"]
+        if r.get("fallback"):
+            extras.append("fallback " + " > ".join(r["fallback"]))
+        lines.append("")
+        lines.append(f"route {name}: " + ", ".join(extras))
+        split: dict[str, float] = r.get("split", {})
+        total = sum(split.values())
+        listed = list(split) + [v for v in [*pins.values(), *r.get("fallback", [])] if v not in split]
+        rows = []
+        for v in dict.fromkeys(listed):
+            w = split.get(v)
+            share = f"{100 * w / total:.1f}%" if w is not None and total > 0 else "-"
+            npins = sum(1 for pv in pins.values() if pv == v)
+            rows.append(["  " + v, "-" if w is None else f"{w:g}", share, str(npins),
+                         _healthy(v, state["versions"].get(v, {}), seen_health)])
+        lines.append(_table(["  VERSION", "WEIGHT", "SHARE", "PINS", "HEALTHY"], rows))
+        lines.append("  " + split_bar(list(split.items())))
+    if not state["routes"]:
+        lines.append("no routes")
+    return "\n".join(lines)
+
+
+def _healthy(version: str, stored: dict[str, Any], seen: dict[str, Any]) -> str:
+    h = seen.get(version)
+    if h is not None:
+        return f"{h['healthy']}/{h['total']}"
+    # The data plane has not reported this version: show what is registered, health unknown.
+    n = len(stored.get("instances", stored.get("endpoints", [])))
+    return f"?/{n}"
+
+
+def split_bar(split: Sequence[tuple[str, float]], width: int = BAR_WIDTH) -> str:
+    """`[#####=====] # v1 50%  = v2 50%`: cells by largest remainder, at least one per non-zero weight."""
+    total = sum(w for _, w in split)
+    if total <= 0:
+        return "[" + " " * width + "]"
+    exact = [w * width / total for _, w in split]
+    cells = [int(x) for x in exact]
+    for i in sorted(range(len(exact)), key=lambda i: exact[i] - cells[i], reverse=True):
+        if sum(cells) >= width:
+            break
+        cells[i] += 1
+    for i, (_, w) in enumerate(split):
+        if w > 0 and cells[i] == 0:
+            cells[i] = 1
+            cells[cells.index(max(cells))] -= 1
+    bar = "".join(BAR_CHARS[i % len(BAR_CHARS)] * n for i, n in enumerate(cells))
+    legend = "  ".join(f"{BAR_CHARS[i % len(BAR_CHARS)]} {v} {100 * w / total:.4g}%"
+                       for i, (v, w) in enumerate(split))
+    return f"[{bar}] {legend}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    out = []
+    for row in [header, *rows]:
+        out.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(out)
+
+
+def _time(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
