@@ -9,6 +9,7 @@ data plane's health view; the check command (e.g. an image vulnerability scanner
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -24,6 +25,8 @@ CHECK_TIMEOUT = 300.0
 # How much of a check's output is kept in history: enough for the findings' summary line(s).
 OUTPUT_TAIL_CHARS = 2000
 OUTPUT_TAIL_LINES = 10
+# Output kept while a check runs: a chatty scanner must not grow the proxy's memory without bound.
+OUTPUT_KEEP_BYTES = 64 * 1024
 # An event record races only with real changes; a handful of retries outlasts any burst of them.
 RECORD_ATTEMPTS = 10
 
@@ -111,14 +114,30 @@ async def run_check(version: Version, timeout: float = CHECK_TIMEOUT) -> CheckVe
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     except OSError as e:
         return verdict(False, None, f"cannot run {version.spec.check[0]!r}: {e.strerror or e}")
+    out = bytearray()
+
+    async def pump() -> None:
+        assert proc.stdout is not None
+        while chunk := await proc.stdout.read(65536):
+            out.extend(chunk)
+            del out[:-OUTPUT_KEEP_BYTES]
+
+    reader = asyncio.create_task(pump())
+    code: int | None
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        code = await asyncio.wait_for(proc.wait(), timeout)
     except TimeoutError:
         proc.kill()
-        out, _ = await proc.communicate()
-        return verdict(False, None, _tail(out) + f"\n(timed out after {timeout:g}s)")
-    code = proc.returncode if proc.returncode is not None else -1
-    return verdict(code == 0, code, _tail(out))
+        await proc.wait()
+        code = None
+    # A grandchild may still hold the pipe open; its output is not worth waiting for.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(reader), 1.0)
+    reader.cancel()
+    if code is None:
+        shown = _tail(bytes(out))
+        return verdict(False, None, (shown + "\n" if shown else "") + f"(timed out after {timeout:g}s)")
+    return verdict(code == 0, code, _tail(bytes(out)))
 
 
 def _meta_key(version: str) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy import gates
 from proxy.admin.auth import actor_of
 from proxy.admin.context import AdminContext
 from proxy.admin.problem import BadRequestError
@@ -189,6 +190,13 @@ class Api:
     async def patch_split(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         body = await read_json(request)
+        # Gates first: a version with no healthy endpoint, or whose check command fails, gets no new weight
+        # unless the operator forces it (?force=true). Lowering weights is never refused.
+        state = (await self.ctx.store.current()).state
+        weights = parse_split_body(body, state.versions)
+        if state.route(name) is not None:
+            await gates.admit(self.ctx.store, state, weights, self.ctx.health(), route=name,
+                              actor=actor_of(request), force=_flag(request.query.get("force")))
         result = await self.write(request, lambda s: set_split(s, name, parse_split_body(body, s.versions)))
         return result.response()
 

@@ -43,6 +43,8 @@ def register(sub: Any) -> None:
                        "(set one to 0 to take it out).")
     p.add_argument("route")
     p.add_argument("weights", nargs="+", metavar="VERSION=WEIGHT")
+    p.add_argument("--force", action="store_true",
+                   help="give weight even to a version with no healthy endpoint or a failed check command")
     _common(p, write=True)
     p.set_defaults(func=_entry(cmd_split))
 
@@ -167,7 +169,8 @@ def cmd_split(args: argparse.Namespace, client: AdminClient) -> int:
         if not sep or not name or not value or not math.isfinite(w) or w < 0:
             raise UsageError(f"expected VERSION=WEIGHT with a weight >= 0, got {item!r}")
         weights[name] = int(w) if w == int(w) else w
-    reply = client.request("PATCH", _path("routes", args.route) + "/split", weights, **_write_options(args))
+    reply = client.request("PATCH", _path("routes", args.route) + "/split", weights,
+                           query={"force": "true"} if args.force else None, **_write_options(args))
     return _report_write(args, reply)
 
 
