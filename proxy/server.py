@@ -151,12 +151,24 @@ def metrics_dir(settings: Settings) -> Path:
     return state_dir(settings) / "run" / f"metrics-{settings.listen[1]}"
 
 
-async def _stop_on_signal() -> None:
+async def _stop_on_signal(watch_parent: bool = False) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if watch_parent:
+        # A worker whose supervisor died (even by SIGKILL) must not keep serving an orphaned port.
+        parent = os.getppid()
+
+        async def orphaned() -> None:
+            while os.getppid() == parent:  # noqa: ASYNC110 - no event exists for "parent died"
+                await asyncio.sleep(0.5)
+            stop.set()
+
+        watcher = loop.create_task(orphaned())
     await stop.wait()
+    if watch_parent:
+        watcher.cancel()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
 
@@ -182,7 +194,7 @@ async def run_worker(settings: Settings, worker_id: str) -> None:
         publisher_task = asyncio.get_running_loop().create_task(publisher.run())
     except ImportError:
         pass
-    await _stop_on_signal()
+    await _stop_on_signal(watch_parent=True)
     await dataplane.shutdown(settings.timeouts.shutdown_grace)
     await follower.stop()
     if publisher_task is not None:
