@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from proxy import drain as drain_mod
 from proxy import gates, ops
-from proxy.errors import ConflictError, FieldError, NotFoundError, ValidationError
+from proxy.errors import ConflictError, FieldError, NotFoundError, StoreUnavailableError, ValidationError
 from proxy.model import State
 from proxy.parse import Checker
 from proxy.stats import HIST_SLOTS, LATENCY_BUCKETS
@@ -441,7 +441,9 @@ class EtcdLeader(Leader):
     async def start(self) -> None:
         import aetcd
 
-        self._client = aetcd.Client(host=self.host, port=self.port, timeout=2.0)
+        from proxy.store.etcd import GRPC_OPTIONS
+
+        self._client = aetcd.Client(host=self.host, port=self.port, timeout=2.0, options=GRPC_OPTIONS)
         self._task = asyncio.create_task(self._run(), name="turnout-canary-leader")
 
     async def stop(self) -> None:
@@ -562,6 +564,10 @@ class CanaryController:
                     # A quarter interval keeps a decision within 25% of its due time; 1 s caps the idle cost.
                     intervals = [r.config.interval for r in rollouts if r.status == "running"]
                     period = min([1.0, *(i / 4 for i in intervals)])
+            except StoreUnavailableError as e:
+                # Expected while etcd is away; a one-line note, not a traceback every second.
+                log.warning("canary controller: %s; retrying", e)
+                period = period or 1.0
             except Exception:
                 log.exception("canary controller tick failed; retrying")
                 period = period or 1.0

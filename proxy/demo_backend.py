@@ -34,7 +34,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--name", required=True)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "0")) or None, required="PORT" not in os.environ)
+    env_port = os.environ.get("PORT")
+    p.add_argument("--port", type=int, default=int(env_port) if env_port else None, required=env_port is None,
+                   help="listening port (default: $PORT, as set by the local provider)")
     a = p.parse_args()
     web.run_app(make_app(a.name), host=a.host, port=a.port, access_log=None, print=None)
 

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from proxy.errors import ValidationError
+from proxy.errors import TurnoutError, ValidationError
 from proxy.settings import Settings, Timeouts
 
 
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError:
         print("turnout: the route file is invalid and the store is empty: nothing to serve", file=sys.stderr)
         return 1
-    except OSError as e:
+    except (OSError, TurnoutError) as e:
         print(f"turnout: {e}", file=sys.stderr)
         return 1
     return 0

@@ -173,8 +173,11 @@ class SQLiteStore(Store):
         info = RevisionInfo(expected + 1, now(), actor, reason, summary, routes)
         try:
             self._commit_sync(manifest, blobs, expected, info)
-        except sqlite3.Error as e:
-            raise StoreUnavailableError(f"sqlite store {self.path}: {e}") from e
+        except BaseException as e:
+            self._codec = Codec()
+            if isinstance(e, sqlite3.Error):
+                raise StoreUnavailableError(f"sqlite store {self.path}: {e}") from e
+            raise
         rev = Revision(info, state)
         self._cache = rev
         return rev
@@ -186,8 +189,12 @@ class SQLiteStore(Store):
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._writer_pool, self._commit_sync, manifest, blobs, expected, info)
-        except sqlite3.Error as e:
-            raise StoreUnavailableError(f"sqlite store {self.path}: {e}") from e
+        except BaseException as e:
+            # The codec now believes these blobs are stored; forget that, or a retry would omit them.
+            self._codec = Codec()
+            if isinstance(e, sqlite3.Error):
+                raise StoreUnavailableError(f"sqlite store {self.path}: {e}") from e
+            raise
         rev = Revision(info, state)
         if rev.number > self._cache.number:
             self._cache = rev
