@@ -31,12 +31,12 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from proxy.stats import HIST_SLOTS, LATENCY_BUCKETS, Stats
 from proxy.table import RouteTable
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The classic text format: our names are plain ASCII, and every Prometheus version reads 0.0.4.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # How often a worker publishes: the status page polls every second, so half a second keeps it current.
 PUBLISH_INTERVAL = 0.5
 # A worker file not rewritten for this long belongs to a dead (or hung) worker: its gauges no longer count.
@@ -102,7 +102,7 @@ class StatsSnapshot:
     retries: Mapping[str, int]  # route
     rejected: Mapping[str, int]  # reason
     connections: Mapping[str, int]  # side -> open now (gauge)
-    mirrors: Mapping[tuple[str, str, int], int]  # (route, version, code)
+    mirrors: Mapping[tuple[str, str, str], int]  # (route, version, code: "200", "error", "dropped")
     applied: int
     apply_errors: int
     access_log_dropped: int
@@ -195,7 +195,7 @@ class _Sum:
         _add(c["fallbacks"], ((tuple(x[:-1]), x[-1]) for x in wire.get("fallbacks", ())))
         _add(c["retries"], wire.get("retries", {}).items())
         _add(c["rejected"], wire.get("rejected", {}).items())
-        _add(c["mirrors"], (((x[0], x[1], int(x[2])), x[3]) for x in wire.get("mirrors", ())))
+        _add(c["mirrors"], (((x[0], x[1], str(x[2])), x[3]) for x in wire.get("mirrors", ())))
         _add(c["canary_results"], ((tuple(x[:-1]), x[-1]) for x in wire.get("canary_results", ())))
         for k in self.scalars:
             self.scalars[k] += int(wire.get(k, 0))
@@ -290,6 +290,15 @@ def read_published(directory: Path, since: float | None = None) -> Iterator[Publ
             yield pub
 
 
+def reset_directory(directory: Path) -> None:
+    """Create `directory` and remove every worker file in it: the supervisor calls this before it starts
+    its workers, so nothing of an earlier run is summed (the start-time check is the second guard)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for p in [*directory.glob("*.json"), *directory.glob(".*.tmp")]:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
 def worker_extras(directory: Path | None) -> list[Mapping[str, Any]]:
     """The `extra` dicts of workers that are alive (published within STALE_AFTER)."""
     if directory is None:
@@ -359,7 +368,11 @@ class WorkerPublisher:
 
     def write(self, data: bytes) -> None:
         tmp = self.directory / f".{self.worker_id}.{os.getpid()}.tmp"
-        tmp.write_bytes(data)
+        try:
+            tmp.write_bytes(data)
+        except FileNotFoundError:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
         os.replace(tmp, self.path)  # readers see the old file or the new one, never half of one
 
     def publish(self) -> None:
@@ -419,7 +432,8 @@ def families(snap: StatsSnapshot, table: RouteTable, health: Health) -> list[Met
     out.append(_counter("turnout_requests_rejected", "Requests refused before reaching any version, by reason.",
                         ["reason"], snap.rejected))
     out.append(_counter("turnout_mirror_requests", "Mirrored (shadow) requests, by route, version and status code "
-                        "(0: no response).", ["route", "version", "code"], snap.mirrors))
+                        "(error: no response; dropped: not sent, too many in flight).", ["route", "version", "code"],
+                        snap.mirrors))
     out.append(_counter("turnout_canary_analysis", "Canary analysis rounds, by route and result.",
                         ["route", "result"], snap.canary_results))
 
@@ -430,7 +444,13 @@ def families(snap: StatsSnapshot, table: RouteTable, health: Health) -> list[Met
         for version, w in r.route.split:
             weight.add_metric([r.name, version], w)
         pins.add_metric([r.name], len(r.route.pins))
-    out += [weight, pins]
+    healthy = GaugeMetricFamily("turnout_route_healthy_versions", "Versions that can serve a route's traffic "
+                                "(weight > 0, or in its fallback chain) with at least one healthy endpoint.",
+                                labels=["route"])
+    for r in table.routes:
+        serving = {v for v, w in r.route.split if w > 0} | set(r.route.fallback)
+        healthy.add_metric([r.name], sum(1 for v in serving if _version_healthy(table, health, v)))
+    out += [weight, pins, healthy]
 
     up = GaugeMetricFamily("turnout_endpoint_up", "1 when the endpoint is considered healthy, else 0.",
                            labels=["version", "endpoint"])
@@ -465,6 +485,17 @@ def families(snap: StatsSnapshot, table: RouteTable, health: Health) -> list[Met
     workers.add_metric(["stale"], stale)
     out.append(workers)
     return out
+
+
+def _version_healthy(table: RouteTable, health: Health, version: str) -> bool:
+    """A version the health view does not know yet (no checks run) counts as healthy: no false alarm at start."""
+    v = table.versions.get(version)
+    if v is None or not v.endpoints:
+        return False
+    eps = health.get(version)
+    if eps is None:
+        return True
+    return any(eps.get(ep, False) for ep in v.endpoints)
 
 
 def _counter(name: str, doc: str, labels: list[str], values: Mapping[Any, int]) -> CounterMetricFamily:

@@ -243,6 +243,9 @@ class Supervisor:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         probe.bind(s.listen)
         probe.close()
+        from proxy.metrics import reset_directory
+
+        reset_directory(metrics_dir(s))
         payload = settings_to_json(s)
         for i in range(s.workers):
             proc = await asyncio.create_subprocess_exec(

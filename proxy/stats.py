@@ -48,7 +48,8 @@ class Stats:
         self.retries: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
         self.connections: dict[str, int] = {"downstream": 0, "upstream": 0}
-        self.mirrors: dict[tuple[str, str, int], int] = {}
+        # (route, version, code as text: "200", or "error" / "dropped" when there was no response)
+        self.mirrors: dict[tuple[str, str, str], int] = {}
         # Route tables installed / refused by this process (the lead increments these directly).
         self.applied = 0
         self.apply_errors = 0
@@ -103,9 +104,9 @@ class Stats:
     def connection(self, side: Side, delta: int) -> None:
         self.connections[side] += delta
 
-    def mirror(self, route: str, version: str, code: int) -> None:
-        """A mirrored (shadow) request finished; `code` 0 when it failed without a response."""
-        key = (route, version, code)
+    def mirror(self, route: str, version: str, code: int | str) -> None:
+        """A mirrored (shadow) request finished with status `code`, or "error" / "dropped" without one."""
+        key = (route, version, str(code))
         self.mirrors[key] = self.mirrors.get(key, 0) + 1
 
     # -- control plane ------------------------------------------------------------------------------
