@@ -119,6 +119,7 @@ class DockerApi:
 
     async def scale(self, request: web.Request) -> web.Response:
         provider = provider_of(self.ctx)
+        await provider.require_engine()
         name = request.match_info["name"]
         body = await _json_body(request)
         n = body.get("replicas") if isinstance(body, dict) else None
@@ -132,6 +133,7 @@ class DockerApi:
 
     async def retire(self, request: web.Request) -> web.Response:
         provider = provider_of(self.ctx)
+        await provider.require_engine()
         name = request.match_info["name"]
         state = (await self.ctx.store.current()).state
         v = state.versions.get(name)

@@ -7,6 +7,7 @@ timers and checks flip; the request path only reads them.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -33,7 +34,7 @@ class Endpoint:
         self.ejected = False
         self.failures = 0  # consecutive connect failures / 5xx responses
         self.ejections = 0  # consecutive ejections; doubles the next ejection's length
-        self.readmit_handle: object | None = None
+        self.readmit_handle: asyncio.TimerHandle | None = None
 
     @property
     def healthy(self) -> bool:

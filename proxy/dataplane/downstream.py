@@ -1,0 +1,855 @@
+"""The client side: HTTP/1.x requests parsed by llhttp, answered in order, proxied without coroutines.
+
+Design rules:
+- Callback-only: parser callbacks build an Exchange, pick a route and version, and write to a pooled
+  upstream connection; upstream callbacks write the response back. No coroutine or future per request.
+- Responses leave in request order: only the head of the queue talks to an upstream; requests parsed
+  behind it wait (bounded by limits.max_pipelined, then reading pauses).
+- A request body is re-framed from what the parser validated; raw framing bytes are never forwarded.
+- Error rule: before the response started, answer with a status; after it, abort the connection so the
+  client can never take a truncated response as complete.
+- Every refusal is decided before anything is sent upstream, and counted with stats.reject(reason).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING, Final, cast
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, parse_url
+
+from proxy.dataplane.headers import (
+    CONNECTION,
+    CONTENT_LENGTH,
+    CONTINUE,
+    EXPECT,
+    FORWARDED,
+    HOST,
+    IDEMPOTENT,
+    REQUEST_HEADER_KIND,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    LazyHeaders,
+    connection_tokens,
+    local_response,
+    split_host,
+)
+from proxy.table import cookie_value
+
+if TYPE_CHECKING:
+    from proxy.dataplane.pool import Endpoint
+    from proxy.dataplane.server import DataPlane
+    from proxy.dataplane.upstream import UpstreamConnection
+    from proxy.stats import RejectReason, UpstreamErrorKind
+    from proxy.table import CompiledRoute
+
+# Parse phases of the connection's incoming byte stream.
+IDLE: Final = 0  # between requests (the next byte starts a head)
+HEAD: Final = 1
+BODY: Final = 2
+
+# When requests are already queued, input is parsed in slices this large so that at most a slice's worth
+# of extra pipelined requests is parsed beyond limits.max_pipelined before reading pauses.
+PIPELINE_SLICE: Final = 2048
+
+_CRLF: Final = b"\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+_METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+_ERROR_KIND: Final[dict[str, UpstreamErrorKind]] = {
+    "connect": "connect", "connect_timeout": "timeout", "timeout": "timeout", "reset": "reset",
+    "invalid_response": "invalid_response",
+}
+
+
+class _Refuse(Exception):
+    def __init__(self, status: int, reason: RejectReason) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason: RejectReason = reason
+
+
+class _Stop(Exception):
+    """Raised from a parser callback after the refusal was already queued."""
+
+
+class Exchange:
+    """One request and its response. Class attributes are the defaults; instances set what differs."""
+
+    client: ClientConnection
+    method: str = "GET"
+    method_b: bytes = b"GET"
+    target: bytes = b"/"
+    http11: bool = True
+    keep_alive: bool = True
+    head: bool = False
+    host_raw: bytes | None = None
+    host: str = ""
+    path: str = "/"
+    query: str | None = None
+    cl: int | None = None
+    chunked: bool = False
+    expect: bool = False
+    upgrade: bool = False
+    upgrade_value: bytes = b""
+    fwd: dict[bytes, bytes] | None = None
+    refuse: _Refuse | None = None
+    started: bool = False
+    request_complete: bool = False
+    body_bytes: int = 0
+    pending: list[bytes] | None = None
+    pending_size: int = 0
+    replay: list[bytes] | None = None
+    replay_size: int = 0
+    mirror_body: list[bytes] | None = None
+    mirror_size: int = 0
+    sent_body: bool = False
+    attempts: int = 0
+    retried_same: bool = False
+    route: CompiledRoute | None = None
+    chain: tuple[str, ...] = ()
+    idx: int = 0
+    version: str = ""
+    endpoint: Endpoint | None = None
+    up: UpstreamConnection | None = None
+    head_common: bytes = b""
+    head_tail: bytes = b"\r\n"
+    cookie_version: str | None = None
+    response_started: bool = False
+    response_done: bool = False
+    close_after: bool = False
+    tunnel: bool = False
+    early: bytes = b""
+    status: int = 0
+    bytes_out: int = 0
+    t0: float = 0.0
+    aborted: bool = False
+    finished: bool = False
+    head_deferred: bool = False
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+        self.headers: list[tuple[bytes, bytes]] = []
+
+
+class ClientConnection(asyncio.Protocol):
+    # Reasons reading from the client is paused (a bit mask: reading resumes when all are clear).
+    P_BACKLOG: Final = 1  # too many queued requests, or parsing stopped
+    P_PENDING: Final = 2  # body bytes waiting for an upstream connection
+    P_UPSTREAM: Final = 4  # the upstream's write buffer is full
+    P_TUNNEL: Final = 8  # upgrade requested; waiting for the upstream's answer
+
+    def __init__(self, dp: DataPlane) -> None:
+        self.dp = dp
+        limits = dp.settings.limits
+        self.max_line = limits.max_request_line
+        self.max_head = limits.max_header_bytes
+        self.max_headers = limits.max_headers
+        self.max_body = limits.max_body_bytes
+        self.max_pipelined = limits.max_pipelined
+        self.high_water = limits.high_water
+        self.retry_limit = limits.retry_buffer_bytes
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpRequestParser(self)
+        self.queue: deque[Exchange] = deque()
+        self.cur: Exchange | None = None
+        self.url = b""
+        self.phase = IDLE
+        self.raw_head = 0
+        self.head_bytes = 0
+        self.nheaders = 0
+        self.nhost = 0
+        self.tokens: set[bytes] | None = None
+        self.cl: int | None = None
+        self.body_left: int | None = None
+        self.backlog = b""
+        self.feeding = False
+        self.pumping = False
+        self.stopped = False
+        self.closed = False
+        self.paused = 0
+        self.write_paused = False
+        self.eof = False
+        self.deadline = 0.0
+        self.peer = ""
+        self.trusted = False
+        self.fwd_lines = b""
+        self.tunnel_up: UpstreamConnection | None = None
+
+    def __repr__(self) -> str:
+        return (f"<ClientConnection {self.peer} [Requests: {len(self.queue)} queued | "
+                f"paused: {self.paused} | {'closed' if self.closed else 'open'}]>")
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        limits = self.dp.settings.limits
+        transport.set_write_buffer_limits(limits.high_water, limits.low_water)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else ""
+        self.trusted = self.peer in self.dp.trusted
+        self.fwd_lines = b"x-forwarded-for: " + self.peer.encode() + b"\r\nx-forwarded-proto: http\r\n"
+        self.dp.conns.add(self)
+        self.dp.stats.connection("downstream", 1)
+        self.deadline = self.dp.now() + self.dp.t_header_read
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.dp.conns.discard(self)
+        self.dp.stats.connection("downstream", -1)
+        if self.dp.draining and not self.dp.conns:
+            self.dp.drained.set()
+        if self.tunnel_up is not None:
+            self.tunnel_up.close()
+            self.tunnel_up = None
+        for ex in self.queue:
+            ex.aborted = True
+            up = ex.up
+            if up is not None and not ex.response_done:
+                up.ex = None
+                up.abort()
+        self.queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        up = self.tunnel_up
+        if up is not None:
+            if up.transport is not None:
+                up.transport.write(data)
+            return
+        if self.stopped:
+            return
+        self._feed(data)
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel_up is not None and self.tunnel_up.transport is not None:
+            if self.tunnel_up.transport.can_write_eof():
+                self.tunnel_up.transport.write_eof()
+            return True
+        # A client that half-closes after its last complete request still gets the answers to queued
+        # requests; a half-closed request can never complete, so that closes at once.
+        if self.queue and self.phase == IDLE and not self.backlog:
+            self.eof = True
+            return True
+        return None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.deadline = self.dp.now() + self.dp.t_upstream_idle
+        up = self.tunnel_up
+        if up is None and self.queue:
+            up = self.queue[0].up
+        if up is not None:
+            up.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        up = self.tunnel_up
+        if up is None and self.queue:
+            up = self.queue[0].up
+        if up is not None:
+            up.resume_reading()
+        self._rearm()
+
+    # -- input
+
+    def _feed(self, data: bytes) -> None:
+        if self.backlog:
+            data = self.backlog + data
+            self.backlog = b""
+        if self.feeding:
+            self.backlog = data
+            return
+        self.feeding = True
+        parser = self.parser
+        # Heads are parsed a slice at a time so that a burst of pipelined requests stops at the queue bound;
+        # a Content-Length body is fed exactly, so the heads after it are sliced too.
+        view = memoryview(data) if len(data) > PIPELINE_SLICE else data
+        try:
+            while view:
+                if self.stopped:
+                    view = b""
+                    break
+                if len(self.queue) >= self.max_pipelined or self.paused & self.P_PENDING:
+                    break
+                n = len(view)
+                if self.phase == BODY:
+                    left = self.body_left
+                    take = n if left is None or left >= n else max(left, 1)
+                else:
+                    take = PIPELINE_SLICE if n > PIPELINE_SLICE else n
+                    self.raw_head += take
+                if take < n:
+                    chunk, view = view[:take], view[take:]
+                else:
+                    chunk, view = view, b""
+                try:
+                    parser.feed_data(chunk)
+                except HttpParserUpgrade as u:
+                    self._upgraded(bytes(chunk[u.args[0]:]) + bytes(view))
+                    view = b""
+                    break
+                except HttpParserError as e:
+                    self._parse_error(e)
+                    view = b""
+                    break
+                if self.phase == HEAD and self.raw_head > self.max_head + self.max_line:
+                    self._refuse_parsing(_Refuse(431, "too_large"))
+                    view = b""
+                    break
+        finally:
+            self.feeding = False
+        data = bytes(view) if isinstance(view, memoryview) else view
+        self.backlog = data
+        if data:
+            self.pause(self.P_BACKLOG)
+        elif not self.stopped:
+            self.resume(self.P_BACKLOG)
+
+    def _parse_error(self, e: HttpParserError) -> None:
+        ctx = e.__context__
+        if isinstance(ctx, _Stop):
+            return
+        refuse = ctx if isinstance(ctx, _Refuse) else _Refuse(400, "bad_request")
+        self._refuse_parsing(refuse)
+
+    def _refuse_parsing(self, refuse: _Refuse) -> None:
+        """The byte stream is unusable from here: answer in order, then close."""
+        self.stopped = True
+        self.pause(self.P_BACKLOG)
+        ex = self.cur
+        self.cur = None
+        self.phase = IDLE
+        if ex is not None and ex.started:
+            # The request was already being proxied (its body was bad or too large).
+            self.dp.stats.reject(refuse.reason)
+            self._abort_active(ex, refuse.status)
+            return
+        if ex is None or ex not in self.queue:
+            ex = Exchange(self)
+            self.queue.append(ex)
+        ex.refuse = refuse
+        ex.keep_alive = False
+        self._pump()
+
+    # -- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.cur = Exchange(self)
+        self.url = b""
+        self.phase = HEAD
+        self.head_bytes = 0
+        self.nheaders = 0
+        self.nhost = 0
+        self.tokens = None
+        self.cl = None
+        self.deadline = self.dp.now() + self.dp.t_header_read
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.max_line:
+            raise _Refuse(414, "too_large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.cur
+        if ex is None or self.phase != HEAD:
+            return  # trailers are not forwarded
+        self.nheaders += 1
+        self.head_bytes += len(name) + len(value) + 4
+        if self.nheaders > self.max_headers or self.head_bytes > self.max_head:
+            raise _Refuse(431, "too_large")
+        n = name.lower()
+        kind = REQUEST_HEADER_KIND.get(n)
+        if kind is None:
+            ex.headers.append((n, value))
+        elif kind == HOST:
+            self.nhost += 1
+            ex.host_raw = value
+            ex.headers.append((n, value))
+        elif kind == CONTENT_LENGTH:
+            # llhttp validated the digits (and refuses a second, different one); we send our own framing.
+            self.cl = int(value)
+        elif kind == TRANSFER_ENCODING:
+            ex.chunked = True
+        elif kind == CONNECTION:
+            t = connection_tokens(value)
+            self.tokens = t if self.tokens is None else self.tokens | t
+        elif kind == UPGRADE:
+            ex.upgrade_value = value
+        elif kind == EXPECT:
+            if value.lower() != b"100-continue":
+                raise _Refuse(417, "bad_request")
+            ex.expect = True
+        elif kind == FORWARDED and self.trusted:
+            fwd = ex.fwd
+            if fwd is None:
+                fwd = ex.fwd = {}
+            fwd[n] = fwd[n] + b", " + value if n in fwd else value
+
+    def on_headers_complete(self) -> None:
+        ex = self.cur
+        assert ex is not None
+        p = self.parser
+        self.raw_head = 0
+        method_b = p.get_method()
+        ex.method_b = method_b
+        method = _METHODS.get(method_b) or method_b.decode("ascii", "replace")
+        ex.method = method
+        ex.http11 = p.get_http_version() == "1.1"
+        ex.keep_alive = p.should_keep_alive()
+        ex.head = method == "HEAD"
+        ex.upgrade = p.should_upgrade()
+        ex.t0 = self.dp.now()
+        cl = self.cl
+        ex.cl = cl
+        try:
+            self._validate(ex, method, cl)
+        except _Refuse as r:
+            ex.refuse = r
+            ex.keep_alive = False
+        if self.tokens and not self.tokens <= {b"close", b"keep-alive", b"upgrade"}:
+            tokens = self.tokens
+            ex.headers = [h for h in ex.headers if h[0] not in tokens]
+            if ex.fwd is not None:
+                ex.fwd = {k: v for k, v in ex.fwd.items() if k not in tokens}
+        if ex.upgrade:
+            ex.head_tail = b"connection: upgrade\r\nupgrade: " + ex.upgrade_value + b"\r\n\r\n"
+        elif ex.chunked:
+            ex.head_tail = b"transfer-encoding: chunked\r\n\r\n"
+        elif cl is not None:
+            ex.head_tail = b"content-length: %d\r\n\r\n" % cl
+        self.body_left = None if ex.chunked else cl
+        if ex.chunked or cl:
+            self.phase = BODY
+            self.deadline = self.dp.now() + self.dp.t_body_idle
+            if method in IDEMPOTENT and (cl is None or cl <= self.retry_limit):
+                ex.replay = []
+        else:
+            # No body: the request is complete as far as the upstream is concerned.
+            ex.request_complete = True
+            self.deadline = 0.0
+        self.queue.append(ex)
+        if ex.refuse is not None:
+            self.stopped = True
+            self.cur = None
+            self.phase = IDLE
+            self.pause(self.P_BACKLOG)
+        self._pump()
+        if ex.refuse is not None:
+            raise _Stop  # stop the parser: nothing after this counts
+
+    def _validate(self, ex: Exchange, method: str, cl: int | None) -> None:
+        if method == "CONNECT":
+            raise _Refuse(400, "bad_request")  # no open proxy
+        if self.nhost > 1 or (self.nhost == 0 and ex.http11):
+            raise _Refuse(400, "bad_request")
+        url = self.url
+        if url[:1] == b"/" or (url == b"*" and method == "OPTIONS"):
+            target = url
+        else:
+            try:
+                parsed = parse_url(url)
+            except HttpParserError:
+                raise _Refuse(400, "bad_request") from None
+            if parsed.schema not in (b"http", b"https") or not parsed.host:
+                raise _Refuse(400, "bad_request")
+            authority = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
+            if ex.host_raw is None or split_host(authority) != split_host(ex.host_raw):
+                raise _Refuse(400, "bad_request")  # absolute-form for another host: not an open proxy
+            target = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
+        ex.target = target
+        q = target.find(b"?")
+        if q >= 0:
+            ex.path = target[:q].decode("latin-1")
+            ex.query = target[q + 1:].decode("latin-1")
+        else:
+            ex.path = target.decode("latin-1")
+        host_raw = ex.host_raw
+        if host_raw is not None:
+            hosts = self.dp.hosts
+            host = hosts.get(host_raw)
+            if host is None:
+                if len(hosts) > 1000:  # bounded: Host values are client-controlled
+                    hosts.clear()
+                host = hosts[host_raw] = split_host(host_raw)
+            ex.host = host
+        if ex.upgrade and (ex.chunked or cl):
+            raise _Refuse(400, "bad_request")
+        if cl is not None and cl > self.max_body:
+            raise _Refuse(413, "too_large")
+
+    def on_body(self, data: bytes) -> None:
+        ex = self.cur
+        if ex is None:
+            return
+        n = len(data)
+        if self.body_left is not None:
+            self.body_left -= n
+        ex.body_bytes += n
+        if ex.body_bytes > self.max_body:
+            raise _Refuse(413, "too_large")
+        frame = b"%x\r\n%b\r\n" % (n, data) if ex.chunked else data
+        self._body_frame(ex, frame, n)
+        self.deadline = self.dp.now() + self.dp.t_body_idle
+
+    def _body_frame(self, ex: Exchange, frame: bytes, n: int) -> None:
+        if ex.replay is not None:
+            if ex.replay_size + n <= self.retry_limit:
+                ex.replay.append(frame)
+                ex.replay_size += n
+            else:
+                ex.replay = None
+        if ex.mirror_body is not None:
+            if ex.mirror_size + n <= self.retry_limit:
+                ex.mirror_body.append(frame)
+                ex.mirror_size += n
+            else:
+                ex.mirror_body = None
+                self.dp.mirror.count_dropped(ex)
+        up = ex.up
+        if up is not None and up.transport is not None:
+            ex.sent_body = True
+            if ex.head_deferred:
+                ex.head_deferred = False
+                frame = b"".join((ex.head_common, self.dp.version_header(ex.version), ex.head_tail, frame))
+            up.transport.write(frame)
+        elif not ex.response_done:
+            if ex.pending is None:
+                ex.pending = []
+            ex.pending.append(frame)
+            ex.pending_size += n
+            if ex.pending_size > self.high_water:
+                self.pause(self.P_PENDING)
+
+    def on_message_complete(self) -> None:
+        ex = self.cur
+        self.cur = None
+        self.phase = IDLE
+        if ex is None:
+            return
+        if ex.chunked:
+            self._body_frame(ex, _LAST_CHUNK, 0)
+        ex.request_complete = True
+        self._rearm()
+        up = ex.up
+        if up is not None:
+            up.deadline = self.dp.now() + self.dp.t_upstream_response
+        if ex.mirror_body is not None and ex.route is not None:
+            self.dp.mirror.send(ex)
+
+    # -- dispatch
+
+    def _pump(self) -> None:
+        if self.pumping:
+            return
+        self.pumping = True
+        try:
+            queue = self.queue
+            while queue and not queue[0].started and not self.closed:
+                self._start(queue[0])
+        finally:
+            self.pumping = False
+
+    def _start(self, ex: Exchange) -> None:
+        ex.started = True
+        dp = self.dp
+        if ex.refuse is not None:
+            dp.stats.reject(ex.refuse.reason)
+            self._local(ex, ex.refuse.status)
+            return
+        table = dp.holder.table
+        hdrs = LazyHeaders(ex.headers)
+        route = table.match(ex.host, ex.path, hdrs)
+        if route is None:
+            dp.stats.reject("no_route")
+            self._local(ex, 404)
+            return
+        ex.route = route
+        pick = None
+        cookie = route.assignment_cookie
+        if cookie is not None:
+            v = cookie_value(hdrs.get("cookie"), cookie)
+            if v is not None and v in route.chains:
+                ex.cookie_version = v
+                pick = route.assigned(v)
+        if pick is None:
+            pick = route.pick(route.client_id(hdrs, ex.query) if route.identity else None)
+        ex.chain = chain = pick[1]
+        ex.head_common = dp.request_head(self, ex, route.name)
+        if route.route.mirror is not None:
+            dp.mirror.consider(ex, route)
+        i = self._next_version(ex, 0)
+        if i < 0:
+            dp.stats.reject("no_healthy_version")
+            self._local(ex, 503)
+            return
+        if i > 0:
+            dp.stats.fallback(route.name, chain[0], chain[i])
+        if ex.expect and not ex.request_complete:
+            self.write(CONTINUE)
+        self._connect(ex)
+
+    def _next_version(self, ex: Exchange, start: int) -> int:
+        backends = self.dp.backends
+        chain = ex.chain
+        for i in range(start, len(chain)):
+            b = backends.get(chain[i])
+            if b is not None:
+                ep = b.pick()
+                if ep is not None:
+                    ex.idx = i
+                    ex.version = chain[i]
+                    ex.endpoint = ep
+                    return i
+        return -1
+
+    def _connect(self, ex: Exchange, fresh: bool = False) -> None:
+        ep = ex.endpoint
+        assert ep is not None
+        ex.attempts += 1
+        conn = None if fresh else ep.take_idle()
+        if conn is not None:
+            self.attach(ex, conn)
+        else:
+            self.dp.connect(ep, ex)
+
+    def attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
+        if ex.aborted or ex.response_done or self.closed:
+            self.dp.release(conn)
+            return
+        ex.up = conn
+        conn.attach(ex)
+        # A retry replays the whole buffered body; a first attempt sends what waited for the connection.
+        body = ex.replay if ex.attempts > 1 and ex.replay is not None else ex.pending or []
+        ex.pending = None
+        ex.pending_size = 0
+        if body:
+            ex.sent_body = True
+        if self.paused & self.P_PENDING:
+            self.resume(self.P_PENDING)
+        dp = self.dp
+        assert conn.transport is not None
+        if not body and ex.chunked and not ex.request_complete:
+            # Hold the head until the first chunk parsed cleanly: a request with a malformed chunk
+            # size then never reaches the upstream at all.
+            ex.head_deferred = True
+        else:
+            conn.transport.write(b"".join([ex.head_common, dp.version_header(ex.version), ex.head_tail, *body]))
+        if ex.request_complete:
+            conn.deadline = dp.now() + dp.t_upstream_response
+        if self.write_paused:
+            conn.pause_reading()
+        if self.backlog and not self.feeding:
+            self._feed(b"")
+
+    # -- completion and failure
+
+    def response_complete(self, ex: Exchange) -> None:
+        ex.response_done = True
+        ex.up = None
+        route = ex.route
+        if route is not None:
+            self.dp.stats.request(route.name, ex.version, ex.status, self.dp.now() - ex.t0, ex.body_bytes,
+                                  ex.bytes_out)
+        if not ex.request_complete:
+            # Answered before the request body ended: the rest of the body cannot be skipped safely.
+            self._close()
+            return
+        self._finish(ex)
+
+    def upstream_failed(self, ex: Exchange, conn: UpstreamConnection | None, kind: str,
+                        before_response: bool) -> None:
+        if ex.response_done or ex.aborted or self.closed:
+            return
+        ex.up = None
+        dp = self.dp
+        ep = ex.endpoint
+        route = ex.route
+        assert route is not None and ep is not None
+        connect_failed = kind == "connect" or kind == "connect_timeout"
+        if connect_failed:
+            dp.health.failure(ep)
+        dp.stats.upstream_error(ex.version, _ERROR_KIND[kind])
+        if ex.response_started:
+            dp.stats.request(route.name, ex.version, ex.status, dp.now() - ex.t0, ex.body_bytes, ex.bytes_out)
+            self._abort_active(ex, 502)
+            return
+        may_replay = not ex.sent_body or ex.replay is not None
+        if (connect_failed or (kind == "reset" and before_response)) and may_replay:
+            if kind == "reset" and conn is not None and conn.served and not ex.retried_same:
+                # A pooled connection the upstream had just closed: one fresh try on the same endpoint.
+                ex.retried_same = True
+                ex.sent_body = False
+                self._connect(ex, fresh=True)
+                return
+            failed = ex.version
+            if self._next_version(ex, ex.idx + 1) >= 0:
+                dp.stats.retry(route.name)
+                dp.stats.fallback(route.name, failed, ex.version)
+                ex.sent_body = False
+                self._connect(ex)
+                return
+        status = 504 if kind == "timeout" or kind == "connect_timeout" else 502
+        dp.stats.request(route.name, ex.version, status, dp.now() - ex.t0, ex.body_bytes, 0)
+        self._local(ex, status)
+
+    def _abort_active(self, ex: Exchange, status: int) -> None:
+        up = ex.up
+        ex.up = None
+        if up is not None:
+            up.ex = None
+            up.abort()
+        if ex.response_started:
+            self.abort()
+        else:
+            ex.keep_alive = False
+            self._local(ex, status)
+
+    def _local(self, ex: Exchange, status: int) -> None:
+        close = (not ex.request_complete or not ex.keep_alive or ex.refuse is not None or self.dp.draining
+                 or self.stopped)
+        ex.status = status
+        ex.response_done = True
+        ex.response_started = True
+        self.write(local_response(status, close))
+        if close:
+            self._close()
+        else:
+            self._finish(ex)
+
+    def _finish(self, ex: Exchange) -> None:
+        if ex.finished:
+            return
+        ex.finished = True
+        queue = self.queue
+        if queue and queue[0] is ex:
+            queue.popleft()
+        if ex.close_after or not ex.keep_alive or self.dp.draining or (self.eof and not queue):
+            self._close()
+            return
+        if queue:
+            self._pump()
+        else:
+            self._rearm()
+        if self.backlog and not self.feeding and not self.closed:
+            self._feed(b"")
+
+    def _rearm(self) -> None:
+        if self.phase == IDLE and not self.queue and not self.closed:
+            self.deadline = self.dp.now() + self.dp.t_keepalive
+        elif self.phase == BODY and not self.paused:
+            self.deadline = self.dp.now() + self.dp.t_body_idle
+        elif self.write_paused:
+            self.deadline = self.dp.now() + self.dp.t_upstream_idle
+        elif self.phase != HEAD:
+            self.deadline = 0.0
+
+    # -- upgrade tunnel
+
+    def _upgraded(self, rest: bytes) -> None:
+        ex = self.queue[-1] if self.queue else None
+        if ex is None or ex.refuse is not None or ex.response_done:
+            self.stopped = True
+            return
+        # Bytes after the upgrade request belong to the tunnel, if the upstream agrees to one.
+        ex.early = rest
+        self.stopped = True
+        self.pause(self.P_TUNNEL)
+
+    def start_tunnel(self, ex: Exchange, rest: bytes) -> None:
+        up = ex.up
+        if up is None or up.transport is None:
+            self.abort()
+            return
+        self.tunnel_up = up
+        self.deadline = 0.0
+        ex.request_complete = True
+        if rest:
+            self.write(rest)
+        if ex.early:
+            up.transport.write(ex.early)
+            ex.early = b""
+        self.stopped = False
+        self.resume(self.P_TUNNEL | self.P_BACKLOG)
+
+    def write_tunnel(self, data: bytes) -> None:
+        self.write(data)
+
+    def tunnel_eof(self) -> None:
+        t = self.transport
+        if t is not None and t.can_write_eof():
+            t.write_eof()
+
+    def tunnel_closed(self) -> None:
+        self.tunnel_up = None
+        self._close()
+
+    # -- transport helpers
+
+    def write(self, data: bytes) -> None:
+        t = self.transport
+        if t is not None and not self.closed:
+            t.write(data)
+
+    def pause(self, reason: int) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+            if self.phase == BODY:
+                self.deadline = 0.0  # waiting on us, not on the client
+        self.paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if not self.paused & reason:
+            return
+        self.paused &= ~reason
+        if not self.paused and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+            self._rearm()
+
+    def on_deadline(self) -> None:
+        self.deadline = 0.0
+        if self.closed:
+            return
+        if self.write_paused:
+            self.abort()  # the client stopped reading
+        elif self.phase == HEAD:
+            self.dp.stats.reject("timeout")
+            if self.queue:
+                self.abort()
+            else:
+                self.write(local_response(408, True))
+                self._close()
+        elif self.phase == BODY:
+            self.dp.stats.reject("timeout")
+            ex = self.cur
+            if ex is not None and ex.started:
+                self._abort_active(ex, 408)
+            else:
+                self.abort()
+        elif not self.queue:
+            self._close()
+
+    def close_if_idle(self) -> bool:
+        if not self.queue and self.phase == IDLE and self.tunnel_up is None:
+            self._close()
+            return True
+        return False
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.stopped = True
+            if self.transport is not None:
+                self.transport.close()
+            for ex in self.queue:
+                ex.aborted = True
+                up = ex.up
+                if up is not None and not ex.response_done:
+                    up.ex = None
+                    up.abort()
+
+    def abort(self) -> None:
+        self._close()
+        if self.transport is not None:
+            self.transport.abort()

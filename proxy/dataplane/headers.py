@@ -1,0 +1,145 @@
+"""Header rules of the proxy, as precomputed bytes and lookup tables.
+
+Design rule: hop-by-hop headers (RFC 9110 7.6.1) and every header the Connection header names are
+removed BEFORE the proxy adds its own, so a client can neither smuggle framing nor spoof what we add.
+Header names are forwarded lower-cased (as HAProxy does); HTTP field names are case-insensitive.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator, Mapping
+from http import HTTPStatus
+from typing import Final
+
+# Classification of request header names, looked up once per header.
+FORWARD: Final = 0
+HOST: Final = 1
+CONTENT_LENGTH: Final = 2
+TRANSFER_ENCODING: Final = 3
+CONNECTION: Final = 4
+HOP: Final = 5  # dropped
+UPGRADE: Final = 6
+EXPECT: Final = 7
+FORWARDED: Final = 8  # X-Forwarded-*: kept only from trusted peers
+OURS: Final = 9  # X-Turnout-*: always replaced by ours
+
+REQUEST_HEADER_KIND: Final[dict[bytes, int]] = {
+    b"host": HOST,
+    b"content-length": CONTENT_LENGTH,
+    b"transfer-encoding": TRANSFER_ENCODING,
+    b"connection": CONNECTION,
+    b"keep-alive": HOP,
+    b"proxy-connection": HOP,
+    b"te": HOP,
+    b"trailer": HOP,
+    b"upgrade": UPGRADE,
+    b"expect": EXPECT,
+    b"x-forwarded-for": FORWARDED,
+    b"x-forwarded-proto": FORWARDED,
+    b"x-forwarded-host": FORWARDED,
+    b"forwarded": FORWARDED,
+    b"x-turnout-route": OURS,
+    b"x-turnout-version": OURS,
+}
+
+# Response headers the proxy never passes on as received (framing is re-done, connection is per hop).
+RESPONSE_DROP: Final = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+})
+
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+STATUS_LINES: Final[dict[int, bytes]] = {
+    s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus
+}
+
+
+def status_line(status: int) -> bytes:
+    line = STATUS_LINES.get(status)
+    return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
+
+
+def connection_tokens(value: bytes) -> set[bytes]:
+    return {t.strip().lower() for t in value.split(b",") if t.strip()}
+
+
+def _local_response(status: int, close: bool) -> bytes:
+    body = HTTPStatus(status).phrase.lower().encode() + b"\n"
+    conn = b"connection: close\r\n" if close else b""
+    return (status_line(status) + b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n" % len(body)
+            + conn + b"server: turnout\r\n\r\n" + body)
+
+
+# Short text responses the proxy answers itself, keyed by (status, close).
+LOCAL_STATUSES: Final = (400, 404, 408, 413, 414, 417, 431, 501, 502, 503, 504)
+LOCAL_RESPONSES: Final[dict[tuple[int, bool], bytes]] = {
+    (s, c): _local_response(s, c) for s in LOCAL_STATUSES for c in (True, False)
+}
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def local_response(status: int, close: bool) -> bytes:
+    r = LOCAL_RESPONSES.get((status, close))
+    return r if r is not None else _local_response(status, close)
+
+
+class TrustedPeers:
+    """Which peers may send X-Forwarded-*; decided once per connection."""
+
+    __slots__ = ("_nets",)
+
+    def __init__(self, entries: tuple[str, ...]) -> None:
+        self._nets = tuple(ipaddress.ip_network(e, strict=False) for e in entries)
+
+    def __contains__(self, peer: object) -> bool:
+        if not self._nets or not isinstance(peer, str):
+            return False
+        try:
+            addr = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(addr in n for n in self._nets)
+
+
+class LazyHeaders(Mapping[str, str]):
+    """Lower-case str view of forwarded request headers, decoded only if a route or identity asks."""
+
+    __slots__ = ("_d", "_raw")
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+        self._d: dict[str, str] | None = None
+
+    def _dict(self) -> dict[str, str]:
+        d = self._d
+        if d is None:
+            d = {}
+            for n, v in self._raw:
+                k = n.decode("latin-1")
+                d[k] = d[k] + ", " + v.decode("latin-1") if k in d else v.decode("latin-1")
+            self._d = d
+        return d
+
+    def get(self, key: str, default: object = None) -> str | None:  # type: ignore[override]
+        v = self._dict().get(key)
+        return v if v is not None else default  # type: ignore[return-value]
+
+    def __getitem__(self, key: str) -> str:
+        return self._dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dict())
+
+    def __len__(self) -> int:
+        return len(self._dict())
+
+
+def split_host(host: bytes) -> str:
+    """Lower-case host without port, from a Host header value."""
+    h = host.decode("latin-1").strip().lower()
+    if h.startswith("["):
+        end = h.find("]")
+        return h[: end + 1] if end > 0 else h
+    i = h.rfind(":")
+    return h[:i] if i >= 0 else h

@@ -1,0 +1,105 @@
+"""Traffic mirroring: a share of a route's requests is copied to another version, its answer discarded.
+
+Design rule: the client never waits for, or sees, a mirrored request. Copies are chosen by a per-route
+accumulator (exact shares, no random numbers), run as separate tasks on fresh connections, bounded in
+number; a copy that does not fit (too many in flight, body over the limit) is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.dataplane.downstream import Exchange
+    from proxy.dataplane.server import DataPlane
+    from proxy.table import CompiledRoute
+
+# Mirrored requests in flight per process; more are dropped so a hung mirror target costs bounded memory.
+MAX_IN_FLIGHT = 64
+
+
+class Mirrorer:
+    def __init__(self, dp: DataPlane) -> None:
+        self.dp = dp
+        self.max_in_flight = MAX_IN_FLIGHT
+        self.in_flight = 0
+        self.counts: dict[tuple[str, str, str], int] = {}
+        self._acc: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"<Mirrorer [In flight: {self.in_flight}/{self.max_in_flight}]>"
+
+    def _count(self, route: str, version: str, code: str) -> None:
+        key = (route, version, code)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def consider(self, ex: Exchange, route: CompiledRoute) -> None:
+        mirror = route.route.mirror
+        if mirror is None or ex.upgrade:
+            return
+        acc = self._acc.get(route.name, 0.0) + mirror.percent
+        take = acc >= 100.0
+        self._acc[route.name] = acc - 100.0 if take else acc
+        if not take:
+            return
+        if ex.cl is not None and ex.cl > self.dp.settings.limits.retry_buffer_bytes:
+            self._count(route.name, mirror.version, "dropped")
+            return
+        ex.mirror_body = []
+        if ex.request_complete:
+            self.send(ex)
+
+    def count_dropped(self, ex: Exchange) -> None:
+        route = ex.route
+        if route is not None and route.route.mirror is not None:
+            self._count(route.name, route.route.mirror.version, "dropped")
+
+    def send(self, ex: Exchange) -> None:
+        body = ex.mirror_body
+        ex.mirror_body = None
+        route = ex.route
+        if body is None or route is None or route.route.mirror is None:
+            return
+        version = route.route.mirror.version
+        if self.in_flight >= self.max_in_flight:
+            self._count(route.name, version, "dropped")
+            return
+        backend = self.dp.backends.get(version)
+        ep = backend.pick() if backend is not None else None
+        if ep is None:
+            self._count(route.name, version, "error")
+            return
+        data = b"".join([ex.head_common, self.dp.version_header(version), b"connection: close\r\n", ex.head_tail,
+                         *body])
+        self.in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._run(route.name, version, ep.host, ep.port, data))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, route: str, version: str, host: str, port: int, data: bytes) -> None:
+        code = "error"
+        try:
+            async with asyncio.timeout(self.dp.settings.timeouts.upstream_response):
+                reader, writer = await asyncio.open_connection(host, port)
+                try:
+                    writer.write(data)
+                    line = await reader.readline()
+                    parts = line.split(None, 2)
+                    if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
+                        code = parts[1].decode()
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError):
+            code = "error"
+        finally:
+            self.in_flight -= 1
+            self._count(route, version, code)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,332 @@
+"""One keep-alive connection to an upstream endpoint, parsing responses with llhttp.
+
+Design rule: the response is re-framed from what the parser validated (never raw framing bytes) and
+written straight to the client's transport from the parser callbacks. Failures are reported to the
+client connection with whether any response byte had arrived, because that decides retry vs. abort.
+A connection goes back to its pool only after its response was read completely and not marked close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Final, cast
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+from proxy.dataplane.headers import RESPONSE_DROP, STATUS_LINES, connection_tokens, status_line
+
+if TYPE_CHECKING:
+    from proxy.dataplane.downstream import Exchange
+    from proxy.dataplane.pool import Endpoint
+    from proxy.dataplane.server import DataPlane
+
+# How the response body goes to the client.
+NONE: Final = 0  # no body (HEAD, 1xx, 204, 304)
+RAW: Final = 1  # same bytes as the parser delivered (Content-Length, or close-delimited to a 1.0 client)
+CHUNKED: Final = 2  # re-chunked for a 1.1 client
+
+_SEP: Final = b": "
+_CRLF: Final = b"\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(self, dp: DataPlane, endpoint: Endpoint) -> None:
+        self.dp = dp
+        self.endpoint = endpoint
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpResponseParser(self)
+        self.ex: Exchange | None = None
+        self.closed = False
+        self.served = 0  # responses completed on this connection; >0 means a reused connection
+        self.got_bytes = False  # any byte of the current response arrived
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.in_head = True
+        self.informational = False
+        self.mode = NONE
+        self.until_eof = False
+        self.deadline = 0.0
+        self.paused_reading = False
+        self.out: list[bytes] = []
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("active" if self.ex is not None else "idle")
+        return f"<UpstreamConnection {self.endpoint.address} [{state} | served: {self.served}]>"
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        limits = self.dp.settings.limits
+        transport.set_write_buffer_limits(limits.high_water, limits.low_water)
+        self.dp.uconns.add(self)
+        self.dp.stats.connection("upstream", 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.dp.uconns.discard(self)
+        self.dp.stats.connection("upstream", -1)
+        ex = self.ex
+        if ex is None:
+            return
+        if ex.tunnel:
+            self.ex = None
+            ex.client.tunnel_closed()
+            return
+        if self.until_eof and not self.in_head:
+            # A close-delimited body ends at EOF: that is completion, not failure.
+            self._complete(ex, False)
+            return
+        self._fail("reset")
+
+    def eof_received(self) -> bool | None:
+        ex = self.ex
+        if ex is not None and ex.tunnel:
+            ex.client.tunnel_eof()
+            return True  # half-close: keep sending what the client still writes
+        return None
+
+    def pause_writing(self) -> None:
+        ex = self.ex
+        if ex is not None:
+            ex.client.pause(ex.client.P_UPSTREAM)
+
+    def resume_writing(self) -> None:
+        ex = self.ex
+        if ex is not None:
+            ex.client.resume(ex.client.P_UPSTREAM)
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.ex
+        if ex is None:
+            # Nothing was asked: an idle upstream talking is out of sync, so it cannot be reused.
+            self.close()
+            return
+        if ex.tunnel:
+            ex.client.write_tunnel(data)
+            return
+        self.got_bytes = True
+        self.deadline = self.dp.now() + self.dp.t_upstream_idle
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as u:
+            self._flush(ex)
+            self._start_tunnel(data[u.args[0]:])
+            return
+        except HttpParserError:
+            if self.out:
+                self._flush(ex)
+            self._fail("invalid_response")
+            return
+        if self.out:
+            self._flush(ex)
+
+    def _flush(self, ex: Exchange) -> None:
+        # One write per upstream read: a small response's head and body leave in one system call.
+        out = self.out
+        if out:
+            self.out = []
+            ex.client.write(out[0] if len(out) == 1 else b"".join(out))
+
+    # -- httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_head:
+            self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.ex
+        if ex is None:
+            return
+        self.in_head = False
+        status = self.parser.get_status_code()
+        hdrs = self.headers
+        if status < 200 and status != 101:
+            # 100 is ours to send (see Expect handling); other 1xx (103) pass to 1.1 clients.
+            self.informational = True
+            if status != 100 and ex.http11:
+                self.out.append(b"".join([status_line(status),
+                                       *[b"%s: %s\r\n" % h for h in hdrs if h[0] not in RESPONSE_DROP], _CRLF]))
+            return
+        if status == 101 and not ex.upgrade:
+            raise HttpParserError("101 without an upgrade request")
+        ep = self.endpoint
+        if status >= 500:
+            self.dp.health.failure(ep)
+        elif ep.failures or ep.ejections:
+            self.dp.health.success(ep)
+        parts = [STATUS_LINES.get(status) or status_line(status)]
+        ext = parts.extend
+        cl: bytes | None = None
+        tokens: set[bytes] | None = None
+        chunked = False
+        upgrade: bytes | None = None
+        for h in hdrs:
+            n = h[0]
+            if n in RESPONSE_DROP:
+                if n == b"connection":
+                    v = h[1].lower()
+                    if v == b"keep-alive":
+                        continue
+                    tokens = connection_tokens(v) if tokens is None else tokens | connection_tokens(v)
+                elif n == b"transfer-encoding":
+                    chunked = True
+                elif n == b"upgrade":
+                    upgrade = h[1]
+                continue
+            if n == b"content-length":
+                cl = h[1]
+                continue
+            ext((n, _SEP, h[1], _CRLF))
+        if tokens and not tokens <= {b"close", b"keep-alive", b"upgrade"}:
+            parts = [parts[0]]
+            for n, v in hdrs:
+                if n not in RESPONSE_DROP and n != b"content-length" and n not in tokens:
+                    parts.extend((n, _SEP, v, _CRLF))
+        # An upgrade the upstream declined leaves the client's parser stopped at the upgrade: close after.
+        close = ex.close_after or not ex.keep_alive or self.dp.draining or (ex.upgrade and status != 101)
+        if status == 101:
+            mode = NONE
+            parts.append(b"connection: upgrade\r\n")
+            if upgrade is not None:
+                parts.extend((b"upgrade: ", upgrade, _CRLF))
+        elif ex.head or status == 204 or status == 304:
+            mode = NONE
+            if cl is not None and status != 204:
+                parts.extend((b"content-length: ", cl, _CRLF))
+        elif cl is not None:
+            mode = RAW
+            parts.extend((b"content-length: ", cl, _CRLF))
+        elif ex.http11:
+            mode = CHUNKED
+            parts.append(b"transfer-encoding: chunked\r\n")
+        else:
+            mode = RAW
+            close = True
+        self.until_eof = mode != NONE and cl is None and not chunked
+        if status != 101:
+            if close:
+                ex.close_after = True
+                parts.append(b"connection: close\r\n")
+            elif not ex.http11:
+                parts.append(b"connection: keep-alive\r\n")
+        route = ex.route
+        if route is not None:
+            if route.expose_version:
+                parts.append(self.dp.version_header(ex.version))
+            cookie = route.assignment_cookie
+            if cookie is not None and route.route.sticky and ex.cookie_version != ex.version:
+                parts.append(self.dp.cookie_header(cookie, ex.version))
+        parts.append(_CRLF)
+        self.mode = mode
+        ex.status = status
+        ex.response_started = True
+        self.out.append(b"".join(parts))
+        if ex.head and mode == NONE and status != 204 and status != 304:
+            # llhttp cannot know this answered a HEAD and would wait for Content-Length bytes; the head
+            # is the whole response, so finish here and give the next response a fresh parser.
+            keep = (self.parser.get_http_version() == "1.1" and not (tokens and b"close" in tokens)
+                    and not self.until_eof)
+            self.until_eof = False
+            self.parser = HttpResponseParser(self)
+            self._complete(ex, keep)
+
+    def on_body(self, data: bytes) -> None:
+        ex = self.ex
+        if ex is None:
+            return
+        ex.bytes_out += len(data)
+        if self.mode == CHUNKED:
+            self.out.append(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self.out.append(data)
+
+    def on_message_complete(self) -> None:
+        self.in_head = True
+        self.headers = []
+        if self.informational:
+            self.informational = False
+            return
+        ex = self.ex
+        if ex is None or (ex.upgrade and ex.status == 101):
+            return
+        if self.mode == CHUNKED:
+            self.out.append(_LAST_CHUNK)
+        self._complete(ex, self.parser.should_keep_alive() and not self.until_eof)
+
+    # -- helpers
+
+    def _complete(self, ex: Exchange, keep: bool) -> None:
+        if self.out:
+            self._flush(ex)
+        self.ex = None
+        self.served += 1
+        self.got_bytes = False
+        if self.paused_reading:
+            self.paused_reading = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+        if keep and not self.closed and ex.request_complete:
+            self.dp.release(self)
+        else:
+            self.close()
+        ex.client.response_complete(ex)
+
+    def _fail(self, kind: str) -> None:
+        ex = self.ex
+        self.ex = None
+        self.close()
+        if ex is not None:
+            ex.client.upstream_failed(ex, self, kind, not self.got_bytes)
+
+    def _start_tunnel(self, rest: bytes) -> None:
+        ex = self.ex
+        if ex is None:
+            return
+        ex.tunnel = True
+        self.deadline = 0.0
+        ex.client.start_tunnel(ex, rest)
+
+    def attach(self, ex: Exchange) -> None:
+        self.ex = ex
+        self.headers = []
+        self.got_bytes = False
+        self.in_head = True
+        self.informational = False
+        self.until_eof = False
+        self.deadline = 0.0
+
+    def reusable(self) -> bool:
+        return not self.closed and self.ex is None and self.transport is not None \
+            and not self.transport.is_closing()
+
+    def pause_reading(self) -> None:
+        if not self.paused_reading and self.transport is not None and not self.closed:
+            self.paused_reading = True
+            self.deadline = 0.0  # a slow client is not the upstream's fault
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.paused_reading and self.transport is not None and not self.closed:
+            self.paused_reading = False
+            self.deadline = self.dp.now() + self.dp.t_upstream_idle
+            self.transport.resume_reading()
+
+    def on_deadline(self) -> None:
+        self.deadline = 0.0
+        if self.ex is None:
+            self.close()
+        else:
+            self._fail("timeout")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()

@@ -1,0 +1,142 @@
+"""Docker provider parts that need no engine: scaling transition, image references, endpoints, probes,
+an unreachable engine, and CLI usage errors."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.errors import ConflictError, NotFoundError, ValidationError
+from proxy.model import State, Version, VersionSpec
+from proxy.ops import put_version
+from proxy.parse import parse_version_body
+from proxy.providers.docker import DockerProvider, probe, set_replicas
+from proxy.providers.docker_engine import Engine, EngineUnavailableError, container_endpoint, repo_of
+from proxy.store.sqlite import SQLiteStore
+
+ROOT = Path(__file__).resolve().parents[2]
+PIN = "web@sha256:" + "a" * 64
+
+
+def docker_state(replicas: int = 2) -> State:
+    v = parse_version_body({"image": PIN, "replicas": replicas, "network": "host"}, "v1", 1.0)
+    static = Version("s1", VersionSpec("static", endpoints=("http://127.0.0.1:1",)), ("http://127.0.0.1:1",))
+    return State(versions={"v1": v, "s1": static})
+
+
+def test_set_replicas_changes_only_the_count_and_says_so() -> None:
+    state = docker_state(2)
+    new, summary = set_replicas(state, "v1", 5)
+    assert summary == "scale v1: 2 -> 5 replica(s)"
+    assert new.versions["v1"].spec.replicas == 5
+    assert new.versions["v1"].spec.image == PIN
+    assert set_replicas(new, "v1", 5) == (new, "")
+
+
+@pytest.mark.parametrize(("name", "n", "error", "message"), [
+    ("nope", 1, NotFoundError, "no version named 'nope'"),
+    ("s1", 1, ConflictError, "'s1' is a static version; only docker versions scale"),
+    ("v1", -1, ValidationError, "replicas: expected an integer between 0 and 1000, got -1"),
+])
+def test_set_replicas_refuses(name: str, n: int, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        set_replicas(docker_state(), name, n)
+
+
+@pytest.mark.parametrize(("ref", "repo"), [
+    ("web:v1", "web"),
+    ("web", "web"),
+    ("registry:5000/team/web:2.4", "registry:5000/team/web"),
+    ("registry:5000/team/web", "registry:5000/team/web"),
+    (PIN, "web"),
+])
+def test_repo_of(ref: str, repo: str) -> None:
+    assert repo_of(ref) == repo
+
+
+def test_container_endpoint_host_and_bridge() -> None:
+    host = {"Config": {"Labels": {"turnout.port": "41000"}}}
+    assert container_endpoint(host, None) == "http://127.0.0.1:41000"
+    bridge = {"Config": {"Labels": {}},
+              "NetworkSettings": {"Ports": {"8000/tcp": [{"HostIp": "127.0.0.1", "HostPort": "32771"}]}}}
+    assert container_endpoint(bridge, 8000) == "http://127.0.0.1:32771"
+    assert container_endpoint({"Config": {"Labels": {}}, "NetworkSettings": {"Ports": {}}}, 8000) is None
+
+
+@pytest.fixture
+async def http_server() -> AsyncIterator[int]:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = await reader.readline()
+        while (await reader.readline()).strip():
+            pass
+        status = b"500 Oops" if b"/fail" in line else b"200 OK"
+        writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+
+
+async def test_probe_outcomes(http_server: int) -> None:
+    ep = f"http://127.0.0.1:{http_server}"
+    assert await probe(ep, "/health", 2.0) is None
+    assert await probe(ep, "/fail", 2.0) == "status 500"
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    closed_port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    assert await probe(f"http://127.0.0.1:{closed_port}", "/", 2.0) == "connection refused"
+
+
+def test_unreachable_engine_is_named_in_the_error(tmp_path: Path) -> None:
+    engine = Engine(f"unix://{tmp_path}/none.sock")
+    with pytest.raises(EngineUnavailableError, match=f"unreachable at unix://{tmp_path}/none.sock"):
+        engine.ping()
+    assert EngineUnavailableError.status_hint == 503
+
+
+async def test_provider_without_engine_starts_and_keeps_recorded_instances(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "state.db")
+    v = parse_version_body({"image": PIN, "network": "host"}, "v1", time.time())
+    v = Version(v.name, v.spec, ("http://127.0.0.1:9",), v.created)
+    await store.update(lambda s: put_version(s, v), actor="test")
+    messages: list[str] = []
+    provider = DockerProvider(store, base_url=f"unix://{tmp_path}/none.sock", log=messages.append)
+    await provider.start()
+    try:
+        assert provider.engine_error is not None and "unreachable" in provider.engine_error
+        assert any("the data plane keeps serving the last known instances" in m for m in messages)
+        # Nothing is known about the replicas, so nothing is taken out of rotation.
+        await asyncio.sleep(0.5)
+        assert (await store.current()).state.versions["v1"].endpoints == ("http://127.0.0.1:9",)
+        [status] = provider.status()
+        assert (status.name, status.desired, [r.state for r in status.replicas]) == ("v1", 1, ["missing"])
+        with pytest.raises(EngineUnavailableError):
+            await provider.require_engine()
+    finally:
+        await provider.stop()
+        await store.close()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env: dict[str, Any] = {"PATH": "/usr/bin:/bin", "TURNOUT_ADMIN_TOKEN": "t", "TURNOUT_ADMIN": "http://127.0.0.1:9"}
+    return subprocess.run([sys.executable, "-m", "proxy", *args], cwd=ROOT, env=env, text=True, capture_output=True,
+                          timeout=60, check=False)
+
+
+def test_cli_usage_and_unreachable_admin() -> None:
+    r = run_cli("deploy", "v1", "--image", PIN, "--env", "novalue")
+    assert (r.returncode, r.stderr.strip()) == (2, "turnout deploy: --env expects KEY=VALUE, got 'novalue'")
+    r = run_cli("scale", "v1", "2")
+    assert r.returncode == 3
+    assert "cannot reach the admin API at http://127.0.0.1:9" in r.stderr
