@@ -6,8 +6,10 @@ set -eu
 tag=${1:-turnout:latest}
 here=$(cd "$(dirname "$0")" && pwd)
 "$here/build-base.sh"
-# pip inside the build trusts the same CA bundle as pip here (networks that intercept TLS need it).
-if [ -n "${PIP_CERT:-}" ] && [ -s "$PIP_CERT" ]; then
-    cp "$PIP_CERT" "$here/build-context/ca-certificates.crt"
+# pip inside the build trusts what pip here trusts (a network that intercepts TLS needs its CA): $PIP_CERT,
+# else the system bundle. The copy stays in the build stage; the final image does not contain it.
+cert=${PIP_CERT:-${REQUESTS_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}}
+if [ -s "$cert" ]; then
+    cp "$cert" "$here/build-context/ca-certificates.crt"
 fi
 docker build --network host -t "$tag" "$here/.."

@@ -151,15 +151,13 @@ def metrics_dir(settings: Settings) -> Path:
     return state_dir(settings) / "run" / f"metrics-{settings.listen[1]}"
 
 
-async def _stop_on_signal(watch_parent: bool = False) -> None:
+async def _stop_on_signal(parent: int | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if watch_parent:
+    if parent is not None:
         # A worker whose supervisor died (even by SIGKILL) must not keep serving an orphaned port.
-        parent = os.getppid()
-
         async def orphaned() -> None:
             while os.getppid() == parent:  # noqa: ASYNC110 - no event exists for "parent died"
                 await asyncio.sleep(0.5)
@@ -167,14 +165,14 @@ async def _stop_on_signal(watch_parent: bool = False) -> None:
 
         watcher = loop.create_task(orphaned())
     await stop.wait()
-    if watch_parent:
+    if parent is not None:
         watcher.cancel()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
 
 
-async def run_worker(settings: Settings, worker_id: str) -> None:
-    """One data-plane worker process (workers > 1)."""
+async def run_worker(settings: Settings, worker_id: str, parent: int) -> None:
+    """One data-plane worker process (workers > 1); `parent` is the supervisor's pid."""
     from proxy.dataplane.server import start_dataplane
 
     stats = Stats()
@@ -194,7 +192,7 @@ async def run_worker(settings: Settings, worker_id: str) -> None:
         publisher_task = asyncio.get_running_loop().create_task(publisher.run())
     except ImportError:
         pass
-    await _stop_on_signal(watch_parent=True)
+    await _stop_on_signal(parent=parent)
     await dataplane.shutdown(settings.timeouts.shutdown_grace)
     await follower.stop()
     if publisher_task is not None:
@@ -249,7 +247,8 @@ class Supervisor:
         payload = settings_to_json(s)
         for i in range(s.workers):
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "proxy", "_worker", "--id", str(i), "--settings-json", payload)
+                sys.executable, "-m", "proxy", "_worker", "--id", str(i), "--parent", str(os.getpid()),
+                "--settings-json", payload)
             self.workers.append(proc)
 
     def health_view(self) -> dict[str, dict[str, bool]]:
@@ -303,14 +302,13 @@ class Supervisor:
             pass
         else:
             out.append(CanaryController(self.ctx, self._stats_source()))
-        state = self.holder.table.state
-        if any(v.spec.kind == "docker" for v in state.versions.values()) or os.environ.get("TURNOUT_DOCKER"):
-            try:
-                from proxy.providers.docker import DockerProvider
-            except ImportError:
-                pass
-            else:
-                out.append(DockerProvider(self.store))
+        # Always on: with no docker versions it only watches the store, and an absent engine is reported
+        # once, not fatal, so `turnout deploy` works against any running proxy.
+        from proxy.providers.docker import DockerProvider
+
+        provider = DockerProvider(self.store)
+        self.ctx.extras["docker"] = provider
+        out.append(provider)
         return out
 
     def _stats_source(self) -> Callable[[], Any]:

@@ -10,6 +10,7 @@ traffic). Exit status otherwise as for the other operator commands (2 usage, 3 a
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
 from typing import Any, TextIO
@@ -96,6 +97,8 @@ def cmd_deploy(args: argparse.Namespace, client: AdminClient) -> int:
         body["health"] = {"path": args.health_path, "interval": args.health_interval}
     reply = client.request("PUT", f"{D}/{args.name}", body, reason=args.reason or None, if_match=args.if_match)
     data = reply.data
+    if args.json:
+        return _json_result(client, args, data)
     what = f"registered {args.name} (revision {data['revision']})" if data["changed"] else \
         f"{args.name} is already registered with this spec"
     tag = f" from {data['tag']}" if data.get("tag") else ""
@@ -109,6 +112,8 @@ def cmd_scale(args: argparse.Namespace, client: AdminClient) -> int:
     reply = client.request("POST", f"{D}/{args.name}/scale", {"replicas": args.replicas}, reason=args.reason or None,
                            if_match=args.if_match)
     data = reply.data
+    if args.json:
+        return _json_result(client, args, data)
     print(data["summary"] if data["changed"] else f"{args.name} already runs {args.replicas} replica(s)")
     if args.no_wait:
         return 0
@@ -117,6 +122,9 @@ def cmd_scale(args: argparse.Namespace, client: AdminClient) -> int:
 
 def cmd_retire(args: argparse.Namespace, client: AdminClient) -> int:
     data = client.request("DELETE", f"{D}/{args.name}", reason=args.reason or None, if_match=args.if_match).data
+    if args.json:
+        _print_json(data)
+        return 0
     left = data.get("containers_left", 0)
     print(f"retired {args.name} (revision {data['revision']})" + (
         f"; {left} container(s) still being removed" if left else "; its containers are removed"))
@@ -149,6 +157,16 @@ def cmd_docker_versions(args: argparse.Namespace, client: AdminClient) -> int:
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
     return 0
+
+
+def _json_result(client: AdminClient, args: argparse.Namespace, data: dict[str, Any]) -> int:
+    """--json: the change, then (unless --no-wait) the version's status once it is ready or has failed."""
+    code = 0
+    if not args.no_wait:
+        code = wait_healthy(client, args.name, args.timeout, io.StringIO())
+        data = {**data, "status": client.get(f"{D}/{args.name}").data}
+    _print_json(data)
+    return code
 
 
 def _print_json(data: Any) -> None:

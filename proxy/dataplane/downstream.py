@@ -129,7 +129,8 @@ class Exchange:
 
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
-        self.headers: list[tuple[bytes, bytes]] = []
+        # Forwarded header lines, formatted as they will be sent ("Name: value\r\n", name as received).
+        self.lines: list[bytes] = []
 
 
 class ClientConnection(asyncio.Protocol):
@@ -141,6 +142,7 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, dp: DataPlane) -> None:
         self.dp = dp
+        self.now = dp.now
         limits = dp.settings.limits
         self.max_line = limits.max_request_line
         self.max_head = limits.max_header_bytes
@@ -190,10 +192,10 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
         self.trusted = self.peer in self.dp.trusted
-        self.fwd_lines = b"x-forwarded-for: " + self.peer.encode() + b"\r\nx-forwarded-proto: http\r\n"
+        self.fwd_lines = b"X-Forwarded-For: " + self.peer.encode() + b"\r\nX-Forwarded-Proto: http\r\n"
         self.dp.conns.add(self)
         self.dp.stats.connection("downstream", 1)
-        self.deadline = self.dp.now() + self.dp.t_header_read
+        self.deadline = self.now() + self.dp.t_header_read
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -220,7 +222,22 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.stopped:
             return
-        self._feed(data)
+        if self.queue or self.backlog or self.paused or self.phase == BODY or len(data) > PIPELINE_SLICE:
+            self._feed(data)
+            return
+        # Fast path: an idle connection and a small read, which is one request nearly always.
+        self.raw_head += len(data)
+        self.feeding = True
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as u:
+            self._upgraded(data[u.args[0]:])
+        except HttpParserError as e:
+            self._parse_error(e)
+        finally:
+            self.feeding = False
+        if self.phase == HEAD and self.raw_head > self.max_head + self.max_line and not self.stopped:
+            self._refuse_parsing(_Refuse(431, "too_large"))
 
     def eof_received(self) -> bool | None:
         if self.tunnel_up is not None and self.tunnel_up.transport is not None:
@@ -236,7 +253,7 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self.deadline = self.dp.now() + self.dp.t_upstream_idle
+        self.deadline = self.now() + self.dp.t_upstream_idle
         up = self.tunnel_up
         if up is None and self.queue:
             up = self.queue[0].up
@@ -344,7 +361,7 @@ class ClientConnection(asyncio.Protocol):
         self.nhost = 0
         self.tokens = None
         self.cl = None
-        self.deadline = self.dp.now() + self.dp.t_header_read
+        self.deadline = self.now() + self.dp.t_header_read
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -362,11 +379,11 @@ class ClientConnection(asyncio.Protocol):
         n = name.lower()
         kind = REQUEST_HEADER_KIND.get(n)
         if kind is None:
-            ex.headers.append((n, value))
+            ex.lines.append(b"%b: %b\r\n" % (name, value))
         elif kind == HOST:
             self.nhost += 1
             ex.host_raw = value
-            ex.headers.append((n, value))
+            ex.lines.append(b"%b: %b\r\n" % (name, value))
         elif kind == CONTENT_LENGTH:
             # llhttp validated the digits (and refuses a second, different one); we send our own framing.
             self.cl = int(value)
@@ -399,30 +416,45 @@ class ClientConnection(asyncio.Protocol):
         ex.http11 = p.get_http_version() == "1.1"
         ex.keep_alive = p.should_keep_alive()
         ex.head = method == "HEAD"
-        ex.upgrade = p.should_upgrade()
-        ex.t0 = self.dp.now()
+        upgrade = ex.upgrade = p.should_upgrade()
+        now = ex.t0 = self.now()
         cl = self.cl
         ex.cl = cl
-        try:
-            self._validate(ex, method, cl)
-        except _Refuse as r:
-            ex.refuse = r
-            ex.keep_alive = False
+        url = self.url
+        host_raw = ex.host_raw
+        if (self.nhost == 1 and url[:1] == b"/" and not upgrade and (cl is None or cl <= self.max_body)
+                and host_raw is not None):
+            # The common case, validated inline; everything else goes through _validate.
+            ex.target = url
+            q = url.find(b"?")
+            if q >= 0:
+                ex.path = url[:q].decode("latin-1")
+                ex.query = url[q + 1:].decode("latin-1")
+            else:
+                ex.path = url.decode("latin-1")
+            host = self.dp.hosts.get(host_raw)
+            ex.host = host if host is not None else self._host(host_raw)
+        else:
+            try:
+                self._validate(ex, method, cl)
+            except _Refuse as r:
+                ex.refuse = r
+                ex.keep_alive = False
         if self.tokens and not self.tokens <= {b"close", b"keep-alive", b"upgrade"}:
             tokens = self.tokens
-            ex.headers = [h for h in ex.headers if h[0] not in tokens]
+            ex.lines = [ln for ln in ex.lines if ln.split(b":", 1)[0].lower() not in tokens]
             if ex.fwd is not None:
                 ex.fwd = {k: v for k, v in ex.fwd.items() if k not in tokens}
         if ex.upgrade:
-            ex.head_tail = b"connection: upgrade\r\nupgrade: " + ex.upgrade_value + b"\r\n\r\n"
+            ex.head_tail = b"Connection: upgrade\r\nUpgrade: " + ex.upgrade_value + b"\r\n\r\n"
         elif ex.chunked:
-            ex.head_tail = b"transfer-encoding: chunked\r\n\r\n"
+            ex.head_tail = b"Transfer-Encoding: chunked\r\n\r\n"
         elif cl is not None:
-            ex.head_tail = b"content-length: %d\r\n\r\n" % cl
+            ex.head_tail = b"Content-Length: %d\r\n\r\n" % cl
         self.body_left = None if ex.chunked else cl
         if ex.chunked or cl:
             self.phase = BODY
-            self.deadline = self.dp.now() + self.dp.t_body_idle
+            self.deadline = now + self.dp.t_body_idle
             if method in IDEMPOTENT and (cl is None or cl <= self.retry_limit):
                 ex.replay = []
         else:
@@ -467,17 +499,19 @@ class ClientConnection(asyncio.Protocol):
             ex.path = target.decode("latin-1")
         host_raw = ex.host_raw
         if host_raw is not None:
-            hosts = self.dp.hosts
-            host = hosts.get(host_raw)
-            if host is None:
-                if len(hosts) > 1000:  # bounded: Host values are client-controlled
-                    hosts.clear()
-                host = hosts[host_raw] = split_host(host_raw)
-            ex.host = host
+            host = self.dp.hosts.get(host_raw)
+            ex.host = host if host is not None else self._host(host_raw)
         if ex.upgrade and (ex.chunked or cl):
             raise _Refuse(400, "bad_request")
         if cl is not None and cl > self.max_body:
             raise _Refuse(413, "too_large")
+
+    def _host(self, host_raw: bytes) -> str:
+        hosts = self.dp.hosts
+        if len(hosts) > 1000:  # bounded: Host values are client-controlled
+            hosts.clear()
+        host = hosts[host_raw] = split_host(host_raw)
+        return host
 
     def on_body(self, data: bytes) -> None:
         ex = self.cur
@@ -491,7 +525,7 @@ class ClientConnection(asyncio.Protocol):
             raise _Refuse(413, "too_large")
         frame = b"%x\r\n%b\r\n" % (n, data) if ex.chunked else data
         self._body_frame(ex, frame, n)
-        self.deadline = self.dp.now() + self.dp.t_body_idle
+        self.deadline = self.now() + self.dp.t_body_idle
 
     def _body_frame(self, ex: Exchange, frame: bytes, n: int) -> None:
         if ex.replay is not None:
@@ -528,13 +562,17 @@ class ClientConnection(asyncio.Protocol):
         self.phase = IDLE
         if ex is None:
             return
+        if ex.request_complete:  # no body: everything was done when the head completed
+            if not self.queue:
+                self._rearm()
+            return
         if ex.chunked:
             self._body_frame(ex, _LAST_CHUNK, 0)
         ex.request_complete = True
         self._rearm()
         up = ex.up
         if up is not None:
-            up.deadline = self.dp.now() + self.dp.t_upstream_response
+            up.deadline = self.now() + self.dp.t_upstream_response
         if ex.mirror_body is not None and ex.route is not None:
             self.dp.mirror.send(ex)
 
@@ -559,7 +597,7 @@ class ClientConnection(asyncio.Protocol):
             self._local(ex, ex.refuse.status)
             return
         table = dp.holder.table
-        hdrs = LazyHeaders(ex.headers)
+        hdrs = LazyHeaders(ex.lines)
         route = table.match(ex.host, ex.path, hdrs)
         if route is None:
             dp.stats.reject("no_route")
@@ -579,16 +617,28 @@ class ClientConnection(asyncio.Protocol):
         ex.head_common = dp.request_head(self, ex, route.name)
         if route.route.mirror is not None:
             dp.mirror.consider(ex, route)
-        i = self._next_version(ex, 0)
-        if i < 0:
-            dp.stats.reject("no_healthy_version")
-            self._local(ex, 503)
-            return
-        if i > 0:
+        backend = dp.backends.get(chain[0])
+        ep = backend.pick() if backend is not None else None
+        if ep is not None:
+            ex.version = chain[0]
+            ex.endpoint = ep
+        else:
+            i = self._next_version(ex, 1)
+            if i < 0:
+                dp.stats.reject("no_healthy_version")
+                self._local(ex, 503)
+                return
             dp.stats.fallback(route.name, chain[0], chain[i])
-        if ex.expect and not ex.request_complete:
+            ep = ex.endpoint
+            assert ep is not None
+        if ex.expect and ex.http11 and not ex.request_complete:  # HTTP/1.0 clients never wait for a 100
             self.write(CONTINUE)
-        self._connect(ex)
+        ex.attempts = 1
+        conn = ep.take_idle()
+        if conn is not None:
+            self.attach(ex, conn)
+        else:
+            dp.connect(ep, ex)
 
     def _next_version(self, ex: Exchange, start: int) -> int:
         backends = self.dp.backends
@@ -619,7 +669,12 @@ class ClientConnection(asyncio.Protocol):
             self.dp.release(conn)
             return
         ex.up = conn
-        conn.attach(ex)
+        conn.ex = ex
+        conn.lines = []
+        conn.special = []
+        conn.got_bytes = conn.informational = conn.until_eof = False
+        conn.in_head = True
+        conn.deadline = 0.0
         # A retry replays the whole buffered body; a first attempt sends what waited for the connection.
         body = ex.replay if ex.attempts > 1 and ex.replay is not None else ex.pending or []
         ex.pending = None
@@ -648,13 +703,25 @@ class ClientConnection(asyncio.Protocol):
     def response_complete(self, ex: Exchange) -> None:
         ex.response_done = True
         ex.up = None
+        dp = self.dp
+        now = dp.now()
         route = ex.route
         if route is not None:
-            self.dp.stats.request(route.name, ex.version, ex.status, self.dp.now() - ex.t0, ex.body_bytes,
-                                  ex.bytes_out)
+            dp.stats.request(route.name, ex.version, ex.status, now - ex.t0, ex.body_bytes, ex.bytes_out)
         if not ex.request_complete:
             # Answered before the request body ended: the rest of the body cannot be skipped safely.
             self._close()
+            return
+        queue = self.queue
+        if (len(queue) == 1 and queue[0] is ex and ex.keep_alive and not ex.close_after and not dp.draining
+                and not self.eof and not self.backlog and not ex.finished):
+            # Fast path of _finish: the only request of a keep-alive connection is done.
+            ex.finished = True
+            queue.popleft()
+            if self.phase == IDLE:
+                self.deadline = now + dp.t_keepalive
+            else:
+                self._rearm()
             return
         self._finish(ex)
 
@@ -681,6 +748,7 @@ class ClientConnection(asyncio.Protocol):
                 # A pooled connection the upstream had just closed: one fresh try on the same endpoint.
                 ex.retried_same = True
                 ex.sent_body = False
+                dp.stats.retry(route.name)
                 self._connect(ex, fresh=True)
                 return
             failed = ex.version
@@ -737,11 +805,11 @@ class ClientConnection(asyncio.Protocol):
 
     def _rearm(self) -> None:
         if self.phase == IDLE and not self.queue and not self.closed:
-            self.deadline = self.dp.now() + self.dp.t_keepalive
+            self.deadline = self.now() + self.dp.t_keepalive
         elif self.phase == BODY and not self.paused:
-            self.deadline = self.dp.now() + self.dp.t_body_idle
+            self.deadline = self.now() + self.dp.t_body_idle
         elif self.write_paused:
-            self.deadline = self.dp.now() + self.dp.t_upstream_idle
+            self.deadline = self.now() + self.dp.t_upstream_idle
         elif self.phase != HEAD:
             self.deadline = 0.0
 

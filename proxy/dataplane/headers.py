@@ -2,7 +2,7 @@
 
 Design rule: hop-by-hop headers (RFC 9110 7.6.1) and every header the Connection header names are
 removed BEFORE the proxy adds its own, so a client can neither smuggle framing nor spoof what we add.
-Header names are forwarded lower-cased (as HAProxy does); HTTP field names are case-insensitive.
+Header names pass as received; the ones the proxy writes itself are in their usual spelling.
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ def connection_tokens(value: bytes) -> set[bytes]:
 
 def _local_response(status: int, close: bool) -> bytes:
     body = HTTPStatus(status).phrase.lower().encode() + b"\n"
-    conn = b"connection: close\r\n" if close else b""
-    return (status_line(status) + b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n" % len(body)
-            + conn + b"server: turnout\r\n\r\n" + body)
+    conn = b"Connection: close\r\n" if close else b""
+    return (status_line(status) + b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body)
+            + conn + b"Server: turnout\r\n\r\n" + body)
 
 
 # Short text responses the proxy answers itself, keyed by (status, close).
@@ -105,19 +105,23 @@ class TrustedPeers:
 class LazyHeaders(Mapping[str, str]):
     """Lower-case str view of forwarded request headers, decoded only if a route or identity asks."""
 
-    __slots__ = ("_d", "_raw")
+    __slots__ = ("_d", "_lines")
 
-    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
-        self._raw = raw
+    def __init__(self, lines: list[bytes]) -> None:
+        self._lines = lines  # "Name: value\r\n" as received
         self._d: dict[str, str] | None = None
 
     def _dict(self) -> dict[str, str]:
         d = self._d
         if d is None:
             d = {}
-            for n, v in self._raw:
-                k = n.decode("latin-1")
-                d[k] = d[k] + ", " + v.decode("latin-1") if k in d else v.decode("latin-1")
+            for line in self._lines:
+                n, _, v = line[:-2].decode("latin-1").partition(": ")
+                n = n.lower()
+                if n in d:
+                    d[n] = d[n] + ("; " if n == "cookie" else ", ") + v
+                else:
+                    d[n] = v
             self._d = d
         return d
 

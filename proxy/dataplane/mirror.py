@@ -71,7 +71,7 @@ class Mirrorer:
         if ep is None:
             self._count(route.name, version, "error")
             return
-        data = b"".join([ex.head_common, self.dp.version_header(version), b"connection: close\r\n", ex.head_tail,
+        data = b"".join([ex.head_common, self.dp.version_header(version), b"Connection: close\r\n", ex.head_tail,
                          *body])
         self.in_flight += 1
         task = asyncio.get_running_loop().create_task(self._run(route.name, version, ep.host, ep.port, data))

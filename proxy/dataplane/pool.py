@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 class Endpoint:
     __slots__ = (
         "active_ok", "address", "ejected", "ejections", "failures", "host", "idle", "port", "readmit_handle",
-        "url", "version",
+        "removed", "url", "version",
     )
 
     def __init__(self, version: str, url: str) -> None:
@@ -35,6 +35,7 @@ class Endpoint:
         self.failures = 0  # consecutive connect failures / 5xx responses
         self.ejections = 0  # consecutive ejections; doubles the next ejection's length
         self.readmit_handle: asyncio.TimerHandle | None = None
+        self.removed = False  # no longer in the table: its connections are not pooled again
 
     @property
     def healthy(self) -> bool:

@@ -41,6 +41,7 @@ class DataPlane:
         self.t_upstream_idle = t.upstream_idle
         self.t_pool_idle = t.upstream_pool_idle
         self.t_connect = t.upstream_connect
+        self.pool_size = settings.pool_size
         self.trusted = TrustedPeers(settings.trusted_proxies)
         self.conns: set[ClientConnection] = set()
         self.uconns: set[UpstreamConnection] = set()
@@ -86,6 +87,7 @@ class DataPlane:
             backends[name] = Backend(name, eps)
         for key, ep in old.items():
             if key not in new:
+                ep.removed = True
                 self.health.forget(ep)
         self.endpoints = new
         self.backends = backends
@@ -123,40 +125,38 @@ class DataPlane:
     def version_header(self, version: str) -> bytes:
         line = self._version_lines.get(version)
         if line is None:
-            line = self._version_lines[version] = b"x-turnout-version: " + version.encode() + _CRLF
+            line = self._version_lines[version] = b"X-Turnout-Version: " + version.encode() + _CRLF
         return line
 
     def cookie_header(self, cookie: str, version: str) -> bytes:
         key = (cookie, version)
         line = self._cookie_lines.get(key)
         if line is None:
-            line = self._cookie_lines[key] = (f"set-cookie: {cookie}={version}; Path=/; HttpOnly; SameSite=Lax"
+            line = self._cookie_lines[key] = (f"Set-Cookie: {cookie}={version}; Path=/; HttpOnly; SameSite=Lax"
                                               .encode() + _CRLF)
         return line
 
     def request_head(self, c: ClientConnection, ex: Exchange, route: str) -> bytes:
-        parts = [ex.method_b, b" ", ex.target, b" HTTP/1.1\r\n"]
+        parts = [ex.method_b, b" ", ex.target, b" HTTP/1.1\r\n", *ex.lines]
         ext = parts.extend
-        for n, v in ex.headers:
-            ext((n, b": ", v, _CRLF))
         fwd = ex.fwd
         if fwd is not None:  # only ever set for trusted peers
             prior = fwd.get(b"x-forwarded-for")
             peer = c.peer.encode()
-            ext((b"x-forwarded-for: ", prior + b", " + peer if prior else peer, _CRLF,
-                 b"x-forwarded-proto: ", fwd.get(b"x-forwarded-proto") or b"http", _CRLF))
+            ext((b"X-Forwarded-For: ", prior + b", " + peer if prior else peer, _CRLF,
+                 b"X-Forwarded-Proto: ", fwd.get(b"x-forwarded-proto") or b"http", _CRLF))
             host = fwd.get(b"x-forwarded-host") or ex.host_raw
             if host is not None:
-                ext((b"x-forwarded-host: ", host, _CRLF))
+                ext((b"X-Forwarded-Host: ", host, _CRLF))
             if b"forwarded" in fwd:
-                ext((b"forwarded: ", fwd[b"forwarded"], _CRLF))
+                ext((b"Forwarded: ", fwd[b"forwarded"], _CRLF))
         else:
             parts.append(c.fwd_lines)
             if ex.host_raw is not None:
-                ext((b"x-forwarded-host: ", ex.host_raw, _CRLF))
+                ext((b"X-Forwarded-Host: ", ex.host_raw, _CRLF))
         line = self._route_lines.get(route)
         if line is None:
-            line = self._route_lines[route] = b"x-turnout-route: " + route.encode() + _CRLF
+            line = self._route_lines[route] = b"X-Turnout-Route: " + route.encode() + _CRLF
         parts.append(line)
         return b"".join(parts)
 
@@ -178,8 +178,8 @@ class DataPlane:
 
     def release(self, conn: UpstreamConnection) -> None:
         ep = conn.endpoint
-        if (conn.reusable() and not ep.ejected and len(ep.idle) < self.settings.pool_size
-                and self.endpoints.get((ep.version, ep.url)) is ep and not self.draining):
+        if conn.reusable() and not ep.ejected and not ep.removed and len(ep.idle) < self.pool_size \
+                and not self.draining:
             ep.idle.append(conn)
             conn.deadline = self.now() + self.t_pool_idle
         else:

@@ -25,7 +25,7 @@ NONE: Final = 0  # no body (HEAD, 1xx, 204, 304)
 RAW: Final = 1  # same bytes as the parser delivered (Content-Length, or close-delimited to a 1.0 client)
 CHUNKED: Final = 2  # re-chunked for a 1.1 client
 
-_SEP: Final = b": "
+_SPECIAL: Final = RESPONSE_DROP | {b"content-length"}
 _CRLF: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 
@@ -33,6 +33,7 @@ _LAST_CHUNK: Final = b"0\r\n\r\n"
 class UpstreamConnection(asyncio.Protocol):
     def __init__(self, dp: DataPlane, endpoint: Endpoint) -> None:
         self.dp = dp
+        self.now = dp.now
         self.endpoint = endpoint
         self.transport: asyncio.Transport | None = None
         self.parser = HttpResponseParser(self)
@@ -40,7 +41,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.served = 0  # responses completed on this connection; >0 means a reused connection
         self.got_bytes = False  # any byte of the current response arrived
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.lines: list[bytes] = []  # response header lines to pass on, already formatted
+        self.special: list[tuple[bytes, bytes]] = []  # framing and hop-by-hop headers, decided on later
         self.in_head = True
         self.informational = False
         self.mode = NONE
@@ -76,6 +78,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.until_eof and not self.in_head:
             # A close-delimited body ends at EOF: that is completion, not failure.
+            if self.mode == CHUNKED:
+                self.out.append(_LAST_CHUNK)
             self._complete(ex, False)
             return
         self._fail("reset")
@@ -107,7 +111,7 @@ class UpstreamConnection(asyncio.Protocol):
             ex.client.write_tunnel(data)
             return
         self.got_bytes = True
-        self.deadline = self.dp.now() + self.dp.t_upstream_idle
+        self.deadline = self.now() + self.dp.t_upstream_idle
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as u:
@@ -133,7 +137,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.in_head:
-            self.headers.append((name.lower(), value))
+            n = name.lower()
+            if n in _SPECIAL:
+                self.special.append((n, value))
+            else:
+                self.lines.append(b"%b: %b\r\n" % (name, value))
 
     def on_headers_complete(self) -> None:
         ex = self.ex
@@ -141,13 +149,12 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.in_head = False
         status = self.parser.get_status_code()
-        hdrs = self.headers
+        lines = self.lines
         if status < 200 and status != 101:
             # 100 is ours to send (see Expect handling); other 1xx (103) pass to 1.1 clients.
             self.informational = True
             if status != 100 and ex.http11:
-                self.out.append(b"".join([status_line(status),
-                                       *[b"%s: %s\r\n" % h for h in hdrs if h[0] not in RESPONSE_DROP], _CRLF]))
+                self.out.append(b"".join([status_line(status), *lines, _CRLF]))
             return
         if status == 101 and not ex.upgrade:
             raise HttpParserError("101 without an upgrade request")
@@ -156,51 +163,44 @@ class UpstreamConnection(asyncio.Protocol):
             self.dp.health.failure(ep)
         elif ep.failures or ep.ejections:
             self.dp.health.success(ep)
-        parts = [STATUS_LINES.get(status) or status_line(status)]
-        ext = parts.extend
+        parts = [STATUS_LINES.get(status) or status_line(status), *lines]
         cl: bytes | None = None
         tokens: set[bytes] | None = None
         chunked = False
         upgrade: bytes | None = None
-        for h in hdrs:
-            n = h[0]
-            if n in RESPONSE_DROP:
-                if n == b"connection":
-                    v = h[1].lower()
-                    if v == b"keep-alive":
-                        continue
-                    tokens = connection_tokens(v) if tokens is None else tokens | connection_tokens(v)
-                elif n == b"transfer-encoding":
-                    chunked = True
-                elif n == b"upgrade":
-                    upgrade = h[1]
-                continue
+        for n, v in self.special:
             if n == b"content-length":
-                cl = h[1]
-                continue
-            ext((n, _SEP, h[1], _CRLF))
+                cl = v
+            elif n == b"connection":
+                lv = v.lower()
+                if lv != b"keep-alive":
+                    tokens = connection_tokens(lv) if tokens is None else tokens | connection_tokens(lv)
+            elif n == b"transfer-encoding":
+                chunked = True
+            elif n == b"upgrade":
+                upgrade = v
         if tokens and not tokens <= {b"close", b"keep-alive", b"upgrade"}:
-            parts = [parts[0]]
-            for n, v in hdrs:
-                if n not in RESPONSE_DROP and n != b"content-length" and n not in tokens:
-                    parts.extend((n, _SEP, v, _CRLF))
-        # An upgrade the upstream declined leaves the client's parser stopped at the upgrade: close after.
-        close = ex.close_after or not ex.keep_alive or self.dp.draining or (ex.upgrade and status != 101)
+            # Headers named in Connection are hop-by-hop too (rare: filter the built lines by name).
+            parts = [parts[0], *[ln for ln in lines if ln.split(b":", 1)[0].lower() not in tokens]]
+        # An upgrade the upstream declined leaves the client's parser stopped at the upgrade, and an answer
+        # that comes before the request body ended leaves unread body bytes: both close after.
+        close = (ex.close_after or not ex.keep_alive or self.dp.draining or not ex.request_complete
+                 or (ex.upgrade and status != 101))
         if status == 101:
             mode = NONE
-            parts.append(b"connection: upgrade\r\n")
+            parts.append(b"Connection: upgrade\r\n")
             if upgrade is not None:
-                parts.extend((b"upgrade: ", upgrade, _CRLF))
+                parts.extend((b"Upgrade: ", upgrade, _CRLF))
         elif ex.head or status == 204 or status == 304:
             mode = NONE
             if cl is not None and status != 204:
-                parts.extend((b"content-length: ", cl, _CRLF))
+                parts.extend((b"Content-Length: ", cl, _CRLF))
         elif cl is not None:
             mode = RAW
-            parts.extend((b"content-length: ", cl, _CRLF))
+            parts.extend((b"Content-Length: ", cl, _CRLF))
         elif ex.http11:
             mode = CHUNKED
-            parts.append(b"transfer-encoding: chunked\r\n")
+            parts.append(b"Transfer-Encoding: chunked\r\n")
         else:
             mode = RAW
             close = True
@@ -208,9 +208,9 @@ class UpstreamConnection(asyncio.Protocol):
         if status != 101:
             if close:
                 ex.close_after = True
-                parts.append(b"connection: close\r\n")
+                parts.append(b"Connection: close\r\n")
             elif not ex.http11:
-                parts.append(b"connection: keep-alive\r\n")
+                parts.append(b"Connection: keep-alive\r\n")
         route = ex.route
         if route is not None:
             if route.expose_version:
@@ -244,16 +244,35 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.in_head = True
-        self.headers = []
+        self.lines = []
+        self.special = []
         if self.informational:
             self.informational = False
             return
         ex = self.ex
         if ex is None or (ex.upgrade and ex.status == 101):
             return
+        out = self.out
         if self.mode == CHUNKED:
-            self.out.append(_LAST_CHUNK)
-        self._complete(ex, self.parser.should_keep_alive() and not self.until_eof)
+            out.append(_LAST_CHUNK)
+        keep = self.parser.should_keep_alive() and not self.until_eof
+        if self.paused_reading or self.closed or not keep or not ex.request_complete:
+            self._complete(ex, keep)
+            return
+        # Fast path of _complete: flush, pool the connection, report.
+        self.out = []
+        ex.client.write(out[0] if len(out) == 1 else b"".join(out))
+        self.ex = None
+        self.served += 1
+        self.got_bytes = False
+        dp = self.dp
+        ep = self.endpoint
+        if not ep.ejected and not ep.removed and len(ep.idle) < dp.pool_size and not dp.draining:
+            ep.idle.append(self)
+            self.deadline = self.now() + dp.t_pool_idle
+        else:
+            self.close()
+        ex.client.response_complete(ex)
 
     # -- helpers
 
@@ -288,18 +307,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.deadline = 0.0
         ex.client.start_tunnel(ex, rest)
 
-    def attach(self, ex: Exchange) -> None:
-        self.ex = ex
-        self.headers = []
-        self.got_bytes = False
-        self.in_head = True
-        self.informational = False
-        self.until_eof = False
-        self.deadline = 0.0
-
     def reusable(self) -> bool:
-        return not self.closed and self.ex is None and self.transport is not None \
-            and not self.transport.is_closing()
+        # `closed` is set both when we close and when the peer did (connection_lost).
+        return not self.closed and self.ex is None
 
     def pause_reading(self) -> None:
         if not self.paused_reading and self.transport is not None and not self.closed:
@@ -310,7 +320,7 @@ class UpstreamConnection(asyncio.Protocol):
     def resume_reading(self) -> None:
         if self.paused_reading and self.transport is not None and not self.closed:
             self.paused_reading = False
-            self.deadline = self.dp.now() + self.dp.t_upstream_idle
+            self.deadline = self.now() + self.dp.t_upstream_idle
             self.transport.resume_reading()
 
     def on_deadline(self) -> None:

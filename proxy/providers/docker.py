@@ -194,6 +194,7 @@ class DockerProvider:
         self.log = log
         self.state_id = ""
         self.engine_error: str | None = "connecting"
+        self._reported: str | None = None  # the engine error last logged
         self._state = State()
         self._replicas: dict[tuple[str, int], _Replica] = {}
         self._images: dict[str, ResolvedImage] = {}
@@ -262,7 +263,7 @@ class DockerProvider:
         await asyncio.to_thread(self._pool.shutdown, True)
         await asyncio.to_thread(self.engine.reset)
 
-    async def _engine(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
     def kick(self) -> None:
@@ -273,12 +274,12 @@ class DockerProvider:
     # operations the admin API calls
 
     async def resolve_image(self, ref: str) -> ResolvedImage:
-        return await self._engine(self.engine.resolve, ref)
+        return await self._blocking(self.engine.resolve, ref)
 
     async def require_engine(self) -> None:
         """EngineUnavailableError (503) unless the engine answers: changes are refused while it is down,
         rather than recorded for containers nobody can start."""
-        await self._engine(self.engine.ping)
+        await self._blocking(self.engine.ping)
 
     async def scale(self, name: str, replicas: int, *, actor: str, reason: str = "") -> int:
         rev = await self.store.update(lambda s: set_replicas(s, name, replicas), actor=actor, reason=reason)
@@ -304,7 +305,7 @@ class DockerProvider:
                 continue
             if r.container is not None:
                 try:
-                    lines = await self._engine(self.engine.logs, r.container.id, tail)
+                    lines = await self._blocking(self.engine.logs, r.container.id, tail)
                 except TurnoutError:
                     lines = r.last_logs
                 out[r.container.name] = list(lines)
@@ -372,7 +373,9 @@ class DockerProvider:
         backoff = 0.1
         while True:
             try:
-                async for rev in self.store.watch((await self.store.current()).number):
+                cur = await self.store.current()
+                self._state = cur.state
+                async for rev in self.store.watch(cur.number):
                     self._state = rev.state
                     self.kick()
                     backoff = 0.1
@@ -415,8 +418,11 @@ class DockerProvider:
                 self._dirty = True
 
     def _engine_down(self, message: str) -> None:
-        if self.engine_error != message:
+        # Quiet while no docker version is registered: a proxy without Docker versions need not hear
+        # that there is no engine.
+        if message != self._reported and self._docker_versions():
             self.log(f"{message}; the data plane keeps serving the last known instances")
+            self._reported = message
         self.engine_error = message
         self.engine.reset()
 
@@ -430,7 +436,7 @@ class DockerProvider:
         if not DIGEST_RE.search(ref):
             ref = await self.store.get_meta(meta_key) or ref
         try:
-            img = await self._engine(self.engine.resolve, ref)
+            img = await self._blocking(self.engine.resolve, ref)
         except ValidationError as e:
             self._image_errors[name] = str(e)
             return None
@@ -449,9 +455,10 @@ class DockerProvider:
         return img.pinned if img is not None else None
 
     async def _reconcile(self) -> None:
-        containers = await self._engine(self.engine.list_managed, self.state_id)
-        if self.engine_error is not None:
-            self.log("engine reachable; converging")
+        containers = await self._blocking(self.engine.list_managed, self.state_id)
+        if self._reported is not None:
+            self.log("the Docker engine is reachable again; converging")
+            self._reported = None
         self.engine_error = None
         wanted = self._docker_versions()
         now = time.monotonic()
@@ -477,7 +484,7 @@ class DockerProvider:
             r = self._replicas.setdefault(key, _Replica(*key))
             lines: tuple[str, ...] = ()
             with contextlib.suppress(TurnoutError):
-                lines = await self._engine(self.engine.logs, c.id)
+                lines = await self._blocking(self.engine.logs, c.id)
             r.last_logs = lines
             r.exits += 1
             r.error = f"exited with code {c.exit_code}"
@@ -486,10 +493,10 @@ class DockerProvider:
             r.retry_at = now + delay
             r.container = None
             self.log(f"{c.version} replica {c.replica}: {c.name} {r.error}; replacing it in {delay:g}s")
-            await self._engine(self.engine.remove, c.id)
+            await self._blocking(self.engine.remove, c.id)
         for c in doomed:
             self.log(f"removing {c.name} ({c.version} replica {c.replica}): no longer wanted")
-            await self._engine(self.engine.remove, c.id)
+            await self._blocking(self.engine.remove, c.id)
             gone = self._replicas.get((c.version, c.replica))
             if gone is not None and gone.container is not None and gone.container.id == c.id:
                 gone.container = None
@@ -529,7 +536,7 @@ class DockerProvider:
                 if r.retry_at > now:
                     continue
                 try:
-                    c = await self._engine(self.engine.create, state_id=self.state_id, version=v,
+                    c = await self._blocking(self.engine.create, state_id=self.state_id, version=v,
                                                 replica=i, image=img)
                 except (ValidationError, ConflictError, NotFoundError) as e:
                     r.error = str(e)
@@ -549,10 +556,8 @@ class DockerProvider:
         now = time.monotonic()
         due = [r for r in self._replicas.values()
                if r.container is not None and r.container.running and r.next_probe <= now]
-        if not due:
-            return
-        results = await asyncio.gather(*(self._probe_one(r) for r in due))
-        del results
+        if due:
+            await asyncio.gather(*(self._probe_one(r) for r in due))
 
     async def _probe_one(self, r: _Replica) -> None:
         v = self._state.versions.get(r.version)

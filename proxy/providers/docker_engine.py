@@ -32,6 +32,7 @@ LABEL_VERSION = "turnout.version"
 LABEL_REPLICA = "turnout.replica"
 LABEL_IMAGE = "turnout.image"  # the pinned reference the container was made from
 LABEL_PORT = "turnout.port"  # host network: the loopback port the replica was told to listen on
+LABEL_CONTAINER_PORT = "turnout.container-port"  # bridge network: the port published on 127.0.0.1
 
 # Timeout for each blocking engine call; long enough for a slow `docker create`, short enough to notice
 # an engine that hangs.
@@ -244,6 +245,7 @@ class Engine:
                 raise ValidationError([FieldError("port", "required with network bridge: the port the "
                                                   "container listens on")])
             env.setdefault("PORT", str(spec.port))
+            labels[LABEL_CONTAINER_PORT] = str(spec.port)
             # Published on loopback only: the proxy is the way in, never the container port itself.
             kwargs["ports"] = {f"{spec.port}/tcp": ("127.0.0.1", None)}
         name = f"turnout-{state_id[:6]}-{version.name}-{replica}-{uuid.uuid4().hex[:6]}"
@@ -279,13 +281,9 @@ class Engine:
 
 
 def _port_label(attrs: Mapping[str, Any]) -> int | None:
-    # Bridge replicas publish the spec's port; it is recovered from the exposed ports of the config.
-    exposed = (attrs.get("Config", {}).get("ExposedPorts") or {})
-    for key in exposed:
-        number, _, proto = str(key).partition("/")
-        if proto == "tcp" and number.isdigit():
-            return int(number)
-    return None
+    labels = attrs.get("Config", {}).get("Labels") or {}
+    raw = str(labels.get(LABEL_CONTAINER_PORT, ""))
+    return int(raw) if raw.isdigit() else None
 
 
 def _container_of(attrs: Mapping[str, Any], port: int | None) -> Container:

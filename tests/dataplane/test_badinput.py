@@ -427,3 +427,37 @@ async def test_no_route_is_404_and_keeps_connection(upstreams) -> None:  # type:
         assert len(a.traffic) == 1
     finally:
         await p.dp.shutdown(0.5)
+
+
+@pytest.mark.parametrize("with_fallback", [True, False])
+async def test_upstream_connect_timeout(upstreams, with_fallback: bool) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    b = await upstreams(name="b")
+    # A listener whose accept queue is full: the kernel drops further SYNs, so connecting hangs.
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    filler = socket.socket()
+    filler.connect(full.getsockname())
+    url = f"http://127.0.0.1:{full.getsockname()[1]}"
+    route = simple_route(("v1", 1.0), fallback=("v2",) if with_fallback else ())
+    p = await start_proxy(table([version("v1", url), version("v2", b)], [route]),
+                          Settings(listen=("127.0.0.1", 0), timeouts=Timeouts(upstream_connect=0.3)))
+    ep = p.dp.backends["v1"].endpoints[0]
+    p.dp.health.forget(ep)
+    ep.active_ok = True
+    try:
+        c = await Client.open(p.port)
+        r = await c.get()
+        c.close()
+        if with_fallback:
+            assert (r.status, r.body) == (200, b"b GET /")
+            assert p.stats.fallbacks == {("web", "v1", "v2"): 1}
+        else:
+            assert r.status == 504
+        assert p.stats.upstream_errors == {("v1", "timeout"): 1}
+    finally:
+        await p.dp.shutdown(0.5)
+        filler.close()
+        full.close()

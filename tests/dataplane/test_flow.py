@@ -21,7 +21,7 @@ async def test_10000_pipelined_requests_answered_in_order_with_bounded_queue(ups
         c = await Client.open(p.port)
         c.writer.write(b"".join(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(n)))
         conn = next(iter(p.dp.conns))
-        expected = b"".join(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\na GET /%d" % (len(b"a GET /%d" % i), i)
+        expected = b"".join(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\na GET /%d" % (len(b"a GET /%d" % i), i)
                             for i in range(n))
         got = bytearray()
         while len(got) < len(expected):

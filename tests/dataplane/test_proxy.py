@@ -236,7 +236,7 @@ async def test_websocket_style_upgrade_is_tunnelled(upstreams) -> None:  # type:
         await c.send(b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
         head = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 101 ")
-        assert b"upgrade: websocket\r\n" in head
+        assert b"Upgrade: websocket\r\n" in head
         assert await asyncio.wait_for(c.reader.readexactly(2), 5) == b"hi"
         await c.send(b"\x81\x05hello")
         assert await asyncio.wait_for(c.reader.readexactly(12), 5) == b"echo:\x81\x05hello"
@@ -538,5 +538,169 @@ async def test_half_closed_client_still_gets_its_answers(upstreams) -> None:  # 
         assert (r1.body, r2.body) == (b"up GET /1", b"up GET /2")
         assert await c.closed(2)
         c.close()
+    finally:
+        await p.dp.shutdown(0.5)
+
+
+async def test_stale_pooled_connection_retried_once_on_a_fresh_one(upstreams) -> None:  # type: ignore[no-untyped-def]
+    first: list[int] = []
+
+    async def h(req, reader, writer):  # type: ignore[no-untyped-def]
+        if req.target == "/first":
+            first.append(req.conn)
+        elif req.conn in first:
+            writer.transport.abort()  # closed the kept-alive connection just as the request arrived
+            return None
+        return ok(req.target.encode())
+
+    a = await upstreams(h)
+    p = await proxy_for(table([version("v1", a)], [simple_route(("v1", 1.0))]))
+    try:
+        p.dp.health.forget(p.dp.backends["v1"].endpoints[0])
+        c = await Client.open(p.port)
+        assert (await c.get("/first")).body == b"/first"
+        r = await c.get("/second")
+        c.close()
+        assert (r.status, r.body) == (200, b"/second")
+        n = first[0]
+        assert [(r.target, r.conn) for r in a.traffic] == [("/first", n), ("/second", n), ("/second", n + 1)]
+        assert p.stats.retries == {"web": 1}
+        assert p.stats.fallbacks == {}
+        assert p.stats.upstream_errors == {("v1", "reset"): 1}
+    finally:
+        await p.dp.shutdown(0.5)
+
+
+async def test_early_hints_passed_and_100_swallowed(upstreams) -> None:  # type: ignore[no-untyped-def]
+    async def h(req, reader, writer):  # type: ignore[no-untyped-def]
+        return (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+                + ok(b"final"))
+
+    a = await upstreams(h)
+    p = await proxy_for(table([version("v1", a)], [simple_route(("v1", 1.0))]))
+    try:
+        c = await Client.open(p.port)
+        r1 = await c.get()
+        r2 = await asyncio.wait_for(read_response(c.reader), 5)
+        c.close()
+        assert (r1.status, r1.header("link")) == (103, "</s.css>; rel=preload")
+        assert (r2.status, r2.body) == (200, b"final")
+    finally:
+        await p.dp.shutdown(0.5)
+
+
+async def test_close_delimited_upstream_body_rechunked_for_client(upstreams) -> None:  # type: ignore[no-untyped-def]
+    async def h(req, reader, writer):  # type: ignore[no-untyped-def]
+        # Returning nothing closes the connection, which ends the body.
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil close")
+        await writer.drain()
+
+    a = await upstreams(h)
+    p = await proxy_for(table([version("v1", a)], [simple_route(("v1", 1.0))]))
+    try:
+        c = await Client.open(p.port)
+        r = await c.get()
+        assert (r.status, r.body, r.header("transfer-encoding")) == (200, b"until close", "chunked")
+        r = await c.get()  # the client connection stays usable; the upstream one was not pooled
+        assert r.body == b"until close"
+        c.close()
+        assert len({r.conn for r in a.traffic}) == 2
+    finally:
+        await p.dp.shutdown(0.5)
+
+
+async def test_response_hop_by_hop_and_connection_named_headers_stripped(upstreams) -> None:  # type: ignore[no-untyped-def]
+    async def h(req, reader, writer):  # type: ignore[no-untyped-def]
+        return (b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Private\r\nX-Private: 1\r\nKeep-Alive: timeout=5\r\n"
+                b"Trailer: X-T\r\nX-Public: 2\r\nContent-Length: 2\r\n\r\nok")
+
+    a = await upstreams(h)
+    p = await proxy_for(table([version("v1", a)], [simple_route(("v1", 1.0))]))
+    try:
+        c = await Client.open(p.port)
+        r = await c.get()
+        c.close()
+        assert r.headers == [("X-Public", "2"), ("Content-Length", "2")]  # names as the upstream spelled them
+        assert r.body == b"ok"
+    finally:
+        await p.dp.shutdown(0.5)
+
+
+async def test_match_on_header_and_client_id_from_cookie_and_query(upstreams) -> None:  # type: ignore[no-untyped-def]
+    from proxy.model import Match
+
+    a, b = await upstreams(name="a"), await upstreams(name="b")
+    ids = (IdentitySource(kind="cookie", name="uid"), IdentitySource(kind="query", name="u"))
+    t = table([version("v1", a), version("v2", b)], [
+        simple_route(("v2", 1.0), name="beta", match=Match(headers=(("x-beta", "1"),))),
+        simple_route(("v1", 1.0), identity=ids, pins={"pinned": "v2"}),
+    ])
+    p = await proxy_for(t)
+    try:
+        c = await Client.open(p.port)
+        assert (await c.get(extra="X-Beta: 1\r\n")).body == b"b GET /"
+        assert (await c.get(extra="Cookie: x=1; uid=pinned\r\n")).body == b"b GET /"
+        assert (await c.get("/?u=pinned")).body == b"b GET /?u=pinned"
+        assert (await c.get("/?u=other")).body == b"a GET /?u=other"
+        c.close()
+        assert [r.header("x-turnout-route") for r in b.traffic] == ["beta", "web", "web"]
+    finally:
+        await p.dp.shutdown(0.5)
+
+
+async def test_pipelined_requests_with_bodies(upstreams) -> None:  # type: ignore[no-untyped-def]
+    async def h(req, reader, writer):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.05)
+        return ok(req.body)
+
+    a = await upstreams(h)
+    p = await proxy_for(table([version("v1", a)], [simple_route(("v1", 1.0))]))
+    try:
+        c = await Client.open(p.port)
+        await c.send(b"POST /1 HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\n\r\nfirst"
+                     b"POST /2 HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nsecond\r\n0\r\n\r\n"
+                     b"GET /3 HTTP/1.1\r\nHost: app\r\n\r\n")
+        bodies = [(await asyncio.wait_for(read_response(c.reader), 5)).body for _ in range(3)]
+        c.close()
+        assert bodies == [b"first", b"second", b""]
+        assert [(r.target, r.body) for r in a.traffic] == [("/1", b"first"), ("/2", b"second"), ("/3", b"")]
+    finally:
+        await p.dp.shutdown(0.5)
+
+
+async def test_early_upstream_answer_closes_client_mid_body(upstreams) -> None:  # type: ignore[no-untyped-def]
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+    p = await proxy_for(table([version("v1", url)], [simple_route(("v1", 1.0))]))
+    p.dp.health.forget(p.dp.backends["v1"].endpoints[0])
+    try:
+        c = await Client.open(p.port)
+        await c.send(b"POST / HTTP/1.1\r\nHost: app\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+        r = await asyncio.wait_for(read_response(c.reader), 5)
+        assert (r.status, r.header("connection")) == (413, "close")
+        assert await c.closed(2)
+        c.close()
+        assert p.stats.requests == {("web", "v1", 413): 1}
+    finally:
+        await p.dp.shutdown(0.5)
+        srv.close()
+
+
+async def test_round_robin_across_healthy_endpoints_of_a_version(upstreams) -> None:  # type: ignore[no-untyped-def]
+    a1, a2, a3 = await upstreams(name="a1"), await upstreams(name="a2"), await upstreams(name="a3")
+    p = await proxy_for(table([version("v1", a1, a2, a3)], [simple_route(("v1", 1.0))]))
+    try:
+        p.dp.backends["v1"].endpoints[2].ejected = True
+        c = await Client.open(p.port)
+        bodies = [(await c.get()).body for _ in range(4)]
+        c.close()
+        assert bodies == [b"a1 GET /", b"a2 GET /", b"a1 GET /", b"a2 GET /"]
+        assert a3.traffic == []
     finally:
         await p.dp.shutdown(0.5)

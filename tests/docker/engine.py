@@ -120,9 +120,12 @@ class Dockerd:
             # Only if that pid is still this engine's containerd (pids get reused).
             if str(self.root).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.kill(pid, signal.SIGTERM)
+        # The engine leaves mounts under its roots (its network namespace, overlay layers): lazily unmount
+        # them, deepest first, or the directory cannot be removed.
         with contextlib.suppress(OSError):
-            subprocess.run(["umount", "-R", "-l", str(self.root / "data")], check=False,
-                           stderr=subprocess.DEVNULL)
+            points = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+            for point in sorted((p for p in points if p.startswith(f"{self.root}/")), key=len, reverse=True):
+                subprocess.run(["umount", "-l", point], check=False, stderr=subprocess.DEVNULL)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def log_tail(self, lines: int = 20) -> str:

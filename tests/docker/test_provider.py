@@ -102,6 +102,8 @@ async def test_deploy_two_versions_serves_each_from_its_own_containers(
         ("v1", images.v1), ("v1", images.v1), ("v2", images.v2)]
     status = {s.name: (s.healthy, s.desired) for s in provider.status()}
     assert status == {"v1": (2, 2), "v2": (1, 1)}
+    assert repr(provider) == (f"<DockerProvider {provider.state_id} "
+                              "[engine up | versions: 2 | replicas: 3 healthy of 3]>")
 
     # A 90/10 split over the provider's endpoints: 100 weighted picks give 90 v1 and 10 v2, and each pick
     # is answered by a container of the chosen version.

@@ -164,8 +164,11 @@ def test_release_v2_beside_v1(serve: Serve, images: Images, clean_engine: Docker
 def test_kill_and_restart_keep_serving(serve: Serve, images: Images, clean_engine: Dockerd) -> None:
     serve.start()
     r = serve.cli("deploy", "v1", "--image", images.v1, "--replicas", "2", "--network", "host",
-                  "--health-interval", "0.2")
+                  "--health-interval", "0.2", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert (out["changed"], out["image"], out["status"]["healthy"], len(out["status"]["instances"])) == (
+        True, images.v1, 2, 2)
     serve.api("PUT", "/api/v1/routes/web", {"match": {"path_prefix": "/"}, "split": {"v1": 100}})
     wait_until(lambda: serve.get() == (200, "v1"), what="v1 serving")
 

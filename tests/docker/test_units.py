@@ -18,7 +18,13 @@ from proxy.model import State, Version, VersionSpec
 from proxy.ops import put_version
 from proxy.parse import parse_version_body
 from proxy.providers.docker import DockerProvider, probe, set_replicas
-from proxy.providers.docker_engine import Engine, EngineUnavailableError, container_endpoint, repo_of
+from proxy.providers.docker_engine import (
+    Engine,
+    EngineUnavailableError,
+    ResolvedImage,
+    container_endpoint,
+    repo_of,
+)
 from proxy.store.sqlite import SQLiteStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,6 +129,8 @@ async def test_provider_without_engine_starts_and_keeps_recorded_instances(tmp_p
         assert (status.name, status.desired, [r.state for r in status.replicas]) == ("v1", 1, ["missing"])
         with pytest.raises(EngineUnavailableError):
             await provider.require_engine()
+        assert repr(provider) == (f"<DockerProvider {provider.state_id} "
+                                  "[engine down | versions: 1 | replicas: 0 healthy of 0]>")
     finally:
         await provider.stop()
         await store.close()
@@ -140,3 +148,68 @@ def test_cli_usage_and_unreachable_admin() -> None:
     r = run_cli("scale", "v1", "2")
     assert r.returncode == 3
     assert "cannot reach the admin API at http://127.0.0.1:9" in r.stderr
+
+
+class _FakeContainer:
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        self.kwargs = kwargs
+        labels = kwargs["labels"]
+        port = labels.get("turnout.container-port")
+        self.attrs: dict[str, Any] = {
+            "Id": "c" * 64, "Name": "/" + kwargs["name"], "Config": {"Labels": labels},
+            "State": {"Running": True, "Status": "running", "StartedAt": "2026-11-27T05:00:00Z", "ExitCode": 0},
+            "NetworkSettings": {"Ports": {f"{port}/tcp": [{"HostIp": "127.0.0.1", "HostPort": "32771"}]}
+                                if port else {}},
+        }
+
+    def start(self) -> None:
+        pass
+
+    def reload(self) -> None:
+        pass
+
+
+class _FakeContainers:
+    def __init__(self) -> None:
+        self.created: list[tuple[str, dict[str, Any]]] = []
+
+    def create(self, image: str, **kwargs: Any) -> _FakeContainer:
+        self.created.append((image, kwargs))
+        return _FakeContainer(kwargs)
+
+
+class _FakeClient:
+    def __init__(self) -> None:
+        self.containers = _FakeContainers()
+
+
+def test_bridge_replicas_publish_the_port_on_loopback_only() -> None:
+    # The test engine has no bridge network, so the bridge arguments are checked against a stand-in client.
+    engine = Engine("tcp://127.0.0.1:9")
+    fake = _FakeClient()
+    engine._client = fake
+    v = parse_version_body({"image": PIN, "port": 8000, "env": {"MODE": "prod"}}, "v1", 1.0)
+    c = engine.create(state_id="abc123", version=v, replica=0, image=ResolvedImage(PIN, "sha256:" + "a" * 64))
+    [(image, kwargs)] = fake.containers.created
+    assert image == "sha256:" + "a" * 64
+    assert kwargs["ports"] == {"8000/tcp": ("127.0.0.1", None)}
+    assert "network_mode" not in kwargs
+    assert kwargs["environment"] == {"MODE": "prod", "PORT": "8000"}
+    assert kwargs["restart_policy"] == {"Name": "no"}
+    assert kwargs["labels"] == {
+        "turnout.managed": "true", "turnout.state": "abc123", "turnout.version": "v1", "turnout.replica": "0",
+        "turnout.image": PIN, "turnout.container-port": "8000"}
+    assert (c.endpoint, c.version, c.replica, c.running) == ("http://127.0.0.1:32771", "v1", 0, True)
+
+
+def test_host_replicas_get_a_loopback_port_in_port() -> None:
+    engine = Engine("tcp://127.0.0.1:9")
+    fake = _FakeClient()
+    engine._client = fake
+    v = parse_version_body({"image": PIN, "network": "host"}, "v1", 1.0)
+    c = engine.create(state_id="abc123", version=v, replica=1, image=ResolvedImage(PIN, "sha256:" + "a" * 64))
+    [(_, kwargs)] = fake.containers.created
+    port = kwargs["environment"]["PORT"]
+    assert kwargs["network_mode"] == "host" and "ports" not in kwargs
+    assert kwargs["labels"]["turnout.port"] == port
+    assert c.endpoint == f"http://127.0.0.1:{port}"
