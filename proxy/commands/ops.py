@@ -243,19 +243,33 @@ def cmd_history(args: argparse.Namespace, client: AdminClient) -> int:
 
 def cmd_versions(args: argparse.Namespace, client: AdminClient) -> int:
     data = client.get(API + "/versions").data
+    health = client.get(API + "/health").data.get("versions", {})
+    docker: dict[str, Any] = {}
+    try:
+        for d in client.get(API + "/docker/versions").data.get("versions", []):
+            docker[d["name"]] = d
+    except ProblemError:
+        pass  # no docker provider on this proxy: the other columns still say everything
     if args.json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps({**data, "health": health, "docker": docker}, indent=2))
         return 0
     rows = []
     for v in data["versions"]:
-        source = v["spec"].get("image") or " ".join(v["spec"].get("command", [])) or "static"
+        d = docker.get(v["name"])
+        h = health.get(v["name"], {})
+        if d is not None:
+            source = d.get("image_id") or d.get("image") or ""
+            replicas = f"{d.get('healthy', 0)}/{d.get('desired', 0)}"
+        else:
+            source = v["spec"].get("image") or " ".join(v["spec"].get("command", [])) or ""
+            replicas = f"{h.get('healthy', 0)}/{h.get('total', len(v['instances']))}"
         instances = ", ".join(v["instances"]) or "-"
-        rows.append([v["name"], v["kind"], instances, _time(v["created"]) if v["created"] else "-",
-                     ", ".join(v["routes"]) or "-", source if v["kind"] != "static" else ""])
+        rows.append([v["name"], v["kind"], replicas, instances, _time(v["created"]) if v["created"] else "-",
+                     ", ".join(v["routes"]) or "-", source])
     if not rows:
         print(f"no versions (revision {data['revision']})")
         return 0
-    print(_table(["VERSION", "KIND", "INSTANCES", "CREATED (UTC)", "ROUTES", "SOURCE"], rows))
+    print(_table(["VERSION", "KIND", "HEALTHY", "INSTANCES", "CREATED (UTC)", "ROUTES", "IMAGE / COMMAND"], rows))
     return 0
 
 

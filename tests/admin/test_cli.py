@@ -130,9 +130,11 @@ async def test_versions_command(cli: Cli, routes_file: Path) -> None:
     await cli("apply", str(routes_file))
     r = await cli("versions")
     lines = r.out.splitlines()
-    assert lines[0].split() == ["VERSION", "KIND", "INSTANCES", "CREATED", "(UTC)", "ROUTES", "SOURCE"]
-    assert [line.split()[:3] + line.split()[5:] for line in lines[1:]] == [
-        ["v1", "static", EP1, "web"], ["v2", "static", EP2, "-"]]
+    assert lines[0].split() == ["VERSION", "KIND", "HEALTHY", "INSTANCES", "CREATED", "(UTC)", "ROUTES", "IMAGE", "/",
+                                "COMMAND"]
+    # This test's proxy reports no health yet: 0 of the version's 1 instance is known healthy.
+    assert [line.split()[:4] + line.split()[6:] for line in lines[1:]] == [
+        ["v1", "static", "0/1", EP1, "web"], ["v2", "static", "0/1", EP2, "-"]]
     data = json.loads((await cli("versions", "--json")).out)
     assert [v["name"] for v in data["versions"]] == ["v1", "v2"]
 
