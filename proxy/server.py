@@ -96,7 +96,7 @@ class Follower:
         if rev.number <= self.holder.table.revision and self.holder.table.revision != 0:
             return
         try:
-            table = RouteTable(rev.state, rev.number)
+            table = RouteTable(rev.state, rev.number, previous=self.holder.table)
         except Exception as e:  # a table that cannot compile must never take the old one down
             self.stats.apply_errors = getattr(self.stats, "apply_errors", 0) + 1
             log(f"revision {rev.number} could not be compiled, still serving {self.holder.table.revision}: {e}")

@@ -157,3 +157,23 @@ def test_identity_sources_in_order() -> None:
     assert r.client_id({"x-client-id": ""}, None) is None
     assert r.pick(None)[0] == WEIGHTED
     assert r.pick("someone")[0] == STICKY
+
+
+def test_recompiling_after_a_weight_change_reuses_the_compiled_pins() -> None:
+    import dataclasses
+
+    versions = _versions("v1", "v2", "acme")
+    route = Route("web", split=(("v1", 90), ("v2", 10)), pins={f"c{i}": "acme" for i in range(1000)},
+                  fallback=("v1",))
+    t1 = RouteTable(State(versions=versions, routes=(route,)), 1)
+    moved = dataclasses.replace(route, split=(("v1", 50), ("v2", 50)))
+    t2 = RouteTable(State(versions=versions, routes=(moved,)), 2, previous=t1)
+    assert t2.routes[0]._pins is t1.routes[0]._pins
+    assert t2.routes[0].pick("c7") == (PIN, ("acme", "v1"))
+    repinned = dataclasses.replace(moved, pins={"c7": "v2"})
+    t3 = RouteTable(State(versions=versions, routes=(repinned,)), 3, previous=t2)
+    assert t3.routes[0]._pins is not t2.routes[0]._pins
+    assert t3.routes[0].pick("c7") == (PIN, ("v2", "v1"))
+    refallback = dataclasses.replace(moved, fallback=("v2",))
+    t4 = RouteTable(State(versions=versions, routes=(refallback,)), 4, previous=t2)
+    assert t4.routes[0].pick("c7") == (PIN, ("acme", "v2"))

@@ -238,7 +238,10 @@ class Api:
         at = target
         result = await self.write(request, lambda s: rollback_route(s, name, earlier.state, at))
         route = result.revision.state.route(name)
-        return result.response(rolled_back_to=at, route=None if route is None else route_to_dict(route))
+        # The restored route without its pins (a count instead): echoing 100,000 pins would make the
+        # operator's instant rollback wait on serialising them; GET the route for the full body.
+        shown = None if route is None else {**route_to_dict(route), "pins": len(route.pins)}
+        return result.response(rolled_back_to=at, route=shown)
 
     async def apply(self, request: web.Request) -> web.Response:
         raw = await request.read()
@@ -288,7 +291,7 @@ class Api:
         """Serve `rev` in this process now, instead of waiting for the store watcher to deliver it."""
         if self.ctx.holder.table.revision >= rev.number:
             return
-        table = RouteTable(rev.state, rev.number)
+        table = RouteTable(rev.state, rev.number, previous=self.ctx.holder.table)
         if not self.ctx.holder.offer(table):
             return
         for hook in list(self.ctx.extras.get("on_table", ())):

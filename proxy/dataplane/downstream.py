@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, parse_url
@@ -27,7 +28,6 @@ from proxy.dataplane.headers import (
     FORWARDED,
     HOST,
     IDEMPOTENT,
-    REQUEST_HEADER_KIND,
     TRANSFER_ENCODING,
     UPGRADE,
     LazyHeaders,
@@ -35,9 +35,11 @@ from proxy.dataplane.headers import (
     local_response,
     split_host,
 )
+from proxy.dataplane.plan import WANTED
 from proxy.table import cookie_value
 
 if TYPE_CHECKING:
+    from proxy.dataplane.plan import Plan
     from proxy.dataplane.pool import Endpoint
     from proxy.dataplane.server import DataPlane
     from proxy.dataplane.upstream import UpstreamConnection
@@ -55,6 +57,7 @@ PIPELINE_SLICE: Final = 2048
 
 _CRLF: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
+_NO_HEADERS: Final[dict[str, str]] = {}  # never written to
 _METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 _ERROR_KIND: Final[dict[str, UpstreamErrorKind]] = {
     "connect": "connect", "connect_timeout": "timeout", "timeout": "timeout", "reset": "reset",
@@ -126,9 +129,15 @@ class Exchange:
     aborted: bool = False
     finished: bool = False
     head_deferred: bool = False
+    client_id: str | None = None
+    retried: bool = False
+    fell_back: bool = False
+    # Values of the headers routes and identities read (see proxy.dataplane.plan), lower-case names.
+    wanted: dict[str, str] | None = None
 
-    def __init__(self, client: ClientConnection) -> None:
+    def __init__(self, client: ClientConnection, plan: Plan) -> None:
         self.client = client
+        self.plan = plan
         # Forwarded header lines, formatted as they will be sent ("Name: value\r\n", name as received).
         self.lines: list[bytes] = []
 
@@ -162,6 +171,7 @@ class ClientConnection(asyncio.Protocol):
         self.nheaders = 0
         self.nhost = 0
         self.tokens: set[bytes] | None = None
+        self.kinds = dp.plan.kinds  # header kinds of the table the current request is parsed under
         self.cl: int | None = None
         self.body_left: int | None = None
         self.backlog = b""
@@ -176,6 +186,10 @@ class ClientConnection(asyncio.Protocol):
         self.peer = ""
         self.trusted = False
         self.fwd_lines = b""
+        # The proxy's own request lines for the last (Host, route) seen on this connection (see request_head).
+        self.tail = b""
+        self.tail_host: bytes | None = None
+        self.tail_route: str | None = None
         self.tunnel_up: UpstreamConnection | None = None
 
     def __repr__(self) -> str:
@@ -344,7 +358,7 @@ class ClientConnection(asyncio.Protocol):
             self._abort_active(ex, refuse.status)
             return
         if ex is None or ex not in self.queue:
-            ex = Exchange(self)
+            ex = Exchange(self, self.dp.plan)
             self.queue.append(ex)
         ex.refuse = refuse
         ex.keep_alive = False
@@ -353,7 +367,9 @@ class ClientConnection(asyncio.Protocol):
     # -- httptools callbacks
 
     def on_message_begin(self) -> None:
-        self.cur = Exchange(self)
+        plan = self.dp.plan
+        self.kinds = plan.kinds
+        self.cur = Exchange(self, plan)
         self.url = b""
         self.phase = HEAD
         self.head_bytes = 0
@@ -377,9 +393,20 @@ class ClientConnection(asyncio.Protocol):
         if self.nheaders > self.max_headers or self.head_bytes > self.max_head:
             raise _Refuse(431, "too_large")
         n = name.lower()
-        kind = REQUEST_HEADER_KIND.get(n)
+        kind = self.kinds.get(n)
         if kind is None:
             ex.lines.append(b"%b: %b\r\n" % (name, value))
+        elif kind == WANTED:
+            ex.lines.append(b"%b: %b\r\n" % (name, value))
+            k = n.decode("latin-1")
+            v = value.decode("latin-1")
+            w = ex.wanted
+            if w is None:
+                ex.wanted = {k: v}
+            elif k in w:
+                w[k] = w[k] + ("; " if k == "cookie" else ", ") + v
+            else:
+                w[k] = v
         elif kind == HOST:
             self.nhost += 1
             ex.host_raw = value
@@ -443,6 +470,8 @@ class ClientConnection(asyncio.Protocol):
         if self.tokens and not self.tokens <= {b"close", b"keep-alive", b"upgrade"}:
             tokens = self.tokens
             ex.lines = [ln for ln in ex.lines if ln.split(b":", 1)[0].lower() not in tokens]
+            if ex.wanted is not None:
+                ex.wanted = {k: v for k, v in ex.wanted.items() if k.encode("latin-1") not in tokens}
             if ex.fwd is not None:
                 ex.fwd = {k: v for k, v in ex.fwd.items() if k not in tokens}
         if ex.upgrade:
@@ -597,10 +626,20 @@ class ClientConnection(asyncio.Protocol):
             self._local(ex, ex.refuse.status)
             return
         table = dp.holder.table
-        hdrs = LazyHeaders(ex.lines)
-        route = table.match(ex.host, ex.path, hdrs)
+        plan = dp.plan
+        if plan.table is not table:
+            plan = dp.use_plan(table)
+        hdrs: Mapping[str, str]
+        if ex.plan is plan and plan.exact:
+            hdrs = ex.wanted or _NO_HEADERS
+            route = plan.single or table.match(ex.host, ex.path, hdrs)
+        else:  # parsed under another table: the headers it reads may not have been captured
+            hdrs = LazyHeaders(ex.lines)
+            route = table.match(ex.host, ex.path, hdrs)
         if route is None:
             dp.stats.reject("no_route")
+            if dp.access_log is not None:
+                self._log_local(ex, "", 404)
             self._local(ex, 404)
             return
         ex.route = route
@@ -612,7 +651,8 @@ class ClientConnection(asyncio.Protocol):
                 ex.cookie_version = v
                 pick = route.assigned(v)
         if pick is None:
-            pick = route.pick(route.client_id(hdrs, ex.query) if route.identity else None)
+            cid = ex.client_id = route.client_id(hdrs, ex.query) if route.identity else None
+            pick = plan.pick(route, cid)
         ex.chain = chain = pick[1]
         ex.head_common = dp.request_head(self, ex, route.name)
         if route.route.mirror is not None:
@@ -626,9 +666,12 @@ class ClientConnection(asyncio.Protocol):
             i = self._next_version(ex, 1)
             if i < 0:
                 dp.stats.reject("no_healthy_version")
+                if dp.access_log is not None:
+                    self._log_local(ex, route.name, 503)
                 self._local(ex, 503)
                 return
             dp.stats.fallback(route.name, chain[0], chain[i])
+            ex.fell_back = True
             ep = ex.endpoint
             assert ep is not None
         if ex.expect and ex.http11 and not ex.request_complete:  # HTTP/1.0 clients never wait for a 100
@@ -670,8 +713,7 @@ class ClientConnection(asyncio.Protocol):
             return
         ex.up = conn
         conn.ex = ex
-        conn.lines = []
-        conn.special = []
+        conn.hbuf = b""
         conn.got_bytes = conn.informational = conn.until_eof = False
         conn.in_head = True
         conn.deadline = 0.0
@@ -708,6 +750,8 @@ class ClientConnection(asyncio.Protocol):
         route = ex.route
         if route is not None:
             dp.stats.request(route.name, ex.version, ex.status, now - ex.t0, ex.body_bytes, ex.bytes_out)
+            if dp.access_log is not None:
+                self._log(ex, ex.status, now)
         if not ex.request_complete:
             # Answered before the request body ended: the rest of the body cannot be skipped safely.
             self._close()
@@ -737,9 +781,12 @@ class ClientConnection(asyncio.Protocol):
         connect_failed = kind == "connect" or kind == "connect_timeout"
         if connect_failed:
             dp.health.failure(ep)
-        dp.stats.upstream_error(ex.version, _ERROR_KIND[kind])
+        dp.stats.upstream_error(ex.version, _ERROR_KIND[kind], route=route.name)
         if ex.response_started:
-            dp.stats.request(route.name, ex.version, ex.status, dp.now() - ex.t0, ex.body_bytes, ex.bytes_out)
+            now = dp.now()
+            dp.stats.request(route.name, ex.version, ex.status, now - ex.t0, ex.body_bytes, ex.bytes_out)
+            if dp.access_log is not None:
+                self._log(ex, ex.status, now)
             self._abort_active(ex, 502)
             return
         may_replay = not ex.sent_body or ex.replay is not None
@@ -747,6 +794,7 @@ class ClientConnection(asyncio.Protocol):
             if kind == "reset" and conn is not None and conn.served and not ex.retried_same:
                 # A pooled connection the upstream had just closed: one fresh try on the same endpoint.
                 ex.retried_same = True
+                ex.retried = True
                 ex.sent_body = False
                 dp.stats.retry(route.name)
                 self._connect(ex, fresh=True)
@@ -755,12 +803,33 @@ class ClientConnection(asyncio.Protocol):
             if self._next_version(ex, ex.idx + 1) >= 0:
                 dp.stats.retry(route.name)
                 dp.stats.fallback(route.name, failed, ex.version)
+                ex.retried = ex.fell_back = True
                 ex.sent_body = False
                 self._connect(ex)
                 return
         status = 504 if kind == "timeout" or kind == "connect_timeout" else 502
-        dp.stats.request(route.name, ex.version, status, dp.now() - ex.t0, ex.body_bytes, 0)
+        now = dp.now()
+        dp.stats.request(route.name, ex.version, status, now - ex.t0, ex.body_bytes, 0)
+        if dp.access_log is not None:
+            self._log(ex, status, now, answered=False)
         self._local(ex, status)
+
+    def _log(self, ex: Exchange, status: int, now: float, answered: bool = True) -> None:
+        log = self.dp.access_log
+        route = ex.route
+        if log is None or route is None:
+            return
+        ep = ex.endpoint
+        log.record(route.name, ex.version, ex.method, ex.target.decode("latin-1"), status, ex.body_bytes,
+                   ex.bytes_out if answered else 0, now - ex.t0, ep.url if ep is not None and answered else "",
+                   retried=ex.retried, fallback=ex.fell_back, client_id=ex.client_id)
+
+    def _log_local(self, ex: Exchange, route: str, status: int) -> None:
+        """A request the proxy answered itself before choosing a version (404, 503)."""
+        log = self.dp.access_log
+        if log is not None:
+            log.record(route, "", ex.method, ex.target.decode("latin-1"), status, ex.body_bytes, 0,
+                       self.now() - ex.t0, "", client_id=ex.client_id)
 
     def _abort_active(self, ex: Exchange, status: int) -> None:
         up = ex.up

@@ -24,7 +24,8 @@ class Mirrorer:
         self.dp = dp
         self.max_in_flight = MAX_IN_FLIGHT
         self.in_flight = 0
-        self.counts: dict[tuple[str, str, str], int] = {}
+        # The same dict Stats.mirror fills: /metrics exports it as turnout_mirror_requests_total.
+        self.counts: dict[tuple[str, str, str], int] = dp.stats.mirrors
         self._acc: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -32,8 +33,7 @@ class Mirrorer:
         return f"<Mirrorer [In flight: {self.in_flight}/{self.max_in_flight}]>"
 
     def _count(self, route: str, version: str, code: str) -> None:
-        key = (route, version, code)
-        self.counts[key] = self.counts.get(key, 0) + 1
+        self.dp.stats.mirror(route, version, code)
 
     def consider(self, ex: Exchange, route: CompiledRoute) -> None:
         mirror = route.route.mirror

@@ -12,10 +12,12 @@ import contextlib
 import socket
 from collections.abc import Mapping
 
+from proxy.accesslog import AccessLog
 from proxy.dataplane.downstream import ClientConnection, Exchange
 from proxy.dataplane.headers import TrustedPeers
 from proxy.dataplane.health import Health
 from proxy.dataplane.mirror import Mirrorer
+from proxy.dataplane.plan import Plan
 from proxy.dataplane.pool import Backend, Endpoint
 from proxy.dataplane.upstream import UpstreamConnection
 from proxy.runtime import TableHolder
@@ -50,6 +52,7 @@ class DataPlane:
         self.health = Health(settings.passive_eject_after)
         self.mirror = Mirrorer(self)
         self.mirror_counts = self.mirror.counts
+        self.plan = Plan(holder.table)
         self.draining = False
         self.drained = asyncio.Event()  # set when draining and the last client connection closed
         self.server: asyncio.AbstractServer | None = None
@@ -63,6 +66,8 @@ class DataPlane:
         # Deadline resolution: a tenth of the shortest timeout, between 20 ms and 1 s.
         self.tick = max(0.02, min(1.0, fastest / 10))
         self._sweeper: asyncio.Task[None] | None = None
+        # One JSON line per finished request when settings.access_log is set (start_dataplane opens it).
+        self.access_log: AccessLog | None = None
 
     def __repr__(self) -> str:
         idle = sum(len(e.idle) for e in self.endpoints.values())
@@ -71,7 +76,13 @@ class DataPlane:
 
     # -- interface for `turnout serve`
 
+    def use_plan(self, table: RouteTable) -> Plan:
+        if self.plan.table is not table:
+            self.plan = Plan(table)
+        return self.plan
+
     def table_changed(self, table: RouteTable) -> None:
+        self.use_plan(table)
         old = self.endpoints
         new: dict[tuple[str, str], Endpoint] = {}
         backends: dict[str, Backend] = {}
@@ -118,6 +129,10 @@ class DataPlane:
         await self.health.close()
         for u in list(self.uconns):
             u.close()
+        log = self.access_log
+        if log is not None:
+            self.access_log = None
+            await log.aclose()
         await asyncio.sleep(0)
 
     # -- request-path helpers
@@ -137,28 +152,39 @@ class DataPlane:
         return line
 
     def request_head(self, c: ClientConnection, ex: Exchange, route: str) -> bytes:
+        fwd = ex.fwd
+        if fwd is None:
+            # The lines the proxy adds depend only on (peer, Host, route): a keep-alive client repeats them.
+            if ex.host_raw == c.tail_host and route == c.tail_route:
+                tail = c.tail
+            else:
+                tail = c.fwd_lines
+                if ex.host_raw is not None:
+                    tail += b"X-Forwarded-Host: " + ex.host_raw + _CRLF
+                c.tail = tail = tail + self.route_header(route)
+                c.tail_host = ex.host_raw
+                c.tail_route = route
+            return b"".join([ex.method_b, b" ", ex.target, b" HTTP/1.1\r\n", *ex.lines, tail])
+        # Only ever set for trusted peers: their chain is extended, not replaced.
         parts = [ex.method_b, b" ", ex.target, b" HTTP/1.1\r\n", *ex.lines]
         ext = parts.extend
-        fwd = ex.fwd
-        if fwd is not None:  # only ever set for trusted peers
-            prior = fwd.get(b"x-forwarded-for")
-            peer = c.peer.encode()
-            ext((b"X-Forwarded-For: ", prior + b", " + peer if prior else peer, _CRLF,
-                 b"X-Forwarded-Proto: ", fwd.get(b"x-forwarded-proto") or b"http", _CRLF))
-            host = fwd.get(b"x-forwarded-host") or ex.host_raw
-            if host is not None:
-                ext((b"X-Forwarded-Host: ", host, _CRLF))
-            if b"forwarded" in fwd:
-                ext((b"Forwarded: ", fwd[b"forwarded"], _CRLF))
-        else:
-            parts.append(c.fwd_lines)
-            if ex.host_raw is not None:
-                ext((b"X-Forwarded-Host: ", ex.host_raw, _CRLF))
+        prior = fwd.get(b"x-forwarded-for")
+        peer = c.peer.encode()
+        ext((b"X-Forwarded-For: ", prior + b", " + peer if prior else peer, _CRLF,
+             b"X-Forwarded-Proto: ", fwd.get(b"x-forwarded-proto") or b"http", _CRLF))
+        host = fwd.get(b"x-forwarded-host") or ex.host_raw
+        if host is not None:
+            ext((b"X-Forwarded-Host: ", host, _CRLF))
+        if b"forwarded" in fwd:
+            ext((b"Forwarded: ", fwd[b"forwarded"], _CRLF))
+        parts.append(self.route_header(route))
+        return b"".join(parts)
+
+    def route_header(self, route: str) -> bytes:
         line = self._route_lines.get(route)
         if line is None:
             line = self._route_lines[route] = b"X-Turnout-Route: " + route.encode() + _CRLF
-        parts.append(line)
-        return b"".join(parts)
+        return line
 
     def connect(self, ep: Endpoint, ex: Exchange) -> None:
         task = self.loop.create_task(self._connect(ep, ex))
@@ -220,5 +246,14 @@ class DataPlane:
 async def start_dataplane(settings: Settings, holder: TableHolder, stats: Stats, *,
                           reuse_port: bool = False, sock: socket.socket | None = None) -> DataPlane:
     dp = DataPlane(settings, holder, stats)
-    await dp.serve(reuse_port=reuse_port, sock=sock)
+    if settings.access_log:
+        from proxy.server import state_dir  # not at module level: proxy.server imports this module lazily
+
+        dp.access_log = AccessLog.open(settings, stats, state_dir=state_dir(settings))
+    try:
+        await dp.serve(reuse_port=reuse_port, sock=sock)
+    except BaseException:
+        if dp.access_log is not None:
+            await dp.access_log.aclose()
+        raise
     return dp

@@ -34,6 +34,9 @@ class Codec:
             if not r.pins:
                 continue
             known = self._hash_of.get(id(r.pins))
+            if known is None:
+                # Pins decoded from an older revision (a rollback) are the cached mappings themselves.
+                known = next(((p, d) for d, p in self._pins_by_hash.items() if p is r.pins), None)
             if known is not None and known[0] is r.pins:
                 digest = known[1]
             else:
@@ -47,7 +50,9 @@ class Codec:
         self._pins_by_hash = {d: self._pins_by_hash[d] for _, d in live.values() if d in self._pins_by_hash}
         return json.dumps(stored, separators=(",", ":")), blobs
 
-    def decode(self, manifest: str, load_blob: Callable[[str], bytes | None]) -> State:
+    def decode(self, manifest: str, load_blob: Callable[[str], bytes | None], remember: bool = True) -> State:
+        """Manifest -> State. `remember=False` (reading an old revision) uses the pins cache but leaves it
+        as it is, so the current revision's pins stay cached for the next commit and the next read."""
         stored: dict[str, Any] = json.loads(manifest)
         digests: dict[str, str] = {}
         reuse: dict[str, dict[str, str]] = {}
@@ -79,6 +84,8 @@ class Codec:
                 else:
                     routes.append(r)
             state = dataclasses.replace(state, routes=tuple(routes))
+        if not remember:
+            return state
         # Remember decoded pins so re-encoding an unchanged route does not hash its pins again; keep only
         # the blobs this state uses so memory stays bounded however many pin changes go by. States share
         # the same pins mapping, which nothing mutates (changes always build a new mapping).

@@ -230,7 +230,7 @@ class EtcdStore(Store):
 
     # decoding revisions
 
-    async def _decode(self, d: dict[str, Any], codec: Codec) -> Revision:
+    async def _decode(self, d: dict[str, Any], codec: Codec, remember: bool = True) -> Revision:
         info = _info_from_json(d)
         manifest = d.get("manifest")
         if manifest is None:
@@ -252,7 +252,7 @@ class EtcdStore(Store):
         while True:
             missing.clear()
             try:
-                state = codec.decode(manifest, load)
+                state = codec.decode(manifest, load, remember)
                 return Revision(info, state)
             except _BlobNeededError:
                 for digest in missing:
@@ -283,8 +283,8 @@ class EtcdStore(Store):
         record = await self._get(_number_key(self._rev_base, number), "read revision")
         if record is None:
             raise NotFoundError(f"no revision {number}")
-        # A fresh codec: decoding an old revision must not evict the current one's cached pins.
-        return await self._decode(json.loads(record), Codec())
+        # remember=False: decoding an old revision reuses, but must not evict, the current one's cached pins.
+        return await self._decode(json.loads(record), self._codec, remember=False)
 
     async def history(self, route: str | None = None, limit: int = 50,
                       before: int | None = None) -> list[RevisionInfo]:

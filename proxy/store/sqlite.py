@@ -84,7 +84,7 @@ class SQLiteStore(Store):
             row = self._read.execute("SELECT MAX(number) FROM revisions").fetchone()
         return int(row[0] or 0)
 
-    def _load(self, number: int) -> Revision:
+    def _load(self, number: int, remember: bool = True) -> Revision:
         if number == 0:
             return GENESIS
         with self._read_lock:
@@ -94,7 +94,7 @@ class SQLiteStore(Store):
         if row is None:
             raise NotFoundError(f"no revision {number}")
         info = RevisionInfo(row[0], row[1], row[2], row[3], row[4], tuple(json.loads(row[5])))
-        state = self._codec.decode(row[6], self._blob)
+        state = self._codec.decode(row[6], self._blob, remember)
         return Revision(info, state)
 
     def _blob(self, digest: str) -> bytes | None:
@@ -102,25 +102,16 @@ class SQLiteStore(Store):
             row = self._read.execute("SELECT data FROM blobs WHERE hash=?", (digest,)).fetchone()
         return None if row is None else bytes(row[0])
 
-    def current_sync(self) -> Revision:
+    async def current(self) -> Revision:
         n = self._latest_number()
         if n != self._cache.number:
             self._cache = self._load(n)
         return self._cache
 
-    async def current(self) -> Revision:
-        return self.current_sync()
-
     async def get(self, number: int) -> Revision:
         if number == self._cache.number:
             return self._cache
-        # Decoding an old revision must not disturb the codec's cache of the current one.
-        saved = self._codec
-        self._codec = Codec()
-        try:
-            return self._load(number)
-        finally:
-            self._codec = saved
+        return self._load(number, remember=False)
 
     async def history(self, route: str | None = None, limit: int = 50,
                       before: int | None = None) -> list[RevisionInfo]:
@@ -167,21 +158,6 @@ class SQLiteStore(Store):
             w.execute("ROLLBACK")
             raise
 
-    def commit_sync(self, state: State, *, expected: int, actor: str, reason: str, summary: str,
-                    routes: tuple[str, ...]) -> Revision:
-        manifest, blobs = self._codec.encode(state)
-        info = RevisionInfo(expected + 1, now(), actor, reason, summary, routes)
-        try:
-            self._commit_sync(manifest, blobs, expected, info)
-        except BaseException as e:
-            self._codec = Codec()
-            if isinstance(e, sqlite3.Error):
-                raise StoreUnavailableError(f"sqlite store {self.path}: {e}") from e
-            raise
-        rev = Revision(info, state)
-        self._cache = rev
-        return rev
-
     async def commit(self, state: State, *, expected: int, actor: str, reason: str, summary: str,
                      routes: tuple[str, ...]) -> Revision:
         manifest, blobs = self._codec.encode(state)
@@ -207,13 +183,10 @@ class SQLiteStore(Store):
             row = self._read.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def set_meta_sync(self, key: str, value: str) -> None:
+    async def set_meta(self, key: str, value: str) -> None:
         with self._read_lock:
             self._read.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
                                "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
-
-    async def set_meta(self, key: str, value: str) -> None:
-        self.set_meta_sync(key, value)
 
     # watch
 
