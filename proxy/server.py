@@ -71,7 +71,7 @@ async def seed_from_file(store: Store, path: str, stats: Stats | None = None) ->
         for err in e.errors:
             log(f"{path}: {err}")
         if stats is not None:
-            stats.apply_errors = getattr(stats, "apply_errors", 0) + 1
+            stats.apply_errors += 1
         if current.number == 0:
             raise
         log(f"{path} refused; still serving revision {current.number}")
@@ -98,14 +98,14 @@ class Follower:
         try:
             table = RouteTable(rev.state, rev.number, previous=self.holder.table)
         except Exception as e:  # a table that cannot compile must never take the old one down
-            self.stats.apply_errors = getattr(self.stats, "apply_errors", 0) + 1
+            self.stats.apply_errors += 1
             log(f"revision {rev.number} could not be compiled, still serving {self.holder.table.revision}: {e}")
             return
         self.on_table(table)
 
     def on_table(self, table: RouteTable) -> None:
         if self.holder.offer(table):
-            self.stats.applied = getattr(self.stats, "applied", 0) + 1
+            self.stats.applied += 1
             for listener in self.listeners:
                 listener(table)
 
@@ -151,30 +151,42 @@ def metrics_dir(settings: Settings) -> Path:
     return state_dir(settings) / "run" / f"metrics-{settings.listen[1]}"
 
 
-async def _stop_on_signal(parent: int | None = None) -> None:
-    stop = asyncio.Event()
+class StopSignal:
+    """SIGTERM/SIGINT set an event from the moment this is created, so a signal that arrives while the
+    process is still starting is a graceful stop, not the default instant death."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self.event.set)
+
+    async def wait(self) -> None:
+        await self.event.wait()
+
+    def close(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.remove_signal_handler(sig)
+
+
+async def _follow_supervisor(store: Store, stop: asyncio.Event) -> None:
+    """The supervisor writes each revision it commits to our stdin: look at the store now rather than at the
+    next 10 ms poll. End of file means the supervisor is gone (even by SIGKILL): stop serving."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if parent is not None:
-        # A worker whose supervisor died (even by SIGKILL) must not keep serving an orphaned port.
-        async def orphaned() -> None:
-            while os.getppid() == parent:  # noqa: ASYNC110 - no event exists for "parent died"
-                await asyncio.sleep(0.5)
-            stop.set()
-
-        watcher = loop.create_task(orphaned())
-    await stop.wait()
-    if parent is not None:
-        watcher.cancel()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    poke = getattr(store, "poke", None)
+    while await reader.readline():
+        if poke is not None:
+            poke()
+    stop.set()
 
 
-async def run_worker(settings: Settings, worker_id: str, parent: int) -> None:
-    """One data-plane worker process (workers > 1); `parent` is the supervisor's pid."""
+async def run_worker(settings: Settings, worker_id: str) -> None:
+    """One data-plane worker process (workers > 1), started by the supervisor with a pipe on stdin."""
     from proxy.dataplane.server import start_dataplane
 
+    stopper = StopSignal()
     stats = Stats()
     store = open_store(settings.store)
     rev = await store.current()
@@ -192,7 +204,10 @@ async def run_worker(settings: Settings, worker_id: str, parent: int) -> None:
         publisher_task = asyncio.get_running_loop().create_task(publisher.run())
     except ImportError:
         pass
-    await _stop_on_signal(parent=parent)
+    link = asyncio.get_running_loop().create_task(_follow_supervisor(store, stopper.event))
+    await stopper.wait()
+    stopper.close()
+    link.cancel()
     await dataplane.shutdown(settings.timeouts.shutdown_grace)
     await follower.stop()
     if publisher_task is not None:
@@ -229,6 +244,7 @@ class Supervisor:
             self.follower.listeners.append(self.dataplane.table_changed)
         else:
             await self._spawn_workers()
+            self.follower.listeners.append(self._tell_workers)
         self.follower.start()
         await self._start_admin()
         log(f"proxy listening on http://{_hostport(s.listen)} ({s.workers} worker(s)); "
@@ -247,9 +263,16 @@ class Supervisor:
         payload = settings_to_json(s)
         for i in range(s.workers):
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "proxy", "_worker", "--id", str(i), "--parent", str(os.getpid()),
-                "--settings-json", payload)
+                sys.executable, "-m", "proxy", "_worker", "--id", str(i), "--settings-json", payload,
+                stdin=asyncio.subprocess.PIPE)
             self.workers.append(proc)
+
+    def _tell_workers(self, table: RouteTable) -> None:
+        line = f"{table.revision}\n".encode()
+        for proc in self.workers:
+            if proc.stdin is not None and proc.returncode is None:
+                with contextlib.suppress(OSError, RuntimeError):
+                    proc.stdin.write(line)
 
     def health_view(self) -> dict[str, dict[str, bool]]:
         if self.dataplane is not None:
@@ -341,14 +364,16 @@ class Supervisor:
 
 
 async def run_supervisor(settings: Settings, on_ready: Callable[[Supervisor], None] | None = None) -> None:
+    stopper = StopSignal()
     sup = Supervisor(settings)
     try:
         await sup.start()
         if on_ready is not None:
             on_ready(sup)
-        await _stop_on_signal()
+        await stopper.wait()
         log("stopping: finishing in-flight requests")
     finally:
+        stopper.close()
         await sup.stop()
 
 

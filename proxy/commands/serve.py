@@ -68,7 +68,6 @@ restarts.""", formatter_class=argparse.RawDescriptionHelpFormatter)
     w = sub.add_parser("_worker")  # internal: one data-plane worker process; hidden from --help below
     w.add_argument("--id", required=True)
     w.add_argument("--settings-json", required=True)
-    w.add_argument("--parent", type=int, required=True)
     w.set_defaults(func=run_worker)
     sub._choices_actions = [a for a in sub._choices_actions if a.dest != "_worker"]
 
@@ -94,7 +93,5 @@ def run_worker(args: argparse.Namespace) -> int:
     from proxy.server import run_worker as worker_main
     from proxy.server import settings_from_json
 
-    if os.getppid() != args.parent:  # the supervisor died before this worker even started
-        return 1
-    run_loop(worker_main(settings_from_json(args.settings_json), args.id, args.parent))
+    run_loop(worker_main(settings_from_json(args.settings_json), args.id))
     return 0

@@ -190,6 +190,11 @@ class SQLiteStore(Store):
 
     # watch
 
+    def poke(self) -> None:
+        """Another process says it committed: check now instead of at the next poll."""
+        for ev in self._watchers:
+            ev.set()
+
     async def watch(self, after: int) -> AsyncIterator[Revision]:
         wake = asyncio.Event()
         self._watchers.add(wake)

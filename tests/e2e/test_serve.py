@@ -64,3 +64,31 @@ def test_workers_apply_changes_quickly(tmp_path: Path) -> None:
             wait_until(lambda: all(version_of(t.url) == "v2" for _ in range(20)), timeout=5, interval=0.005)
             elapsed = time.monotonic() - t0
             print(f"workers converged after {elapsed * 1000:.1f} ms")
+
+
+def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+
+    with backend("v1") as p1, backend("v2") as p2, backend("acme") as p3:
+        t = Turnout(tmp_path, routes_file(tmp_path, p1, p2, p3), "--workers", "2")
+        with t:
+            assert t.proc is not None
+            wait_until(lambda: version_of(t.url, "acme") == "acme")
+            out = subprocess.run(["pgrep", "-P", str(t.proc.pid)], capture_output=True, text=True).stdout
+            workers = [int(p) for p in out.split()]
+            assert len(workers) == 2
+            t.proc.send_signal(signal.SIGKILL)
+            t.proc.wait()
+
+            def gone() -> bool:
+                for pid in workers:
+                    try:
+                        os.kill(pid, 0)
+                    except ProcessLookupError:
+                        continue
+                    return False
+                return True
+
+            wait_until(gone, timeout=40)
