@@ -29,7 +29,7 @@ from proxy.model import (
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-DIGEST_RE = re.compile(r"@sha256:[0-9a-f]{64}$")
+DIGEST_RE = re.compile(r"@sha256:[0-9a-f]{64}\Z")
 HOST_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?$")
 
 VERSION_FIELDS = {
@@ -76,7 +76,7 @@ class Checker:
         if not isinstance(value, str) or not value:
             self.fail(path, f"expected {what}, got {_kind(value)}")
             return None
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):
             self.fail(path, f"expected {what}, got {value!r}")
             return None
         return value
@@ -118,7 +118,7 @@ class Checker:
             return None
         out = []
         for k, v in m.items():
-            if key_re is not None and not key_re.match(k):
+            if key_re is not None and not key_re.fullmatch(k):
                 self.fail(_join(path, k), "invalid name")
                 continue
             if isinstance(v, bool) or not isinstance(v, str | int | float):
@@ -136,7 +136,7 @@ def _kind(value: object) -> str:
 
 
 def _join(path: str, key: str) -> str:
-    if NAME_RE.match(key) or TOKEN_RE.match(key):
+    if NAME_RE.fullmatch(key) or TOKEN_RE.fullmatch(key):
         return f"{path}.{key}" if path else key
     return f"{path}[{key!r}]"
 
@@ -162,7 +162,7 @@ def parse_endpoint(c: Checker, value: object, path: str) -> str | None:
 
 def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bool = False,
                   now: float = 0.0) -> Version | None:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         c.fail(path, "a version name is 1-63 letters, digits, '.', '_' or '-'")
     d = c.mapping(value, path, STORED_VERSION_FIELDS if stored else VERSION_FIELDS)
     if d is None:
@@ -207,7 +207,8 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
         hpath = _join(path, "health")
         h = c.mapping(d["health"], hpath, {"path", "interval", "timeout"})
         if h is not None:
-            hp = c.string(h.get("path", "/"), f"{hpath}.path", re.compile(r"^/"), "a path starting with /")
+            hp = c.string(h.get("path", "/"), f"{hpath}.path", re.compile(r"/[^\s]*"),
+                          "a path starting with / (no spaces)")
             iv = c.number(h.get("interval", 2.0), f"{hpath}.interval", 0.05, 3600)
             to = c.number(h.get("timeout", 1.0), f"{hpath}.timeout", 0.01, 600)
             if hp and iv and to:
@@ -278,8 +279,11 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
     before = len(c.errors)
     if name is None:
         name = c.string(d.get("name"), _join(path, "name"), NAME_RE, "a route name (letters, digits, . _ -)")
-    elif "name" in d and d["name"] != name:
-        c.fail(_join(path, "name"), f"does not match the route name in the URL ({name!r})")
+    else:
+        if not NAME_RE.fullmatch(name):
+            c.fail(_join(path, "name"), "a route name is 1-63 letters, digits, '.', '_' or '-'")
+        if "name" in d and d["name"] != name:
+            c.fail(_join(path, "name"), f"does not match the route name in the URL ({name!r})")
 
     def known(v: object, p: str) -> str | None:
         s = c.string(v, p, what="a version name")

@@ -7,6 +7,7 @@ pair, sticky routes bisect precomputed bucket bounds, and per-request picks walk
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Final
 from urllib.parse import parse_qsl
@@ -20,12 +21,14 @@ STICKY: Final = "sticky"
 WEIGHTED: Final = "weighted"
 ASSIGNED: Final = "assigned"
 
+_PCT_UNRESERVED = re.compile(r"%(4[1-9A-Fa-f]|5[0-9Aa]|6[1-9A-Fa-f]|7[0-9Aa]|3[0-9]|2[Dd]|2[Ee]|5[Ff]|7[Ee])")
+
 Pick = tuple[str, tuple[str, ...]]  # (reason, chain: chosen version first, then fallbacks)
 
 
 class CompiledRoute:
     __slots__ = (
-        "_bounds", "_cycle", "_cycle_len", "_next", "_pins", "_sticky_picks", "_weighted_picks",
+        "_assignable", "_bounds", "_cycle", "_cycle_len", "_next", "_pins", "_sticky_picks", "_weighted_picks",
         "assignment_cookie", "chains", "expose_version", "header_ids", "host", "host_suffix", "identity",
         "match_headers", "name", "prefix", "prefix_dir", "route",
     )
@@ -48,6 +51,7 @@ class CompiledRoute:
         weights = [w for _, w in route.split]
         all_versions = set(names) | set(route.pins.values()) | set(route.fallback)
         self.chains = {v: fallback_chain(v, route.fallback) for v in all_versions}
+        self._assignable = frozenset(names) | frozenset(route.fallback)
         self._sticky_picks = [(STICKY, self.chains[v]) for v in names]
         self._weighted_picks = [(WEIGHTED, self.chains[v]) for v in names]
         old = previous.route if previous is not None else None
@@ -112,9 +116,52 @@ class CompiledRoute:
         return self._cycle[i]
 
     def assigned(self, version: str) -> Pick | None:
-        """Pick for a session that carries an assignment cookie naming `version`, if it is still routable."""
-        chain = self.chains.get(version)
-        return None if chain is None else (ASSIGNED, chain)
+        """Pick for a session whose assignment cookie names `version`: honoured only for versions of the
+        split (weight 0 included: that is what a drain keeps serving) or the fallback chain, never for a
+        version reachable only through someone else's pin."""
+        if version not in self._assignable:
+            return None
+        return (ASSIGNED, self.chains[version])
+
+    def pick_session(self, client_id: str | None, assigned_version: str | None) -> Pick:
+        """Selection with the assignment cookie in its place: a pin (operator intent for this client)
+        beats an older assignment, which beats the sticky split."""
+        if client_id is not None:
+            pinned = self._pins.get(client_id)
+            if pinned is not None:
+                return pinned
+        if assigned_version is not None:
+            pick = self.assigned(assigned_version)
+            if pick is not None:
+                return pick
+        return self.pick(client_id)
+
+
+def normalize_path(path: str) -> str:
+    """The path an upstream will resolve: %-encoded unreserved characters decoded, repeated slashes merged,
+    dot-segments removed (RFC 3986 5.2.4). Routes match on this, so `/x/../admin` and `//admin` cannot
+    reach a catch-all route's version when the upstream reads them as `/admin`. Paths without '%', '//'
+    or '/.' are returned as they are (the common case costs three substring checks)."""
+    if "%" not in path and "//" not in path and "/." not in path:
+        return path
+    if "%" in path:
+        path = _PCT_UNRESERVED.sub(lambda m: chr(int(m.group(1), 16)), path)
+    out: list[str] = []
+    segments = path.split("/")
+    for i, seg in enumerate(segments):
+        if seg == "..":
+            if len(out) > 1:
+                out.pop()
+        elif seg != "." and (seg or i == 0):
+            out.append(seg)
+    last = segments[-1]
+    trailing = path.endswith("/") or last in (".", "..")
+    result = "/".join(out) or ""
+    if not result.startswith("/"):
+        result = "/" + result.lstrip("/")
+    if trailing and not result.endswith("/"):
+        result += "/"
+    return result
 
 
 def cookie_value(header: str | None, name: str) -> str | None:

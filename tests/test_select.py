@@ -177,3 +177,24 @@ def test_recompiling_after_a_weight_change_reuses_the_compiled_pins() -> None:
     refallback = dataclasses.replace(moved, fallback=("v2",))
     t4 = RouteTable(State(versions=versions, routes=(refallback,)), 4, previous=t2)
     assert t4.routes[0].pick("c7") == (PIN, ("acme", "v2"))
+
+
+def test_normalize_path_resolves_what_an_upstream_would() -> None:
+    from proxy.table import normalize_path
+
+    cases = {
+        "/": "/", "/a/b": "/a/b", "/x/../admin/users": "/admin/users", "/./admin/x": "/admin/x",
+        "//admin/x": "/admin/x", "/%61dmin/x": "/admin/x", "/a/b/..": "/a/", "/..": "/", "/a//b/": "/a/b/",
+        "/%2e%2e/admin": "/admin", "/a%2Fb": "/a%2Fb",  # an encoded slash stays data, not a separator
+    }
+    assert {p: normalize_path(p) for p in cases} == cases
+
+
+def test_assignment_cookie_only_for_split_and_fallback_versions_and_pins_win() -> None:
+    r = _route({"v1": 0, "v2": 100}, pins={"big": "dedicated"}, fallback=("v0",), assignment_cookie="tv")
+    assert r.assigned("v1") == ("assigned", ("v1", "v0"))  # weight 0: a draining version keeps its sessions
+    assert r.assigned("v0") == ("assigned", ("v0",))
+    assert r.assigned("dedicated") is None  # reachable only through someone else's pin
+    assert r.pick_session("big", "v1") == (PIN, ("dedicated", "v0"))
+    assert r.pick_session("someone", "v1") == ("assigned", ("v1", "v0"))
+    assert r.pick_session("someone", "dedicated")[0] == STICKY

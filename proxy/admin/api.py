@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import time
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -349,7 +350,7 @@ def _if_match(request: web.Request) -> int | None:
     if raw is None or raw.strip() == "*":
         return None
     value = raw.strip().removeprefix("W/").strip('"')
-    if not value.isdigit():
+    if not _is_count(value):
         raise BadRequestError(f'expected a revision like "12", got {raw!r}', "If-Match")
     return int(value)
 
@@ -360,6 +361,9 @@ def _reason(request: web.Request) -> str:
     if reason is None:
         reason = request.headers.get(REASON_HEADER, "")
     reason = reason.strip()
+    if any(unicodedata.category(ch) in ("Cc", "Cf") for ch in reason):
+        # History is printed on operators' terminals: an escape sequence in a reason would act on them.
+        raise ValidationError([FieldError("reason", "control characters are not allowed")])
     if len(reason) > MAX_REASON:
         raise ValidationError([FieldError("reason", f"at most {MAX_REASON} characters, got {len(reason)}")])
     return reason
@@ -368,9 +372,14 @@ def _reason(request: web.Request) -> str:
 def _valid_name(request: web.Request, what: str) -> str:
     """Names in the URL are checked like names in a route file, so every stored state can be exported."""
     name = request.match_info["name"]
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise ValidationError([FieldError("name", f"a {what} name is 1-63 letters, digits, '.', '_' or '-'")])
     return name
+
+
+def _is_count(text: str) -> bool:
+    """ASCII digits only (str.isdigit also takes '²'), and few enough to fit SQLite's 64-bit integers."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
 
 
 def _flag(value: str | None) -> bool:
@@ -382,8 +391,8 @@ def _int_param(raw: str | None, name: str, default: int | None, minimum: int, ma
         if default is None:
             raise BadRequestError(f"{name} is required", name)
         return default
-    if not raw.isdigit():
-        raise BadRequestError(f"expected a whole number, got {raw!r}", name)
+    if not _is_count(raw):
+        raise BadRequestError(f"expected a whole number of at most 18 digits, got {raw!r}", name)
     n = int(raw)
     if n < minimum or (maximum is not None and n > maximum):
         bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"

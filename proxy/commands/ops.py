@@ -344,7 +344,17 @@ def split_bar(split: Sequence[tuple[str, float]], width: int = BAR_WIDTH) -> str
     return f"[{bar}] {legend}"
 
 
+def printable(text: object) -> str:
+    """Control characters (ESC, OSC, C1, bidi overrides) shown escaped, never sent to the terminal raw:
+    reasons, client ids and summaries come from whoever holds a token."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in s)
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
+    rows = [[printable(c) for c in row] for row in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
     out = []
     for row in [header, *rows]:
