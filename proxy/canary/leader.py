@@ -1,0 +1,133 @@
+"""Leader election for the canary controller: which replica drives rollouts."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from proxy.store.base import Store
+
+log = logging.getLogger("turnout.canary")
+
+
+class Leader(abc.ABC):
+    """Which replica drives rollouts: with several proxies on one etcd store exactly one may step a route."""
+
+    @abc.abstractmethod
+    def is_leader(self) -> bool: ...
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
+class AlwaysLeader(Leader):
+    """SQLite: one proxy per store, so this process always leads."""
+
+    def __repr__(self) -> str:
+        return "<AlwaysLeader>"
+
+    def is_leader(self) -> bool:
+        return True
+
+
+# Lease time-to-live: a crashed leader's rollouts stand still at most this long before another replica leads.
+LEASE_TTL = 5
+# A leader trusts its lease for this share of the TTL after the keep-alive it last sent, so it stops acting
+# before etcd could hand the key to another replica (etcd counts the TTL from when it got the keep-alive).
+LEASE_TRUST = 0.6
+
+
+class EtcdLeader(Leader):
+    """Leadership as an etcd key created under a lease: the replica whose transaction created the key leads
+    while it keeps the lease alive; a crashed or partitioned leader's lease lapses and another one takes over.
+    `stop()` revokes the lease, so a clean shutdown hands over at once."""
+
+    def __init__(self, host: str, port: int, key: str, *, ttl: int = LEASE_TTL, identity: str | None = None) -> None:
+        import os
+        import uuid
+
+        self.host, self.port, self.key = host, port, key.encode()
+        self.ttl = ttl
+        self.identity = (identity or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}").encode()
+        self._client: Any = None
+        self._lease: Any = None
+        self._valid_until = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<EtcdLeader {self.key.decode()} [{'leading' if self.is_leader() else 'following'}]>"
+
+    def is_leader(self) -> bool:
+        return time.monotonic() < self._valid_until
+
+    async def start(self) -> None:
+        import aetcd
+
+        from proxy.store.etcd import GRPC_OPTIONS
+
+        self._client = aetcd.Client(host=self.host, port=self.port, timeout=2.0, options=GRPC_OPTIONS)
+        self._task = asyncio.create_task(self._run(), name="turnout-canary-leader")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        leading = self.is_leader()
+        self._valid_until = 0.0
+        if self._client is not None:
+            if leading and self._lease is not None:
+                with contextlib.suppress(Exception):
+                    await self._lease.revoke()
+            with contextlib.suppress(Exception):
+                await self._client.close()
+            self._client = None
+
+    async def campaign(self) -> bool:
+        """One round: keep the lease alive, then hold or try to take the key. True while leading."""
+        c = self._client
+        sent = time.monotonic()
+        if self._lease is not None:
+            reply = await self._lease.refresh()
+            if reply is None or reply.TTL <= 0:  # expired while we could not reach etcd
+                self._lease = None
+                self._valid_until = 0.0
+        if self._lease is None:
+            self._lease = await c.lease(self.ttl)
+        tx = c.transactions
+        won, responses = await c.transaction(
+            compare=[tx.version(self.key) == 0],
+            success=[tx.put(self.key, self.identity, lease=self._lease)],
+            failure=[tx.get(self.key)])
+        holder = self.identity if won else (bytes(responses[0][0][0]) if responses and responses[0] else b"")
+        self._valid_until = sent + self.ttl * LEASE_TRUST if holder == self.identity else 0.0
+        return self.is_leader()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.campaign()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # etcd unreachable: leadership lapses by itself (is_leader's deadline)
+                log.warning("canary leader election: %s", e)
+            await asyncio.sleep(self.ttl / 5)
+
+
+def leader_for(store: Store) -> Leader:
+    """An etcd store is shared by replicas, which elect one; any other store has a single proxy."""
+    from urllib.parse import urlsplit
+
+    if not store.url.startswith("etcd://"):
+        return AlwaysLeader()
+    parts = urlsplit(store.url)
+    prefix = parts.path.strip("/") or "turnout"
+    return EtcdLeader(parts.hostname or "127.0.0.1", parts.port or 2379, f"/{prefix}/leader/canary")
