@@ -71,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
         proxy_url = f"http://{settings.listen[0]}:{settings.listen[1]}"
         admin_url = f"http://{settings.admin[0]}:{settings.admin[1]}"
         token_file = Path(settings.state_dir or ".") / "admin-token"
+        # The demo usually runs from ./dev, whose venv is not on PATH: print the command that works here.
+        exe = Path(sys.executable).parent / "turnout"
+        cli = str(exe) if exe.exists() else f"{sys.executable} -m proxy"
         print(f"""
 turnout demo: versions v1, v2 and acme are up; the proxy starts on {proxy_url}
 
@@ -79,10 +82,11 @@ Try:
   curl -s -H 'X-Client-Id: alice' {proxy_url}/           # sticky: alice always gets the same version
   curl -s -H 'X-Client-Id: acme' {proxy_url}/            # acme is pinned to its dedicated version
   export TURNOUT_ADMIN_TOKEN=$(cat {token_file})
-  turnout status --admin {admin_url}
-  turnout split web v1=50 v2=50 --reason 'canary looks good' --admin {admin_url}
-  turnout rollback web --admin {admin_url}
-  open {admin_url}/ui                                     # live status page
+  {cli} status --admin {admin_url}
+  {cli} split web v1=50 v2=50 --reason 'canary looks good' --admin {admin_url}
+  {cli} history --admin {admin_url}
+  {cli} rollback web --admin {admin_url}
+Live status page: {admin_url}/ui (token in {token_file})
 Ctrl-C stops everything.
 """, flush=True)
         from proxy.server import run as run_loop
