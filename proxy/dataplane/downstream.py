@@ -34,9 +34,10 @@ from proxy.dataplane.headers import (
     connection_tokens,
     local_response,
     split_host,
+    valid_host,
 )
 from proxy.dataplane.plan import WANTED
-from proxy.table import cookie_value
+from proxy.table import cookie_value, normalize_path
 
 if TYPE_CHECKING:
     from proxy.dataplane.plan import Plan
@@ -57,6 +58,8 @@ PIPELINE_SLICE: Final = 2048
 
 _CRLF: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
+# Connection may not name these: Host is end-to-end and what the route was chosen by.
+_NEVER_HOP: Final = frozenset({b"host"})
 _NO_HEADERS: Final[dict[str, str]] = {}  # never written to
 _METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 _ERROR_KIND: Final[dict[str, UpstreamErrorKind]] = {
@@ -436,17 +439,27 @@ class ClientConnection(asyncio.Protocol):
         assert ex is not None
         p = self.parser
         self.raw_head = 0
+        # Attributes are written only when they differ from the class defaults (the common GET): every
+        # write is a dict insert on the request path.
         method_b = p.get_method()
-        ex.method_b = method_b
-        method = _METHODS.get(method_b) or method_b.decode("ascii", "replace")
-        ex.method = method
-        ex.http11 = p.get_http_version() == "1.1"
-        ex.keep_alive = p.should_keep_alive()
-        ex.head = method == "HEAD"
-        upgrade = ex.upgrade = p.should_upgrade()
+        if method_b == b"GET":
+            method = "GET"
+        else:
+            ex.method_b = method_b
+            method = ex.method = _METHODS.get(method_b) or method_b.decode("ascii", "replace")
+            if method == "HEAD":
+                ex.head = True
+        if p.get_http_version() != "1.1":
+            ex.http11 = False
+        if not p.should_keep_alive():
+            ex.keep_alive = False
+        upgrade = p.should_upgrade()
+        if upgrade:
+            ex.upgrade = True
         now = ex.t0 = self.now()
         cl = self.cl
-        ex.cl = cl
+        if cl is not None:
+            ex.cl = cl
         url = self.url
         host_raw = ex.host_raw
         if (self.nhost == 1 and url[:1] == b"/" and not upgrade and (cl is None or cl <= self.max_body)
@@ -460,7 +473,14 @@ class ClientConnection(asyncio.Protocol):
             else:
                 ex.path = url.decode("latin-1")
             host = self.dp.hosts.get(host_raw)
-            ex.host = host if host is not None else self._host(host_raw)
+            if host is None:
+                try:
+                    host = self._host(host_raw)
+                except _Refuse as r:
+                    ex.refuse = r
+                    ex.keep_alive = False
+                    host = ""
+            ex.host = host
         else:
             try:
                 self._validate(ex, method, cl)
@@ -468,7 +488,7 @@ class ClientConnection(asyncio.Protocol):
                 ex.refuse = r
                 ex.keep_alive = False
         if self.tokens and not self.tokens <= {b"close", b"keep-alive", b"upgrade"}:
-            tokens = self.tokens
+            tokens = self.tokens - _NEVER_HOP
             ex.lines = [ln for ln in ex.lines if ln.split(b":", 1)[0].lower() not in tokens]
             if ex.wanted is not None:
                 ex.wanted = {k: v for k, v in ex.wanted.items() if k.encode("latin-1") not in tokens}
@@ -536,6 +556,8 @@ class ClientConnection(asyncio.Protocol):
             raise _Refuse(413, "too_large")
 
     def _host(self, host_raw: bytes) -> str:
+        if not valid_host(host_raw):
+            raise _Refuse(400, "bad_request")  # userinfo or garbage: routed as one host, read as another
         hosts = self.dp.hosts
         if len(hosts) > 1000:  # bounded: Host values are client-controlled
             hosts.clear()
@@ -632,10 +654,11 @@ class ClientConnection(asyncio.Protocol):
         hdrs: Mapping[str, str]
         if ex.plan is plan and plan.exact:
             hdrs = ex.wanted or _NO_HEADERS
-            route = plan.single or table.match(ex.host, ex.path, hdrs)
+            # Routes match on the path the upstream will resolve (dot-segments, "//", %-encoded letters).
+            route = plan.single or table.match(ex.host, normalize_path(ex.path), hdrs)
         else:  # parsed under another table: the headers it reads may not have been captured
             hdrs = LazyHeaders(ex.lines)
-            route = table.match(ex.host, ex.path, hdrs)
+            route = table.match(ex.host, normalize_path(ex.path), hdrs)
         if route is None:
             dp.stats.reject("no_route")
             if dp.access_log is not None:
@@ -643,15 +666,14 @@ class ClientConnection(asyncio.Protocol):
             self._local(ex, 404)
             return
         ex.route = route
-        pick = None
+        cid = ex.client_id = route.client_id(hdrs, ex.query) if route.identity else None
         cookie = route.assignment_cookie
-        if cookie is not None:
-            v = cookie_value(hdrs.get("cookie"), cookie)
-            if v is not None and v in route.chains:
-                ex.cookie_version = v
-                pick = route.assigned(v)
-        if pick is None:
-            cid = ex.client_id = route.client_id(hdrs, ex.query) if route.identity else None
+        v = cookie_value(hdrs.get("cookie"), cookie) if cookie is not None else None
+        if v is not None:
+            # A pin beats an older assignment cookie, which beats the sticky split.
+            ex.cookie_version = v
+            pick = route.pick_session(cid, v)
+        else:
             pick = plan.pick(route, cid)
         ex.chain = chain = pick[1]
         ex.head_common = dp.request_head(self, ex, route.name)
@@ -713,9 +735,11 @@ class ClientConnection(asyncio.Protocol):
             return
         ex.up = conn
         conn.ex = ex
-        conn.hbuf = b""
+        conn.lines = []
+        conn.special = []
         conn.got_bytes = conn.informational = conn.until_eof = False
         conn.in_head = True
+        conn.head_size = 0
         conn.deadline = 0.0
         # A retry replays the whole buffered body; a first attempt sends what waited for the connection.
         body = ex.replay if ex.attempts > 1 and ex.replay is not None else ex.pending or []
@@ -732,7 +756,8 @@ class ClientConnection(asyncio.Protocol):
             # size then never reaches the upstream at all.
             ex.head_deferred = True
         else:
-            conn.transport.write(b"".join([ex.head_common, dp.version_header(ex.version), ex.head_tail, *body]))
+            head = (ex.head_common, dp.version_header(ex.version), ex.head_tail)
+            conn.transport.write(b"".join((*head, *body) if body else head))
         if ex.request_complete:
             conn.deadline = dp.now() + dp.t_upstream_response
         if self.write_paused:

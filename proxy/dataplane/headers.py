@@ -8,6 +8,7 @@ Header names pass as received; the ones the proxy writes itself are in their usu
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterator, Mapping
 from http import HTTPStatus
 from typing import Final
@@ -42,6 +43,18 @@ REQUEST_HEADER_KIND: Final[dict[bytes, int]] = {
     b"x-turnout-route": OURS,
     b"x-turnout-version": OURS,
 }
+# Underscore spellings of the headers the proxy sets or trusts: CGI/WSGI-style upstreams read X_Forwarded_For as
+# X-Forwarded-For, so a client must not be able to slip them past the rules above. Every mix of "-" and "_"
+# is listed, so the request path pays no extra test per header.
+for _name in [n for n, k in REQUEST_HEADER_KIND.items() if k in (FORWARDED, OURS) and b"-" in n]:
+    _parts = _name.split(b"-")
+    for _mask in range(1, 1 << (len(_parts) - 1)):
+        _spelled = _parts[0] + b"".join((b"_" if _mask >> i & 1 else b"-") + p for i, p in enumerate(_parts[1:]))
+        REQUEST_HEADER_KIND[_spelled] = HOP
+del _name, _parts, _mask, _spelled
+
+# Host header values: reg-name or IP literal, optional port (RFC 3986 3.2.2); no userinfo, no spaces.
+_HOST_RE: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
 
 # Response headers the proxy never passes on as received (framing is re-done, connection is per hop).
 RESPONSE_DROP: Final = frozenset({
@@ -137,6 +150,10 @@ class LazyHeaders(Mapping[str, str]):
 
     def __len__(self) -> int:
         return len(self._dict())
+
+
+def valid_host(host: bytes) -> bool:
+    return _HOST_RE.fullmatch(host) is not None
 
 
 def split_host(host: bytes) -> str:

@@ -26,10 +26,10 @@ RAW: Final = 1  # same bytes as the parser delivered (Content-Length, or close-d
 CHUNKED: Final = 2  # re-chunked for a 1.1 client
 
 _SPECIAL: Final = RESPONSE_DROP | {b"content-length"}
-# "\n<name>:" for each special name, searched in "\n" + the lower-cased header block: llhttp has already
-# refused whitespace before the colon, obs-fold and bare LF, so every header line starts after a "\n".
-_SPECIAL_KEYS: Final = tuple((b"\n" + n + b":", n) for n in sorted(_SPECIAL))
-_HEAD_END: Final = b"\r\n\r\n"
+# Response header names as received -> lower-case name when special, else None. Upstreams repeat the same
+# few spellings, so one dict lookup replaces lower() and a set test; bounded like every cache of peer input.
+_NAMES: dict[bytes, bytes | None] = {}
+_NAMES_MAX: Final = 512
 _CRLF: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 
@@ -45,11 +45,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.served = 0  # responses completed on this connection; >0 means a reused connection
         self.got_bytes = False  # any byte of the current response arrived
-        # The bytes of the response head read so far. Response headers are taken from the raw head that llhttp
-        # validated, not from one on_header callback per header (those cost about 1 us per response).
-        self.hbuf = b""
-        self.max_head = dp.settings.limits.max_header_bytes + dp.settings.limits.max_request_line
+        self.lines: list[bytes] = []  # response header lines to pass on, already formatted
+        self.special: list[tuple[bytes, bytes]] = []  # framing and hop-by-hop headers, decided on later
         self.in_head = True
+        # Bytes read while a response head was incomplete, and the bound on a head (the request-side limits:
+        # request line plus header block); llhttp itself would buffer a header field without limit.
+        self.head_size = 0
+        limits = dp.settings.limits
+        self.max_head = limits.max_header_bytes + limits.max_request_line
         self.informational = False
         self.mode = NONE
         self.until_eof = False
@@ -119,15 +122,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = True
         self.deadline = self.now() + self.dp.t_upstream_idle
         if self.in_head:
-            hbuf = self.hbuf
-            if hbuf:
-                hbuf += data
-                if len(hbuf) > self.max_head and _HEAD_END not in hbuf:
-                    self._fail("invalid_response")  # a head this large is not one we forward
-                    return
-                self.hbuf = hbuf
-            else:
-                self.hbuf = data
+            self.head_size += len(data)
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as u:
@@ -135,6 +130,12 @@ class UpstreamConnection(asyncio.Protocol):
             self._start_tunnel(data[u.args[0]:])
             return
         except HttpParserError:
+            if self.out:
+                self._flush(ex)
+            self._fail("invalid_response")
+            return
+        if self.in_head and self.head_size > self.max_head and self.ex is ex:
+            # Still no complete head after more bytes than a head may have.
             if self.out:
                 self._flush(ex)
             self._fail("invalid_response")
@@ -151,34 +152,36 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks
 
-    def _head_block(self) -> bytes:
-        """The header lines of the response whose head just completed ("Name: value\\r\\n" each, as received)."""
-        buf = self.hbuf
-        if buf[:5] != b"HTTP/":
-            buf = buf.lstrip(b"\r\n")  # llhttp skips empty lines before a message
-        end = buf.find(_HEAD_END)
-        if end < 0 or buf[:5] != b"HTTP/":
-            raise HttpParserError("response head not found")
-        # What follows belongs to the body, or to the next message after a 1xx (which has no body).
-        self.hbuf = buf[end + 4:]
-        first = buf.find(b"\r\n")
-        return buf[first + 2:end + 2] if first < end else b""
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_head:
+            try:
+                n = _NAMES[name]
+            except KeyError:
+                n = _special_name(name)
+            if n is None:
+                self.lines.append(b"%b: %b\r\n" % (name, value))
+            else:
+                self.special.append((n, value))
 
     def on_headers_complete(self) -> None:
         ex = self.ex
         if ex is None:
             return
         self.in_head = False
+        if self.head_size > self.max_head:
+            # The read that completed the head was large: measure the head itself (it may be mostly body).
+            size = sum(map(len, self.lines)) + sum(len(n) + len(v) + 4 for n, v in self.special)
+            if size > self.max_head:
+                raise HttpParserError("response head too large")
+        self.head_size = 0
         status = self.parser.get_status_code()
-        block = self._head_block()
+        lines = self.lines
         if status < 200 and status != 101:
             # 100 is ours to send (see Expect handling); other 1xx (103) pass to 1.1 clients.
             self.informational = True
             if status != 100 and ex.http11:
-                block, _ = _split_special(block)
-                self.out.append(b"".join((status_line(status), block, _CRLF)))
+                self.out.append(b"".join([status_line(status), *lines, _CRLF]))
             return
-        self.hbuf = b""
         if status == 101 and not ex.upgrade:
             raise HttpParserError("101 without an upgrade request")
         ep = self.endpoint
@@ -186,13 +189,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.dp.health.failure(ep)
         elif ep.failures or ep.ejections:
             self.dp.health.success(ep)
-        block, special = _split_special(block)
-        parts = [STATUS_LINES.get(status) or status_line(status), block]
+        parts = [STATUS_LINES.get(status) or status_line(status), *lines]
         cl: bytes | None = None
         tokens: set[bytes] | None = None
         chunked = False
         upgrade: bytes | None = None
-        for n, v in special:
+        for n, v in self.special:
             if n == b"content-length":
                 cl = v
             elif n == b"connection":
@@ -204,9 +206,8 @@ class UpstreamConnection(asyncio.Protocol):
             elif n == b"upgrade":
                 upgrade = v
         if tokens and not tokens <= {b"close", b"keep-alive", b"upgrade"}:
-            # Headers named in Connection are hop-by-hop too (rare: filter the lines by name).
-            kept = [ln + _CRLF for ln in block.split(_CRLF)[:-1] if ln.split(b":", 1)[0].lower() not in tokens]
-            parts[1] = b"".join(kept)
+            # Headers named in Connection are hop-by-hop too (rare: filter the built lines by name).
+            parts = [parts[0], *[ln for ln in lines if ln.split(b":", 1)[0].lower() not in tokens]]
         # An upgrade the upstream declined leaves the client's parser stopped at the upgrade, and an answer
         # that comes before the request body ended leaves unread body bytes: both close after.
         close = (ex.close_after or not ex.keep_alive or self.dp.draining or not ex.request_complete
@@ -269,6 +270,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.in_head = True
+        self.head_size = 0
+        self.lines = []
+        self.special = []
         if self.informational:
             self.informational = False
             return
@@ -365,30 +369,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
 
-def _split_special(block: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    """(the lines to pass on, [(lower-case name, value)] of the framing and hop-by-hop headers removed).
-
-    A few substring searches in C instead of a Python step per header line; the usual response has two
-    special headers (Content-Length, Connection), and their lines are cut out by position.
-    """
-    low = b"\n" + block.lower()  # low[i + 1] is block[i]
-    special: list[tuple[bytes, bytes]] = []
-    spans: list[tuple[int, int]] = []
-    for key, name in _SPECIAL_KEYS:
-        i = low.find(key)
-        while i >= 0:
-            # The line starts at block[i]; its value after the colon, up to the CRLF.
-            e = block.find(_CRLF, i)
-            special.append((name, block[i + len(key) - 1:e].strip(b" \t")))
-            spans.append((i, e + 2))
-            i = low.find(key, e + 1)
-    if not spans:
-        return block, special
-    spans.sort()
-    pieces = []
-    at = 0
-    for a, b in spans:
-        pieces.append(block[at:a])
-        at = b
-    pieces.append(block[at:])
-    return b"".join(pieces), special
+def _special_name(name: bytes) -> bytes | None:
+    n = name.lower()
+    special = n if n in _SPECIAL else None
+    if len(_NAMES) >= _NAMES_MAX:
+        _NAMES.clear()
+    _NAMES[name] = special
+    return special

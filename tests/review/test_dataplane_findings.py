@@ -78,8 +78,6 @@ async def test_pipelined_local_answers_to_a_client_that_never_reads_stay_bounded
         c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="split_host() cuts at the last ':' so 'app:@evil.example' routes as 'app' "
-                                       "while the upstream sees a Host whose authority is evil.example")
 async def test_host_with_userinfo_or_garbage_is_refused(env) -> None:  # type: ignore[no-untyped-def]
     p, a = env
     c = await Client.open(p.port)
@@ -91,8 +89,6 @@ async def test_host_with_userinfo_or_garbage_is_refused(env) -> None:  # type: i
         c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a Connection token naming Host removes the Host line (downstream."
-                                       "on_headers_complete filters ex.lines by every token)")
 async def test_connection_header_cannot_remove_host(env) -> None:  # type: ignore[no-untyped-def]
     p, a = env
     c = await Client.open(p.port)
@@ -104,8 +100,6 @@ async def test_connection_header_cannot_remove_host(env) -> None:  # type: ignor
         c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="X_Forwarded_For / X_Turnout_* pass as unknown headers; CGI/WSGI-style "
-                                       "upstreams read them as X-Forwarded-For / X-Turnout-*")
 async def test_underscore_spellings_of_trusted_headers_are_not_forwarded(env) -> None:  # type: ignore[no-untyped-def]
     p, a = env
     c = await Client.open(p.port)
@@ -225,8 +219,6 @@ async def test_assignment_cookie_cannot_select_another_clients_dedicated_version
         c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="the assignment cookie is checked before route.pick(), so a session cookie "
-                                       "from before a pin keeps the pinned client off its dedicated version")
 async def test_pin_wins_over_an_older_assignment_cookie(pinned) -> None:  # type: ignore[no-untyped-def]
     p, _, _ = pinned
     c = await Client.open(p.port)
@@ -238,9 +230,6 @@ async def test_pin_wins_over_an_older_assignment_cookie(pinned) -> None:  # type
 
 
 
-@pytest.mark.xfail(strict=True, reason="table.match() compares the raw request path; dot-segments, doubled "
-                                       "slashes and %-encoded letters reach the catch-all route's version while "
-                                       "the upstream resolves them to the more specific route's path")
 @pytest.mark.parametrize("target", ["/x/../admin/users", "/./admin/users", "//admin/users", "/%61dmin/users"])
 async def test_path_equivalent_to_a_specific_route_never_reaches_the_catch_all_version(upstreams,  # type: ignore[no-untyped-def]
                                                                                        target: str) -> None:
@@ -260,8 +249,6 @@ async def test_path_equivalent_to_a_specific_route_never_reaches_the_catch_all_v
         await p.dp.shutdown(0.5)
 
 
-@pytest.mark.xfail(strict=True, reason="response heads are not limited: upstream.on_header appends every line and "
-                                       "httptools concatenates a field value without bound")
 async def test_oversized_response_head_from_upstream_is_502(upstreams) -> None:  # type: ignore[no-untyped-def]
     async def h(req, reader, writer):  # type: ignore[no-untyped-def]
         # 16x the request-side header limit, in many small writes as a slow or hostile upstream would.
@@ -283,8 +270,6 @@ async def test_oversized_response_head_from_upstream_is_502(upstreams) -> None: 
         await p.dp.shutdown(0.5)
 
 
-@pytest.mark.xfail(strict=True, reason="response heads are not limited; a limit that only checks the buffered "
-                                       "head from the second read on would also miss this one-read head")
 async def test_oversized_response_head_in_a_single_read_is_502(upstreams) -> None:  # type: ignore[no-untyped-def]
     limits = Limits(max_header_bytes=4096, max_request_line=1024)
 
