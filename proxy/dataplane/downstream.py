@@ -151,6 +151,10 @@ class ClientConnection(asyncio.Protocol):
     P_PENDING: Final = 2  # body bytes waiting for an upstream connection
     P_UPSTREAM: Final = 4  # the upstream's write buffer is full
     P_TUNNEL: Final = 8  # upgrade requested; waiting for the upstream's answer
+    # The client's own write buffer is over the high-water mark: it is not reading what we answer, so
+    # parsing more of its requests would only pile up answers (local ones need no upstream to pile up).
+    P_WRITE: Final = 16
+    P_HOLD: Final = P_PENDING | P_WRITE  # reasons that stop parsing buffered input too
 
     def __init__(self, dp: DataPlane) -> None:
         self.dp = dp
@@ -177,6 +181,9 @@ class ClientConnection(asyncio.Protocol):
         self.kinds = dp.plan.kinds  # header kinds of the table the current request is parsed under
         self.cl: int | None = None
         self.body_left: int | None = None
+        # Bytes of a chunked body that were not body (size lines, extensions, trailers) since the last body
+        # byte: llhttp buffers a trailer field whole, so these are bounded like a head.
+        self.framing = 0
         self.backlog = b""
         self.feeding = False
         self.pumping = False
@@ -236,6 +243,7 @@ class ClientConnection(asyncio.Protocol):
         if up is not None:
             if up.transport is not None:
                 up.transport.write(data)
+            self.deadline = self.now() + self.dp.t_upstream_idle  # a tunnel idle in both directions ends
             return
         if self.stopped:
             return
@@ -270,6 +278,7 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.pause(self.P_WRITE)
         self.deadline = self.now() + self.dp.t_upstream_idle
         up = self.tunnel_up
         if up is None and self.queue:
@@ -284,7 +293,10 @@ class ClientConnection(asyncio.Protocol):
             up = self.queue[0].up
         if up is not None:
             up.resume_reading()
+        self.resume(self.P_WRITE)
         self._rearm()
+        if self.backlog and not self.feeding and not self.closed:
+            self._feed(b"")
 
     # -- input
 
@@ -305,12 +317,14 @@ class ClientConnection(asyncio.Protocol):
                 if self.stopped:
                     view = b""
                     break
-                if len(self.queue) >= self.max_pipelined or self.paused & self.P_PENDING:
+                if len(self.queue) >= self.max_pipelined or self.paused & self.P_HOLD:
                     break
                 n = len(view)
                 if self.phase == BODY:
                     left = self.body_left
                     take = n if left is None or left >= n else max(left, 1)
+                    if left is None:
+                        self.framing += take
                 else:
                     take = PIPELINE_SLICE if n > PIPELINE_SLICE else n
                     self.raw_head += take
@@ -329,6 +343,10 @@ class ClientConnection(asyncio.Protocol):
                     view = b""
                     break
                 if self.phase == HEAD and self.raw_head > self.max_head + self.max_line:
+                    self._refuse_parsing(_Refuse(431, "too_large"))
+                    view = b""
+                    break
+                if self.framing > self.max_head + self.max_line and self.phase == BODY:
                     self._refuse_parsing(_Refuse(431, "too_large"))
                     view = b""
                     break
@@ -503,6 +521,7 @@ class ClientConnection(asyncio.Protocol):
         self.body_left = None if ex.chunked else cl
         if ex.chunked or cl:
             self.phase = BODY
+            self.framing = 0
             self.deadline = now + self.dp.t_body_idle
             if method in IDEMPOTENT and (cl is None or cl <= self.retry_limit):
                 ex.replay = []
@@ -552,6 +571,12 @@ class ClientConnection(asyncio.Protocol):
             ex.host = host if host is not None else self._host(host_raw)
         if ex.upgrade and (ex.chunked or cl):
             raise _Refuse(400, "bad_request")
+        if ex.upgrade and ex.upgrade_value.strip().lower() != b"websocket":
+            # Only WebSocket is tunnelled: another protocol (h2c) would get a raw tunnel past routing and
+            # header rules. Proxied as a plain request without Upgrade; llhttp stops parsing at an upgrade,
+            # so the connection closes after the response.
+            ex.upgrade = False
+            ex.keep_alive = False
         if cl is not None and cl > self.max_body:
             raise _Refuse(413, "too_large")
 
@@ -571,6 +596,8 @@ class ClientConnection(asyncio.Protocol):
         n = len(data)
         if self.body_left is not None:
             self.body_left -= n
+        else:
+            self.framing = 0
         ex.body_bytes += n
         if ex.body_bytes > self.max_body:
             raise _Refuse(413, "too_large")
@@ -815,7 +842,9 @@ class ClientConnection(asyncio.Protocol):
             self._abort_active(ex, 502)
             return
         may_replay = not ex.sent_body or ex.replay is not None
-        if (connect_failed or (kind == "reset" and before_response)) and may_replay:
+        # After a reset the upstream may have acted on the request: only idempotent methods are replayed
+        # (RFC 9110 9.2.2); a failed connect wrote nothing, so any method may move on.
+        if (connect_failed or (kind == "reset" and before_response and ex.method in IDEMPOTENT)) and may_replay:
             if kind == "reset" and conn is not None and conn.served and not ex.retried_same:
                 # A pooled connection the upstream had just closed: one fresh try on the same endpoint.
                 ex.retried_same = True
@@ -898,11 +927,15 @@ class ClientConnection(asyncio.Protocol):
             self._feed(b"")
 
     def _rearm(self) -> None:
-        if self.phase == IDLE and not self.queue and not self.closed:
+        if self.write_paused:
+            # The client stopped reading: keep the deadline pause_writing set (never extend it).
+            if not self.deadline:
+                self.deadline = self.now() + self.dp.t_upstream_idle
+        elif self.phase == IDLE and not self.queue and not self.closed:
             self.deadline = self.now() + self.dp.t_keepalive
         elif self.phase == BODY and not self.paused:
             self.deadline = self.now() + self.dp.t_body_idle
-        elif self.write_paused:
+        elif self.tunnel_up is not None:
             self.deadline = self.now() + self.dp.t_upstream_idle
         elif self.phase != HEAD:
             self.deadline = 0.0
@@ -911,7 +944,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _upgraded(self, rest: bytes) -> None:
         ex = self.queue[-1] if self.queue else None
-        if ex is None or ex.refuse is not None or ex.response_done:
+        if ex is None or ex.refuse is not None or ex.response_done or not ex.upgrade:
             self.stopped = True
             return
         # Bytes after the upgrade request belong to the tunnel, if the upstream agrees to one.
@@ -925,7 +958,7 @@ class ClientConnection(asyncio.Protocol):
             self.abort()
             return
         self.tunnel_up = up
-        self.deadline = 0.0
+        self.deadline = self.now() + self.dp.t_upstream_idle
         ex.request_complete = True
         if rest:
             self.write(rest)
@@ -937,6 +970,8 @@ class ClientConnection(asyncio.Protocol):
 
     def write_tunnel(self, data: bytes) -> None:
         self.write(data)
+        if not self.write_paused:  # a client that stopped reading keeps its earlier deadline
+            self.deadline = self.now() + self.dp.t_upstream_idle
 
     def tunnel_eof(self) -> None:
         t = self.transport
@@ -973,8 +1008,8 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = 0.0
         if self.closed:
             return
-        if self.write_paused:
-            self.abort()  # the client stopped reading
+        if self.write_paused or self.tunnel_up is not None:
+            self.abort()  # the client stopped reading, or the tunnel was idle for upstream_idle
         elif self.phase == HEAD:
             self.dp.stats.reject("timeout")
             if self.queue:

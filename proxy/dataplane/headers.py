@@ -43,10 +43,11 @@ REQUEST_HEADER_KIND: Final[dict[bytes, int]] = {
     b"x-turnout-route": OURS,
     b"x-turnout-version": OURS,
 }
-# Underscore spellings of the headers the proxy sets or trusts: CGI/WSGI-style upstreams read X_Forwarded_For as
-# X-Forwarded-For, so a client must not be able to slip them past the rules above. Every mix of "-" and "_"
-# is listed, so the request path pays no extra test per header.
-for _name in [n for n, k in REQUEST_HEADER_KIND.items() if k in (FORWARDED, OURS) and b"-" in n]:
+# Underscore spellings of the headers the proxy sets, trusts or strips: CGI/WSGI-style upstreams read
+# X_Forwarded_For as X-Forwarded-For (and Content_Length, Proxy_Connection ... likewise), so a client must not
+# be able to slip them past the rules above. Other names with "_" pass. Every mix of "-" and "_" is listed, so
+# the request path pays no extra test per header.
+for _name in [n for n in REQUEST_HEADER_KIND if b"-" in n]:
     _parts = _name.split(b"-")
     for _mask in range(1, 1 << (len(_parts) - 1)):
         _spelled = _parts[0] + b"".join((b"_" if _mask >> i & 1 else b"-") + p for i, p in enumerate(_parts[1:]))

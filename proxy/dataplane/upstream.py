@@ -251,9 +251,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.out.append(b"".join(parts))
         if ex.head and mode == NONE and status != 204 and status != 304:
             # llhttp cannot know this answered a HEAD and would wait for Content-Length bytes; the head
-            # is the whole response, so finish here and give the next response a fresh parser.
+            # is the whole response, so finish here and give the next response a fresh parser. A head that
+            # announced a body is not pooled: a broken upstream may still send it, and it would become the
+            # next client's response.
             keep = (self.parser.get_http_version() == "1.1" and not (tokens and b"close" in tokens)
-                    and not self.until_eof)
+                    and not self.until_eof and not chunked and (cl is None or not cl.strip().lstrip(b"0")))
             self.until_eof = False
             self.parser = HttpResponseParser(self)
             self._complete(ex, keep)

@@ -244,7 +244,8 @@ async def reset_after_body(req, reader, writer):  # type: ignore[no-untyped-def]
     ("POST", b"abc", False),  # body bytes went out and POST is not idempotent
     ("PUT", b"abc", True),  # idempotent and small enough to have been buffered
     ("PUT", b"x" * 70_000, False),  # idempotent but larger than limits.retry_buffer_bytes
-    ("POST", b"", True),  # no body byte was sent: always safe
+    ("POST", b"", False),  # no body byte, but the upstream had the whole request and may have acted on it
+    ("DELETE", b"", True),  # idempotent and bodyless
 ])
 async def test_reset_before_response_retried_only_as_allowed(upstreams, method: str, body: bytes,
                                                               retried: bool) -> None:  # type: ignore[no-untyped-def]

@@ -151,7 +151,10 @@ async def test_head_204_304(upstreams) -> None:  # type: ignore[no-untyped-def]
         r = await c.get("/after")
         assert (r.status, r.body) == (200, b"after")
         c.close()
-        assert len({r.conn for r in a.traffic}) == 1  # the pooled connection survived every case
+        conns = [r.conn for r in a.traffic]
+        # A HEAD answer that announced a body is not pooled (the body might still come); the next
+        # connection survived 204 and 304.
+        assert conns[0] != conns[1] and len(set(conns[1:])) == 1
     finally:
         await p.dp.shutdown(0.5)
 

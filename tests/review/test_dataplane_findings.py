@@ -29,8 +29,6 @@ async def env(upstreams):  # type: ignore[no-untyped-def]
     await p.dp.shutdown(0.5)
 
 
-@pytest.mark.xfail(strict=True, reason="request trailers are neither counted nor bounded: httptools buffers a "
-                                       "trailer field without limit (downstream.on_header returns early in BODY)")
 async def test_huge_request_trailer_is_refused_not_buffered(env) -> None:  # type: ignore[no-untyped-def]
     p, a = env
     c = await Client.open(p.port)
@@ -49,9 +47,6 @@ async def test_huge_request_trailer_is_refused_not_buffered(env) -> None:  # typ
         c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="local answers (404/503/...) are written while the client's transport is "
-                                       "write-paused and reading from the client never pauses; _rearm() also "
-                                       "replaces the write-paused deadline with keepalive_idle")
 async def test_pipelined_local_answers_to_a_client_that_never_reads_stay_bounded(env) -> None:  # type: ignore[no-untyped-def]
     p, _ = env
     c = await Client.open(p.port)
@@ -114,8 +109,6 @@ async def test_underscore_spellings_of_trusted_headers_are_not_forwarded(env) ->
         c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="any Upgrade token is forwarded; an upstream that accepts h2c gets a raw "
-                                       "tunnel past routing and header rules (h2c smuggling)")
 async def test_upgrade_other_than_websocket_is_not_forwarded(upstreams) -> None:  # type: ignore[no-untyped-def]
     async def h(req, reader, writer):  # type: ignore[no-untyped-def]
         if req.header("upgrade") == "h2c":
@@ -140,8 +133,6 @@ async def test_upgrade_other_than_websocket_is_not_forwarded(upstreams) -> None:
         await p.dp.shutdown(0.5)
 
 
-@pytest.mark.xfail(strict=True, reason="after a HEAD the upstream connection is pooled although the upstream "
-                                       "announced a body; late body bytes become the next client's response")
 async def test_body_sent_late_after_head_response_never_reaches_another_client(upstreams) -> None:  # type: ignore[no-untyped-def]
     evil = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!"
 
@@ -288,10 +279,6 @@ async def test_oversized_response_head_in_a_single_read_is_502(upstreams) -> Non
         await p.dp.shutdown(0.5)
 
 
-@pytest.mark.xfail(strict=True, reason="upstream_failed() treats 'no body byte sent' as replayable for any method, "
-                                       "but the upstream had the whole POST (RFC 9110 9.2.2); contradicts the "
-                                       "('POST', b'', True) case of test_badinput.test_reset_before_response_"
-                                       "retried_only_as_allowed, which must change with the fix")
 async def test_bodyless_post_that_reached_the_upstream_is_not_replayed_elsewhere(upstreams) -> None:  # type: ignore[no-untyped-def]
     async def reset(req, reader, writer):  # type: ignore[no-untyped-def]
         writer.transport.abort()  # e.g. crashed after acting on the request, before answering
