@@ -8,7 +8,8 @@ supervisor's `aggregate` sums its own Stats with every published file. Counters 
 - files left by an earlier run (written before this supervisor process started) are ignored, and a new
   worker overwrites its slot's file from zero, so a restart of the whole proxy starts counters afresh.
 
-All names and labels of the exported series live in this module; docs/metrics.md is their reference.
+All names and labels of the exported series live in this module; the README's "Observability" section
+is their reference.
 """
 
 from __future__ import annotations
@@ -400,7 +401,7 @@ Health = Mapping[str, Mapping[str, bool]]
 
 
 def families(snap: StatsSnapshot, table: RouteTable, health: Health) -> list[Metric]:
-    """Every exported series. Names and labels here are the contract documented in docs/metrics.md."""
+    """Every exported series. Names and labels here are the contract documented in the README ("Series")."""
     out: list[Metric] = []
 
     reqs = CounterMetricFamily("turnout_requests", "Proxied requests answered, by route, version and status code.",

@@ -4,7 +4,7 @@ Design rule: the request path only increments plain Python ints held in slotted 
 nested dicts keyed by plain strings (no tuple key is built per request; str hashes are cached); the
 Prometheus text, cross-worker sums and the status page's numbers are computed at scrape time, because
 prometheus-client's per-request cost (2-7 us) would be a large share of the proxy's CPU budget.
-`Stats.request` costs about 0.25 us (timeit, 200k calls, CPython 3.11; see docs/metrics.md).
+`Stats.request` costs about 0.25 us (timeit, 200k calls, CPython 3.11; see the README, "Observability").
 
 Everything here runs on the event loop thread: no locks. `snapshot()` copies the counters into plain
 JSON-able data that proxy.metrics publishes across worker processes and sums.

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.profile.compare [--base DIR] [--rounds 3] [--seconds 5]
 
-Same method as the benchmark harness (docs/benchmarks.md): nginx backends and wrk on core 0, each proxy
+Same method as the benchmark harness (README, "The benchmark harness"): nginx backends and wrk on core 0, each proxy
 under `taskset -c 1`, the benchmark route (sticky 90/10, 10,000 pins); per run, utime+stime of the proxy's
 process group from /proc before and after, divided by the requests wrk completed. Prints every run and the
 medians. `--base DIR` adds a second turnout started from another source tree (`git archive HEAD | tar -x`).

@@ -1,5 +1,5 @@
 """Releasing with Docker end to end: `turnout serve` with its Docker provider, the operator CLI, and
-requests through the real proxy to real containers (the story docs/docker.md tells)."""
+requests through the real proxy to real containers (the story the README's "Releasing with Docker" tells)."""
 
 from __future__ import annotations
 
