@@ -21,6 +21,9 @@ class Limits:
     max_body_bytes: int = 100 * 1024 * 1024
     # Idempotent requests with a body up to this size are buffered so they can be retried on a fallback.
     retry_buffer_bytes: int = 64 * 1024
+    # Open client connections per worker; past this a new connection gets a 503 and is closed, so a
+    # connection flood cannot exhaust file descriptors and memory (~5 KiB per idle connection).
+    max_connections: int = 16_384
     # Pipelined requests parsed but not yet answered per connection before reading pauses.
     max_pipelined: int = 32
     # Write-buffer water marks for flow control in both directions.

@@ -28,6 +28,7 @@ from proxy.dataplane.headers import (
     FORWARDED,
     HOST,
     IDEMPOTENT,
+    LOCAL_RESPONSES,
     TRANSFER_ENCODING,
     UPGRADE,
     LazyHeaders,
@@ -189,6 +190,7 @@ class ClientConnection(asyncio.Protocol):
         self.pumping = False
         self.stopped = False
         self.closed = False
+        self.over_limit = False
         self.paused = 0
         self.write_paused = False
         self.eof = False
@@ -212,6 +214,12 @@ class ClientConnection(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
         limits = self.dp.settings.limits
+        if len(self.dp.conns) >= limits.max_connections:
+            self.over_limit = True
+            self.dp.stats.reject("too_many_connections")
+            transport.write(LOCAL_RESPONSES[(503, True)])
+            transport.close()
+            return
         transport.set_write_buffer_limits(limits.high_water, limits.low_water)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
@@ -223,6 +231,8 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.over_limit:  # refused in connection_made: never counted, nothing to release
+            return
         self.dp.conns.discard(self)
         self.dp.stats.connection("downstream", -1)
         if self.dp.draining and not self.dp.conns:

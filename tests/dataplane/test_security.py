@@ -182,3 +182,31 @@ async def test_client_that_stops_reading_local_answers_is_dropped_after_upstream
     finally:
         c.close()
         await p.dp.shutdown(0.5)
+
+
+async def test_connections_past_the_limit_get_503_and_nothing_reaches_an_upstream(upstreams) -> None:  # type: ignore[no-untyped-def]
+    from tests.dataplane.helpers import read_response
+
+    a = await upstreams()
+    p = await start_proxy(table([version("v1", a)], [simple_route(("v1", 1.0))]),
+                          Settings(listen=("127.0.0.1", 0), limits=Limits(max_connections=2)))
+    try:
+        c1, c2 = await Client.open(p.port), await Client.open(p.port)
+        assert (await c1.get()).status == 200 and (await c2.get()).status == 200
+        c3 = await Client.open(p.port)
+        r = await asyncio.wait_for(read_response(c3.reader), 3)
+        assert r.status == 503
+        assert await c3.closed(2)
+        assert p.stats.rejected == {"too_many_connections": 1}
+        assert len(a.traffic) == 2 and p.stats.connections["downstream"] == 2
+        c1.close()
+        for _ in range(100):  # the freed slot is usable again once the proxy saw the close
+            if p.stats.connections["downstream"] == 1:
+                break
+            await asyncio.sleep(0.01)
+        c4 = await Client.open(p.port)
+        assert (await c4.get()).status == 200
+        for c in (c2, c3, c4):
+            c.close()
+    finally:
+        await p.dp.shutdown(0.5)
