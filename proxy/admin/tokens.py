@@ -9,6 +9,7 @@ with mode 0600 and reused afterwards.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
@@ -18,6 +19,8 @@ from proxy.settings import Settings
 
 TOKEN_ENV = "TURNOUT_ADMIN_TOKEN"
 TOKEN_FILE_NAME = "admin-token"
+# Actor names recorded in history: short, no spaces or punctuation that could read as part of a secret.
+_ACTOR_RE = re.compile(r"[A-Za-z][A-Za-z0-9._@-]{0,62}")
 DEFAULT_ACTOR = "admin"
 # 32 random bytes: far beyond guessing range, and short enough to paste into a curl command.
 TOKEN_BYTES = 32
@@ -44,7 +47,9 @@ def parse_tokens(text: str, source: str) -> dict[str, str]:
         if not line or line.startswith("#"):
             continue
         name, sep, token = line.partition(":")
-        if not sep:
+        if not sep or not _ACTOR_RE.fullmatch(name.strip()):
+            # Only a plausible actor name before the first ':' makes a `name:token` line; otherwise the
+            # whole line is one bare token, so a secret containing ':' is never cut into name and token.
             name, token = DEFAULT_ACTOR, line
         name, token = name.strip(), token.strip()
         if not name or not token:

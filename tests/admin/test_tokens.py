@@ -105,3 +105,8 @@ def test_no_tokens_means_nobody_gets_in() -> None:
 def test_public_paths_follow_metrics_auth() -> None:
     assert public_paths(Settings()) == {"/healthz", "/readyz", "/metrics"}
     assert public_paths(Settings(metrics_auth=True)) == {"/healthz", "/readyz"}
+
+
+def test_a_bare_token_containing_a_colon_is_not_cut_into_name_and_token() -> None:
+    assert parse_tokens("9f/Qx+z:Kd2\n", "f") == {"9f/Qx+z:Kd2": "admin"}
+    assert parse_tokens("ci-bot:Kd2:more\n", "f") == {"Kd2:more": "ci-bot"}
