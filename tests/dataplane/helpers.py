@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from proxy.dataplane.downstream import ClientConnection
 from proxy.dataplane.server import DataPlane, start_dataplane
 from proxy.model import HealthCheck, Match, Route, State, Version, VersionSpec
 from proxy.runtime import TableHolder
@@ -252,3 +254,18 @@ class Client:
 
     def close(self) -> None:
         self.writer.transport.abort()
+
+
+async def shrink_buffers(p: Proxy, c: Client, size: int = 4096) -> ClientConnection:
+    """Small kernel buffers on both sides of the client's only connection, so whatever the client does not
+    read piles up in the proxy's own write buffer, where the tests can see the proxy bound it.
+    Returns the proxy's side of the connection."""
+    c.writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    for _ in range(100):
+        if p.dp.conns:
+            break
+        await asyncio.sleep(0.01)
+    (conn,) = p.dp.conns
+    assert conn.transport is not None
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    return conn

@@ -6,7 +6,7 @@ import asyncio
 
 from proxy.model import Match
 from proxy.settings import Limits, Settings, Timeouts
-from tests.dataplane.helpers import Client, ok, simple_route, start_proxy, table, version
+from tests.dataplane.helpers import Client, ok, shrink_buffers, simple_route, start_proxy, table, version
 
 SMALL = Limits(max_header_bytes=4096, max_request_line=1024)
 
@@ -151,7 +151,6 @@ async def test_underscore_spellings_of_stripped_headers_are_dropped_others_pass(
 
 
 async def test_client_that_stops_reading_local_answers_is_dropped_after_upstream_idle(upstreams) -> None:  # type: ignore[no-untyped-def]
-    import socket
 
     a = await upstreams()
     limits = Limits(high_water=16 * 1024, low_water=4 * 1024)
@@ -160,14 +159,7 @@ async def test_client_that_stops_reading_local_answers_is_dropped_after_upstream
                                    timeouts=Timeouts(upstream_idle=0.3, keepalive_idle=60.0)))
     c = await Client.open(p.port)
     try:
-        c.writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        for _ in range(100):
-            if p.dp.conns:
-                break
-            await asyncio.sleep(0.01)
-        (conn,) = p.dp.conns
-        assert conn.transport is not None
-        conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        conn = await shrink_buffers(p, c)
         # Answered by the proxy itself (no route for this Host); keepalive_idle must not replace the
         # deadline of a client that stopped reading. 64-byte requests: parse slices (2048) end between
         # requests, so the connection is idle (not mid-head) when parsing stops.

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 
 import pytest
 
 from proxy.model import Match
 from proxy.settings import Limits, Settings, Timeouts
-from tests.dataplane.helpers import Client, ok, simple_route, start_proxy, table, version
+from tests.dataplane.helpers import Client, ok, shrink_buffers, simple_route, start_proxy, table, version
 from tests.review.helpers import read_all
 
 # Long body timeout on purpose: a finding must not be "fixed" by the 408 that body_read_idle gives later.
@@ -51,15 +50,7 @@ async def test_pipelined_local_answers_to_a_client_that_never_reads_stay_bounded
     p, _ = env
     c = await Client.open(p.port)
     try:
-        c.writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        for _ in range(100):
-            if p.dp.conns:
-                break
-            await asyncio.sleep(0.01)
-        (conn,) = p.dp.conns
-        assert conn.transport is not None
-        # Small kernel buffers on both sides, so what is not read piles up in the proxy's own write buffer.
-        conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        conn = await shrink_buffers(p, c)
         req = b"GET / HTTP/1.1\r\nHost: no-such-route\r\n\r\n"  # 404, answered by the proxy itself
         with contextlib.suppress(TimeoutError, ConnectionError):
             for _ in range(100):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 
 from proxy.model import Match
 from proxy.settings import Settings, Timeouts
-from tests.dataplane.helpers import Client, read_response, simple_route, start_proxy, table, version
+from tests.dataplane.helpers import Client, read_response, shrink_buffers, simple_route, start_proxy, table, version
 from tests.review.helpers import raw_exchange, read_all
 
 FAST = Timeouts(header_read=0.5, keepalive_idle=5.0, upstream_connect=1.0, upstream_response=2.0,
@@ -247,15 +246,7 @@ async def test_slow_response_reader_is_aborted_by_upstream_idle(upstreams) -> No
                           Settings(listen=("127.0.0.1", 0), timeouts=FAST))
     c = await Client.open(p.port)
     try:
-        # Small kernel buffers on both sides, so the proxy itself has to hold (and give up on) the rest.
-        c.writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        for _ in range(100):
-            if p.dp.conns:
-                break
-            await asyncio.sleep(0.01)
-        (conn,) = p.dp.conns
-        assert conn.transport is not None
-        conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        await shrink_buffers(p, c)
         await c.send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
         await asyncio.sleep(FAST.upstream_idle + 0.6)  # never read: the proxy must give up on us
         data, closed = await read_all(c.reader, 3)
