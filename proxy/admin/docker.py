@@ -31,19 +31,24 @@ EXTRAS_KEY = "docker"  # ctx.extras["docker"]: the running DockerProvider, when 
 # How long a retire waits for the containers to be removed before answering (they still go afterwards).
 RETIRE_WAIT = 30.0
 MAX_LOG_TAIL = 1000
+FIRST_PASS_WAIT = 10.0
 
 
 class ProviderMissingError(TurnoutError):
     status_hint = 503
 
 
-def provider_of(ctx: AdminContext) -> Any:
+async def provider_of(ctx: AdminContext) -> Any:
     from proxy.providers.docker import DockerProvider
 
     provider = ctx.extras.get(EXTRAS_KEY) or DockerProvider.for_store(ctx.store)
     if provider is None:
         raise ProviderMissingError("the Docker provider is not running in this proxy (start `turnout serve` with "
                                    "TURNOUT_DOCKER=1, or with a docker version in its route file)")
+    # Right after a restart the admin API is up before the provider's first pass has adopted the running
+    # containers; answering then would report healthy replicas as 0 of N. A short wait gives the real
+    # state; past it the answer says "connecting" and the caller can ask again.
+    await provider.wait_first_pass(FIRST_PASS_WAIT)
     return provider
 
 
@@ -75,13 +80,13 @@ class DockerApi:
                 "state_id": provider.state_id}
 
     async def list_versions(self, request: web.Request) -> web.Response:
-        provider = provider_of(self.ctx)
+        provider = await provider_of(self.ctx)
         rev = await self.ctx.store.current()
         versions = [version_status_view(s) for s in provider.status(rev.state)]
         return _json({"revision": rev.number, "engine": self._engine(provider), "versions": versions}, rev.number)
 
     async def get_version(self, request: web.Request) -> web.Response:
-        provider = provider_of(self.ctx)
+        provider = await provider_of(self.ctx)
         rev = await self.ctx.store.current()
         name = request.match_info["name"]
         for s in provider.status(rev.state):
@@ -93,7 +98,7 @@ class DockerApi:
         raise NotFoundError(f"no version named {name!r}")
 
     async def deploy(self, request: web.Request) -> web.Response:
-        provider = provider_of(self.ctx)
+        provider = await provider_of(self.ctx)
         name = request.match_info["name"]
         body = await _json_body(request)
         if not isinstance(body, dict) or "image" not in body:
@@ -118,7 +123,7 @@ class DockerApi:
                                tag=resolved.tag)
 
     async def scale(self, request: web.Request) -> web.Response:
-        provider = provider_of(self.ctx)
+        provider = await provider_of(self.ctx)
         await provider.require_engine()
         name = request.match_info["name"]
         body = await _json_body(request)
@@ -132,7 +137,7 @@ class DockerApi:
         return result.response()
 
     async def retire(self, request: web.Request) -> web.Response:
-        provider = provider_of(self.ctx)
+        provider = await provider_of(self.ctx)
         await provider.require_engine()
         name = request.match_info["name"]
         state = (await self.ctx.store.current()).state
@@ -146,7 +151,7 @@ class DockerApi:
         return result.response(containers_left=left)
 
     async def logs(self, request: web.Request) -> web.Response:
-        provider = provider_of(self.ctx)
+        provider = await provider_of(self.ctx)
         name = request.match_info["name"]
         raw = request.query.get("tail", "20")
         if not raw.isdigit() or not 1 <= int(raw) <= MAX_LOG_TAIL:

@@ -246,6 +246,13 @@ class DockerProvider:
                 await self._started.wait()
         DockerProvider._running[id(self.store)] = self
 
+    async def wait_first_pass(self, timeout: float) -> bool:
+        """True once the first reconcile pass (adopting running containers) has finished."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._started.wait()
+        return self._started.is_set()
+
     async def stop(self) -> None:
         DockerProvider._running.pop(id(self.store), None)
         self._events_stop.set()

@@ -136,6 +136,33 @@ async def test_provider_without_engine_starts_and_keeps_recorded_instances(tmp_p
         await store.close()
 
 
+async def test_admin_status_waits_for_the_first_pass_after_a_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The admin API answers before the provider has adopted the running containers; a status asked for in
+    # that window must not report 0 healthy replicas, so it waits (bounded) for the first pass.
+    from types import SimpleNamespace
+
+    import proxy.admin.docker as admin_docker
+
+    store = SQLiteStore(tmp_path / "state.db")
+    try:
+        provider = DockerProvider(store, base_url=f"unix://{tmp_path}/none.sock", log=lambda m: None)
+        ctx: Any = SimpleNamespace(extras={"docker": provider}, store=store)
+        asking = asyncio.ensure_future(admin_docker.provider_of(ctx))
+        await asyncio.sleep(0.3)
+        assert not asking.done()
+        provider._started.set()
+        assert await asyncio.wait_for(asking, 1.0) is provider
+        # A provider whose first pass never ends still answers after the bound, reporting "connecting".
+        stuck = DockerProvider(store, base_url=f"unix://{tmp_path}/none.sock", log=lambda m: None)
+        monkeypatch.setattr(admin_docker, "FIRST_PASS_WAIT", 0.2)
+        ctx.extras["docker"] = stuck
+        assert await asyncio.wait_for(admin_docker.provider_of(ctx), 2.0) is stuck
+        assert stuck.engine_error == "connecting"
+    finally:
+        await store.close()
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     env: dict[str, Any] = {"PATH": "/usr/bin:/bin", "TURNOUT_ADMIN_TOKEN": "t", "TURNOUT_ADMIN": "http://127.0.0.1:9"}
     return subprocess.run([sys.executable, "-m", "proxy", *args], cwd=ROOT, env=env, text=True, capture_output=True,
