@@ -316,9 +316,13 @@ class Supervisor:
                 log(f"{type(svc).__name__} did not start: {e}")
 
     def _optional_services(self) -> list[Any]:
+        from proxy.leader import leader_for
         from proxy.providers.local import LocalProvider
 
-        out: list[Any] = [LocalProvider(self.store)]
+        # One election for both providers, so with several replicas on etcd the same replica runs the local
+        # processes and the containers.
+        providers = leader_for(self.store, "providers")
+        out: list[Any] = [LocalProvider(self.store, leader=providers)]
         try:
             from proxy.canary import CanaryController
         except ImportError:
@@ -329,7 +333,7 @@ class Supervisor:
         # once, not fatal, so `turnout deploy` works against any running proxy.
         from proxy.providers.docker import DockerProvider
 
-        provider = DockerProvider(self.store)
+        provider = DockerProvider(self.store, leader=providers)
         self.ctx.extras["docker"] = provider
         out.append(provider)
         return out

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from proxy import ops
+from proxy.leader import Leader
 from proxy.parse import parse_document
 from proxy.providers.local import LocalProvider
 from proxy.store import SQLiteStore
@@ -62,3 +63,73 @@ async def test_local_versions_run_record_restart_and_stop(tmp_path: Path) -> Non
         except ProcessLookupError:
             continue
         raise AssertionError(f"replica {pid} still running after stop()")
+
+
+class Switch(Leader):
+    """A `providers` election the test decides."""
+
+    def __init__(self, leading: bool) -> None:
+        self.leading = leading
+        self.holder = "test"
+
+    def is_leader(self) -> bool:
+        return self.leading
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_only_the_elected_replica_runs_processes_and_a_demoted_one_stops_them_once_replaced(
+        tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "s.db")
+    doc = {"versions": {"lv": {"command": [sys.executable, "-m", "proxy.demo_backend", "--name", "lv"],
+                               "replicas": 2}},
+           "routes": [{"name": "web", "split": {"lv": 1}}]}
+    await store.update(lambda s: ops.apply_document(s, parse_document(doc)), actor="t")
+    follower = LocalProvider(store, leader=Switch(False))
+    await follower.start()
+    leader = Switch(True)
+    provider = LocalProvider(store, leader=leader)
+    await provider.start()
+    try:
+        # The follower started nothing and recorded nothing; the elected one runs and records 2.
+        assert follower.versions == {} and "following" in repr(follower)
+        endpoints = (await store.current()).state.versions["lv"].endpoints
+        assert len(endpoints) == 2
+        pids = [r.process.pid for r in provider.versions["lv"].replicas if r.process]
+        assert len(pids) == 2
+
+        # Demoted (say its etcd lease lapsed): it keeps serving what the store routes to...
+        leader.leading = False
+        await asyncio.sleep(2.5)
+        assert all(alive(p) for p in pids)
+        assert (await asyncio.to_thread(fetch, endpoints[0] + "/"))["version"] == "lv"
+
+        # ...until the store records another replica's instances; then its processes stop.
+        await store.update(lambda s: ops.set_instances(s, "lv", ("http://127.0.0.1:9",)), actor="provider:local")
+        for _ in range(100):
+            if not any(alive(p) for p in pids):
+                break
+            await asyncio.sleep(0.1)
+        assert not any(alive(p) for p in pids)
+        assert provider.versions == {}
+
+        # Elected again: it starts its own replicas and records them.
+        leader.leading = True
+        for _ in range(100):
+            eps = (await store.current()).state.versions["lv"].endpoints
+            if len(eps) == 2 and "http://127.0.0.1:9" not in eps:
+                break
+            await asyncio.sleep(0.1)
+        assert len(eps) == 2 and "http://127.0.0.1:9" not in eps
+        for ep in eps:
+            assert (await asyncio.to_thread(fetch, ep + "/"))["version"] == "lv"
+    finally:
+        await provider.stop()
+        await follower.stop()
+        await store.close()

@@ -77,7 +77,7 @@ class DockerApi:
 
     def _engine(self, provider: Any) -> dict[str, Any]:
         return {"ok": provider.engine_error is None, "error": provider.engine_error,
-                "state_id": provider.state_id}
+                "state_id": provider.state_id, **provider.role}
 
     async def list_versions(self, request: web.Request) -> web.Response:
         provider = await provider_of(self.ctx)

@@ -10,7 +10,7 @@ carries the numbers it was decided on.
 - analysis.py    the pure part: counters, windows, the verdict, the weights of each step
 - prometheus.py  the same windows read from a Prometheus server instead of this proxy's counters
 - rollout.py     the config, where a rollout stands, and how both are kept in the store's meta
-- leader.py      which replica drives rollouts (always this one, or an etcd lease)
+- (proxy.leader)  which replica drives rollouts (always this one, or an etcd lease)
 - controller.py  CanaryController: the loop that measures, decides and applies, and the operator commands
 """
 
@@ -29,7 +29,6 @@ from proxy.canary.analysis import (
     step_weights,
 )
 from proxy.canary.controller import ACTOR, CanaryController, StatsSource, plan_baselines
-from proxy.canary.leader import LEASE_TRUST, LEASE_TTL, AlwaysLeader, EtcdLeader, Leader, leader_for
 from proxy.canary.prometheus import (
     PROM_DURATION_BUCKET,
     PROM_MIN_RANGE,
@@ -55,6 +54,7 @@ from proxy.canary.rollout import (
     rollout_to_json,
     save_rollout,
 )
+from proxy.leader import LEASE_TRUST, LEASE_TTL, AlwaysLeader, EtcdLeader, Leader, leader_for
 
 __all__ = [
     "ACTIVE",

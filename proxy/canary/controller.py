@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 from proxy import drain as drain_mod
 from proxy import gates, ops
 from proxy.canary.analysis import Analysis, Counters, Window, analyse, counters_of, rollback_weights, step_weights
-from proxy.canary.leader import Leader, leader_for
 from proxy.canary.prometheus import PrometheusSource
 from proxy.canary.rollout import (
     ACTIVE,
@@ -31,6 +30,7 @@ from proxy.canary.rollout import (
     save_rollout,
 )
 from proxy.errors import ConflictError, FieldError, NotFoundError, StoreUnavailableError, ValidationError
+from proxy.leader import Leader, leader_for
 from proxy.model import State
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class CanaryController:
         self.ctx = ctx
         self.store = ctx.store
         self.stats_source = stats_source
-        self.leader = leader or leader_for(ctx.store)
+        self.leader = leader or leader_for(ctx.store, "canary")
         self.clock = clock
         self._tick = tick
         self._lock = asyncio.Lock()

@@ -11,6 +11,11 @@ thread of their own, so the event loop (the data plane when workers == 1) never 
 When the engine is unreachable the provider keeps the last known instances, keeps probing them (probes
 go straight to the containers, not through the engine) and resumes converging when the engine is back.
 
+With several replicas on one etcd store, one of them (elected with an etcd lease, role `providers`) drives
+the containers; the others only read what it records, so three replicas never start three sets of
+containers. A replica that takes over adopts the running containers like a restart does; one that loses
+the lease stops acting at once but never removes anything, so traffic is not disturbed by an election.
+
 A tag (only with allow_tag) is resolved once to a digest pin (see docker_engine) and the result is kept
 in the store's meta data, so every later replica runs the same image whatever the tag points to.
 """
@@ -32,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
 from proxy.errors import ConflictError, FieldError, NotFoundError, TurnoutError, ValidationError
+from proxy.leader import AlwaysLeader, Leader, leader_for
 from proxy.model import State, Version
 from proxy.ops import Change, set_instances
 from proxy.parse import DIGEST_RE
@@ -75,6 +81,10 @@ RECONNECT_BACKOFF = (0.5, 5.0)
 LOG_TAIL = 20
 # A replica that exited this often without ever passing a health check is reported as failing.
 FAILING_AFTER_EXITS = 2
+# A replica that does not drive the containers re-checks the election this often (seconds).
+FOLLOW_POLL = 1.0
+# How long start() waits for the first election round (etcd); alone on a store, a replica then acts at once.
+LEADER_SETTLE = 3.0
 
 ReplicaState = Literal["starting", "healthy", "unhealthy", "exited", "missing"]
 
@@ -187,8 +197,10 @@ class DockerProvider:
     _running: ClassVar[dict[int, DockerProvider]] = {}
 
     def __init__(self, store: Store, *, base_url: str | None = None, actor: str = ACTOR,
-                 log: Callable[[str], None] = _log) -> None:
+                 log: Callable[[str], None] = _log, leader: Leader | None = None) -> None:
         self.store = store
+        self.leader = leader or leader_for(store, "providers")
+        self._acting = False  # this replica drives the containers (it holds the `providers` role)
         self.engine = Engine(base_url)
         self.actor = actor
         self.log = log
@@ -218,6 +230,8 @@ class DockerProvider:
     def __repr__(self) -> str:
         healthy = sum(1 for r in self._replicas.values() if r.healthy)
         engine = "engine up" if self.engine_error is None else "engine down"
+        if not self._acting:
+            engine = "following"
         return (f"<DockerProvider {self.state_id or '?'} [{engine} | versions: {len(self._docker_versions())}"
                 f" | replicas: {healthy} healthy of {len(self._replicas)}]>")
 
@@ -235,6 +249,8 @@ class DockerProvider:
             await self.store.set_meta(STATE_ID_META, state_id)
         self.state_id = state_id
         self._state = (await self.store.current()).state
+        await self.leader.start()
+        await self.leader.settled(LEADER_SETTLE)
         self._events_thread = threading.Thread(target=self._follow_events, name="turnout-docker-events",
                                                daemon=True)
         self._events_thread.start()
@@ -267,6 +283,7 @@ class DockerProvider:
                 await t
         if self._events_thread is not None:
             await asyncio.to_thread(self._events_thread.join, 5.0)
+        await self.leader.stop()
         await asyncio.to_thread(self._pool.shutdown, True)
         await asyncio.to_thread(self.engine.reset)
 
@@ -298,15 +315,25 @@ class DockerProvider:
         """Wait until no container of `name` is left; returns how many are left (0 on success)."""
         deadline = time.monotonic() + timeout
         while True:
-            left = [r for r in self._replicas.values() if r.version == name and r.container is not None]
+            if self._acting:
+                left = sum(1 for r in self._replicas.values() if r.version == name and r.container is not None)
+            else:  # the driving replica removes them; ask the engine (the same one, on one host) what is left
+                listed = await self._blocking(self.engine.list_managed, self.state_id)
+                left = sum(1 for c in listed if c.version == name)
             if not left or time.monotonic() >= deadline:
-                return len(left)
+                return left
             self.kick()
             await asyncio.sleep(0.1)
 
     async def logs(self, name: str, tail: int = LOG_TAIL) -> dict[str, list[str]]:
         """Recent log lines per container of `name` (kept lines for containers that already exited)."""
         out: dict[str, list[str]] = {}
+        if not self._acting:
+            listed = await self._blocking(self.engine.list_managed, self.state_id)
+            for c in sorted(listed, key=lambda c: c.replica):
+                if c.version == name:
+                    out[c.name] = list(await self._blocking(self.engine.logs, c.id, tail))
+            return out
         for r in sorted(self._replicas.values(), key=lambda r: r.replica):
             if r.version != name:
                 continue
@@ -320,9 +347,28 @@ class DockerProvider:
                 out[f"{name} replica {r.replica} (exited)"] = list(r.last_logs)
         return out
 
+    @property
+    def role(self) -> dict[str, Any]:
+        return {"leading": self._acting, "holder": self.leader.holder}
+
+    def _followed_status(self, name: str, v: Version, state: State) -> VersionStatus:
+        """What a replica that does not drive the containers knows: the instances the driving one recorded
+        (it records only replicas that pass their health checks)."""
+        why = f"driven by another replica ({self.leader.holder or 'election pending'})"
+        reps = tuple(ReplicaStatus(i, "healthy", None, None, v.endpoints[i], None, 0, None, ()) if i < len(v.endpoints)
+                     else ReplicaStatus(i, "missing", None, None, None, None, 0, why, ())
+                     for i in range(max(v.spec.replicas, len(v.endpoints))))
+        return VersionStatus(
+            name=name, image=v.spec.image or "", image_id=None, network=v.spec.network, desired=v.spec.replicas,
+            healthy=len(v.endpoints), running=len(v.endpoints), created=v.created,
+            routes=tuple(state.users_of(name)), instances=v.endpoints, failing=False, error=None, replicas=reps)
+
     def status(self, state: State | None = None) -> list[VersionStatus]:
         state = state or self._state
         out = []
+        if not self._acting:
+            return [self._followed_status(name, v, state) for name, v in sorted(state.versions.items())
+                    if v.spec.kind == "docker"]
         for name, v in sorted(state.versions.items()):
             if v.spec.kind != "docker":
                 continue
@@ -393,8 +439,34 @@ class DockerProvider:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
+    def _following(self) -> bool:
+        """True while another replica drives the containers; notices a change of role either way."""
+        leading = self.leader.is_leader()
+        if leading and not self._acting:
+            self._acting = True
+            self._dirty = True
+            if not isinstance(self.leader, AlwaysLeader):
+                self.log("this replica drives the containers now; adopting what runs")
+        elif not leading and self._acting:
+            self._acting = False
+            # Forget what this replica knew: when it leads again it adopts afresh, as after a restart. Nothing
+            # is removed, so the containers keep serving while another replica takes over.
+            self._replicas.clear()
+            self._adopted = False
+            self.log(f"another replica drives the containers now ({self.leader.holder or 'not yet elected'})")
+        if not self._acting:
+            self.engine_error = None  # this replica does not use the engine while it follows
+        return not self._acting
+
     async def _run(self) -> None:
         while True:
+            if self._following():
+                self._started.set()
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FOLLOW_POLL):
+                        await self._wake.wait()
+                continue
             now = time.monotonic()
             if self._dirty or now >= self._next_resync:
                 self._dirty = False
@@ -594,9 +666,10 @@ class DockerProvider:
 
     async def _publish(self) -> None:
         """Record each docker version's healthy endpoints in the store, when they changed."""
-        if not self._adopted:
+        if not self._adopted or not self.leader.is_leader():
             # Until the engine has been listed once, nothing is known about the replicas: keep what the
-            # store says (a proxy restarting while the engine is down must not empty its versions).
+            # store says (a proxy restarting while the engine is down must not empty its versions). And a
+            # replica whose lease lapsed mid-pass leaves the recording to the one that holds it now.
             return
         for name, v in self._docker_versions().items():
             eps = tuple(r.container.endpoint for _, r in sorted(

@@ -5,6 +5,11 @@ the state (a revision by actor `provider:local`) only once its port accepts conn
 plane never sees an endpoint that is still booting. A replica that exits is started again on the same
 port with exponential backoff; its endpoint stays recorded meanwhile (the data plane's health checks
 eject it), so a crash loop is visible instead of silently shrinking the version.
+
+With several replicas on one etcd store, only the one holding the `providers` role (an etcd lease) runs
+the processes and records them; the others route to what it recorded. A replica that loses the role keeps
+its processes serving until the store records another replica's instances for that version, then stops
+them, so an election never takes a version out of service.
 """
 
 from __future__ import annotations
@@ -18,12 +23,16 @@ import sys
 from dataclasses import dataclass, field
 
 from proxy import ops
+from proxy.leader import AlwaysLeader, Leader, leader_for
 from proxy.model import State, Version
 from proxy.store.base import Store
 
 # How long a new replica may take to open its port before it is reported as failed.
 START_TIMEOUT = 30.0
 RESTART_BACKOFF_MAX = 30.0
+# A replica that does not run the processes re-checks the election this often (seconds).
+FOLLOW_POLL = 1.0
+LEADER_SETTLE = 3.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -67,33 +76,81 @@ class LocalVersion:
 
 
 class LocalProvider:
-    def __init__(self, store: Store, host: str = "127.0.0.1") -> None:
+    def __init__(self, store: Store, host: str = "127.0.0.1", *, leader: Leader | None = None) -> None:
         self.store = store
         self.host = host
+        self.leader = leader or leader_for(store, "providers")
         self.versions: dict[str, LocalVersion] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._acting = False
+        self._state: State | None = None
+        self._changed = asyncio.Event()
 
     def __repr__(self) -> str:
         n = sum(len(v.replicas) for v in self.versions.values())
-        return f"<LocalProvider [Versions: {len(self.versions)} | Replicas: {n}]>"
+        role = "" if self._acting else " | following"
+        return f"<LocalProvider [Versions: {len(self.versions)} | Replicas: {n}{role}]>"
 
     async def start(self) -> None:
         cur = await self.store.current()
-        await self.reconcile(cur.state)
-        self._task = asyncio.get_running_loop().create_task(self._follow(cur.number))
+        self._state = cur.state
+        await self.leader.start()
+        await self.leader.settled(LEADER_SETTLE)
+        if self.leader.is_leader():
+            # Before start() returns, so a proxy that starts with local versions serves them at once.
+            self._acting = True
+            await self.reconcile(cur.state)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._watch(cur.number)), loop.create_task(self._run())]
 
-    async def _follow(self, after: int) -> None:
+    async def _watch(self, after: int) -> None:
         while not self._stopping:
             try:
                 async for rev in self.store.watch(after):
                     after = rev.number
-                    await self.reconcile(rev.state)
+                    self._state = rev.state
+                    self._changed.set()
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 print(f"turnout: local provider: {e}", file=sys.stderr)
                 await asyncio.sleep(1.0)
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FOLLOW_POLL):
+                    await self._changed.wait()
+            self._changed.clear()
+            state = self._state
+            if state is None:
+                continue
+            try:
+                leading = self.leader.is_leader()
+                if leading and not self._acting and not isinstance(self.leader, AlwaysLeader):
+                    print("turnout: local provider: this replica runs the local versions now", file=sys.stderr)
+                self._acting = leading
+                if leading:
+                    await self.reconcile(state)
+                else:
+                    await self._release(state)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                print(f"turnout: local provider: {e}", file=sys.stderr)
+
+    async def _release(self, state: State) -> None:
+        """Following: stop this replica's processes once the store no longer routes to them."""
+        for name in list(self.versions):
+            lv = self.versions[name]
+            v = state.versions.get(name)
+            recorded = set(v.endpoints) if v is not None and v.spec.kind == "local" else set()
+            for r in [r for r in lv.replicas if r.endpoint not in recorded]:
+                lv.replicas.remove(r)
+                await self._stop_replica(r)
+            if not lv.replicas:
+                del self.versions[name]
 
     async def reconcile(self, state: State) -> None:
         wanted = {n: v for n, v in state.versions.items() if v.spec.kind == "local"}
@@ -176,9 +233,11 @@ class LocalProvider:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await t
         for lv in self.versions.values():
             await self._stop_version(lv)
+        await self.leader.stop()

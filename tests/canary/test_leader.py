@@ -34,7 +34,7 @@ def test_leader_for_sqlite_is_always_leader(tmp_path: object) -> None:
     from pathlib import Path
 
     store = SQLiteStore(Path(str(tmp_path)) / "s.db")
-    leader = leader_for(store)
+    leader = leader_for(store, "canary")
     assert isinstance(leader, AlwaysLeader) and leader.is_leader()
 
 
@@ -42,7 +42,7 @@ def test_leader_for_an_etcd_url_uses_the_stores_prefix() -> None:
     class FakeStore:
         url = "etcd://127.0.0.1:23790/shop"
 
-    leader = leader_for(FakeStore())  # type: ignore[arg-type]
+    leader = leader_for(FakeStore(), "canary")  # type: ignore[arg-type]
     assert isinstance(leader, EtcdLeader)
     assert (leader.host, leader.port, leader.key) == ("127.0.0.1", 23790, b"/shop/leader/canary")
     assert repr(leader) == "<EtcdLeader /shop/leader/canary [following]>"

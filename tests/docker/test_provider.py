@@ -17,6 +17,7 @@ from proxy.model import Route
 from proxy.ops import delete_version, put_route, put_version
 from proxy.parse import parse_version_body
 from proxy.providers.docker import LABEL_IMAGE, LABEL_MANAGED, LABEL_VERSION, DockerProvider
+from proxy.store.base import Store
 from proxy.store.sqlite import SQLiteStore
 from proxy.table import RouteTable
 
@@ -52,12 +53,12 @@ def version_body(image: str, replicas: int = 1) -> dict[str, Any]:
     return {"image": image, "replicas": replicas, "network": "host", "health": {"path": "/", "interval": 0.2}}
 
 
-async def register(store: SQLiteStore, name: str, image: str, replicas: int = 1) -> None:
+async def register(store: Store, name: str, image: str, replicas: int = 1) -> None:
     v = parse_version_body(version_body(image, replicas), name, time.time())
     await store.update(lambda s: put_version(s, v), actor="test", reason="deploy")
 
 
-async def instances(store: SQLiteStore, name: str) -> tuple[str, ...]:
+async def instances(store: Store, name: str) -> tuple[str, ...]:
     v = (await store.current()).state.versions.get(name)
     return () if v is None else v.endpoints
 

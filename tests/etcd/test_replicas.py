@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -135,3 +138,46 @@ def test_replicas_share_changes_lose_no_update_and_survive_an_etcd_outage(
     status, history = r1.api("GET", "/api/v1/revisions?limit=100")
     assert status == 200, history
     assert [h["revision"] for h in history["revisions"]] == list(range(before + 1, 0, -1))
+
+
+def test_local_versions_run_on_one_replica_and_move_when_it_stops(tmp_path: Path, etcd_server: EtcdServer) -> None:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(f"""
+versions:
+  lv: {{command: ["{sys.executable}", "-m", "proxy.demo_backend", "--name", "lv"], replicas: 2}}
+routes:
+  - name: web
+    split: {{lv: 100}}
+""")
+    url = etcd_server.url(f"t-{uuid.uuid4().hex[:12]}")
+    replicas = [Turnout(tmp_path / f"r{i}", str(routes), "--store", url) for i in range(REPLICAS)]
+    try:
+        for r in replicas:
+            r.start()
+
+        def leading(r: Turnout) -> bool:
+            status, body = r.api("GET", "/api/v1/docker/versions")
+            return status == 200 and bool(body["engine"]["leading"])
+
+        def serving(rs: list[Turnout]) -> bool:
+            return all(http("GET", r.url + "/")[0] == 200 for r in rs)
+
+        wait_until(lambda: sum(map(leading, replicas)) == 1 and serving(replicas), timeout=30)
+        [runner] = [r for r in replicas if leading(r)]
+        first = state_of(replicas[0])["versions"]["lv"]["instances"]
+        assert len(first) == 2
+        time.sleep(2.0)  # every replica had time to start processes of its own, had it been allowed to
+        status, history = replicas[1].api("GET", "/api/v1/revisions?limit=100")
+        assert status == 200, history
+        assert [h["actor"] for h in history["revisions"]].count("provider:local") == 1
+
+        # The replica running them stops: another one is elected, starts its own and records them.
+        assert runner.stop() == 0
+        rest = [r for r in replicas if r is not runner]
+        wait_until(lambda: set(state_of(rest[0])["versions"]["lv"]["instances"]).isdisjoint(first)
+                   and len(state_of(rest[0])["versions"]["lv"]["instances"]) == 2, timeout=30)
+        wait_until(lambda: serving(rest) and sum(map(leading, rest)) == 1, timeout=30)
+    finally:
+        for r in replicas:
+            if r.proc is not None and r.proc.poll() is None:
+                r.stop()  # SIGTERM: the replica stops the processes it runs

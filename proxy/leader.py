@@ -1,4 +1,8 @@
-"""Leader election for the canary controller: which replica drives rollouts."""
+"""Leader election: which replica acts, when several proxies share one etcd store.
+
+Two roles are elected independently: `canary` (which replica steps rollouts) and `providers` (which replica
+starts, replaces and removes instances: local processes and Docker containers). Every replica serves
+traffic and answers the admin API either way; only the acting is single."""
 
 from __future__ import annotations
 
@@ -12,16 +16,23 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from proxy.store.base import Store
 
-log = logging.getLogger("turnout.canary")
+log = logging.getLogger("turnout.leader")
 
 
 class Leader(abc.ABC):
-    """Which replica drives rollouts: with several proxies on one etcd store exactly one may step a route."""
+    """Whether this replica acts in one role: with several proxies on one etcd store exactly one does."""
+
+    holder: str = ""  # who holds the role, as far as this replica knows (for status pages)
 
     @abc.abstractmethod
     def is_leader(self) -> bool: ...
 
     async def start(self) -> None:
+        return None
+
+    async def settled(self, timeout: float) -> None:
+        """Wait (bounded) until the first election round is over, so a replica starting alone acts at once
+        instead of following for a round."""
         return None
 
     async def stop(self) -> None:
@@ -31,6 +42,8 @@ class Leader(abc.ABC):
 class AlwaysLeader(Leader):
     """SQLite: one proxy per store, so this process always leads."""
 
+    holder = "this process"
+
     def __repr__(self) -> str:
         return "<AlwaysLeader>"
 
@@ -38,7 +51,7 @@ class AlwaysLeader(Leader):
         return True
 
 
-# Lease time-to-live: a crashed leader's rollouts stand still at most this long before another replica leads.
+# Lease time-to-live: a crashed leader's role stands still at most this long before another replica leads.
 LEASE_TTL = 5
 # A leader trusts its lease for this share of the TTL after the keep-alive it last sent, so it stops acting
 # before etcd could hand the key to another replica (etcd counts the TTL from when it got the keep-alive).
@@ -61,6 +74,9 @@ class EtcdLeader(Leader):
         self._lease: Any = None
         self._valid_until = 0.0
         self._task: asyncio.Task[None] | None = None
+        self.holder = ""  # identity of the replica holding the key, as last seen
+        self._first_round = asyncio.Event()
+        self._users = 0  # components sharing this election (the local and Docker providers share one)
 
     def __repr__(self) -> str:
         return f"<EtcdLeader {self.key.decode()} [{'leading' if self.is_leader() else 'following'}]>"
@@ -73,10 +89,21 @@ class EtcdLeader(Leader):
 
         from proxy.store.etcd import GRPC_OPTIONS
 
+        self._users += 1
+        if self._users > 1:
+            return
         self._client = aetcd.Client(host=self.host, port=self.port, timeout=2.0, options=GRPC_OPTIONS)
-        self._task = asyncio.create_task(self._run(), name="turnout-canary-leader")
+        self._task = asyncio.create_task(self._run(), name=f"turnout-leader-{self.key.decode().rsplit('/', 1)[-1]}")
+
+    async def settled(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._first_round.wait()
 
     async def stop(self) -> None:
+        self._users = max(0, self._users - 1)
+        if self._users:
+            return
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -108,6 +135,7 @@ class EtcdLeader(Leader):
             success=[tx.put(self.key, self.identity, lease=self._lease)],
             failure=[tx.get(self.key)])
         holder = self.identity if won else (bytes(responses[0][0][0]) if responses and responses[0] else b"")
+        self.holder = holder.decode(errors="replace")
         self._valid_until = sent + self.ttl * LEASE_TRUST if holder == self.identity else 0.0
         return self.is_leader()
 
@@ -118,16 +146,17 @@ class EtcdLeader(Leader):
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # etcd unreachable: leadership lapses by itself (is_leader's deadline)
-                log.warning("canary leader election: %s", e)
+                log.warning("leader election (%s): %s", self.key.decode(), e)
+            self._first_round.set()
             await asyncio.sleep(self.ttl / 5)
 
 
-def leader_for(store: Store) -> Leader:
-    """An etcd store is shared by replicas, which elect one; any other store has a single proxy."""
+def leader_for(store: Store, role: str) -> Leader:
+    """An etcd store is shared by replicas, which elect one per role; any other store has a single proxy."""
     from urllib.parse import urlsplit
 
     if not store.url.startswith("etcd://"):
         return AlwaysLeader()
     parts = urlsplit(store.url)
     prefix = parts.path.strip("/") or "turnout"
-    return EtcdLeader(parts.hostname or "127.0.0.1", parts.port or 2379, f"/{prefix}/leader/canary")
+    return EtcdLeader(parts.hostname or "127.0.0.1", parts.port or 2379, f"/{prefix}/leader/{role}")
