@@ -4,7 +4,8 @@ Design rule: nothing here runs per request. Each worker's `WorkerPublisher` writ
 `<directory>/<worker_id>.json` (write to a temporary file, then atomic rename) every half second; the
 supervisor's `aggregate` sums its own Stats with every published file. Counters stay monotonic:
 - a dead worker's file stays and keeps being summed (its gauges are dropped once the file is stale);
-- a worker restarted in the same slot by the same supervisor starts from its predecessor's counters;
+- the supervisor starts a dead or replaced worker's successor under a new id (`<slot>-<generation>`) and
+  marks the predecessor's file retired: still summed, no longer counted as a live or stale worker;
 - files left by an earlier run (written before this supervisor process started) are ignored, and a new
   worker overwrites its slot's file from zero, so a restart of the whole proxy starts counters afresh.
 
@@ -267,13 +268,14 @@ class Published:
     ppid: int
     stats: Mapping[str, Any]
     extra: Mapping[str, Any]
+    retired: bool = False  # replaced or restarted by the supervisor: its counters count, it is not "stale"
 
 
 def _read(path: Path) -> Published | None:
     try:
         d = json.loads(path.read_bytes())
         return Published(str(d["worker"]), float(d["time"]), int(d["pid"]), int(d["ppid"]), d["stats"],
-                         d.get("extra") or {})
+                         d.get("extra") or {}, bool(d.get("retired", False)))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # vanished between listing and reading, or not ours
 
@@ -300,12 +302,27 @@ def reset_directory(directory: Path) -> None:
             p.unlink()
 
 
+def retire_published(directory: Path, worker_id: str) -> None:
+    """Mark a worker that is gone for good (replaced, or dead and started again under a new id): its counters
+    keep being summed, but it is no longer a live or a stale worker, so the stale-worker alert clears."""
+    path = directory / f"{worker_id}.json"
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return
+    doc["retired"] = True
+    tmp = directory / f".{worker_id}.retire.tmp"
+    with contextlib.suppress(OSError):
+        tmp.write_bytes(json.dumps(doc, separators=(",", ":")).encode())
+        os.replace(tmp, path)
+
+
 def worker_extras(directory: Path | None) -> list[Mapping[str, Any]]:
     """The `extra` dicts of workers that are alive (published within STALE_AFTER)."""
     if directory is None:
         return []
     now = time.time()
-    return [p.extra for p in read_published(directory) if now - p.time < STALE_AFTER]
+    return [p.extra for p in read_published(directory) if now - p.time < STALE_AFTER and not p.retired]
 
 
 def aggregate(local: Stats, directory: Path | None) -> StatsSnapshot:
@@ -318,8 +335,10 @@ def aggregate(local: Stats, directory: Path | None) -> StatsSnapshot:
     stale: list[str] = []
     if directory is not None:
         for pub in read_published(directory):
-            fresh = now - pub.time < STALE_AFTER
+            fresh = now - pub.time < STALE_AFTER and not pub.retired
             acc.add(pub.stats, gauges=fresh)
+            if pub.retired:
+                continue
             workers.append(pub.worker)
             if not fresh:
                 stale.append(pub.worker)

@@ -3,9 +3,13 @@
 Process model:
 - workers == 1: the data plane runs in the supervisor's own event loop, so an admin write installs the
   new table in the same process right after the commit (rollback in a few milliseconds).
-- workers > 1: the supervisor runs the admin API, providers and controllers; N worker processes each
-  bind the listen port with SO_REUSEPORT, open the store and follow it with `watch` (SQLite polls every
-  10 ms, etcd pushes), and publish their statistics for the supervisor's /metrics.
+- workers > 1: the supervisor runs the admin API, providers and controllers; N worker processes open the
+  store and follow it with `watch` (SQLite polls every 10 ms, etcd pushes), and publish their statistics
+  for the supervisor's /metrics. The supervisor binds one SO_REUSEPORT listening socket per worker slot
+  and hands it down (pass_fds): the socket outlives its worker, so connections the kernel queued on it
+  while a worker is replaced are served by the next one instead of being reset. A worker that dies is
+  started again in its slot; SIGHUP replaces the workers one slot at a time (new worker ready first, then
+  the old one drains), which is how new code is picked up without failing a request.
 
 Restart rule for `--routes FILE`: the file seeds an empty store; later it is applied as a new revision
 only when its content changed since it was last applied, so a restart never undoes live changes.
@@ -38,6 +42,10 @@ from proxy.store import Revision, Store, open_store
 from proxy.table import RouteTable
 
 ROUTES_FILE_META = "routes_file.sha256"
+WORKER_BACKLOG = 1024
+WORKER_READY_TIMEOUT = 30.0
+# A worker that keeps dying is started again after 0.5 s, then 1, 2, ... up to 10 s.
+WORKER_RESTART_BACKOFF = (0.5, 10.0)
 
 
 def state_dir(settings: Settings) -> Path:
@@ -182,8 +190,11 @@ async def _follow_supervisor(store: Store, stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def run_worker(settings: Settings, worker_id: str) -> None:
-    """One data-plane worker process (workers > 1), started by the supervisor with a pipe on stdin."""
+async def run_worker(settings: Settings, worker_id: str, listen_fd: int | None = None,
+                     ready_fd: int | None = None) -> None:
+    """One data-plane worker process (workers > 1), started by the supervisor with a pipe on stdin, its
+    slot's listening socket as `listen_fd`, and a pipe `ready_fd` on which it writes `ready` once it serves
+    (not stdout: that may carry the access log)."""
     from proxy.dataplane.server import start_dataplane
 
     stopper = StopSignal()
@@ -192,9 +203,14 @@ async def run_worker(settings: Settings, worker_id: str) -> None:
     rev = await store.current()
     holder = TableHolder(RouteTable(rev.state, rev.number))
     follower = Follower(store, holder, stats)
-    dataplane = await start_dataplane(settings, holder, stats, reuse_port=True)
+    sock = socket.socket(fileno=listen_fd) if listen_fd is not None else None
+    dataplane = await start_dataplane(settings, holder, stats, reuse_port=True, sock=sock)
     follower.listeners.append(dataplane.table_changed)
     follower.start()
+    if ready_fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
     publisher_task = None
     try:
         from proxy.metrics import WorkerPublisher
@@ -225,7 +241,15 @@ class Supervisor:
         self.holder = TableHolder()
         self.follower = Follower(self.store, self.holder, self.stats)
         self.dataplane: Any = None
-        self.workers: list[asyncio.subprocess.Process] = []
+        self.workers: list[asyncio.subprocess.Process] = []  # the current worker of each slot
+        self.retiring: set[asyncio.subprocess.Process] = set()  # replaced, draining
+        self._slots: list[socket.socket] = []
+        self._generation: list[int] = []
+        self._keepers: list[asyncio.Task[None]] = []
+        self._restarting: asyncio.Task[None] | None = None
+        self._ready_pipes: dict[asyncio.subprocess.Process, int] = {}
+        self._stopping = False
+        self.restarts = 0  # workers started again after they died
         self.admin_runner: Any = None
         self.services: list[Any] = []  # objects with async start()/stop(): providers, controllers
         self.ctx: Any = None
@@ -246,26 +270,161 @@ class Supervisor:
             await self._spawn_workers()
             self.follower.listeners.append(self._tell_workers)
         self.follower.start()
+        # Installed with one worker too: SIGHUP's default action would kill the proxy on the spot.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.restart_workers)
         await self._start_admin()
         log(f"proxy listening on http://{_hostport(s.listen)} ({s.workers} worker(s)); "
             f"admin API on http://{_hostport(s.admin)}; store {self.store.url}; revision {rev.number}")
 
     async def _spawn_workers(self) -> None:
         s = self.settings
-        # Bind once here so a port conflict is reported before any worker starts.
-        probe = socket.socket(socket.AF_INET6 if ":" in s.listen[0] else socket.AF_INET)
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        probe.bind(s.listen)
-        probe.close()
+        for _ in range(s.workers):
+            # Bound here, so a port conflict is reported before any worker starts.
+            sock = socket.socket(socket.AF_INET6 if ":" in s.listen[0] else socket.AF_INET)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(s.listen)
+            sock.listen(WORKER_BACKLOG)
+            sock.set_inheritable(True)
+            self._slots.append(sock)
+            self._generation.append(0)
         from proxy.metrics import reset_directory
 
         reset_directory(metrics_dir(s))
-        payload = settings_to_json(s)
-        for i in range(s.workers):
+        started = [await self._start_worker(i) for i in range(s.workers)]
+        for i, proc in enumerate(started):
+            if not await self._ready(proc):
+                raise OSError(f"worker {i} did not start (exit code {proc.returncode})")
+        self.workers = started
+        loop = asyncio.get_running_loop()
+        self._keepers = [loop.create_task(self._keep(i)) for i in range(s.workers)]
+
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def _worker_id(self, slot: int) -> str:
+        g = self._generation[slot]
+        return str(slot) if g == 0 else f"{slot}-{g}"
+
+    async def _start_worker(self, slot: int) -> asyncio.subprocess.Process:
+        fd = self._slots[slot].fileno()
+        ready_r, ready_w = os.pipe()
+        try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "proxy", "_worker", "--id", str(i), "--settings-json", payload,
-                stdin=asyncio.subprocess.PIPE)
-            self.workers.append(proc)
+                sys.executable, "-m", "proxy", "_worker", "--id", self._worker_id(slot), "--listen-fd", str(fd),
+                "--ready-fd", str(ready_w), "--settings-json", settings_to_json(self.settings),
+                stdin=asyncio.subprocess.PIPE, pass_fds=(fd, ready_w))
+        except BaseException:
+            os.close(ready_r)
+            raise
+        finally:
+            os.close(ready_w)  # the child has its copy; EOF on ready_r then means the child is gone
+        self._ready_pipes[proc] = ready_r
+        return proc
+
+    async def _ready(self, proc: asyncio.subprocess.Process) -> bool:
+        """True once the worker wrote `ready` (it serves); False if it exited or took too long."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        pipe = os.fdopen(self._ready_pipes.pop(proc), "rb", buffering=0)
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        try:
+            async with asyncio.timeout(WORKER_READY_TIMEOUT):
+                line = await reader.readline()
+        except TimeoutError:
+            line = b""
+        finally:
+            transport.close()
+        if line.strip() == b"ready":
+            return True
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        return False
+
+    async def _keep(self, slot: int) -> None:
+        """Start the slot's worker again when it dies (not when it was replaced or the proxy stops)."""
+        delay = WORKER_RESTART_BACKOFF[0]
+        while True:
+            proc = self.workers[slot]
+            started = time.monotonic()
+            code = await proc.wait()
+            if self._stopping:
+                return
+            if proc is not self.workers[slot]:
+                continue  # replaced by a rolling restart; watch the new one
+            if time.monotonic() - started > 10 * WORKER_RESTART_BACKOFF[1]:
+                delay = WORKER_RESTART_BACKOFF[0]  # a worker that ran a while is not a crash loop
+            log(f"worker {self._worker_id(slot)} exited with code {code}; starting it again in {delay:g}s "
+                "(connections queued on its socket wait for it)")
+            self._retire_published(self._worker_id(slot))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, WORKER_RESTART_BACKOFF[1])
+            if self.stopping():  # set by stop() while this task slept
+                return
+            self._generation[slot] += 1
+            new = await self._start_worker(slot)
+            if await self._ready(new):
+                self.workers[slot] = new
+                self.restarts += 1
+                self._tell_one(new, self.holder.table)
+            else:
+                log(f"worker {self._worker_id(slot)} did not start; trying again")
+                self.workers[slot] = new  # exited already: the loop comes round with the backoff
+
+    def _retire_published(self, worker_id: str) -> None:
+        try:
+            from proxy.metrics import retire_published
+        except ImportError:
+            return
+        retire_published(metrics_dir(self.settings), worker_id)
+
+    def restart_workers(self) -> None:
+        """SIGHUP: replace every worker, one slot at a time (a second SIGHUP meanwhile is ignored)."""
+        if not self._slots:
+            log("SIGHUP ignored: a rolling restart replaces worker processes; this proxy runs one process "
+                "(start it with --workers 2 or more)")
+            return
+        if self._stopping or (self._restarting is not None and not self._restarting.done()):
+            log("rolling restart already in progress")
+            return
+        self._restarting = asyncio.get_running_loop().create_task(self._rolling_restart())
+
+    async def _rolling_restart(self) -> None:
+        n = len(self.workers)
+        log(f"rolling restart of {n} worker(s)")
+        for slot in range(n):
+            if self._stopping:
+                return
+            old, old_id = self.workers[slot], self._worker_id(slot)
+            self._generation[slot] += 1
+            new = await self._start_worker(slot)
+            if not await self._ready(new):
+                self._generation[slot] -= 1
+                log(f"rolling restart stopped: a new worker for slot {slot} did not start (exit code "
+                    f"{new.returncode}); the running workers keep serving")
+                return
+            self.workers[slot] = new
+            self._tell_one(new, self.holder.table)
+            # The new worker accepts from the same socket; the old one stops accepting, answers what it has
+            # in flight with `Connection: close`, and exits.
+            self.retiring.add(old)
+            with contextlib.suppress(ProcessLookupError):
+                old.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(old.wait(), self.settings.timeouts.shutdown_grace + 5)
+            except TimeoutError:
+                old.kill()
+                await old.wait()
+            self.retiring.discard(old)
+            self._retire_published(old_id)
+            log(f"rolling restart: slot {slot} replaced ({slot + 1}/{n})")
+        log("rolling restart done")
+
+    def _tell_one(self, proc: asyncio.subprocess.Process, table: RouteTable) -> None:
+        # A worker started after a revision was committed may have read the store just before it.
+        if proc.stdin is not None and proc.returncode is None:
+            with contextlib.suppress(OSError, RuntimeError):
+                proc.stdin.write(f"{table.revision}\n".encode())
 
     def _tell_workers(self, table: RouteTable) -> None:
         line = f"{table.revision}\n".encode()
@@ -347,20 +506,32 @@ class Supervisor:
         return lambda: aggregate(self.stats, directory)
 
     async def stop(self) -> None:
+        self._stopping = True
         grace = self.settings.timeouts.shutdown_grace
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        for t in self._keepers:
+            t.cancel()
+        if self._restarting is not None:
+            self._restarting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._restarting
         for svc in reversed(self.services):
             with contextlib.suppress(Exception):
                 await svc.stop()
         if self.dataplane is not None:
             await self.dataplane.shutdown(grace)
-        for proc in self.workers:
+        procs = [*self.workers, *self.retiring]
+        for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
-        for proc in self.workers:
+        for proc in procs:
             try:
                 await asyncio.wait_for(proc.wait(), grace + 5)
             except TimeoutError:
                 proc.kill()
+        for sock in self._slots:
+            sock.close()
         await self.follower.stop()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()

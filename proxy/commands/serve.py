@@ -68,6 +68,8 @@ restarts.""", formatter_class=argparse.RawDescriptionHelpFormatter)
     w = sub.add_parser("_worker")  # internal: one data-plane worker process; hidden from --help below
     w.add_argument("--id", required=True)
     w.add_argument("--settings-json", required=True)
+    w.add_argument("--listen-fd", type=int, default=None)
+    w.add_argument("--ready-fd", type=int, default=None)
     w.set_defaults(func=run_worker)
     sub._choices_actions = [a for a in sub._choices_actions if a.dest != "_worker"]
 
@@ -93,5 +95,5 @@ def run_worker(args: argparse.Namespace) -> int:
     from proxy.server import run_worker as worker_main
     from proxy.server import settings_from_json
 
-    run_loop(worker_main(settings_from_json(args.settings_json), args.id))
+    run_loop(worker_main(settings_from_json(args.settings_json), args.id, args.listen_fd, args.ready_fd))
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import Mapping
 
 from proxy.accesslog import AccessLog
@@ -26,6 +27,8 @@ from proxy.stats import Stats
 from proxy.table import RouteTable
 
 _CRLF = b"\r\n"
+# On shutdown, how long an idle keep-alive connection may still bring one request (answered with close).
+DRAIN_IDLE = 1.0
 
 
 class DataPlane:
@@ -110,11 +113,19 @@ class DataPlane:
         self.draining = True
         if self.server is not None:
             self.server.close()
-        for c in list(self.conns):
-            c.close_if_idle()
+        started = time.monotonic()
+        if self.conns:
+            # A keep-alive connection idle right now may have a request on the wire: closing it at once would
+            # lose that request (the client sees a reset, not a response). So idle connections get a short
+            # window in which their next request is answered with `Connection: close`; only those still
+            # idle after it are closed. Busy clients thus move to another worker without an error.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.drained.wait(), min(DRAIN_IDLE, grace))
+            for c in list(self.conns):
+                c.close_if_idle()
         if self.conns:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.drained.wait(), grace)
+                await asyncio.wait_for(self.drained.wait(), max(0.0, grace - (time.monotonic() - started)))
         for c in list(self.conns):
             c.abort()
         if self._sweeper is not None:
