@@ -429,8 +429,12 @@ class DockerProvider:
                 cur = await self.store.current()
                 self._state = cur.state
                 async for rev in self.store.watch(cur.number):
+                    before = self._docker_versions()
                     self._state = rev.state
-                    self.kick()
+                    # Most revisions are weight, pin and route changes: no container work, and a pass
+                    # here would share the event loop with the data plane right when a change lands.
+                    if self._docker_versions() != before:
+                        self.kick()
                     backoff = 0.1
             except asyncio.CancelledError:
                 raise

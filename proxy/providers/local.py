@@ -75,6 +75,10 @@ class LocalVersion:
     replicas: list[Replica] = field(default_factory=list)
 
 
+def _local(state: State) -> dict[str, Version]:
+    return {n: v for n, v in state.versions.items() if v.spec.kind == "local"}
+
+
 class LocalProvider:
     def __init__(self, store: Store, host: str = "127.0.0.1", *, leader: Leader | None = None) -> None:
         self.store = store
@@ -109,8 +113,9 @@ class LocalProvider:
             try:
                 async for rev in self.store.watch(after):
                     after = rev.number
-                    self._state = rev.state
-                    self._changed.set()
+                    before, self._state = self._state, rev.state
+                    if before is None or _local(before) != _local(rev.state):
+                        self._changed.set()
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -122,12 +127,13 @@ class LocalProvider:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(FOLLOW_POLL):
                     await self._changed.wait()
+            changed = self._changed.is_set()
             self._changed.clear()
             state = self._state
-            if state is None:
+            leading = self.leader.is_leader()
+            if state is None or (not changed and leading == self._acting):
                 continue
             try:
-                leading = self.leader.is_leader()
                 if leading and not self._acting and not isinstance(self.leader, AlwaysLeader):
                     print("turnout: local provider: this replica runs the local versions now", file=sys.stderr)
                 self._acting = leading
