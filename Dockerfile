@@ -8,11 +8,13 @@ ARG BASE=turnout-base:bookworm
 
 FROM ${BASE} AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 # Optional CA bundle for TLS-intercepting networks (see docker/build-context/README.md).
 COPY docker/build-context/ /tmp/build-context/
-COPY pyproject.toml README.md* /src/
+# setup.py compiles the data plane's per-request modules with mypyc (hence gcc and python3-dev here; the
+# runtime stage needs neither).
+COPY pyproject.toml setup.py README.md* /src/
 COPY proxy/ /src/proxy/
 RUN if [ -s /tmp/build-context/ca-certificates.crt ]; then export PIP_CERT=/tmp/build-context/ca-certificates.crt; fi \
  && python3 -m venv /opt/turnout \

@@ -8,7 +8,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from proxy import __version__
+from proxy import __version__, data_plane_build
 
 # Command modules, in the order their commands appear in --help.
 COMMAND_MODULES = (
@@ -27,11 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Route HTTP traffic between immutable versions of a service: weighted canaries, "
         "dedicated versions for large clients, sticky assignment and instant fallback.",
     )
-    parser.add_argument("--version", action="version", version=f"turnout {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
+
+
+class _Version(argparse.Action):
+    # Not argparse's "version" action: its string is built for every command, and finding out how the
+    # data plane was built imports it, which operator commands do not need.
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        print(f"turnout {__version__} (data plane: {data_plane_build()})")
+        parser.exit()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -273,7 +273,10 @@ class Supervisor:
         # Installed with one worker too: SIGHUP's default action would kill the proxy on the spot.
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.restart_workers)
         await self._start_admin()
-        log(f"proxy listening on http://{_hostport(s.listen)} ({s.workers} worker(s)); "
+        from proxy import data_plane_build
+
+        log(f"proxy listening on http://{_hostport(s.listen)} ({s.workers} worker(s), data plane "
+            f"{data_plane_build()}); "
             f"admin API on http://{_hostport(s.admin)}; store {self.store.url}; revision {rev.number}")
 
     async def _spawn_workers(self) -> None:

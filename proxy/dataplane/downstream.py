@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, parse_url
 
@@ -559,7 +559,9 @@ class ClientConnection(asyncio.Protocol):
             target = url
         else:
             try:
-                parsed = parse_url(url)
+                # Untyped on purpose: httptools' stub declares every URL part as bytes/int, but absent parts
+                # are None, and compiled (mypyc) code checks declared attribute types at run time.
+                parsed: Any = parse_url(url)
             except HttpParserError:
                 raise _Refuse(400, "bad_request") from None
             if parsed.schema not in (b"http", b"https") or not parsed.host:

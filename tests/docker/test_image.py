@@ -92,3 +92,5 @@ def test_image_runs_healthy_as_non_root_and_proxies(turnout_image: str, clean_en
         logs = docker(clean_engine, "logs", "--tail", "20", cid)
         docker(clean_engine, "rm", "-f", cid)
     assert "turnout: proxy listening on http://127.0.0.1:" in logs.stdout + logs.stderr
+    # The image ships the compiled data plane (the build stage has a C compiler; see setup.py).
+    assert "data plane compiled (mypyc)" in logs.stdout + logs.stderr
