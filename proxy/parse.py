@@ -393,7 +393,7 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
     )
 
 
-def route_to_dict(r: Route, with_name: bool = True) -> dict[str, Any]:
+def route_to_dict(r: Route, with_name: bool = True, with_pins: bool = True) -> dict[str, Any]:
     d: dict[str, Any] = {"name": r.name} if with_name else {}
     m: dict[str, Any] = {"path_prefix": r.match.path_prefix}
     if r.match.host:
@@ -405,7 +405,7 @@ def route_to_dict(r: Route, with_name: bool = True) -> dict[str, Any]:
         d["identity"] = [{s.kind: s.name} for s in r.identity]
     d["split"] = {v: (int(w) if w == int(w) else w) for v, w in r.split}
     d["sticky"] = r.sticky
-    if r.pins:
+    if r.pins and with_pins:
         d["pins"] = dict(r.pins)
     if r.fallback:
         d["fallback"] = list(r.fallback)

@@ -50,12 +50,25 @@ async def test_revisions_history_and_read_back(tmp_path: Path) -> None:
     assert [h.number for h in await store.history(limit=1, before=3)] == [2]
     old = await store.get(1)
     assert old.state.route("web").split == (("v1", 90.0), ("v2", 10.0))  # type: ignore[union-attr]
+    # Read back again (a rollback target is): decoded once, then served from the bounded recent set.
+    assert await store.get(1) is old
     with pytest.raises(NotFoundError):
         await store.get(99)
     await store.close()
     reopened = SQLiteStore(tmp_path / "s.db")
     assert (await reopened.current()).state == r3.state
     await reopened.close()
+
+
+def test_recent_revisions_keep_the_last_few_read() -> None:
+    from proxy.store.base import GENESIS, RecentRevisions
+
+    recent = RecentRevisions(size=2)
+    recent.put(1, GENESIS)
+    recent.put(2, GENESIS)
+    assert recent.get(1) is GENESIS  # 1 is now the most recently used
+    recent.put(3, GENESIS)
+    assert (recent.get(1), recent.get(2), recent.get(3)) == (GENESIS, None, GENESIS)
 
 
 async def test_compare_and_swap(tmp_path: Path) -> None:

@@ -241,7 +241,7 @@ class Api:
         route = result.revision.state.route(name)
         # The restored route without its pins (a count instead): echoing 100,000 pins would make the
         # operator's instant rollback wait on serialising them; GET the route for the full body.
-        shown = None if route is None else {**route_to_dict(route), "pins": len(route.pins)}
+        shown = None if route is None else {**route_to_dict(route, with_pins=False), "pins": len(route.pins)}
         return result.response(rolled_back_to=at, route=shown)
 
     async def apply(self, request: web.Request) -> web.Response:

@@ -40,6 +40,26 @@ class Revision:
 GENESIS = Revision(RevisionInfo(0, 0.0, "", "", "empty state", ()), EMPTY_STATE)
 
 
+class RecentRevisions:
+    """The last few old revisions read back, decoded. Revisions never change once committed, so nothing
+    here goes stale; the bound keeps a series of reads of 100,000-pin states from growing memory."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._revs: dict[int, Revision] = {}
+
+    def get(self, number: int) -> Revision | None:
+        rev = self._revs.pop(number, None)
+        if rev is not None:
+            self._revs[number] = rev  # most recently used last
+        return rev
+
+    def put(self, number: int, rev: Revision) -> None:
+        self._revs[number] = rev
+        while len(self._revs) > self.size:
+            del self._revs[next(iter(self._revs))]
+
+
 class Store(abc.ABC):
     """Async interface; SQLite runs its blocking work off the event loop, etcd is natively async."""
 

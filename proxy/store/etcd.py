@@ -42,7 +42,7 @@ import aetcd.utils
 
 from proxy.errors import NotFoundError, StaleRevisionError, StoreUnavailableError
 from proxy.model import State
-from proxy.store.base import GENESIS, Revision, RevisionInfo, Store, now
+from proxy.store.base import GENESIS, RecentRevisions, Revision, RevisionInfo, Store, now
 from proxy.store.codec import Codec
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ class EtcdStore(Store):
         self._client = aetcd.Client(host=host, port=port, timeout=timeout, options=GRPC_OPTIONS)
         self._codec = Codec()
         self._cache: Revision = GENESIS
+        self._recent = RecentRevisions()  # old revisions read back: a rollback target is read again and again
         # One commit at a time per process: the codec's "this blob is already stored" knowledge must not be
         # used by a second commit while the first is still writing that blob.
         self._commit_lock = asyncio.Lock()
@@ -270,6 +271,9 @@ class EtcdStore(Store):
         number, _ = await self._head()
         if number == self._cache.number:
             return self._cache
+        recent = self._recent.get(number)
+        if recent is not None:
+            return recent
         record = await self._get(_number_key(self._rev_base, number), "read revision")
         if record is None:
             raise StoreUnavailableError(f"etcd at {self.endpoint}: head names revision {number}, which is missing")
@@ -280,11 +284,16 @@ class EtcdStore(Store):
             return GENESIS
         if number == self._cache.number:
             return self._cache
+        recent = self._recent.get(number)
+        if recent is not None:
+            return recent
         record = await self._get(_number_key(self._rev_base, number), "read revision")
         if record is None:
             raise NotFoundError(f"no revision {number}")
         # remember=False: decoding an old revision reuses, but must not evict, the current one's cached pins.
-        return await self._decode(json.loads(record), self._codec, remember=False)
+        rev = await self._decode(json.loads(record), self._codec, remember=False)
+        self._recent.put(number, rev)
+        return rev
 
     async def history(self, route: str | None = None, limit: int = 50,
                       before: int | None = None) -> list[RevisionInfo]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from proxy.errors import NotFoundError, StaleRevisionError, StoreUnavailableError
 from proxy.model import State
-from proxy.store.base import GENESIS, Revision, RevisionInfo, Store, now
+from proxy.store.base import GENESIS, RecentRevisions, Revision, RevisionInfo, Store, now
 from proxy.store.codec import Codec
 
 SCHEMA = """
@@ -68,6 +68,7 @@ class SQLiteStore(Store):
         self._read_lock = threading.Lock()
         self._codec = Codec()
         self._cache: Revision = GENESIS
+        self._recent = RecentRevisions()  # old revisions read back: a rollback target is read again and again
         # Blocking commits (fsync) run on one writer thread so the event loop keeps serving.
         self._writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="turnout-sqlite")
         self._writer: sqlite3.Connection | None = None
@@ -112,7 +113,11 @@ class SQLiteStore(Store):
     async def get(self, number: int) -> Revision:
         if number == self._cache.number:
             return self._cache
-        return self._load(number, remember=False)
+        rev = self._recent.get(number)
+        if rev is None:
+            rev = self._load(number, remember=False)
+            self._recent.put(number, rev)
+        return rev
 
     async def history(self, route: str | None = None, limit: int = 50,
                       before: int | None = None) -> list[RevisionInfo]:
