@@ -55,9 +55,11 @@ class CompiledRoute:
         self._sticky_picks = [(STICKY, self.chains[v]) for v in names]
         self._weighted_picks = [(WEIGHTED, self.chains[v]) for v in names]
         old = previous.route if previous is not None else None
-        if old is not None and old.pins is route.pins and old.fallback == route.fallback and previous is not None:
+        if old is not None and previous is not None and old.fallback == route.fallback and (
+                old.pins is route.pins or (len(old.pins) == len(route.pins) and old.pins == route.pins)):
             # A weight change keeps the pins mapping: reuse its compiled form instead of rebuilding
-            # 100,000 entries, so an operator's change is served within a millisecond or two.
+            # 100,000 entries, so an operator's change is served within a millisecond or two. A rollback
+            # brings an equal mapping read back from the store: comparing costs far less than rebuilding.
             self._pins: dict[str, Pick] = previous._pins
         else:
             pin_picks = {v: (PIN, self.chains[v]) for v in set(route.pins.values())}

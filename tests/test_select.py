@@ -177,6 +177,14 @@ def test_recompiling_after_a_weight_change_reuses_the_compiled_pins() -> None:
     refallback = dataclasses.replace(moved, fallback=("v2",))
     t4 = RouteTable(State(versions=versions, routes=(refallback,)), 4, previous=t2)
     assert t4.routes[0].pick("c7") == (PIN, ("acme", "v2"))
+    # A rollback brings an equal mapping (a different object, read back from the store): reused too; one
+    # changed entry among the same number is not.
+    equal = dataclasses.replace(moved, pins=dict(route.pins))
+    t5 = RouteTable(State(versions=versions, routes=(equal,)), 5, previous=t2)
+    assert t5.routes[0]._pins is t2.routes[0]._pins
+    one_off = dataclasses.replace(moved, pins={**route.pins, "c999": "v2"})
+    t6 = RouteTable(State(versions=versions, routes=(one_off,)), 6, previous=t2)
+    assert t6.routes[0]._pins is not t2.routes[0]._pins and t6.routes[0].pick("c999") == (PIN, ("v2", "v1"))
 
 
 def test_normalize_path_resolves_what_an_upstream_would() -> None:
