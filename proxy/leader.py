@@ -18,6 +18,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("turnout.leader")
 
+# How long a starting component waits for the first election round (a replica alone on a store then acts
+# at once), and how often one that follows re-checks whether it leads now (seconds).
+SETTLE_TIMEOUT = 3.0
+FOLLOW_POLL = 1.0
+
 
 class Leader(abc.ABC):
     """Whether this replica acts in one role: with several proxies on one etcd store exactly one does."""
@@ -30,7 +35,7 @@ class Leader(abc.ABC):
     async def start(self) -> None:
         return None
 
-    async def settled(self, timeout: float) -> None:
+    async def settled(self, timeout: float = SETTLE_TIMEOUT) -> None:
         """Wait (bounded) until the first election round is over, so a replica starting alone acts at once
         instead of following for a round."""
         return None
@@ -95,7 +100,7 @@ class EtcdLeader(Leader):
         self._client = aetcd.Client(host=self.host, port=self.port, timeout=2.0, options=GRPC_OPTIONS)
         self._task = asyncio.create_task(self._run(), name=f"turnout-leader-{self.key.decode().rsplit('/', 1)[-1]}")
 
-    async def settled(self, timeout: float) -> None:
+    async def settled(self, timeout: float = SETTLE_TIMEOUT) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._first_round.wait()

@@ -311,10 +311,19 @@ def retire_published(directory: Path, worker_id: str) -> None:
     except (OSError, ValueError):
         return
     doc["retired"] = True
-    tmp = directory / f".{worker_id}.retire.tmp"
     with contextlib.suppress(OSError):
-        tmp.write_bytes(json.dumps(doc, separators=(",", ":")).encode())
-        os.replace(tmp, path)
+        _replace(path, json.dumps(doc, separators=(",", ":")).encode())
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write through a temporary file and rename: readers see the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def worker_extras(directory: Path | None) -> list[Mapping[str, Any]]:
@@ -387,13 +396,7 @@ class WorkerPublisher:
         return json.dumps(doc, separators=(",", ":")).encode()
 
     def write(self, data: bytes) -> None:
-        tmp = self.directory / f".{self.worker_id}.{os.getpid()}.tmp"
-        try:
-            tmp.write_bytes(data)
-        except FileNotFoundError:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(data)
-        os.replace(tmp, self.path)  # readers see the old file or the new one, never half of one
+        _replace(self.path, data)
 
     def publish(self) -> None:
         self.write(self.render())

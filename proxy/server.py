@@ -360,19 +360,28 @@ class Supervisor:
             log(f"worker {self._worker_id(slot)} exited with code {code}; starting it again in {delay:g}s "
                 "(connections queued on its socket wait for it)")
             self._retire_published(self._worker_id(slot))
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, WORKER_RESTART_BACKOFF[1])
-            if self.stopping():  # set by stop() while this task slept
-                return
-            self._generation[slot] += 1
-            new = await self._start_worker(slot)
-            if await self._ready(new):
-                self.workers[slot] = new
-                self.restarts += 1
-                self._tell_one(new, self.holder.table)
-            else:
-                log(f"worker {self._worker_id(slot)} did not start; trying again")
-                self.workers[slot] = new  # exited already: the loop comes round with the backoff
+            while True:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, WORKER_RESTART_BACKOFF[1])
+                if self.stopping():  # set by stop() while this task slept
+                    return
+                new, ok = await self._next_worker(slot)
+                if ok:
+                    self.restarts += 1
+                    break
+                log(f"worker {self._worker_id(slot)} did not start (exit code {new.returncode}); "
+                    f"trying again in {delay:g}s")
+
+    async def _next_worker(self, slot: int) -> tuple[asyncio.subprocess.Process, bool]:
+        """Start the slot's next worker and, once it serves, make it the slot's current one (and tell it the
+        revision being served). -> (the process, whether it serves)."""
+        self._generation[slot] += 1
+        new = await self._start_worker(slot)
+        if not await self._ready(new):
+            return new, False
+        self.workers[slot] = new
+        self._tell_one(new, self.holder.table)
+        return new, True
 
     def _retire_published(self, worker_id: str) -> None:
         try:
@@ -399,15 +408,11 @@ class Supervisor:
             if self._stopping:
                 return
             old, old_id = self.workers[slot], self._worker_id(slot)
-            self._generation[slot] += 1
-            new = await self._start_worker(slot)
-            if not await self._ready(new):
-                self._generation[slot] -= 1
+            new, ok = await self._next_worker(slot)
+            if not ok:
                 log(f"rolling restart stopped: a new worker for slot {slot} did not start (exit code "
                     f"{new.returncode}); the running workers keep serving")
                 return
-            self.workers[slot] = new
-            self._tell_one(new, self.holder.table)
             # The new worker accepts from the same socket; the old one stops accepting, answers what it has
             # in flight with `Connection: close`, and exits.
             self.retiring.add(old)
@@ -423,18 +428,16 @@ class Supervisor:
             log(f"rolling restart: slot {slot} replaced ({slot + 1}/{n})")
         log("rolling restart done")
 
-    def _tell_one(self, proc: asyncio.subprocess.Process, table: RouteTable) -> None:
-        # A worker started after a revision was committed may have read the store just before it.
+    @staticmethod
+    def _tell_one(proc: asyncio.subprocess.Process, table: RouteTable) -> None:
+        # Also sent to a worker that just started: it may have read the store just before this revision.
         if proc.stdin is not None and proc.returncode is None:
             with contextlib.suppress(OSError, RuntimeError):
                 proc.stdin.write(f"{table.revision}\n".encode())
 
     def _tell_workers(self, table: RouteTable) -> None:
-        line = f"{table.revision}\n".encode()
         for proc in self.workers:
-            if proc.stdin is not None and proc.returncode is None:
-                with contextlib.suppress(OSError, RuntimeError):
-                    proc.stdin.write(line)
+            self._tell_one(proc, table)
 
     def health_view(self) -> dict[str, dict[str, bool]]:
         if self.dataplane is not None:

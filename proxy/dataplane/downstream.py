@@ -146,6 +146,17 @@ class Exchange:
         self.lines: list[bytes] = []
 
 
+def _set_target(ex: Exchange, target: bytes) -> None:
+    """Origin-form target -> ex.target, ex.path and ex.query (path and query as latin-1 text)."""
+    ex.target = target
+    q = target.find(b"?")
+    if q >= 0:
+        ex.path = target[:q].decode("latin-1")
+        ex.query = target[q + 1:].decode("latin-1")
+    else:
+        ex.path = target.decode("latin-1")
+
+
 class ClientConnection(asyncio.Protocol):
     # Reasons reading from the client is paused (a bit mask: reading resumes when all are clear).
     P_BACKLOG: Final = 1  # too many queued requests, or parsing stopped
@@ -493,22 +504,13 @@ class ClientConnection(asyncio.Protocol):
         if (self.nhost == 1 and url[:1] == b"/" and not upgrade and (cl is None or cl <= self.max_body)
                 and host_raw is not None):
             # The common case, validated inline; everything else goes through _validate.
-            ex.target = url
-            q = url.find(b"?")
-            if q >= 0:
-                ex.path = url[:q].decode("latin-1")
-                ex.query = url[q + 1:].decode("latin-1")
-            else:
-                ex.path = url.decode("latin-1")
-            host = self.dp.hosts.get(host_raw)
-            if host is None:
-                try:
-                    host = self._host(host_raw)
-                except _Refuse as r:
-                    ex.refuse = r
-                    ex.keep_alive = False
-                    host = ""
-            ex.host = host
+            _set_target(ex, url)
+            try:
+                ex.host = self._host(host_raw)
+            except _Refuse as r:
+                ex.refuse = r
+                ex.keep_alive = False
+                ex.host = ""
         else:
             try:
                 self._validate(ex, method, cl)
@@ -570,17 +572,10 @@ class ClientConnection(asyncio.Protocol):
             if ex.host_raw is None or split_host(authority) != split_host(ex.host_raw):
                 raise _Refuse(400, "bad_request")  # absolute-form for another host: not an open proxy
             target = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
-        ex.target = target
-        q = target.find(b"?")
-        if q >= 0:
-            ex.path = target[:q].decode("latin-1")
-            ex.query = target[q + 1:].decode("latin-1")
-        else:
-            ex.path = target.decode("latin-1")
+        _set_target(ex, target)
         host_raw = ex.host_raw
         if host_raw is not None:
-            host = self.dp.hosts.get(host_raw)
-            ex.host = host if host is not None else self._host(host_raw)
+            ex.host = self._host(host_raw)
         if ex.upgrade and (ex.chunked or cl):
             raise _Refuse(400, "bad_request")
         if ex.upgrade and ex.upgrade_value.strip().lower() != b"websocket":
@@ -593,6 +588,10 @@ class ClientConnection(asyncio.Protocol):
             raise _Refuse(413, "too_large")
 
     def _host(self, host_raw: bytes) -> str:
+        """The lower-case host of a Host value, cached per value (a keep-alive client repeats it)."""
+        host = self.dp.hosts.get(host_raw)
+        if host is not None:
+            return host
         if not valid_host(host_raw):
             raise _Refuse(400, "bad_request")  # userinfo or garbage: routed as one host, read as another
         hosts = self.dp.hosts

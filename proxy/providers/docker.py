@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
 from proxy.errors import ConflictError, FieldError, NotFoundError, TurnoutError, ValidationError
-from proxy.leader import AlwaysLeader, Leader, leader_for
+from proxy.leader import FOLLOW_POLL, AlwaysLeader, Leader, leader_for
 from proxy.model import State, Version
 from proxy.ops import Change, set_instances
 from proxy.parse import DIGEST_RE
@@ -81,10 +81,6 @@ RECONNECT_BACKOFF = (0.5, 5.0)
 LOG_TAIL = 20
 # A replica that exited this often without ever passing a health check is reported as failing.
 FAILING_AFTER_EXITS = 2
-# A replica that does not drive the containers re-checks the election this often (seconds).
-FOLLOW_POLL = 1.0
-# How long start() waits for the first election round (etcd); alone on a store, a replica then acts at once.
-LEADER_SETTLE = 3.0
 
 ReplicaState = Literal["starting", "healthy", "unhealthy", "exited", "missing"]
 
@@ -250,7 +246,7 @@ class DockerProvider:
         self.state_id = state_id
         self._state = (await self.store.current()).state
         await self.leader.start()
-        await self.leader.settled(LEADER_SETTLE)
+        await self.leader.settled()
         self._events_thread = threading.Thread(target=self._follow_events, name="turnout-docker-events",
                                                daemon=True)
         self._events_thread.start()

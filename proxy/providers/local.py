@@ -23,16 +23,13 @@ import sys
 from dataclasses import dataclass, field
 
 from proxy import ops
-from proxy.leader import AlwaysLeader, Leader, leader_for
+from proxy.leader import FOLLOW_POLL, AlwaysLeader, Leader, leader_for
 from proxy.model import State, Version
 from proxy.store.base import Store
 
 # How long a new replica may take to open its port before it is reported as failed.
 START_TIMEOUT = 30.0
 RESTART_BACKOFF_MAX = 30.0
-# A replica that does not run the processes re-checks the election this often (seconds).
-FOLLOW_POLL = 1.0
-LEADER_SETTLE = 3.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -100,7 +97,7 @@ class LocalProvider:
         cur = await self.store.current()
         self._state = cur.state
         await self.leader.start()
-        await self.leader.settled(LEADER_SETTLE)
+        await self.leader.settled()
         if self.leader.is_leader():
             # Before start() returns, so a proxy that starts with local versions serves them at once.
             self._acting = True

@@ -271,9 +271,6 @@ class EtcdStore(Store):
         number, _ = await self._head()
         if number == self._cache.number:
             return self._cache
-        recent = self._recent.get(number)
-        if recent is not None:
-            return recent
         record = await self._get(_number_key(self._rev_base, number), "read revision")
         if record is None:
             raise StoreUnavailableError(f"etcd at {self.endpoint}: head names revision {number}, which is missing")
