@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from proxy import ops
@@ -24,7 +26,9 @@ def test_set_split_merges_keeping_bucket_order() -> None:
 
 
 def test_refused_changes_leave_state_untouched() -> None:
-    before = STATE
+    # A deep copy, not another name for STATE: a transition that mutated it in place would change both.
+    before = copy.deepcopy(STATE)
+    assert before is not STATE
     with pytest.raises(ValidationError):
         ops.set_split(STATE, "web", {"v3": 10})
     with pytest.raises(ValidationError):
