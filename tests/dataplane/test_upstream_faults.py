@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
 
-from proxy.settings import Settings
+from proxy.settings import Settings, Timeouts
 from tests.dataplane.helpers import Client, Request, ok, read_response, simple_route, start_proxy, table, version
 
 GET_B = b"GET /b HTTP/1.1\r\nHost: app\r\n\r\n"
@@ -174,5 +176,69 @@ async def test_bytes_on_an_idle_pooled_connection_close_it(upstreams) -> None:  
         assert (r.status, r.body) == (200, b"second")
         assert a.traffic[0].conn != a.traffic[1].conn
         c.close()
+    finally:
+        await p.dp.shutdown(0.5)
+
+
+# -- item: hung endpoints
+
+
+def hanging(closed: list[float]):  # type: ignore[no-untyped-def]
+    """A handler that never answers; it notes when the proxy closed the connection."""
+    async def h(req: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+        closed.append(asyncio.get_running_loop().time())
+    return h
+
+
+async def test_upstream_timeouts_eject_an_endpoint_whose_health_check_passes(upstreams) -> None:  # type: ignore[no-untyped-def]
+    closed: list[float] = []
+    hung = await upstreams(hanging(closed), name="hung")
+    good = await upstreams(name="good")
+    settings = Settings(listen=("127.0.0.1", 0), passive_eject_after=2,
+                        timeouts=Timeouts(upstream_response=0.3))
+    p = await start_proxy(table([version("v1", hung, good)], [simple_route(("v1", 1.0))]), settings)
+    try:
+        c = await Client.open(p.port)
+        statuses = [(await c.get()).status for _ in range(4)]  # round robin: hung, good, hung, good
+        assert statuses == [504, 200, 504, 200]
+        assert p.dp.health_view()["v1"] == {hung.url: False, good.url: True}
+        assert [(await c.get()).body for _ in range(4)] == [b"good GET /"] * 4
+        assert len(hung.traffic) == 2
+        assert p.stats.upstream_errors == {("v1", "timeout"): 2}
+        c.close()
+    finally:
+        await p.dp.shutdown(0.5)
+
+
+@pytest.mark.parametrize("how", ["reset", "close"])
+async def test_client_that_goes_away_releases_its_upstream_request(upstreams, how: str) -> None:  # type: ignore[no-untyped-def]
+    closed: list[float] = []
+    hung = await upstreams(hanging(closed), name="hung")
+    p = await start_proxy(table([version("v1", hung)], [simple_route(("v1", 1.0))]),
+                          Settings(listen=("127.0.0.1", 0)))
+    loop = asyncio.get_running_loop()
+    try:
+        c = await Client.open(p.port)
+        await c.send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+        for _ in range(200):
+            if hung.traffic:
+                break
+            await asyncio.sleep(0.01)
+        assert len(hung.traffic) == 1
+        left = loop.time()
+        if how == "reset":
+            sock = c.writer.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()
+        else:
+            c.writer.close()  # an ordinary close (FIN), as a client that gave up on a keep-alive request does
+        for _ in range(200):
+            if closed:
+                break
+            await asyncio.sleep(0.01)
+        assert len(closed) == 1 and closed[0] - left < 1.0
+        assert p.dp.uconns == set()
     finally:
         await p.dp.shutdown(0.5)
