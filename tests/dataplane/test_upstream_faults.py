@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
@@ -66,6 +66,22 @@ class StreamingApp:
 
 
 @pytest.fixture
+async def clients() -> AsyncIterator[Callable[[int], Awaitable[Client]]]:
+    """Opens clients that are closed even when a test fails (an open transport breaks the next test)."""
+    opened: list[Client] = []
+
+    async def open_client(port: int) -> Client:
+        c = await Client.open(port)
+        opened.append(c)
+        return c
+
+    yield open_client
+    for c in opened:
+        c.close()
+    await asyncio.sleep(0)
+
+
+@pytest.fixture
 async def streaming() -> AsyncIterator[StreamingApp]:
     app = await StreamingApp().start()
     yield app
@@ -73,16 +89,16 @@ async def streaming() -> AsyncIterator[StreamingApp]:
     await app.runner.cleanup()
 
 
-async def test_head_answer_with_a_stray_body_never_reaches_another_client(streaming) -> None:  # type: ignore[no-untyped-def]
+async def test_head_answer_with_a_stray_body_never_reaches_another_client(streaming, clients) -> None:  # type: ignore[no-untyped-def]
     p = await start_proxy(table([version("v1", streaming.url)], [simple_route(("v1", 1.0))]),
                           Settings(listen=("127.0.0.1", 0)))
     try:
         for _ in range(3):
             streaming.got_get.clear()
-            a = await Client.open(p.port)
+            a = await clients(p.port)
             r = await a.request(HEAD, head=True)
             assert (r.status, r.header("content-length"), r.header("transfer-encoding")) == (200, None, None)
-            b = await Client.open(p.port)  # another client, on another connection
+            b = await clients(p.port)  # another client, on another connection
             r = await b.request(GET_B)
             assert (r.status, r.body) == (200, b"b")
             a.close()
@@ -91,13 +107,13 @@ async def test_head_answer_with_a_stray_body_never_reaches_another_client(stream
         await p.dp.shutdown(0.5)
 
 
-async def test_head_answer_with_a_stray_body_pipelined_with_a_get(streaming) -> None:  # type: ignore[no-untyped-def]
+async def test_head_answer_with_a_stray_body_pipelined_with_a_get(streaming, clients) -> None:  # type: ignore[no-untyped-def]
     p = await start_proxy(table([version("v1", streaming.url)], [simple_route(("v1", 1.0))]),
                           Settings(listen=("127.0.0.1", 0)))
     try:
         for _ in range(3):
             streaming.got_get.clear()
-            c = await Client.open(p.port)
+            c = await clients(p.port)
             await c.send(HEAD + GET_B)
             r1 = await asyncio.wait_for(read_response(c.reader, head_request=True), 5)
             r2 = await asyncio.wait_for(read_response(c.reader), 5)
@@ -107,7 +123,7 @@ async def test_head_answer_with_a_stray_body_pipelined_with_a_get(streaming) -> 
         await p.dp.shutdown(0.5)
 
 
-async def test_empty_head_answer_pipelined_with_a_get_gets_both_answers(upstreams) -> None:  # type: ignore[no-untyped-def]
+async def test_empty_head_answer_pipelined_with_a_get_gets_both_answers(upstreams, clients) -> None:  # type: ignore[no-untyped-def]
     async def h(req: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
         if req.method == "HEAD":
             return b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
@@ -116,7 +132,7 @@ async def test_empty_head_answer_pipelined_with_a_get_gets_both_answers(upstream
     a = await upstreams(h)
     p = await start_proxy(table([version("v1", a)], [simple_route(("v1", 1.0))]), Settings(listen=("127.0.0.1", 0)))
     try:
-        c = await Client.open(p.port)
+        c = await clients(p.port)
         await c.send(HEAD + GET_B)
         r1 = await asyncio.wait_for(read_response(c.reader, head_request=True), 5)
         r2 = await asyncio.wait_for(read_response(c.reader), 5)
@@ -128,7 +144,7 @@ async def test_empty_head_answer_pipelined_with_a_get_gets_both_answers(upstream
         await p.dp.shutdown(0.5)
 
 
-async def test_bytes_after_a_complete_response_in_the_same_read_close_the_connection(upstreams) -> None:  # type: ignore[no-untyped-def]
+async def test_bytes_after_a_complete_response_in_the_same_read_close_the_connection(upstreams, clients) -> None:  # type: ignore[no-untyped-def]
     async def h(req: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
         if req.target == "/first":
             # One write, so one read on the proxy's side: a complete answer and the start of another.
@@ -139,9 +155,9 @@ async def test_bytes_after_a_complete_response_in_the_same_read_close_the_connec
     p = await start_proxy(table([version("v1", a)], [simple_route(("v1", 1.0))]), Settings(listen=("127.0.0.1", 0)))
     try:
         for _ in range(3):
-            c = await Client.open(p.port)
+            c = await clients(p.port)
             assert (await c.get("/first")).body == b"hi"
-            c2 = await Client.open(p.port)
+            c2 = await clients(p.port)
             r = await c2.get("/second")
             assert (r.status, r.body) == (200, b"second")
             c.close()
@@ -153,7 +169,7 @@ async def test_bytes_after_a_complete_response_in_the_same_read_close_the_connec
         await p.dp.shutdown(0.5)
 
 
-async def test_bytes_on_an_idle_pooled_connection_close_it(upstreams) -> None:  # type: ignore[no-untyped-def]
+async def test_bytes_on_an_idle_pooled_connection_close_it(upstreams, clients) -> None:  # type: ignore[no-untyped-def]
     async def h(req: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
         if req.target == "/first":
             writer.write(ok(b"hi"))
@@ -165,7 +181,7 @@ async def test_bytes_on_an_idle_pooled_connection_close_it(upstreams) -> None:  
     a = await upstreams(h)
     p = await start_proxy(table([version("v1", a)], [simple_route(("v1", 1.0))]), Settings(listen=("127.0.0.1", 0)))
     try:
-        c = await Client.open(p.port)
+        c = await clients(p.port)
         assert (await c.get("/first")).body == b"hi"
         for _ in range(100):
             if not p.dp.uconns:
@@ -192,7 +208,7 @@ def hanging(closed: list[float]):  # type: ignore[no-untyped-def]
     return h
 
 
-async def test_upstream_timeouts_eject_an_endpoint_whose_health_check_passes(upstreams) -> None:  # type: ignore[no-untyped-def]
+async def test_upstream_timeouts_eject_an_endpoint_whose_health_check_passes(upstreams, clients) -> None:  # type: ignore[no-untyped-def]
     closed: list[float] = []
     hung = await upstreams(hanging(closed), name="hung")
     good = await upstreams(name="good")
@@ -200,7 +216,7 @@ async def test_upstream_timeouts_eject_an_endpoint_whose_health_check_passes(ups
                         timeouts=Timeouts(upstream_response=0.3))
     p = await start_proxy(table([version("v1", hung, good)], [simple_route(("v1", 1.0))]), settings)
     try:
-        c = await Client.open(p.port)
+        c = await clients(p.port)
         statuses = [(await c.get()).status for _ in range(4)]  # round robin: hung, good, hung, good
         assert statuses == [504, 200, 504, 200]
         assert p.dp.health_view()["v1"] == {hung.url: False, good.url: True}
@@ -213,14 +229,14 @@ async def test_upstream_timeouts_eject_an_endpoint_whose_health_check_passes(ups
 
 
 @pytest.mark.parametrize("how", ["reset", "close"])
-async def test_client_that_goes_away_releases_its_upstream_request(upstreams, how: str) -> None:  # type: ignore[no-untyped-def]
+async def test_client_that_goes_away_releases_its_upstream_request(upstreams, clients, how: str) -> None:  # type: ignore[no-untyped-def]
     closed: list[float] = []
     hung = await upstreams(hanging(closed), name="hung")
     p = await start_proxy(table([version("v1", hung)], [simple_route(("v1", 1.0))]),
                           Settings(listen=("127.0.0.1", 0)))
     loop = asyncio.get_running_loop()
     try:
-        c = await Client.open(p.port)
+        c = await clients(p.port)
         await c.send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
         for _ in range(200):
             if hung.traffic:
