@@ -130,6 +130,10 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as u:
+            held = self.held
+            if held is not None:  # a stray 101 after a complete response (on_message_begin closed)
+                self._settle(held)
+                return
             self._flush(ex)
             self._start_tunnel(data[u.args[0]:])
             return
