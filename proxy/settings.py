@@ -56,7 +56,7 @@ class Settings:
     access_log: str | None = None  # path, "-" for stdout, None for off
     access_log_client_ids: bool = False  # log raw client ids instead of a salted hash
     pool_size: int = 64  # idle keep-alive connections kept per upstream endpoint
-    passive_eject_after: int = 5  # consecutive connect failures / 5xx that eject an endpoint
+    passive_eject_after: int = 5  # consecutive connect failures / timeouts / 5xx that eject an endpoint
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
     state_dir: str | None = None  # where the admin token and default database live

@@ -291,8 +291,12 @@ class ClientConnection(asyncio.Protocol):
                 self.tunnel_up.transport.write_eof()
             return True
         # A client that half-closes after its last complete request still gets the answers to queued
-        # requests; a half-closed request can never complete, so that closes at once.
-        if self.queue and self.phase == IDLE and not self.backlog:
+        # requests, if that request asked to close the connection: the client is done sending and waits.
+        # After a keep-alive request a FIN almost always means a full close (a client that gave up), which
+        # TCP cannot tell apart; holding the upstream requests until upstream_response would keep a hung
+        # endpoint busy for nobody, so the connection closes and connection_lost releases them. A
+        # half-closed request can never complete, so that closes at once too.
+        if self.queue and self.phase == IDLE and not self.backlog and not self.queue[-1].keep_alive:
             self.eof = True
             return True
         return None
@@ -842,7 +846,8 @@ class ClientConnection(asyncio.Protocol):
         route = ex.route
         assert route is not None and ep is not None
         connect_failed = kind == "connect" or kind == "connect_timeout"
-        if connect_failed:
+        if connect_failed or kind == "timeout":
+            # A hung endpoint may still pass its health check: its timeouts must eject it like 5xx do.
             dp.health.failure(ep)
         dp.stats.upstream_error(ex.version, _ERROR_KIND[kind], route=route.name)
         if ex.response_started:

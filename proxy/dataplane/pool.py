@@ -32,7 +32,7 @@ class Endpoint:
         # Optimistic start: a new endpoint serves until a check or passive ejection says otherwise.
         self.active_ok = True
         self.ejected = False
-        self.failures = 0  # consecutive connect failures / 5xx responses
+        self.failures = 0  # consecutive connect failures / timeouts / 5xx responses
         self.ejections = 0  # consecutive ejections; doubles the next ejection's length
         self.readmit_handle: asyncio.TimerHandle | None = None
         self.removed = False  # no longer in the table: its connections are not pooled again

@@ -3,7 +3,9 @@
 Design rule: the response is re-framed from what the parser validated (never raw framing bytes) and
 written straight to the client's transport from the parser callbacks. Failures are reported to the
 client connection with whether any response byte had arrived, because that decides retry vs. abort.
-A connection goes back to its pool only after its response was read completely and not marked close.
+A connection goes back to its pool only after its response was read completely and not marked close, and
+only once the rest of the read that completed it was parsed: a byte past the end of a response is one nobody
+asked for, and the connection is closed instead (see _settle).
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.paused_reading = False
         self.out: list[bytes] = []
+        # The exchange whose response completed during the current read; reported after that read (_settle).
+        self.held: Exchange | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("active" if self.ex is not None else "idle")
@@ -126,6 +130,10 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as u:
+            held = self.held
+            if held is not None:  # a stray 101 after a complete response (on_message_begin closed)
+                self._settle(held)
+                return
             self._flush(ex)
             self._start_tunnel(data[u.args[0]:])
             return
@@ -133,6 +141,9 @@ class UpstreamConnection(asyncio.Protocol):
             if self.out:
                 self._flush(ex)
             self._fail("invalid_response")
+            held = self.held
+            if held is not None:  # garbage after a complete response: that one still counts as done
+                self._settle(held)
             return
         if self.in_head and self.head_size > self.max_head and self.ex is ex:
             # Still no complete head after more bytes than a head may have.
@@ -142,6 +153,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.out:
             self._flush(ex)
+        held = self.held
+        if held is not None:
+            self._settle(held)
 
     def _flush(self, ex: Exchange) -> None:
         # One write per upstream read: a small response's head and body leave in one system call.
@@ -151,6 +165,11 @@ class UpstreamConnection(asyncio.Protocol):
             ex.client.write(out[0] if len(out) == 1 else b"".join(out))
 
     # -- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.ex is None:
+            # A response began after the one that completed in this read: the upstream is out of sync.
+            self.close()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.in_head:
@@ -251,11 +270,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.out.append(b"".join(parts))
         if ex.head and mode == NONE and status != 204 and status != 304:
             # llhttp cannot know this answered a HEAD and would wait for Content-Length bytes; the head
-            # is the whole response, so finish here and give the next response a fresh parser. A head that
-            # announced a body is not pooled: a broken upstream may still send it, and it would become the
-            # next client's response.
+            # is the whole response, so finish here and give the next response a fresh parser. Only a head
+            # that announced an empty body (Content-Length: 0) is pooled: after any other (a length, chunked,
+            # or no framing at all, which a GET would read to EOF) a broken upstream may still send the body,
+            # even much later, and it would become the next request's response.
             keep = (self.parser.get_http_version() == "1.1" and not (tokens and b"close" in tokens)
-                    and not self.until_eof and not chunked and (cl is None or not cl.strip().lstrip(b"0")))
+                    and not self.until_eof and not chunked and cl is not None and not cl.strip().lstrip(b"0"))
             self.until_eof = False
             self.parser = HttpResponseParser(self)
             self._complete(ex, keep)
@@ -263,6 +283,8 @@ class UpstreamConnection(asyncio.Protocol):
     def on_body(self, data: bytes) -> None:
         ex = self.ex
         if ex is None:
+            # Body bytes after a HEAD answer (the replaced parser still reads the rest of that read).
+            self.close()
             return
         ex.bytes_out += len(data)
         if self.mode == CHUNKED:
@@ -288,20 +310,13 @@ class UpstreamConnection(asyncio.Protocol):
         if self.paused_reading or self.closed or not keep or not ex.request_complete:
             self._complete(ex, keep)
             return
-        # Fast path of _complete: flush, pool the connection, report.
+        # Fast path of _complete: flush, hold for _settle.
         self.out = []
         ex.client.write(out[0] if len(out) == 1 else b"".join(out))
         self.ex = None
         self.served += 1
         self.got_bytes = False
-        dp = self.dp
-        ep = self.endpoint
-        if not ep.ejected and not ep.removed and len(ep.idle) < dp.pool_size and not dp.draining:
-            ep.idle.append(self)
-            self.deadline = self.now() + dp.t_pool_idle
-        else:
-            self.close()
-        ex.client.response_complete(ex)
+        self.held = ex
 
     # -- helpers
 
@@ -316,7 +331,23 @@ class UpstreamConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.resume_reading()
         if keep and not self.closed and ex.request_complete:
-            self.dp.release(self)
+            # Only ever kept from a parser callback, so inside data_received, which settles after the read.
+            self.held = ex
+            return
+        self.close()
+        ex.client.response_complete(ex)
+
+    def _settle(self, ex: Exchange) -> None:
+        # The read that completed ex's response was parsed to its end; a byte past that response closed the
+        # connection (on_message_begin, on_body). Only now may it serve another request, which reporting the
+        # completion can start at once (a pipelined one).
+        self.held = None
+        dp = self.dp
+        ep = self.endpoint
+        if (not self.closed and not ep.ejected and not ep.removed and len(ep.idle) < dp.pool_size
+                and not dp.draining):
+            ep.idle.append(self)
+            self.deadline = self.now() + dp.t_pool_idle
         else:
             self.close()
         ex.client.response_complete(ex)

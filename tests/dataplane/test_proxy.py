@@ -534,7 +534,9 @@ async def test_half_closed_client_still_gets_its_answers(upstreams) -> None:  # 
     p = await proxy_for(table([version("v1", a)], [simple_route(("v1", 1.0))]))
     try:
         c = await Client.open(p.port)
-        c.writer.write(b"GET /1 HTTP/1.1\r\nHost: app\r\n\r\nGET /2 HTTP/1.1\r\nHost: app\r\n\r\n")
+        # The last request asks to close: a half-close after it means "done sending", not "gone" (see
+        # test_client_that_goes_away_releases_its_upstream_request for the keep-alive case).
+        c.writer.write(b"GET /1 HTTP/1.1\r\nHost: app\r\n\r\nGET /2 HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
         c.writer.write_eof()
         r1 = await asyncio.wait_for(read_response(c.reader), 5)
         r2 = await asyncio.wait_for(read_response(c.reader), 5)
