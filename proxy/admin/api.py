@@ -194,13 +194,13 @@ class Api:
     async def patch_split(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         body = await read_json(request)
-        # Gates first: a version with no healthy endpoint, or whose check command fails, gets no new weight
-        # unless the operator forces it (?force=true). Lowering weights is never refused.
+        # Readiness first: a version with no healthy endpoint gets no new weight unless the operator forces
+        # it (?force=true). Lowering weights is never refused. The check command is asked in `write`.
         state = (await self.ctx.store.current()).state
         weights = parse_split_body(body, state.versions)
         if state.route(name) is not None:
-            await gates.admit(self.ctx.store, state, weights, self.ctx.health(), route=name,
-                              actor=actor_of(request), force=_flag(request.query.get("force")))
+            gates.check_readiness(state, weights, self.ctx.health(), route=name,
+                                  force=_flag(request.query.get("force")))
         result = await self.write(request, lambda s: set_split(s, name, parse_split_body(body, s.versions)))
         return result.response()
 
@@ -269,7 +269,12 @@ class Api:
     # the write path
 
     async def write(self, request: web.Request, change: Callable[[State], Change]) -> WriteResult:
-        """Commit `change` with the request's If-Match, reason and actor; install the result here."""
+        """Commit `change` with the request's If-Match, reason and actor; install the result here.
+
+        Every write passes the check gate here (proxy.gates.gated_update): a version whose check command
+        fails gets no traffic by any path (split, pin, fallback, mirror, route, apply, rollback) unless
+        the request says ?force=true.
+        """
         expected = _if_match(request)
         reason = _reason(request)
         outcome: list[tuple[bool, str]] = []
@@ -280,7 +285,8 @@ class Api:
             outcome.append((bool(summary) and new != state, summary))
             return new, summary
 
-        rev = await self.ctx.store.update(tracked, actor=actor_of(request), reason=reason, expected=expected)
+        rev = await gates.gated_update(self.ctx.store, tracked, actor=actor_of(request), reason=reason,
+                                       expected=expected, force=_flag(request.query.get("force")))
         changed, summary = outcome[-1] if outcome else (False, "")
         if changed:
             await self.install(rev)
