@@ -214,6 +214,12 @@ def _reachable(route: Route, among: set[str]) -> set[str]:
     return names
 
 
+def routes_serving(state: State, version: str) -> list[str]:
+    """Routes that can send `version` requests now (what scaling it to zero would cut off)."""
+    among = {version}
+    return [r.name for r in state.routes if _reachable(r, among)]
+
+
 def gaining(old: State, new: State) -> dict[str, tuple[str, ...]]:
     """Versions with a check command that can receive traffic on a route of `new` where they could not in
     `old` (weight from 0, a new pin target, fallback entry or mirror target, a new route), and those routes.
