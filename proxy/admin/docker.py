@@ -133,6 +133,7 @@ class DockerApi:
         force = body.get("force", False) if isinstance(body, dict) else False
         if not isinstance(force, bool):
             raise ValidationError([FieldError("force", f"expected true or false, got {force!r}")])
+        force = force or request.query.get("force", "false").lower() in ("", "1", "true", "yes", "on")
         from proxy.providers.docker import set_replicas
 
         result = await self.api._write(request, lambda state: set_replicas(state, name, n, force=force))
