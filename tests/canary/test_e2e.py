@@ -261,7 +261,8 @@ async def test_drain_keeps_old_sessions_while_new_ones_move(stack: Stack) -> Non
         status, body, tv = await stack.get(headers={"cookie": f"sid=old-{i}"})
         assert (status, body, tv) == (200, "v1", "v1")
         old[f"old-{i}"] = tv
-    code, out, err = await stack.cli("drain", "web", "--from", "v1", "--to", "v2", "--quiet", "0.6s")
+    # Quiet long enough for the `--status` CLI below (a Python start, slow on a busy machine) to see it draining.
+    code, out, err = await stack.cli("drain", "web", "--from", "v1", "--to", "v2", "--quiet", "2s")
     assert (code, err) == (0, "")
     assert out.startswith("web: draining v1 -> v2  0 old-session request(s) so far")
     assert await stack.split() == {"v1": 0.0, "v2": 100.0}
