@@ -61,6 +61,9 @@ MAX_REASON = 1000
 # History pages: the default fits a terminal, the maximum bounds one response.
 DEFAULT_HISTORY = 50
 MAX_HISTORY = 1000
+# A default rollback looks this far back in the route's history for its last real change: verdicts and
+# drain events between changes are few.
+ROLLBACK_LOOKBACK = 20
 
 
 class Api:
@@ -228,14 +231,21 @@ class Api:
             n = c.number(d["revision"], "revision", 0, None, integer=True)
             target = None if n is None else int(n)
         c.raise_if_any()
+        earlier: Revision | None = None
         if target is None:
             # The route as it was just before its most recent change; that change may itself be a
-            # rollback, so a second `{}` undoes the first.
-            last = await self.ctx.store.history(route=name, limit=1)
-            if not last:
+            # rollback, so a second `{}` undoes the first. Events in the route's history that changed no
+            # state (a check's verdict, a drain's end) are skipped.
+            now = (await self.ctx.store.current()).state.route(name)
+            for info in await self.ctx.store.history(route=name, limit=ROLLBACK_LOOKBACK):
+                earlier = await self.ctx.store.get(info.number - 1)
+                if earlier.state.route(name) != now:
+                    break
+            if earlier is None:
                 raise NotFoundError(f"route {name!r} has no change in the history to roll back")
-            target = last[0].number - 1
-        earlier = await self.ctx.store.get(target)
+            target = earlier.number
+        if earlier is None:
+            earlier = await self.ctx.store.get(target)
         at = target
         result = await self.write(request, lambda s: rollback_route(s, name, earlier.state, at))
         route = result.revision.state.route(name)

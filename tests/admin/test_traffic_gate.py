@@ -124,3 +124,14 @@ async def test_a_passing_check_runs_once_and_keeps_the_if_match(admin: Admin) ->
     assert hist[1]["summary"].startswith("check v4: passed (exit 0, ")
     r2 = await admin.call("PUT", "/api/v1/routes/web/pins/carol", {"version": "v4"})
     assert (r2.status, r2.body["revision"]) == (200, rev + 3)
+
+
+async def test_rollback_after_a_refusal_undoes_the_last_real_change(admin: Admin) -> None:
+    await seed_v4(admin)
+    r = await admin.call("PATCH", "/api/v1/routes/web/split", {"v2": 10})
+    assert r.status == 200
+    await assert_refused(admin, "PUT", "/api/v1/routes/web/pins/bob", {"version": "v4"})
+    # The verdict is in web's history but changed nothing: the rollback skips it.
+    back = await admin.call("POST", "/api/v1/routes/web/rollback", {})
+    assert (back.status, back.body["rolled_back_to"], back.body["summary"]) == (
+        200, r.body["revision"] - 1, f"rollback web to revision {r.body['revision'] - 1}: v1=100")
