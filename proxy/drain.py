@@ -205,7 +205,6 @@ class DrainTracker:
             out.append(nd)
         return out
 
-
     async def _release(self, d: Drain, state: State) -> Drain:
         """A drained version leaves the split (weight 0 there already), so the assignment cookie stops
         holding sessions on it: they follow the split like new ones. One revision, with the drain's numbers."""

@@ -82,8 +82,8 @@ async def seed_from_file(store: Store, path: str, stats: Stats | None = None) ->
             log(f"{path}: {err}")
         if stats is not None:
             stats.apply_errors += 1
-        # A refused check wrote its verdict (a revision of the empty state): still nothing to serve.
-        if current.number == 0 or not (await store.current()).state.routes:
+        # A check refused at the first start wrote its verdict, a revision of the empty state: nothing to serve.
+        if current.number == 0 or current.state == State():
             raise
         log(f"{path} refused; still serving revision {current.number}")
         return current
