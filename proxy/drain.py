@@ -10,13 +10,15 @@ the old version's request counter and declares it drained once it stayed flat fo
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import os
+import socket
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from proxy import gates, ops
 from proxy.errors import ConflictError, FieldError, NotFoundError, ValidationError
-from proxy.model import Route
+from proxy.model import Route, State
 
 if TYPE_CHECKING:
     from proxy.canary import CanaryController
@@ -29,6 +31,8 @@ DEFAULT_QUIET = 120.0
 INDEX_KEY = "drain/index"
 # Progress is written back to the store at most this often (the status shows it; the decision does not need it).
 SAVE_EVERY = 1.0
+# Counters belong to one process: a drain's start-time baseline is only used by the process that took it.
+PROCESS = f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,10 @@ class Drain:
     old_requests: int = 0  # session requests the old version served since the drain began (this process)
     last_seen: float = 0.0  # when the old version last served one; the quiet period counts from here
     message: str = ""
+    # The old version's request counter on the route when the drain began, in process `baseline_of`: the
+    # requests after it are the drain's, from the very first one. Another process counts from its first look.
+    baseline: int | None = None
+    baseline_of: str = ""
 
 
 def drain_weights(route: Route, old: str, new: str) -> dict[str, float]:
@@ -103,7 +111,10 @@ async def save_drain(store: Store, d: Drain) -> None:
 
 
 async def start_drain(store: Store, health: gates.HealthMap, route: str, old: str, new: str, *,
-                      quiet: float = DEFAULT_QUIET, actor: str, now: float, force: bool = False) -> Drain:
+                      quiet: float = DEFAULT_QUIET, actor: str, now: float, force: bool = False,
+                      old_requests: Callable[[], int] | None = None) -> Drain:
+    """`old_requests`: the old version's request counter on the route in this process (the drain tracker's
+    source), read just before the split changes so that every old-session request after it is counted."""
     state = (await store.current()).state
     r = state.route(route)
     if r is None:
@@ -124,8 +135,10 @@ async def start_drain(store: Store, health: gates.HealthMap, route: str, old: st
     await gates.check_gate(store, state.versions[new], actor=actor, routes=(route,), force=force)
     reason = (f"drain {route}: new sessions go to {new}; sessions assigned to {old} stay until it has been "
               f"idle for {quiet:g}s")
+    baseline = None if old_requests is None else old_requests()
     await store.update(lambda s: ops.set_split(s, route, weights), actor=actor, reason=reason)
-    d = Drain(route, old, new, quiet, "draining", actor, now, now, last_seen=now, message=reason)
+    d = Drain(route, old, new, quiet, "draining", actor, now, now, last_seen=now, message=reason,
+              baseline=baseline, baseline_of=PROCESS if baseline is not None else "")
     await save_drain(store, d)
     return d
 
@@ -178,20 +191,51 @@ class DrainTracker:
                 continue
             count = counters_of(snap, d.route, [d.old]).requests
             live = self._live.get(d.route)
-            previous = None
+            previous = d.baseline if d.baseline_of == PROCESS else None
             if live is not None and live[0].started == d.started:
                 d, previous = live
             nd = observe(d, count, previous, now)
             self._live[d.route] = (nd, count)
             if nd.status == "drained":
-                await gates.record(store, actor=d.actor, summary=f"drain {d.route}: {d.old} drained into {d.new}",
-                                   reason=nd.message, routes=(d.route,))
+                nd = await self._release(nd, state)
                 await save_drain(store, nd)
             elif nd.old_requests != d.old_requests and now - self._saved.get(d.route, 0.0) >= SAVE_EVERY:
                 self._saved[d.route] = now
                 await save_drain(store, nd)
             out.append(nd)
         return out
+
+    async def _release(self, d: Drain, state: State) -> Drain:
+        """A drained version leaves the split (weight 0 there already), so the assignment cookie stops
+        holding sessions on it: they follow the split like new ones. One revision, with the drain's numbers."""
+        store = self.controller.store
+        _, note = release(state, d)
+        d = replace(d, message=f"{d.message}; {note}") if note else d
+        summary = f"drain {d.route}: {d.old} drained into {d.new}"
+        released: list[bool] = []
+
+        def change(s: State) -> ops.Change:
+            new, _ = release(s, d)
+            released.append(new is not s)
+            return new, summary
+
+        await store.update(change, actor=d.actor, reason=d.message)
+        if not released or not released[-1]:
+            # Released already (or the operator gave it weight again): the end of the drain is still history.
+            await gates.record(store, actor=d.actor, summary=summary, reason=d.message, routes=(d.route,))
+        return d
+
+
+def release(state: State, d: Drain) -> tuple[State, str]:
+    """The state with drained `d.old` dropped from the split, and a note for the drain's message."""
+    r = state.route(d.route)
+    if r is None or dict(r.split).get(d.old) != 0.0 or not any(w > 0 for v, w in r.split if v != d.old):
+        return state, ""
+    new, _ = ops.drop_from_split(state, d.route, d.old)
+    if d.old in r.fallback:
+        return new, (f"{d.old} is still in the route's fallback chain, so sessions assigned to it keep reaching "
+                     "it until it is removed from there")
+    return new, "released: its sessions now follow the split"
 
 
 def summary(d: Drain, now: float) -> str:

@@ -13,11 +13,12 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 from proxy.errors import ConflictError, StaleRevisionError
-from proxy.model import State, Version
+from proxy.model import Route, State, Version
+from proxy.ops import Change
 from proxy.store.base import Revision, Store
 
 # A scanner pulling a vulnerability database can take minutes; longer than this is a hung check.
@@ -29,6 +30,8 @@ OUTPUT_TAIL_LINES = 10
 OUTPUT_KEEP_BYTES = 64 * 1024
 # An event record races only with real changes; a handful of retries outlasts any burst of them.
 RECORD_ATTEMPTS = 10
+# A gated write re-plans when a concurrent change lets another checked version in; as for RECORD_ATTEMPTS.
+GATE_ATTEMPTS = 10
 
 HealthMap = Mapping[str, Mapping[str, bool]]  # version -> endpoint -> healthy?
 
@@ -191,3 +194,99 @@ async def admit(store: Store, state: State, new_weights: Mapping[str, float], he
         version = state.versions.get(name)
         if version is not None and weight > 0 and weight > before.get(name, 0.0):
             await check_gate(store, version, actor=actor, routes=(route,), force=force)
+
+
+def _reachable(route: Route, among: set[str], pins: bool = True) -> set[str]:
+    """The versions of `among` that route `route` can send a request, or a mirrored copy, to.
+
+    A weight-0 version of the split counts on a route with an assignment cookie: the data plane honours
+    the cookie for it (that is what a drain keeps serving), and a client chooses its own cookie.
+    """
+    cookie = route.assignment_cookie is not None
+    names = {v for v, w in route.split if v in among and (w > 0 or cookie)}
+    names.update(v for v in route.fallback if v in among)
+    m = route.mirror
+    if m is not None and m.percent > 0 and m.version in among:
+        names.add(m.version)
+    if pins and route.pins and not among <= names:
+        # Pins may number 100,000: one pass over their values (about 2 ms), only when it can matter.
+        names.update(among.intersection(route.pins.values()))
+    return names
+
+
+def routes_serving(state: State, version: str) -> list[str]:
+    """Routes that can send `version` requests now (what scaling it to zero would cut off)."""
+    among = {version}
+    return [r.name for r in state.routes if _reachable(r, among)]
+
+
+def gaining(old: State, new: State) -> dict[str, tuple[str, ...]]:
+    """Versions with a check command that can receive traffic on a route of `new` where they could not in
+    `old` (weight from 0, a new pin target, fallback entry or mirror target, a new route), and those routes.
+
+    Only checked versions are looked at: they are the only ones the check gate can refuse, and most states
+    have none, so a write without one costs a pass over the versions.
+    """
+    checked = {name for name, v in new.versions.items() if v.spec.check}
+    if not checked:
+        return {}
+    out: dict[str, list[str]] = {}
+    for r in new.routes:
+        before = old.route(r.name)
+        if before is r:
+            continue
+        # The same pins mapping (a split change keeps it) reaches the same versions before and after: no
+        # pass over it. An equal one read back (a rollback) is scanned: comparing costs more than that.
+        same_pins = before is not None and before.pins is r.pins
+        gained = _reachable(r, checked, pins=not same_pins)
+        if gained and before is not None:
+            gained -= _reachable(before, gained)
+        for name in sorted(gained):
+            out.setdefault(name, []).append(r.name)
+    return {name: tuple(routes) for name, routes in out.items()}
+
+
+class _Ungated(Exception):
+    """Raised out of a state transition that would let a version in whose check has not been asked yet."""
+
+
+async def gated_update(store: Store, change: Callable[[State], Change], *, actor: str, reason: str = "",
+                       expected: int | None = None, force: bool = False) -> Revision:
+    """`store.update`, where every version the change lets receive traffic passes its check command first.
+
+    The one gate for every write of the admin API (split, pins, routes, apply, rollback): the transition is
+    tried; when it would give a checked version traffic it is stopped before committing, the checks run
+    (outside the store's compare-and-swap: they may take minutes) and it is tried again. A check's verdict
+    is a revision of its own that changes no state, so it does not make the caller's If-Match stale.
+    """
+    admitted: set[str] = set()
+    need: dict[str, tuple[Version, tuple[str, ...]]] = {}  # what the last try would have let in unchecked
+
+    def guarded(state: State) -> Change:
+        new, summary = change(state)
+        need.clear()
+        if summary and new is not state:
+            for name, routes in gaining(state, new).items():
+                if name not in admitted:
+                    need[name] = (new.versions[name], routes)
+        if need:
+            raise _Ungated
+        return new, summary
+
+    for _ in range(GATE_ATTEMPTS):
+        try:
+            return await store.update(guarded, actor=actor, reason=reason, expected=expected)
+        except _Ungated:
+            pass
+        ran = False
+        for name, (version, routes) in need.items():
+            prior = await last_verdict(store, name)
+            ran = ran or not (prior is not None and prior.ok)
+            await check_gate(store, version, actor=actor, routes=routes, force=force)
+            admitted.add(name)
+        if ran and expected is not None:
+            cur = await store.current()
+            if cur.number != expected and (await store.get(expected)).state != cur.state:
+                raise StaleRevisionError(expected, cur.number)
+            expected = cur.number
+    raise StaleRevisionError(-1, (await store.current()).number)

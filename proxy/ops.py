@@ -97,6 +97,21 @@ def set_split(state: State, name: str, weights: Mapping[str, float]) -> Change:
         f"split {name}: {_split_text(route.split)} -> {_split_text(split)}"
 
 
+def drop_from_split(state: State, name: str, version: str) -> Change:
+    """Remove a weight-0 version from the route's split. A weight-0 entry holds no sticky bucket, so no
+    session moves; what ends is that an assignment cookie naming it is honoured (CompiledRoute.assigned)."""
+    route = _need_route(state, name)
+    split = tuple((v, w) for v, w in route.split if v != version)
+    if split == route.split:
+        return state, ""
+    if dict(route.split)[version] > 0:
+        raise ConflictError(f"version {version!r} still has weight on route {name!r}")
+    if not any(w > 0 for _, w in split):
+        raise ValidationError([FieldError("", "at least one weight must be > 0")])
+    return _replace_route(state, dataclasses.replace(route, split=split)), \
+        f"split {name}: {_split_text(route.split)} -> {_split_text(split)}"
+
+
 def pin(state: State, name: str, client: str, version: str) -> Change:
     route = _need_route(state, name)
     if not client or len(client) > 256:

@@ -31,7 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from proxy.errors import ValidationError
+from proxy import gates
+from proxy.errors import ConflictError, ValidationError
 from proxy.model import State
 from proxy.ops import apply_document
 from proxy.parse import parse_yaml
@@ -73,14 +74,16 @@ async def seed_from_file(store: Store, path: str, stats: Stats | None = None) ->
         return apply_document(state, parse_yaml(text, now=time.time(), current=state))
 
     try:
-        rev = await store.update(change, actor=f"file:{os.path.basename(path)}",
-                                 reason="seed from route file" if current.number == 0 else "route file changed")
-    except ValidationError as e:
-        for err in e.errors:
+        # Gated like `turnout apply`: a version whose check command fails gets no traffic from the file either.
+        rev = await gates.gated_update(store, change, actor=f"file:{os.path.basename(path)}",
+                                       reason="seed from route file" if current.number == 0 else "route file changed")
+    except (ValidationError, ConflictError) as e:
+        for err in e.errors if isinstance(e, ValidationError) else (e,):
             log(f"{path}: {err}")
         if stats is not None:
             stats.apply_errors += 1
-        if current.number == 0:
+        # A check refused at the first start wrote its verdict, a revision of the empty state: nothing to serve.
+        if current.number == 0 or current.state == State():
             raise
         log(f"{path} refused; still serving revision {current.number}")
         return current

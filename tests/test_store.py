@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from proxy import ops
-from proxy.errors import NotFoundError, StaleRevisionError, ValidationError
+from proxy.errors import ConflictError, NotFoundError, StaleRevisionError, ValidationError
 from proxy.parse import parse_document
 from proxy.server import seed_from_file
 from proxy.store import SQLiteStore
@@ -212,4 +212,30 @@ async def test_invalid_file_on_empty_store_refuses(tmp_path: Path) -> None:
     with pytest.raises(ValidationError):
         await seed_from_file(store, str(routes))
     assert (await store.current()).number == 0
+    await store.close()
+
+
+async def test_route_file_giving_traffic_to_a_failing_check_is_refused(tmp_path: Path) -> None:
+    routes = tmp_path / "routes.yaml"
+    failing = f'["{sys.executable}", "-c", "raise SystemExit(3)"]'
+    v3 = f'v3: {{check: {failing}, endpoints: ["http://127.0.0.1:9103"]}}'
+    gated = ROUTES_YAML.replace("  v2: {endpoints", f"  {v3}\n  v2: {{endpoints")
+    gated = gated.replace("v2: 10}", "v2: 10, v3: 1}")
+    routes.write_text(gated)
+    store = SQLiteStore(tmp_path / "s.db")
+    with pytest.raises(ConflictError, match=r"^check v3: FAILED \(exit 3, "):
+        await seed_from_file(store, str(routes))
+    # The verdict is in the history, and there is still nothing to serve: a second start refuses too.
+    assert (await store.current()).state.routes == ()
+    with pytest.raises(ConflictError):
+        await seed_from_file(store, str(routes))
+    routes.write_text(ROUTES_YAML)
+    ok = await seed_from_file(store, str(routes))
+    assert ok.info.summary == "apply file: 1 route(s) +v1,v2"
+    routes.write_text(gated)
+    kept = await seed_from_file(store, str(routes))
+    assert (kept.number, kept.state) == (ok.number, ok.state)
+    verdict = await store.current()  # the only revision written since: the verdict, no state change
+    assert (verdict.number, verdict.state, verdict.info.summary[:26]) == (ok.number + 1, ok.state,
+                                                                          "check v3: FAILED (exit 3, ")
     await store.close()

@@ -61,6 +61,9 @@ MAX_REASON = 1000
 # History pages: the default fits a terminal, the maximum bounds one response.
 DEFAULT_HISTORY = 50
 MAX_HISTORY = 1000
+# A default rollback looks this far back in the route's history for its last real change: verdicts and
+# drain events between changes are few.
+ROLLBACK_LOOKBACK = 20
 
 
 class Api:
@@ -194,13 +197,13 @@ class Api:
     async def patch_split(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         body = await read_json(request)
-        # Gates first: a version with no healthy endpoint, or whose check command fails, gets no new weight
-        # unless the operator forces it (?force=true). Lowering weights is never refused.
+        # Readiness first: a version with no healthy endpoint gets no new weight unless the operator forces
+        # it (?force=true). Lowering weights is never refused. The check command is asked in `write`.
         state = (await self.ctx.store.current()).state
         weights = parse_split_body(body, state.versions)
         if state.route(name) is not None:
-            await gates.admit(self.ctx.store, state, weights, self.ctx.health(), route=name,
-                              actor=actor_of(request), force=_flag(request.query.get("force")))
+            gates.check_readiness(state, weights, self.ctx.health(), route=name,
+                                  force=_flag(request.query.get("force")))
         result = await self.write(request, lambda s: set_split(s, name, parse_split_body(body, s.versions)))
         return result.response()
 
@@ -228,14 +231,21 @@ class Api:
             n = c.number(d["revision"], "revision", 0, None, integer=True)
             target = None if n is None else int(n)
         c.raise_if_any()
+        earlier: Revision | None = None
         if target is None:
             # The route as it was just before its most recent change; that change may itself be a
-            # rollback, so a second `{}` undoes the first.
-            last = await self.ctx.store.history(route=name, limit=1)
-            if not last:
+            # rollback, so a second `{}` undoes the first. Events in the route's history that changed no
+            # state (a check's verdict, a drain's end) are skipped.
+            now = (await self.ctx.store.current()).state.route(name)
+            for info in await self.ctx.store.history(route=name, limit=ROLLBACK_LOOKBACK):
+                earlier = await self.ctx.store.get(info.number - 1)
+                if earlier.state.route(name) != now:
+                    break
+            if earlier is None:
                 raise NotFoundError(f"route {name!r} has no change in the history to roll back")
-            target = last[0].number - 1
-        earlier = await self.ctx.store.get(target)
+            target = earlier.number
+        if earlier is None:
+            earlier = await self.ctx.store.get(target)
         at = target
         result = await self.write(request, lambda s: rollback_route(s, name, earlier.state, at))
         route = result.revision.state.route(name)
@@ -269,7 +279,12 @@ class Api:
     # the write path
 
     async def write(self, request: web.Request, change: Callable[[State], Change]) -> WriteResult:
-        """Commit `change` with the request's If-Match, reason and actor; install the result here."""
+        """Commit `change` with the request's If-Match, reason and actor; install the result here.
+
+        Every write passes the check gate here (proxy.gates.gated_update): a version whose check command
+        fails gets no traffic by any path (split, pin, fallback, mirror, route, apply, rollback) unless
+        the request says ?force=true.
+        """
         expected = _if_match(request)
         reason = _reason(request)
         outcome: list[tuple[bool, str]] = []
@@ -280,7 +295,8 @@ class Api:
             outcome.append((bool(summary) and new != state, summary))
             return new, summary
 
-        rev = await self.ctx.store.update(tracked, actor=actor_of(request), reason=reason, expected=expected)
+        rev = await gates.gated_update(self.ctx.store, tracked, actor=actor_of(request), reason=reason,
+                                       expected=expected, force=_flag(request.query.get("force")))
         changed, summary = outcome[-1] if outcome else (False, "")
         if changed:
             await self.install(rev)

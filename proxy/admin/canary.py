@@ -17,7 +17,7 @@ from proxy import drain
 from proxy.admin.auth import actor_of
 from proxy.admin.context import AdminContext
 from proxy.admin.problem import BadRequestError
-from proxy.canary import CanaryController, Rollout, describe, load_rollout, parse_config
+from proxy.canary import CanaryController, Rollout, counters_of, describe, load_rollout, parse_config
 from proxy.errors import FieldError, NotFoundError, ValidationError
 from proxy.parse import Checker
 
@@ -147,9 +147,14 @@ class CanaryApi:
         c.raise_if_any()
         assert old is not None and new is not None and quiet is not None
         ctl = self.controller()
-        d = await drain.start_drain(self.ctx.store, self.ctx.health(), request.match_info["route"], old, new,
+        route = request.match_info["route"]
+
+        def old_requests() -> int:
+            return counters_of(ctl.stats_source(), route, [old]).requests
+
+        d = await drain.start_drain(self.ctx.store, self.ctx.health(), route, old, new,
                                     quiet=float(quiet), actor=actor_of(request), now=ctl.clock(),
-                                    force=_force(body, request))
+                                    force=_force(body, request), old_requests=old_requests)
         return _json({**asdict(d), "text": drain.summary(d, ctl.clock())}, status=201)
 
     async def cancel_drain(self, request: web.Request) -> web.Response:

@@ -130,9 +130,13 @@ class DockerApi:
         n = body.get("replicas") if isinstance(body, dict) else None
         if isinstance(n, bool) or not isinstance(n, int):
             raise ValidationError([FieldError("replicas", f"expected an integer, got {n!r}")])
+        force = body.get("force", False) if isinstance(body, dict) else False
+        if not isinstance(force, bool):
+            raise ValidationError([FieldError("force", f"expected true or false, got {force!r}")])
+        force = force or request.query.get("force", "false").lower() in ("", "1", "true", "yes", "on")
         from proxy.providers.docker import set_replicas
 
-        result = await self.api._write(request, lambda state: set_replicas(state, name, n))
+        result = await self.api._write(request, lambda state: set_replicas(state, name, n, force=force))
         provider.kick()
         return result.response()
 

@@ -31,6 +31,7 @@ from proxy.canary.analysis import (
 from proxy.canary.controller import ACTOR, CanaryController, StatsSource, plan_baselines
 from proxy.canary.prometheus import (
     PROM_DURATION_BUCKET,
+    PROM_FALLBACKS,
     PROM_MIN_RANGE,
     PROM_REQUESTS,
     PROM_TIMEOUT,
@@ -66,6 +67,7 @@ __all__ = [
     "P99_MIN_SAMPLES",
     "P99_NOISE_FLOOR",
     "PROM_DURATION_BUCKET",
+    "PROM_FALLBACKS",
     "PROM_MIN_RANGE",
     "PROM_REQUESTS",
     "PROM_TIMEOUT",

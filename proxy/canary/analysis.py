@@ -24,7 +24,7 @@ class Counters:
     """Cumulative counters of one or more versions on a route, as the proxy counts them."""
 
     requests: int = 0
-    errors: int = 0  # 5xx responses + upstream errors
+    errors: int = 0  # 5xx responses + requests moved away down the fallback chain
     latency: tuple[int, ...] = ()  # one count per LATENCY_BUCKETS bucket, plus the overflow bucket
 
     def since(self, earlier: Counters) -> Counters:
@@ -167,13 +167,21 @@ def rollback_weights(baselines: Mapping[str, float], canary: str) -> dict[str, f
 # This proxy's own counters; a rollout with --prometheus reads proxy.canary.prometheus instead.
 
 def counters_of(snap: StatsSnapshot, route: str, versions: Iterable[str]) -> Counters:
-    """Sum of the versions' counters on `route`, over every worker (proxy.metrics.aggregate)."""
+    """Sum of the versions' counters on `route`, over every worker (proxy.metrics.aggregate).
+
+    An error is a request that failed on the version once: a 5xx answer (the upstream's, or the 502/504 the
+    proxy answers when the upstream failed), or a request that chose the version but was moved down the
+    fallback chain (failed connect, no healthy endpoint), answered by another version. The per-attempt
+    upstream error counter is not added: its failures already are one of those two.
+    """
+    names = set(versions)
     requests = errors = 0
     latency = [0] * HIST_SLOTS
-    for v in versions:
+    for v in names:
         cell = snap.get(route, v)
         requests += cell.requests
-        errors += cell.errors_5xx + cell.upstream_errors
+        errors += cell.errors_5xx
         for i, n in enumerate(cell.latency):
             latency[i] += n
+    errors += sum(n for (r, source, _), n in snap.fallbacks.items() if r == route and source in names)
     return Counters(requests, errors, tuple(latency))

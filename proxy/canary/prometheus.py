@@ -13,6 +13,7 @@ from proxy.canary.analysis import Window
 PROM_REQUESTS = "turnout_requests_total"
 PROM_DURATION_BUCKET = "turnout_request_duration_seconds_bucket"
 PROM_UPSTREAM_ERRORS = "turnout_upstream_errors_total"
+PROM_FALLBACKS = "turnout_fallbacks_total"
 # Prometheus rejects ranges below its scrape resolution poorly; a whole second is the smallest we ask for.
 PROM_MIN_RANGE = 1
 PROM_TIMEOUT = 10.0
@@ -24,14 +25,18 @@ def _prom_regex(names: Iterable[str]) -> str:
 
 
 def prometheus_queries(route: str, versions: Iterable[str], seconds: float) -> dict[str, str]:
-    """PromQL for one side of the comparison over the last `seconds`: requests, errors and p99."""
+    """PromQL for one side of the comparison over the last `seconds`: requests, errors and p99.
+
+    Errors as proxy.canary.analysis.counters_of counts them: 5xx answers plus requests moved away down the
+    route's fallback chain, both on this route only.
+    """
     sel = f'route="{route}",version=~"{_prom_regex(versions)}"'
     rng = f"[{max(PROM_MIN_RANGE, round(seconds))}s]"
-    vsel = f'version=~"{_prom_regex(versions)}"'
+    fsel = f'route="{route}",from_version=~"{_prom_regex(versions)}"'
     return {
         "requests": f"sum(increase({PROM_REQUESTS}{{{sel}}}{rng}))",
-        "errors": f'sum(increase({PROM_REQUESTS}{{{sel},code=~"5.."}}{rng}))'
-                  f" + (sum(increase({PROM_UPSTREAM_ERRORS}{{{vsel}}}{rng})) or vector(0))",
+        "errors": f'(sum(increase({PROM_REQUESTS}{{{sel},code=~"5.."}}{rng})) or vector(0))'
+                  f" + (sum(increase({PROM_FALLBACKS}{{{fsel}}}{rng})) or vector(0))",
         "p99": f"histogram_quantile(0.99, sum by (le) (rate({PROM_DURATION_BUCKET}{{{sel}}}{rng})))",
     }
 

@@ -49,6 +49,8 @@ def register(sub: Any) -> None:
                        description="Run N replicas of docker version NAME and wait until they are healthy.")
     p.add_argument("name")
     p.add_argument("replicas", type=int, metavar="N")
+    p.add_argument("--force", action="store_true",
+                   help="scale to 0 even while routes still send the version traffic (their requests fail)")
     _wait_options(p)
     _common(p, write=True)
     p.set_defaults(func=_entry(cmd_scale))
@@ -109,8 +111,10 @@ def cmd_deploy(args: argparse.Namespace, client: AdminClient) -> int:
 
 
 def cmd_scale(args: argparse.Namespace, client: AdminClient) -> int:
-    reply = client.request("POST", f"{D}/{args.name}/scale", {"replicas": args.replicas}, reason=args.reason or None,
-                           if_match=args.if_match)
+    body: dict[str, Any] = {"replicas": args.replicas}
+    if args.force:
+        body["force"] = True
+    reply = client.request("POST", f"{D}/{args.name}/scale", body, reason=args.reason or None, if_match=args.if_match)
     data = reply.data
     if args.json:
         return _json_result(client, args, data)

@@ -53,6 +53,8 @@ def register(sub: Any) -> None:
     p.add_argument("route")
     p.add_argument("client")
     p.add_argument("version")
+    p.add_argument("--force", action="store_true",
+                   help="even to a version whose check command failed")
     _common(p, write=True)
     p.set_defaults(func=_entry(cmd_pin))
 
@@ -67,6 +69,8 @@ def register(sub: Any) -> None:
                        "it was at revision --to N. The rollback is itself a new revision.")
     p.add_argument("route")
     p.add_argument("--to", type=int, metavar="N", help="the revision to restore the route from")
+    p.add_argument("--force", action="store_true",
+                   help="even if the route then sends traffic to a version whose check command failed")
     _common(p, write=True)
     p.set_defaults(func=_entry(cmd_rollback))
 
@@ -82,6 +86,8 @@ def register(sub: Any) -> None:
                        "one revision. Unlisted, unreferenced versions are retired.")
     p.add_argument("file", help="route file (YAML or JSON), - for standard input")
     p.add_argument("--dry-run", action="store_true", help="validate and show the change without committing")
+    p.add_argument("--force", action="store_true",
+                   help="even if the file gives traffic to a version whose check command failed")
     _common(p, write=True)
     p.set_defaults(func=_entry(cmd_apply))
 
@@ -145,6 +151,11 @@ def _write_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"if_match": args.if_match, "reason": args.reason or None}
 
 
+def _force(args: argparse.Namespace) -> dict[str, str] | None:
+    """The check gate's override (the admin API's ?force=true) for writes that may give a version traffic."""
+    return {"force": "true"} if args.force else None
+
+
 def _report_write(args: argparse.Namespace, reply: Reply) -> int:
     data = reply.data or {}
     if args.json:
@@ -176,7 +187,7 @@ def cmd_split(args: argparse.Namespace, client: AdminClient) -> int:
 
 def cmd_pin(args: argparse.Namespace, client: AdminClient) -> int:
     reply = client.request("PUT", _path("routes", args.route, "pins", args.client), {"version": args.version},
-                           **_write_options(args))
+                           query=_force(args), **_write_options(args))
     return _report_write(args, reply)
 
 
@@ -187,7 +198,8 @@ def cmd_unpin(args: argparse.Namespace, client: AdminClient) -> int:
 
 def cmd_rollback(args: argparse.Namespace, client: AdminClient) -> int:
     body = {} if args.to is None else {"revision": args.to}
-    reply = client.request("POST", _path("routes", args.route, "rollback"), body, **_write_options(args))
+    reply = client.request("POST", _path("routes", args.route, "rollback"), body, query=_force(args),
+                           **_write_options(args))
     return _report_write(args, reply)
 
 
@@ -200,7 +212,7 @@ def cmd_apply(args: argparse.Namespace, client: AdminClient) -> int:
                 data = f.read()
     except OSError as e:
         raise UsageError(f"{args.file}: {e.strerror}") from e
-    query = {"dry_run": "true"} if args.dry_run else None
+    query = {**({"dry_run": "true"} if args.dry_run else {}), **(_force(args) or {})} or None
     try:
         reply = client.request("POST", API + "/apply", raw=data, content_type="application/yaml", query=query,
                                **_write_options(args))

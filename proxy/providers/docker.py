@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
 from proxy.errors import ConflictError, FieldError, NotFoundError, TurnoutError, ValidationError
+from proxy.gates import routes_serving
 from proxy.leader import FOLLOW_POLL, AlwaysLeader, Leader, leader_for
 from proxy.model import State, Version
 from proxy.ops import Change, set_instances
@@ -135,8 +136,12 @@ class _Replica:
 # Pure state transitions
 
 
-def set_replicas(state: State, name: str, replicas: int) -> Change:
-    """Scaling changes how many copies run, not what runs, so it is the one spec field that may change."""
+def set_replicas(state: State, name: str, replicas: int, *, force: bool = False) -> Change:
+    """Scaling changes how many copies run, not what runs, so it is the one spec field that may change.
+
+    Zero replicas for a version that still receives traffic is refused like retiring it: its requests
+    would all fail. `force` is for the operator who means it.
+    """
     v = state.versions.get(name)
     if v is None:
         raise NotFoundError(f"no version named {name!r}")
@@ -146,6 +151,10 @@ def set_replicas(state: State, name: str, replicas: int) -> Change:
         raise ValidationError([FieldError("replicas", f"expected an integer between 0 and 1000, got {replicas}")])
     if v.spec.replicas == replicas:
         return state, ""
+    serving = routes_serving(state, name) if replicas == 0 and not force else []
+    if serving:
+        raise ConflictError(f"version {name!r} receives traffic on route(s) {', '.join(serving)}: with 0 replicas "
+                            "those requests would fail (503); move its traffic first, or force")
     spec = dataclasses.replace(v.spec, replicas=replicas)
     versions = {**state.versions, name: dataclasses.replace(v, spec=spec)}
     return dataclasses.replace(state, versions=versions), f"scale {name}: {v.spec.replicas} -> {replicas} replica(s)"
@@ -301,8 +310,9 @@ class DockerProvider:
         rather than recorded for containers nobody can start."""
         await self._blocking(self.engine.ping)
 
-    async def scale(self, name: str, replicas: int, *, actor: str, reason: str = "") -> int:
-        rev = await self.store.update(lambda s: set_replicas(s, name, replicas), actor=actor, reason=reason)
+    async def scale(self, name: str, replicas: int, *, actor: str, reason: str = "", force: bool = False) -> int:
+        rev = await self.store.update(lambda s: set_replicas(s, name, replicas, force=force), actor=actor,
+                                      reason=reason)
         self._state = rev.state
         self.kick()
         return rev.number

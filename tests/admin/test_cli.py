@@ -228,3 +228,17 @@ async def test_cli_as_a_separate_process(cli: Cli, routes_file: Path) -> None:
 def test_client_repr_and_host_port_spelling() -> None:
     assert repr(AdminClient("127.0.0.1:9", "t")) == "<AdminClient http://127.0.0.1:9 [token: set]>"
     assert repr(AdminClient("http://[::1]:9/", None)) == "<AdminClient http://[::1]:9 [token: none]>"
+
+
+async def test_pin_to_a_version_whose_check_fails_is_refused_unless_forced(cli: Cli, routes_file: Path) -> None:
+    await cli("apply", str(routes_file))  # 1
+    failing = [sys.executable, "-c", "print('CVE-2026-0001 critical'); raise SystemExit(3)"]
+    r4 = await cli.admin.call("PUT", "/api/v1/versions/v4", {"endpoints": ["http://127.0.0.1:9004"], "check": failing})
+    assert r4.status == 201  # 2
+    r = await cli("pin", "web", "bob", "v4")
+    assert r.code == 1
+    assert r.err.startswith("error: Conflicts with the current state (409): check v4: FAILED (exit 3, ")
+    assert r.err.endswith("s): CVE-2026-0001 critical (version gets no traffic until its check passes)\n")
+    assert "bob" not in (await cli.admin.call("GET", "/api/v1/routes/web")).body.get("pins", {})
+    r = await cli("pin", "web", "bob", "v4", "--force")
+    assert (r.code, r.out) == (0, "revision 5: pin web: bob -> v4\n")  # 3 and 4: the two verdicts

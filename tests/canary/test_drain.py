@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy import ops
+from proxy.canary import counters_of
 from proxy.drain import Drain, drain_weights, load_drain, observe, start_drain
 from proxy.errors import ConflictError, ValidationError
 from proxy.model import Route
@@ -72,7 +73,7 @@ async def test_drain_tracks_old_sessions_until_quiet(world: World) -> None:
     info = (await world.store.history(route="web", limit=1))[0]
     assert (info.actor, info.summary) == ("alice", "drain web: v1 drained into v2")
     assert info.reason == ("v1 drained: no session traffic for 30.0s (6 request(s) served to old sessions since "
-                           "the drain began)")
+                           "the drain began); released: its sessions now follow the split")
 
 
 async def test_drain_refuses_an_unready_target(world: World) -> None:
@@ -81,3 +82,61 @@ async def test_drain_refuses_an_unready_target(world: World) -> None:
         await start_drain(world.store, {"v2": {"http://127.0.0.1:9002": False}}, "web", "v1", "v2",
                           actor="alice", now=world.clock())
     assert await world.split() == {"v1": 100.0}
+
+
+async def test_old_sessions_right_after_the_start_count_and_reset_the_quiet_timer(world: World) -> None:
+    await world.store.update(lambda s: ops.put_route(s, Route("web", split=(("v1", 100.0),),
+                                                              assignment_cookie="tv")), actor="t")
+    ctl = world.controller()
+    world.feed("v1", 10)  # before the drain: v1's ordinary traffic, not the drain's business
+    started = world.clock()
+    await start_drain(world.store, {}, "web", "v1", "v2", quiet=30.0, actor="alice", now=started,
+                      old_requests=lambda: counters_of(world.snapshot(), "web", ["v1"]).requests)
+    world.feed("v1", 3)  # old sessions right after the start, before the tracker's first look
+    world.clock.advance(25.0)
+    await ctl.tick()
+    world.clock.advance(29.0)  # 54 s after the start, 29 s after the requests were seen: not quiet yet
+    await ctl.tick()
+    stored = await load_drain(world.store, "web")
+    assert stored is not None
+    assert (stored.status, stored.old_requests, stored.last_seen) == ("draining", 3, started + 25.0)
+    world.clock.advance(1.0)
+    await ctl.tick()
+    stored = await load_drain(world.store, "web")
+    assert stored is not None
+    assert (stored.status, stored.old_requests) == ("drained", 3)
+
+
+async def test_a_drained_version_is_released_from_the_split(world: World) -> None:
+    await world.store.update(lambda s: ops.put_route(s, Route("web", split=(("v1", 100.0),),
+                                                              assignment_cookie="tv")), actor="t")
+    await start_drain(world.store, {}, "web", "v1", "v2", quiet=5.0, actor="alice", now=world.clock())
+    assert await world.split() == {"v1": 0.0, "v2": 100.0}
+    ctl = world.controller()
+    await ctl.tick()
+    world.clock.advance(5.0)
+    await ctl.tick()
+    # Dropped from the split, the assignment cookie no longer holds sessions on v1: they follow the split.
+    assert await world.split() == {"v2": 100.0}
+    info = (await world.store.history(route="web", limit=1))[0]
+    assert (info.actor, info.summary, info.routes) == ("alice", "drain web: v1 drained into v2", ("web",))
+    assert info.reason == ("v1 drained: no session traffic for 5.0s (0 request(s) served to old sessions since the "
+                           "drain began); released: its sessions now follow the split")
+    before = await world.store.current()
+    await ctl.tick()
+    assert (await world.store.current()).number == before.number
+
+
+async def test_a_drained_version_in_the_fallback_chain_is_said_to_keep_its_sessions(world: World) -> None:
+    await world.store.update(lambda s: ops.put_route(s, Route("web", split=(("v1", 100.0),), fallback=("v1",),
+                                                              assignment_cookie="tv")), actor="t")
+    await start_drain(world.store, {}, "web", "v1", "v2", quiet=5.0, actor="alice", now=world.clock())
+    ctl = world.controller()
+    await ctl.tick()
+    world.clock.advance(5.0)
+    await ctl.tick()
+    assert await world.split() == {"v2": 100.0}
+    stored = await load_drain(world.store, "web")
+    assert stored is not None and stored.message.endswith(
+        "; v1 is still in the route's fallback chain, so sessions assigned to it keep reaching it until it is "
+        "removed from there")

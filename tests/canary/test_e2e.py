@@ -12,6 +12,7 @@ import itertools
 import os
 import re
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from proxy.server import Follower
 from proxy.settings import Settings
 from proxy.stats import Stats
 from proxy.store.sqlite import SQLiteStore
-from tests.canary.conftest import seed
+from tests.canary.conftest import Clock, seed
 
 TOKEN = "canary-test-token-0123456789"
 ROOT = Path(__file__).resolve().parents[2]
@@ -260,7 +261,8 @@ async def test_drain_keeps_old_sessions_while_new_ones_move(stack: Stack) -> Non
         status, body, tv = await stack.get(headers={"cookie": f"sid=old-{i}"})
         assert (status, body, tv) == (200, "v1", "v1")
         old[f"old-{i}"] = tv
-    code, out, err = await stack.cli("drain", "web", "--from", "v1", "--to", "v2", "--quiet", "0.6s")
+    # Quiet long enough for the `--status` CLI below (a Python start, slow on a busy machine) to see it draining.
+    code, out, err = await stack.cli("drain", "web", "--from", "v1", "--to", "v2", "--quiet", "2s")
     assert (code, err) == (0, "")
     assert out.startswith("web: draining v1 -> v2  0 old-session request(s) so far")
     assert await stack.split() == {"v1": 0.0, "v2": 100.0}
@@ -287,3 +289,42 @@ async def test_drain_keeps_old_sessions_while_new_ones_move(stack: Stack) -> Non
     assert d.old_requests >= 40  # at least the last two rounds of old sessions were seen after the first look
     info = (await stack.store.history(route="web", limit=1))[0]
     assert (info.actor, info.summary) == ("alice", "drain web: v1 drained into v2")
+
+
+async def test_drain_counts_old_sessions_from_its_start_and_releases_them_once_drained(stack: Stack) -> None:
+    # The test drives the drain tracker itself, on its own clock: ticks come exactly where it says.
+    await stack.controller.stop()
+    clock = Clock(time.time())
+    ctl = CanaryController(stack.ctx, lambda: aggregate(stack.stats, None), clock=clock)
+    stack.ctx.extras["canary"] = ctl
+    old = []
+    for i in range(5):
+        status, body, tv = await stack.get(headers={"cookie": f"sid=old-{i}"})
+        assert (status, body, tv) == (200, "v1", "v1")
+        old.append(f"sid=old-{i}; tv={tv}")
+    started = clock()
+    code, out, err = await stack.cli("drain", "web", "--from", "v1", "--to", "v2", "--quiet", "30s")
+    assert (code, err) == (0, "")
+    # Old sessions come back at once, before the tracker has looked even once.
+    for cookie in old:
+        assert (await stack.get(headers={"cookie": cookie}))[:2] == (200, "v1")
+    clock.advance(20.0)
+    await ctl.tick()
+    clock.advance(29.0)
+    await ctl.tick()
+    d = await load_drain(stack.store, "web")
+    assert d is not None
+    assert (d.status, d.old_requests, d.last_seen) == ("draining", 5, started + 20.0)
+    clock.advance(1.0)
+    await ctl.tick()
+    d = await load_drain(stack.store, "web")
+    assert d is not None and (d.status, d.old_requests) == ("drained", 5)
+    # Released: sessions holding tv=v1 now follow the split to v2, and are told so in a new cookie.
+    await asyncio.sleep(0.2)  # the follower installs the release revision
+    assert await stack.split() == {"v2": 100.0}
+    for cookie in old:
+        assert await stack.get(headers={"cookie": cookie}) == (200, "v2", "v2")
+    code, out, _ = await stack.cli("drain", "web", "--status")
+    assert (code, out) == (0, "web: drained v1 -> v2  v1 drained: no session traffic for 30.0s (5 request(s) "
+                              "served to old sessions since the drain began); released: its sessions now follow "
+                              "the split\n")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import pytest
 
 from proxy.canary import CanaryConfig, Limits
 from proxy.errors import ConflictError
-from proxy.gates import admit, check_gate, check_readiness, last_verdict, run_check, version_ready
-from proxy.model import Version, VersionSpec
+from proxy.gates import admit, check_gate, check_readiness, gaining, last_verdict, run_check, version_ready
+from proxy.model import Mirror, Route, State, Version, VersionSpec
 from tests.canary.conftest import EP2, World, seed, static, two_versions
 
 CFG = CanaryConfig("web", "v2", (50.0, 100.0), interval=10.0, limits=Limits(0.01, 1.5, 20))
@@ -118,3 +119,29 @@ async def test_admit_runs_both_gates_for_a_split_change(world: World) -> None:
     with pytest.raises(ConflictError, match="no healthy endpoint"):
         await admit(world.store, state, {"v2": 10.0}, {"v2": {EP2: False}}, route="web", actor="alice")
     await admit(world.store, state, {"v2": 10.0}, {}, route="web", actor="alice")
+
+
+def test_gaining_names_every_way_a_checked_version_gets_traffic() -> None:
+    v4 = static("v4", "http://127.0.0.1:9004", scanner(3))
+    base = two_versions()
+    old = replace(base, versions={**base.versions, "v4": v4})
+    web = old.routes[0]
+
+    def with_web(**changes: object) -> State:
+        return replace(old, routes=(replace(web, **changes),))  # type: ignore[arg-type]
+
+    assert gaining(old, old) == {}
+    assert gaining(old, with_web(split=(("v1", 100.0), ("v4", 0.0)))) == {}  # weight 0: no traffic
+    assert gaining(old, with_web(split=(("v1", 100.0), ("v4", 1.0)))) == {"v4": ("web",)}
+    assert gaining(old, with_web(pins={"bob": "v4"})) == {"v4": ("web",)}
+    assert gaining(old, with_web(fallback=("v1", "v4"))) == {"v4": ("web",)}
+    assert gaining(old, with_web(mirror=Mirror("v4", 10.0))) == {"v4": ("web",)}
+    # With an assignment cookie a weight-0 version is served to whoever sends its name in the cookie.
+    assert gaining(old, with_web(split=(("v1", 100.0), ("v4", 0.0)), assignment_cookie="tv")) == {"v4": ("web",)}
+    both = replace(old, routes=(web, Route("api", split=(("v4", 1.0),))))
+    assert gaining(old, both) == {"v4": ("api",)}
+    # Already reachable (here through a pin): more weight is no new traffic for the gate.
+    pinned = with_web(pins={"bob": "v4"})
+    assert gaining(pinned, replace(pinned, routes=(replace(pinned.routes[0], split=(("v1", 1.0), ("v4", 1.0))),))) == {}
+    # Versions without a check command are never named.
+    assert gaining(old, with_web(split=(("v1", 100.0), ("v2", 5.0)))) == {}

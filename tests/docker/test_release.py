@@ -161,6 +161,31 @@ def test_release_v2_beside_v1(serve: Serve, images: Images, clean_engine: Docker
     assert "retire version v2" in summaries and "register version v1 (docker)" in summaries
 
 
+def test_scale_to_zero_is_refused_while_the_version_serves(serve: Serve, images: Images,
+                                                           clean_engine: Dockerd) -> None:
+    serve.start()
+    for name, image in (("v1", images.v1), ("v2", images.v2)):
+        r = serve.cli("deploy", name, "--image", image, "--network", "host", "--health-interval", "0.2")
+        assert r.returncode == 0, r.stdout + r.stderr
+    status, _ = serve.api("PUT", "/api/v1/routes/web", {
+        "identity": [{"header": "X-Client-Id"}], "split": {"v1": 70, "v2": 30}, "sticky": False,
+        "pins": {"acme": "v2"}})
+    assert status == 201
+    wait_until(lambda: serve.get()[0] == 200, what="the route serving")
+    r = serve.cli("scale", "v2", "0")
+    assert r.returncode == 1
+    assert r.stderr == ("error: Conflicts with the current state (409): version 'v2' receives traffic on route(s) "
+                        "web: with 0 replicas those requests would fail (503); move its traffic first, or force\n")
+    assert serve.api("GET", "/api/v1/versions/v2")[1]["spec"]["replicas"] == 1  # nothing was changed
+    assert len(containers(clean_engine, "v2")) == 1
+    assert serve.versions_served(30) == Counter({"v1": 21, "v2": 9})
+    assert serve.versions_served(3, client="acme") == Counter({"v2": 3})
+    # The operator who means it: --force, and v2's containers go.
+    r = serve.cli("scale", "v2", "0", "--force", "--no-wait")
+    assert (r.returncode, r.stdout) == (0, "scale v2: 1 -> 0 replica(s)\n")
+    wait_until(lambda: containers(clean_engine, "v2") == {}, what="v2's containers removed")
+
+
 def test_kill_and_restart_keep_serving(serve: Serve, images: Images, clean_engine: Dockerd) -> None:
     serve.start()
     r = serve.cli("deploy", "v1", "--image", images.v1, "--replicas", "2", "--network", "host",

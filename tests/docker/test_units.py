@@ -8,13 +8,14 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from proxy.errors import ConflictError, NotFoundError, ValidationError
-from proxy.model import State, Version, VersionSpec
+from proxy.model import Route, State, Version, VersionSpec
 from proxy.ops import put_version
 from proxy.parse import parse_version_body
 from proxy.providers.docker import DockerProvider, probe, set_replicas
@@ -54,6 +55,23 @@ def test_set_replicas_changes_only_the_count_and_says_so() -> None:
 def test_set_replicas_refuses(name: str, n: int, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
         set_replicas(docker_state(), name, n)
+
+
+def test_scaling_to_zero_is_refused_while_the_version_receives_traffic() -> None:
+    base = docker_state(2)
+    idle = replace(base, routes=(Route("web", split=(("s1", 1.0), ("v1", 0.0))),))
+    assert set_replicas(idle, "v1", 0)[1] == "scale v1: 2 -> 0 replica(s)"  # weight 0, no cookie: no traffic
+    busy = replace(base, routes=(Route("web", split=(("s1", 70.0), ("v1", 30.0))),
+                                 Route("api", split=(("s1", 1.0),), pins={"acme": "v1"}),
+                                 Route("old", split=(("s1", 1.0), ("v1", 0.0)), assignment_cookie="tv"),
+                                 Route("other", split=(("s1", 1.0),))))
+    with pytest.raises(ConflictError) as e:
+        set_replicas(busy, "v1", 0)
+    assert e.value.status_hint == 409
+    assert str(e.value) == ("version 'v1' receives traffic on route(s) web, api, old: with 0 replicas those "
+                            "requests would fail (503); move its traffic first, or force")
+    assert set_replicas(busy, "v1", 1)[1] == "scale v1: 2 -> 1 replica(s)"
+    assert set_replicas(busy, "v1", 0, force=True)[1] == "scale v1: 2 -> 0 replica(s)"
 
 
 @pytest.mark.parametrize(("ref", "repo"), [
