@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from proxy import __version__, data_plane_build
 
@@ -31,7 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    # argparse lists the choices of an unknown command by iterating them; internal ones (`_worker`) stay
+    # parseable but unlisted. The action still finds every parser through its own name map.
+    sub.choices = _PublicChoices(sub.choices)
     return parser
+
+
+class _PublicChoices(dict[str, argparse.ArgumentParser]):
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in super().__iter__() if not name.startswith("_"))
 
 
 class _Version(argparse.Action):

@@ -4,11 +4,14 @@ restarts, spreads changes to every worker, and stops gracefully."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
-from tests.e2e.helpers import Turnout, backend, http, wait_until
+from tests.e2e.helpers import ROOT, Turnout, backend, http, wait_until
 
 
 def routes_file(tmp: Path, p1: int, p2: int, p3: int) -> str:
@@ -92,3 +95,21 @@ def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
                 return True
 
             wait_until(gone, timeout=40)
+
+
+def _token_lines(tmp: Path) -> list[str]:
+    t = Turnout(tmp, None)
+    env = {k: v for k, v in os.environ.items() if k != "TURNOUT_ADMIN_TOKEN"}
+    t.proc = subprocess.Popen(t.args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: http("GET", t.admin + "/readyz")[0] == 200)
+    finally:
+        t.proc.send_signal(signal.SIGTERM)
+        _, err = t.proc.communicate(timeout=30)
+    return [line for line in err.splitlines() if "admin token" in line]
+
+
+def test_serve_says_written_only_when_it_writes_the_token(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "admin-token"
+    assert _token_lines(tmp_path) == [f"turnout: admin token written to {path} (mode 0600)"]
+    assert _token_lines(tmp_path) == [f"turnout: admin token read from {path}"]
