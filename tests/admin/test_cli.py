@@ -289,3 +289,21 @@ def test_unknown_command_does_not_list_the_internal_worker() -> None:
         "turnout: error: argument COMMAND: invalid choice: 'bogus' (choose from 'serve', 'demo', 'check', "
         "'status', 'split', 'pin', 'unpin', 'rollback', 'history', 'apply', 'versions', 'deploy', 'scale', "
         "'retire', 'docker-versions', 'canary', 'drain')")
+
+
+def _run_cli(*argv: str) -> tuple[int, str, str]:
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "proxy", *argv], cwd=root, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(root)}, check=False)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_json_usage_errors_from_the_parser_are_problem_documents() -> None:
+    code, out, err = _run_cli("history", "--limit", "many", "--json")
+    assert (code, err) == (2, "")
+    assert json.loads(out) == {"type": "urn:turnout:problem:usage", "title": "Bad usage",
+                               "detail": "turnout history: argument --limit: invalid int value: 'many'",
+                               "errors": []}
+    code, out, err = _run_cli("history", "--limit", "many")
+    assert (code, out) == (2, "")
+    assert err.splitlines()[-1] == "turnout history: error: argument --limit: invalid int value: 'many'"
