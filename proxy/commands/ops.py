@@ -297,7 +297,9 @@ def render_status(state: dict[str, Any], health: dict[str, Any]) -> str:
         m = r.get("match", {})
         where = f"host {m['host']}" if m.get("host") else "any host"
         pins: dict[str, str] = r.get("pins", {})
-        extras = [where, f"prefix {m.get('path_prefix', '/')}", f"sticky {'on' if r.get('sticky') else 'off'}",
+        # Without an identity source there is no client id to stick by, whatever `sticky` says.
+        sticky = "on" if r.get("identity") else "off (no identity source)"
+        extras = [where, f"prefix {m.get('path_prefix', '/')}", f"sticky {sticky if r.get('sticky') else 'off'}",
                   f"{len(pins)} pin(s)"]
         if r.get("fallback"):
             extras.append("fallback " + " > ".join(r["fallback"]))

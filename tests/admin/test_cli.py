@@ -307,3 +307,14 @@ def test_json_usage_errors_from_the_parser_are_problem_documents() -> None:
     code, out, err = _run_cli("history", "--limit", "many")
     assert (code, out) == (2, "")
     assert err.splitlines()[-1] == "turnout history: error: argument --limit: invalid int value: 'many'"
+
+
+async def test_status_says_sticky_only_with_an_identity_source(cli: Cli, routes_file: Path) -> None:
+    both = routes_file.parent / "both.yaml"
+    both.write_text(ROUTES + "  - name: api\n    match: {path_prefix: /api}\n    split: {v1: 100}\n")
+    await cli("apply", str(both))
+    lines = (await cli("status")).out.splitlines()
+    assert [line for line in lines if line.startswith("route ")] == [
+        "route web: any host, prefix /, sticky on, 0 pin(s), fallback v1",
+        "route api: any host, prefix /api, sticky off (no identity source), 0 pin(s)",
+    ]
