@@ -63,7 +63,7 @@ def add_serve_options(p: argparse.ArgumentParser, *, listen: str = "127.0.0.1:80
                    help="peer whose X-Forwarded-* headers are kept (repeatable)")
     p.add_argument("--access-log", metavar="PATH|-", help="JSON access log (off by default)")
     p.add_argument("--log-client-ids", action="store_true", help="log raw client ids instead of salted hashes")
-    p.add_argument("--shutdown-grace", type=float, default=Timeouts().shutdown_grace, metavar="SECONDS",
+    p.add_argument("--shutdown-grace", type=_grace, default=Timeouts().shutdown_grace, metavar="SECONDS",
                    help="on SIGTERM, in-flight requests may finish within this")
     p.add_argument("--state-dir", metavar="DIR", default=os.environ.get("TURNOUT_STATE_DIR"),
                    help="admin token and default database location")
@@ -105,6 +105,17 @@ def _seconds(text: str) -> float:
         t = math.nan
     if not math.isfinite(t) or t <= 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return t
+
+
+def _grace(text: str) -> float:
+    # 0 is meaningful here: stop at once, without waiting for in-flight requests.
+    try:
+        t = float(text)
+    except ValueError:
+        t = math.nan
+    if not math.isfinite(t) or t < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
     return t
 
 

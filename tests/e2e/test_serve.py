@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -191,8 +192,14 @@ def test_max_connections_flag_refuses_the_second_connection(tmp_path: Path) -> N
 
 
 def _serve_error(*flags: str) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "proxy", "serve", *flags], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, check=False)
+    # Loopback port 0 and a state dir of its own: a flag that is wrongly accepted must not serve anywhere real.
+    with tempfile.TemporaryDirectory() as state:
+        argv = [sys.executable, "-m", "proxy", "serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+                "--state-dir", state, "--store", f"sqlite://{state}/state.db", *flags]
+        try:
+            proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=20, check=False)
+        except subprocess.TimeoutExpired:
+            return 0, "serve started: the flag was accepted"
     return proc.returncode, proc.stderr.splitlines()[-1]
 
 
@@ -205,6 +212,8 @@ def test_limit_and_timeout_flags_are_validated() -> None:
         2, "turnout serve: error: argument --max-connections: expected a whole number >= 1, got '-1'")
     assert _serve_error("--max-body-bytes", "1.5") == (
         2, "turnout serve: error: argument --max-body-bytes: expected a whole number >= 1, got '1.5'")
+    assert _serve_error("--shutdown-grace", "-1") == (
+        2, "turnout serve: error: argument --shutdown-grace: expected a number of seconds >= 0, got '-1'")
     assert _serve_error("--low-water", "300000") == (
         2, "turnout serve: error: --low-water (300000) must not exceed --high-water (262144)")
 
