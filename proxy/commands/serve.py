@@ -63,8 +63,9 @@ def add_serve_options(p: argparse.ArgumentParser, *, listen: str = "127.0.0.1:80
                    help="peer whose X-Forwarded-* headers are kept (repeatable)")
     p.add_argument("--access-log", metavar="PATH|-", help="JSON access log (off by default)")
     p.add_argument("--log-client-ids", action="store_true", help="log raw client ids instead of salted hashes")
-    p.add_argument("--shutdown-grace", type=_grace, default=Timeouts().shutdown_grace, metavar="SECONDS",
-                   help="on SIGTERM, in-flight requests may finish within this")
+    # A grace of 0 is meaningful (stop at once); a timeout of 0 would refuse everything.
+    p.add_argument("--shutdown-grace", type=_seconds(zero_ok=True), default=Timeouts().shutdown_grace,
+                   metavar="SECONDS", help="on SIGTERM, in-flight requests may finish within this")
     p.add_argument("--state-dir", metavar="DIR", default=os.environ.get("TURNOUT_STATE_DIR"),
                    help="admin token and default database location")
     g = p.add_argument_group("limits", "per worker process; defaults are in proxy/settings.py")
@@ -76,7 +77,7 @@ def add_serve_options(p: argparse.ArgumentParser, *, listen: str = "127.0.0.1:80
     for f in dataclasses.fields(Timeouts):
         if f.name == "shutdown_grace":  # has its own flag above
             continue
-        g.add_argument(_flag("timeout-", f.name), dest=f"timeout_{f.name}", type=_seconds,
+        g.add_argument(_flag("timeout-", f.name), dest=f"timeout_{f.name}", type=_seconds(zero_ok=False),
                        default=getattr(Timeouts(), f.name), metavar="SECONDS",
                        help=f"{TIMEOUT_HELP.get(f.name, f.name)} (default %(default)s)")
 
@@ -98,25 +99,19 @@ def _whole(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        t = float(text)
-    except ValueError:
-        t = math.nan
-    if not math.isfinite(t) or t <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
-    return t
+def _seconds(zero_ok: bool) -> Callable[[str], float]:
+    bound = ">= 0" if zero_ok else "> 0"
 
+    def parse(text: str) -> float:
+        try:
+            t = float(text)
+        except ValueError:
+            t = math.nan
+        if not math.isfinite(t) or t < 0 or (t == 0 and not zero_ok):
+            raise argparse.ArgumentTypeError(f"expected a number of seconds {bound}, got {text!r}")
+        return t
 
-def _grace(text: str) -> float:
-    # 0 is meaningful here: stop at once, without waiting for in-flight requests.
-    try:
-        t = float(text)
-    except ValueError:
-        t = math.nan
-    if not math.isfinite(t) or t < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
-    return t
+    return parse
 
 
 def settings_from_args(args: argparse.Namespace, routes: str | None) -> Settings:
