@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import NoReturn
 
 from proxy import __version__, data_plane_build
+from proxy.client import USAGE_PROBLEM
 
 # Command modules, in the order their commands appear in --help.
 COMMAND_MODULES = (
@@ -21,8 +24,23 @@ COMMAND_MODULES = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Under --json a command line the parser refuses is a problem document on stdout too, like every other
+    failure of an operator command; subcommand parsers are of this class as well (argparse makes them so)."""
+
+    json_errors = False  # set by main() for one command line
+
+    def error(self, message: str) -> NoReturn:
+        if not _Parser.json_errors:
+            super().error(message)
+        kind, title = USAGE_PROBLEM
+        print(json.dumps({"type": kind, "title": title, "detail": f"{self.prog}: {message}", "errors": []},
+                         indent=2))
+        self.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="turnout",
         description="Route HTTP traffic between immutable versions of a service: weighted canaries, "
         "dedicated versions for large clients, sticky assignment and instant fallback.",
@@ -31,7 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    # argparse lists the choices of an unknown command by iterating them; internal ones (`_worker`) stay
+    # parseable but unlisted. The action still finds every parser through its own name map.
+    sub.choices = _PublicChoices(sub.choices)
     return parser
+
+
+class _PublicChoices(dict[str, _Parser]):
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in super().__iter__() if not name.startswith("_"))
 
 
 class _Version(argparse.Action):
@@ -44,6 +70,7 @@ class _Version(argparse.Action):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    _Parser.json_errors = "--json" in (sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 DEFAULT_ADMIN = "http://127.0.0.1:8081"
@@ -45,6 +46,26 @@ class ProblemError(Exception):
 
 class UnreachableError(Exception):
     """No HTTP answer at all (refused, timed out, DNS)."""
+
+
+# Problem types of failures that never got an HTTP answer (no `status`); the API's own are in
+# proxy.admin.problem.TYPES.
+USAGE_PROBLEM = ("urn:turnout:problem:usage", "Bad usage")
+UNREACHABLE_PROBLEM = ("urn:turnout:problem:unreachable", "Admin API unreachable")
+
+
+def problem_document(e: Exception) -> dict[str, Any]:
+    """A failed command as a problem document (RFC 9457), for `--json`: the API's own body when it answered,
+    completed with status and title when that body was not JSON; else a usage or unreachable problem."""
+    if isinstance(e, ProblemError):
+        try:
+            title = HTTPStatus(e.status).phrase
+        except ValueError:
+            title = "Error"
+        return {"type": "about:blank", "title": title, "status": e.status, "detail": "", "errors": [],
+                **e.problem}
+    kind, title = UNREACHABLE_PROBLEM if isinstance(e, UnreachableError) else USAGE_PROBLEM
+    return {"type": kind, "title": title, "detail": str(e), "errors": []}
 
 
 @dataclass(frozen=True, slots=True)

@@ -462,11 +462,14 @@ class Supervisor:
         from proxy.admin.app import create_app
         from proxy.admin.auth import load_tokens
         from proxy.admin.context import AdminContext
+        from proxy.admin.tokens import TOKEN_FILE_NAME
 
         sdir = state_dir(self.settings)
+        # Whether this start creates the generated token file or reuses it (then it is not "written").
+        existed = (sdir / TOKEN_FILE_NAME).exists()
         tokens, written = load_tokens(self.settings, sdir)
         if written is not None:
-            log(f"admin token written to {written} (mode 0600)")
+            log(f"admin token read from {written}" if existed else f"admin token written to {written} (mode 0600)")
         self.ctx = AdminContext(settings=self.settings, store=self.store, holder=self.holder, stats=self.stats,
                                 health=self.health_view, tokens=tokens)
         self.ctx.extras["on_table"] = [self.follower.on_table]

@@ -154,6 +154,10 @@ class Api:
         limit = _int_param(q.get("limit"), "limit", DEFAULT_HISTORY, 1, MAX_HISTORY)
         before = _int_param(q.get("before"), "before", None, 1, None) if "before" in q else None
         infos = await self.ctx.store.history(route=route, limit=limit, before=before)
+        # No revision ever changed it: a typo, not an empty history (a deleted route keeps its own).
+        if (route is not None and not infos and before is None
+                and (await self.ctx.store.current()).state.route(route) is None):
+            raise NotFoundError(f"no route named {route!r} now or in any revision")
         return json_reply({"revisions": [_info_view(i) for i in infos]})
 
     async def get_revision(self, request: web.Request) -> web.Response:

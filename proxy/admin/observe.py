@@ -113,7 +113,10 @@ def stats_view(now: StatsSnapshot, base: StatsSnapshot | None, table: RouteTable
             rows.append(row)
         m = route.match
         routes.append({
-            "name": route.name, "host": m.host, "path_prefix": m.path_prefix, "sticky": route.sticky,
+            # Sticky in effect: without an identity source there is no client id to stick by, whatever the
+            # route's `sticky` says, so every request is split on its own.
+            "name": route.name, "host": m.host, "path_prefix": m.path_prefix,
+            "sticky": route.sticky and bool(route.identity),
             "pins": len(route.pins), "fallback": list(route.fallback),
             "mirror": None if route.mirror is None else {"version": route.mirror.version,
                                                          "percent": route.mirror.percent},

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 from proxy.admin.tokens import TOKEN_ENV, TokenFileError, client_token
-from proxy.client import DEFAULT_ADMIN, AdminClient, ProblemError, UnreachableError
+from proxy.client import DEFAULT_ADMIN, AdminClient, ProblemError, UnreachableError, problem_document
 
 API = "/api/v1"
 DURATION_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
@@ -123,16 +123,24 @@ def _entry(command: Command) -> Callable[[argparse.Namespace], int]:
         try:
             return command(args, AdminClient(args.admin, client_token(args.token_file)))
         except (UsageError, TokenFileError) as e:
-            print(f"{name}: {e}", file=sys.stderr)
-            return 2
+            code = 2
+            failure: Exception = e
         except ProblemError as e:
-            print(f"error: {e}", file=sys.stderr)
-            for path, message in e.errors:
-                print(f"  {path}: {message}" if path else f"  {message}", file=sys.stderr)
-            return 1
+            code = 1
+            failure = e
         except UnreachableError as e:
-            print(f"{name}: {e}", file=sys.stderr)
-            return 3
+            code = 3
+            failure = e
+        if getattr(args, "json", False):
+            # One problem document on stdout, as for the other commands' --json.
+            print(json.dumps(problem_document(failure), indent=2))
+        elif isinstance(failure, ProblemError):
+            print(f"error: {failure}", file=sys.stderr)
+            for path, message in failure.errors:
+                print(f"  {path}: {message}" if path else f"  {message}", file=sys.stderr)
+        else:
+            print(f"{name}: {failure}", file=sys.stderr)
+        return code
 
     return run
 

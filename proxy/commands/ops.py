@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from urllib.parse import quote
 
 from proxy.admin.tokens import TOKEN_ENV, TokenFileError, client_token
-from proxy.client import DEFAULT_ADMIN, AdminClient, ProblemError, Reply, UnreachableError
+from proxy.client import DEFAULT_ADMIN, AdminClient, ProblemError, Reply, UnreachableError, problem_document
 
 API = "/api/v1"
 BAR_WIDTH = 50
@@ -115,20 +115,26 @@ def _entry(command: Command) -> Callable[[argparse.Namespace], int]:
         try:
             client = AdminClient(args.admin, client_token(args.token_file))
             return command(args, client)
-        except UsageError as e:
-            print(f"turnout {args.command}: {e}", file=sys.stderr)
-            return 2
-        except TokenFileError as e:
-            print(f"turnout {args.command}: {e}", file=sys.stderr)
-            return 2
+        except (UsageError, TokenFileError) as e:
+            return _fail(args, e, 2)
         except ProblemError as e:
-            _print_problem(e, sys.stderr)
-            return 1
+            return _fail(args, e, 1)
         except UnreachableError as e:
-            print(f"turnout {args.command}: {e}", file=sys.stderr)
-            return 3
+            return _fail(args, e, 3)
 
     return run
+
+
+def _fail(args: argparse.Namespace, e: Exception, code: int) -> int:
+    """Report a failed command: a problem document on stdout under --json (scripts parse one stream), else
+    text on stderr. The exit status is the same either way."""
+    if getattr(args, "json", False):
+        print(json.dumps(problem_document(e), indent=2))
+    elif isinstance(e, ProblemError):
+        _print_problem(e, sys.stderr)
+    else:
+        print(f"turnout {args.command}: {e}", file=sys.stderr)
+    return code
 
 
 def _print_problem(e: ProblemError, out: TextIO) -> None:
@@ -303,7 +309,9 @@ def render_status(state: dict[str, Any], health: dict[str, Any]) -> str:
         m = r.get("match", {})
         where = f"host {m['host']}" if m.get("host") else "any host"
         pins: dict[str, str] = r.get("pins", {})
-        extras = [where, f"prefix {m.get('path_prefix', '/')}", f"sticky {'on' if r.get('sticky') else 'off'}",
+        # Without an identity source there is no client id to stick by, whatever `sticky` says.
+        sticky = "on" if r.get("identity") else "off (no identity source)"
+        extras = [where, f"prefix {m.get('path_prefix', '/')}", f"sticky {sticky if r.get('sticky') else 'off'}",
                   f"{len(pins)} pin(s)"]
         if r.get("fallback"):
             extras.append("fallback " + " > ".join(r["fallback"]))

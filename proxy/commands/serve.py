@@ -4,12 +4,39 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from proxy.errors import TurnoutError, ValidationError
-from proxy.settings import Settings, Timeouts
+from proxy.settings import Limits, Settings, Timeouts
+
+# What each limit and timeout flag sets; a field missing here still gets its flag (the flags are made
+# from the dataclasses' fields, so they cannot drift), with a plainer help text.
+LIMIT_HELP = {
+    "max_request_line": "longest request line in bytes; longer -> 414",
+    "max_header_bytes": "largest request header block in bytes; larger -> 431",
+    "max_headers": "most request header fields; more -> 431",
+    "max_body_bytes": "largest request body in bytes; larger -> 413",
+    "retry_buffer_bytes": "idempotent request bodies up to this many bytes are kept for a retry on a fallback",
+    "max_connections": "open client connections per worker; past this a new one gets a 503 and is closed",
+    "max_pipelined": "pipelined requests parsed but not yet answered per connection before reading pauses",
+    "high_water": "write buffer bytes above which reading from the other side pauses",
+    "low_water": "write buffer bytes below which reading resumes",
+}
+TIMEOUT_HELP = {
+    "header_read": "the whole request head must arrive within this -> 408",
+    "keepalive_idle": "an idle client connection between requests is closed after this",
+    "upstream_connect": "connecting to an upstream -> 504 (or the fallback)",
+    "upstream_response": "request sent until the response head -> 504",
+    "upstream_idle": "no byte from the upstream while reading its body",
+    "upstream_pool_idle": "an idle pooled upstream connection is closed after this",
+    "body_read_idle": "no byte from the client while reading its body",
+}
+# A zero retry buffer is meaningful (never buffer a body for a retry); every other limit must be >= 1.
+LIMIT_MINIMUM = {"retry_buffer_bytes": 0}
 
 
 def host_port(text: str) -> tuple[str, int]:
@@ -36,21 +63,73 @@ def add_serve_options(p: argparse.ArgumentParser, *, listen: str = "127.0.0.1:80
                    help="peer whose X-Forwarded-* headers are kept (repeatable)")
     p.add_argument("--access-log", metavar="PATH|-", help="JSON access log (off by default)")
     p.add_argument("--log-client-ids", action="store_true", help="log raw client ids instead of salted hashes")
-    p.add_argument("--shutdown-grace", type=float, default=Timeouts().shutdown_grace, metavar="SECONDS",
-                   help="on SIGTERM, in-flight requests may finish within this")
+    # A grace of 0 is meaningful (stop at once); a timeout of 0 would refuse everything.
+    p.add_argument("--shutdown-grace", type=_seconds(zero_ok=True), default=Timeouts().shutdown_grace,
+                   metavar="SECONDS", help="on SIGTERM, in-flight requests may finish within this")
     p.add_argument("--state-dir", metavar="DIR", default=os.environ.get("TURNOUT_STATE_DIR"),
                    help="admin token and default database location")
+    g = p.add_argument_group("limits", "per worker process; defaults are in proxy/settings.py")
+    for f in dataclasses.fields(Limits):
+        g.add_argument(_flag("", f.name), dest=f"limit_{f.name}", type=_whole(LIMIT_MINIMUM.get(f.name, 1)),
+                       default=getattr(Limits(), f.name), metavar="N",
+                       help=f"{LIMIT_HELP.get(f.name, f.name)} (default %(default)s)")
+    g = p.add_argument_group("timeouts", "in seconds")
+    for f in dataclasses.fields(Timeouts):
+        if f.name == "shutdown_grace":  # has its own flag above
+            continue
+        g.add_argument(_flag("timeout-", f.name), dest=f"timeout_{f.name}", type=_seconds(zero_ok=False),
+                       default=getattr(Timeouts(), f.name), metavar="SECONDS",
+                       help=f"{TIMEOUT_HELP.get(f.name, f.name)} (default %(default)s)")
+
+
+def _flag(prefix: str, name: str) -> str:
+    return "--" + prefix + name.replace("_", "-")
+
+
+def _whole(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = minimum - 1
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return n
+
+    return parse
+
+
+def _seconds(zero_ok: bool) -> Callable[[str], float]:
+    bound = ">= 0" if zero_ok else "> 0"
+
+    def parse(text: str) -> float:
+        try:
+            t = float(text)
+        except ValueError:
+            t = math.nan
+        if not math.isfinite(t) or t < 0 or (t == 0 and not zero_ok):
+            raise argparse.ArgumentTypeError(f"expected a number of seconds {bound}, got {text!r}")
+        return t
+
+    return parse
 
 
 def settings_from_args(args: argparse.Namespace, routes: str | None) -> Settings:
     if args.workers < 1:
         raise SystemExit("turnout: --workers must be at least 1")
+    limits = Limits(**{f.name: getattr(args, f"limit_{f.name}") for f in dataclasses.fields(Limits)})
+    if limits.low_water > limits.high_water:
+        print(f"turnout {args.command}: error: --low-water ({limits.low_water}) must not exceed --high-water "
+              f"({limits.high_water})", file=sys.stderr)
+        raise SystemExit(2)
+    timeouts = Timeouts(**{f.name: getattr(args, f"timeout_{f.name}") for f in dataclasses.fields(Timeouts)
+                           if f.name != "shutdown_grace"}, shutdown_grace=args.shutdown_grace)
     return Settings(
         listen=args.listen, admin=args.admin, workers=args.workers, store=args.store, routes=routes,
         admin_token_file=args.admin_token_file, metrics_auth=args.metrics_auth,
         trusted_proxies=tuple(args.trusted_proxy), access_log=args.access_log,
         access_log_client_ids=args.log_client_ids,
-        timeouts=dataclasses.replace(Timeouts(), shutdown_grace=args.shutdown_grace),
+        limits=limits, timeouts=timeouts,
         state_dir=args.state_dir,
     )
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,3 +243,92 @@ async def test_pin_to_a_version_whose_check_fails_is_refused_unless_forced(cli: 
     assert "bob" not in (await cli.admin.call("GET", "/api/v1/routes/web")).body.get("pins", {})
     r = await cli("pin", "web", "bob", "v4", "--force")
     assert (r.code, r.out) == (0, "revision 5: pin web: bob -> v4\n")  # 3 and 4: the two verdicts
+
+
+async def test_json_errors_are_problem_documents_on_stdout(cli: Cli, routes_file: Path, tmp_path: Path) -> None:
+    """Under --json every failure is one JSON problem document on stdout (nothing on stderr), and the exit
+    status is the same as without --json: 1 refused, 2 bad usage or token file, 3 unreachable."""
+    await cli("apply", str(routes_file))
+    r = await cli("split", "web", "v9=10", "--json")
+    assert (r.code, r.err) == (1, "")
+    assert json.loads(r.out) == {"type": "urn:turnout:problem:invalid", "title": "Invalid request body",
+                                 "status": 422, "detail": "1 error(s); nothing was changed",
+                                 "errors": [{"path": "v9", "message": "unknown version 'v9'"}]}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(ROUTES.replace("v1: 100", "v3: 100"))
+    r = await cli("apply", str(bad), "--json")
+    assert (r.code, r.err) == (1, "")
+    assert json.loads(r.out)["errors"] == [{"path": "routes[0].split.v3", "message": "unknown version 'v3'"}]
+    r = await cli("split", "web", "v1:10", "--json")
+    assert (r.code, r.err) == (2, "")
+    assert json.loads(r.out) == {"type": "urn:turnout:problem:usage", "title": "Bad usage",
+                                 "detail": "expected VERSION=WEIGHT with a weight >= 0, got 'v1:10'", "errors": []}
+    r = await cli("status", "--json", "--token-file", str(tmp_path / "nope"), auth=False)
+    assert (r.code, r.err) == (2, "")
+    assert json.loads(r.out) == {"type": "urn:turnout:problem:usage", "title": "Bad usage",
+                                 "detail": f"{tmp_path / 'nope'}: No such file or directory", "errors": []}
+    r = await cli("canary", "status", "web", "--json")
+    assert (r.code, r.err) == (1, "")
+    assert json.loads(r.out)["status"] == 404
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = await asyncio.to_thread(main, ["status", "--json", "--admin", f"127.0.0.1:{port}"])
+    out, err = cli.capsys.readouterr()
+    assert (code, err) == (3, "")
+    doc = json.loads(out)
+    assert (doc["type"], doc["title"]) == ("urn:turnout:problem:unreachable", "Admin API unreachable")
+    assert doc["detail"].startswith(f"cannot reach the admin API at http://127.0.0.1:{port}:")
+
+
+async def test_history_of_an_unknown_route_exits_1(cli: Cli, routes_file: Path) -> None:
+    await cli("apply", str(routes_file))
+    r = await cli("history", "nosuch")
+    assert (r.code, r.out, r.err) == (
+        1, "", "error: Not found (404): no route named 'nosuch' now or in any revision\n")
+    # A route that existed once still has its history.
+    gone = routes_file.parent / "gone.yaml"
+    gone.write_text(ROUTES.replace("  - name: web", "  - name: www"))
+    await cli("apply", str(gone))
+    h = await cli("history", "web")
+    assert (h.code, [line.split()[0] for line in h.out.splitlines()[1:]]) == (0, ["2", "1"])
+
+
+def test_unknown_command_does_not_list_the_internal_worker() -> None:
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "proxy", "bogus"], cwd=root, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(root)}, check=False)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.splitlines()[-1] == (
+        "turnout: error: argument COMMAND: invalid choice: 'bogus' (choose from 'serve', 'demo', 'check', "
+        "'status', 'split', 'pin', 'unpin', 'rollback', 'history', 'apply', 'versions', 'deploy', 'scale', "
+        "'retire', 'docker-versions', 'canary', 'drain')")
+
+
+def _run_cli(*argv: str) -> tuple[int, str, str]:
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "proxy", *argv], cwd=root, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(root)}, check=False)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_json_usage_errors_from_the_parser_are_problem_documents() -> None:
+    code, out, err = _run_cli("history", "--limit", "many", "--json")
+    assert (code, err) == (2, "")
+    assert json.loads(out) == {"type": "urn:turnout:problem:usage", "title": "Bad usage",
+                               "detail": "turnout history: argument --limit: invalid int value: 'many'",
+                               "errors": []}
+    code, out, err = _run_cli("history", "--limit", "many")
+    assert (code, out) == (2, "")
+    assert err.splitlines()[-1] == "turnout history: error: argument --limit: invalid int value: 'many'"
+
+
+async def test_status_says_sticky_only_with_an_identity_source(cli: Cli, routes_file: Path) -> None:
+    both = routes_file.parent / "both.yaml"
+    both.write_text(ROUTES + "  - name: api\n    match: {path_prefix: /api}\n    split: {v1: 100}\n")
+    await cli("apply", str(both))
+    lines = (await cli("status")).out.splitlines()
+    assert [line for line in lines if line.startswith("route ")] == [
+        "route web: any host, prefix /, sticky on, 0 pin(s), fallback v1",
+        "route api: any host, prefix /api, sticky off (no identity source), 0 pin(s)",
+    ]

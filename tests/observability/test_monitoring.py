@@ -75,7 +75,8 @@ async def test_every_metric_used_by_dashboard_and_alerts_is_exported(admin: Admi
     # The dashboard shows the split, rates, errors, latency, fallbacks, health and revisions.
     assert {"turnout_requests_total", "turnout_request_duration_seconds_bucket", "turnout_route_weight",
             "turnout_fallbacks_total", "turnout_endpoint_up", "turnout_state_revision"} <= used_dashboard
-    assert {"turnout_requests_total", "turnout_route_weight", "turnout_route_healthy_versions",
+    # The error-ratio alert judges a version by the traffic of the others, not by the weights.
+    assert {"turnout_requests_total", "turnout_route_healthy_versions",
             "turnout_fallbacks_total", "turnout_state_apply_errors_total"} <= used_alerts
 
 
@@ -116,6 +117,40 @@ def test_dashboard_structure() -> None:
         assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         assert p["targets"] and all(t["expr"] for t in p["targets"])
     assert [v["name"] for v in dash["templating"]["list"]] == ["datasource", "instance", "route"]
+
+
+def test_split_panels_are_per_route() -> None:
+    """The split panels stack to 100% of one route each: their row repeats per value of `route`, and each
+    series is a share of its route's total, so neither percent-stacks req/s nor adds up three routes."""
+    dash = json.loads(DASHBOARD.read_text())
+    panels = dash["panels"]
+    by_id = {p["id"]: p for p in panels}
+    row = by_id[8]
+    assert (row["type"], row["title"], row.get("repeat")) == ("row", "Traffic split: $route", "route")
+    start = panels.index(row) + 1
+    end = next(i for i in range(start, len(panels)) if panels[i]["type"] == "row")
+    assert [p["id"] for p in panels[start:end]] == [9, 10]
+    route_var = next(v for v in dash["templating"]["list"] if v["name"] == "route")
+    assert (route_var["multi"], route_var["includeAll"]) == (True, True)
+    sel = 'route=~"$route", instance=~"$instance"'
+    exprs = {
+        9: (f"sum by (route, version) (rate(turnout_requests_total{{{sel}}}[$__rate_interval]))"
+            f" / on (route) group_left sum by (route) (rate(turnout_requests_total{{{sel}}}[$__rate_interval]))"),
+        10: (f"max by (route, version) (turnout_route_weight{{{sel}}})"
+             f" / on (route) group_left sum by (route) (max by (route, version) (turnout_route_weight{{{sel}}}))"),
+    }
+    for pid, expr in exprs.items():
+        p = by_id[pid]
+        d = p["fieldConfig"]["defaults"]
+        assert d["custom"]["stacking"] == {"mode": "normal", "group": "A"}
+        assert (d["unit"], d["min"], d["max"]) == ("percentunit", 0, 1)
+        assert "repeat" not in p
+        assert "$route" in p["title"]
+        assert [(t["expr"], t["legendFormat"]) for t in p["targets"]] == [(expr, "{{version}}")]
+    stacked = [p["id"] for p in panels
+               if p.get("fieldConfig", {}).get("defaults", {}).get("custom", {}).get("stacking", {}).get("mode",
+                                                                                                     "none") != "none"]
+    assert stacked == [9, 10]
 
 
 def promtool() -> str:

@@ -103,3 +103,25 @@ async def test_status_page_live_numbers_and_rollback(admin: Admin, tmp_path: Pat
         load.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await load
+
+
+TOKEN_WHERE = ("It is in the file admin-token in the state directory of turnout serve (--state-dir or "
+               "$TURNOUT_STATE_DIR, default ~/.local/state/turnout), unless the proxy was given "
+               "--admin-token-file or $TURNOUT_ADMIN_TOKEN.")
+
+
+async def test_sticky_badge_only_with_an_identity_source_and_login_names_the_token_file(
+        admin: Admin, tmp_path: Path) -> None:
+    await admin.seed()  # `web` has an identity source (X-Client-Id); `api` has none, so nothing can stick
+    async with chromium_page(tmp_path / "profile") as page:
+        await page.send("Page.navigate", url=admin.url + "/ui")
+        await page.wait_for("document.getElementById('login').classList.contains('show')")
+        where = await page.eval("document.getElementById('token-where').textContent.replace(/\\s+/g, ' ')")
+        assert where == TOKEN_WHERE
+        await page.click("#token-input")
+        await page.type(TOKEN)
+        await page.click("#token-submit")
+        await page.wait_for("document.querySelectorAll('.route').length === 2")
+        chips = await page.eval("Object.fromEntries([...document.querySelectorAll('.route')].map(r => "
+                                "[r.dataset.route, r.querySelector('.chip.assign').textContent]))")
+        assert chips == {"web": "sticky", "api": "per request"}
