@@ -56,6 +56,14 @@ def state_dir(settings: Settings) -> Path:
     return default_path().parent
 
 
+def store_url(settings: Settings) -> str:
+    """--store, else the SQLite file in the state dir: two proxies with different state dirs never share
+    a store by accident."""
+    if settings.store and settings.store != "sqlite://":
+        return settings.store
+    return f"sqlite://{(state_dir(settings) / 'state.db').absolute()}"
+
+
 def log(msg: str) -> None:
     print(f"turnout: {msg}", file=sys.stderr, flush=True)
 
@@ -199,7 +207,7 @@ async def run_worker(settings: Settings, worker_id: str, listen_fd: int | None =
 
     stopper = StopSignal()
     stats = Stats()
-    store = open_store(settings.store)
+    store = open_store(store_url(settings))
     rev = await store.current()
     holder = TableHolder(RouteTable(rev.state, rev.number))
     follower = Follower(store, holder, stats)
@@ -237,7 +245,7 @@ class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.stats = Stats()
-        self.store = open_store(settings.store)
+        self.store = open_store(store_url(settings))
         self.holder = TableHolder()
         self.follower = Follower(self.store, self.holder, self.stats)
         self.dataplane: Any = None
