@@ -495,7 +495,7 @@ class Supervisor:
         # One election for both providers, so with several replicas on etcd the same replica runs the local
         # processes and the containers.
         providers = leader_for(self.store, "providers")
-        out: list[Any] = [LocalProvider(self.store, leader=providers)]
+        out: list[Any] = [LocalProvider(self.store, leader=providers, state_dir=state_dir(self.settings))]
         try:
             from proxy.canary import CanaryController
         except ImportError:
