@@ -49,6 +49,10 @@ RESTART_BACKOFF_MAX = 30.0
 POLL = 0.2
 STOP_TIMEOUT = 5.0
 
+# Children a stopped provider left running for the next proxy: referenced until this process exits, so
+# their Popen objects never report them (ResourceWarning) as if they had been forgotten by mistake.
+_LEFT_RUNNING: list[subprocess.Popen[bytes]] = []
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -386,6 +390,8 @@ class LocalProvider:
                 for r in lv.replicas:
                     if r.task is not None:
                         r.task.cancel()
+                    if r.process is not None:
+                        _LEFT_RUNNING.append(r.process)
             self._save()
         else:
             for lv in self.versions.values():
