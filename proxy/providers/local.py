@@ -117,6 +117,7 @@ class Replica:
 class LocalVersion:
     version: Version
     replicas: list[Replica] = field(default_factory=list)
+    unrecorded: bool = False  # adopted processes the store does not list (a record older than the store)
 
 
 def _local(state: State) -> dict[str, Version]:
@@ -167,8 +168,14 @@ class LocalProvider:
         host) neither adopts nor records, so two providers never claim one process."""
         if self.records is None:
             return
-        self.records.parent.mkdir(parents=True, exist_ok=True)
-        lock = os.open(self.records.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)  # held until stop()
+        try:
+            self.records.parent.mkdir(parents=True, exist_ok=True)
+            lock = os.open(self.records.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)  # held until stop()
+        except OSError as e:
+            print(f"turnout: local provider: cannot record processes in {self.records.parent} ({e.strerror}); "
+                  "local processes stop with this proxy", file=sys.stderr)
+            self.records = None
+            return
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -211,6 +218,8 @@ class LocalProvider:
                 lv = self.versions[name] = LocalVersion(v)
             lv.replicas.append(r)
             r.task = asyncio.get_running_loop().create_task(self._supervise(lv, r))
+        for lv in self.versions.values():
+            lv.unrecorded = tuple(r.endpoint for r in lv.replicas) != lv.version.endpoints
         adopted = sum(len(lv.replicas) for lv in self.versions.values())
         if adopted:
             print(f"turnout: local provider: adopted {adopted} running process(es) of "
@@ -309,8 +318,8 @@ class LocalProvider:
             await self._stop_replica(lv.replicas.pop())
         for r in started:
             await self._spawn(lv, r)
-        # Also when adopted processes are not what the store records (a record older than the store's).
-        if started or tuple(r.endpoint for r in lv.replicas) != lv.version.endpoints:
+        if started or lv.unrecorded:
+            lv.unrecorded = False
             ready = []
             for r in lv.replicas:
                 if await wait_port(self.host, r.port, START_TIMEOUT):
