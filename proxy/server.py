@@ -57,6 +57,14 @@ def state_dir(settings: Settings) -> Path:
     return default_path().parent
 
 
+def store_url(settings: Settings) -> str:
+    """--store, else the SQLite file in the state dir: two proxies with different state dirs never share
+    a store by accident."""
+    if settings.store and settings.store != "sqlite://":
+        return settings.store
+    return f"sqlite://{(state_dir(settings) / 'state.db').absolute()}"
+
+
 def log(msg: str) -> None:
     print(f"turnout: {msg}", file=sys.stderr, flush=True)
 
@@ -202,7 +210,7 @@ async def run_worker(settings: Settings, worker_id: str, listen_fd: int | None =
 
     stopper = StopSignal()
     stats = Stats()
-    store = open_store(settings.store)
+    store = open_store(store_url(settings))
     rev = await store.current()
     holder = TableHolder(RouteTable(rev.state, rev.number))
     follower = Follower(store, holder, stats)
@@ -240,7 +248,7 @@ class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.stats = Stats()
-        self.store = open_store(settings.store)
+        self.store = open_store(store_url(settings))
         self.holder = TableHolder()
         self.follower = Follower(self.store, self.holder, self.stats)
         self.dataplane: Any = None
@@ -493,7 +501,7 @@ class Supervisor:
         # One election for both providers, so with several replicas on etcd the same replica runs the local
         # processes and the containers.
         providers = leader_for(self.store, "providers")
-        out: list[Any] = [LocalProvider(self.store, leader=providers)]
+        out: list[Any] = [LocalProvider(self.store, leader=providers, state_dir=state_dir(self.settings))]
         try:
             from proxy.canary import CanaryController
         except ImportError:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.commands.serve import add_serve_options, settings_from_args
+from proxy.errors import TurnoutError
 
 DEMO_VERSIONS = (("v1", 9101), ("v2", 9102), ("acme", 9103))
 
@@ -96,6 +97,9 @@ Ctrl-C stops everything.
         return 0
     except KeyboardInterrupt:
         return 0
+    except (OSError, TurnoutError) as e:
+        print(f"turnout: {e}", file=sys.stderr)
+        return 1
     finally:
         for child in children:
             if child.poll() is None:

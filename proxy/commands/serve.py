@@ -54,7 +54,7 @@ def add_serve_options(p: argparse.ArgumentParser, *, listen: str = "127.0.0.1:80
     p.add_argument("--admin", type=host_port, default=host_port(admin), metavar="HOST:PORT",
                    help=f"admin API listener (default {admin}; keep it on loopback)")
     p.add_argument("--store", metavar="URL", default=os.environ.get("TURNOUT_STORE"),
-                   help="sqlite:///path (default: $TURNOUT_STATE_DIR/state.db or ~/.local/state/turnout/state.db)"
+                   help="sqlite:///path (default: state.db in the state dir, see --state-dir)"
                    " or etcd://host:port/prefix")
     p.add_argument("--workers", type=int, default=1, help="data-plane processes sharing the port (SO_REUSEPORT)")
     p.add_argument("--admin-token-file", metavar="FILE", help="bearer tokens: one token, or lines NAME:TOKEN")
@@ -67,7 +67,8 @@ def add_serve_options(p: argparse.ArgumentParser, *, listen: str = "127.0.0.1:80
     p.add_argument("--shutdown-grace", type=_seconds(zero_ok=True), default=Timeouts().shutdown_grace,
                    metavar="SECONDS", help="on SIGTERM, in-flight requests may finish within this")
     p.add_argument("--state-dir", metavar="DIR", default=os.environ.get("TURNOUT_STATE_DIR"),
-                   help="admin token and default database location")
+                   help="admin token, default database and local-process records (default: $TURNOUT_STATE_DIR or "
+                   "~/.local/state/turnout)")
     g = p.add_argument_group("limits", "per worker process; defaults are in proxy/settings.py")
     for f in dataclasses.fields(Limits):
         g.add_argument(_flag("", f.name), dest=f"limit_{f.name}", type=_whole(LIMIT_MINIMUM.get(f.name, 1)),
@@ -174,5 +175,9 @@ def run_worker(args: argparse.Namespace) -> int:
     from proxy.server import run_worker as worker_main
     from proxy.server import settings_from_json
 
-    run_loop(worker_main(settings_from_json(args.settings_json), args.id, args.listen_fd, args.ready_fd))
+    try:
+        run_loop(worker_main(settings_from_json(args.settings_json), args.id, args.listen_fd, args.ready_fd))
+    except TurnoutError as e:
+        print(f"turnout: {e}", file=sys.stderr)
+        return 1
     return 0
