@@ -8,6 +8,10 @@ Design rules:
   BLAKE2b, not Python's salted `hash()`, so every process and machine agrees.
 - Requests without a client id follow a precomputed smooth weighted round-robin cycle: exact proportions
   (a 3:1 split over 4 picks gives 3 and 1), O(1) per pick, no random numbers on the hot path.
+- A request whose version (and fallback chain) cannot serve goes to the split's other versions that can,
+  weighted among them: a sticky client by its position inside its own version's bucket range (the same
+  stand-in on every request and every machine, and its own version again once that is healthy), other
+  requests by a smooth weighted round robin over the usable versions only.
 """
 
 from __future__ import annotations
@@ -79,6 +83,45 @@ def smooth_cycle(weights: Sequence[float]) -> list[int]:
         current[best] -= period
         out.append(best)
     return out
+
+
+def spread_bucket(bounds: Sequence[int], shares: Sequence[int], usable: Sequence[bool], bucket: int) -> int:
+    """Index of the version serving a sticky client whose bucket's version cannot: the bucket's place inside
+    that version's range, laid over the shares of the usable versions. -1 when no version is usable."""
+    k = bisect_right(bounds, bucket)
+    if usable[k]:
+        return k
+    lo = bounds[k - 1] if k else 0
+    total = 0
+    for i, s in enumerate(shares):
+        if usable[i]:
+            total += s
+    if total == 0:
+        return -1
+    target = (bucket - lo) * total // (bounds[k] - lo)
+    acc = 0
+    for i, s in enumerate(shares):
+        if usable[i]:
+            acc += s
+            if target < acc:
+                return i
+    return -1
+
+
+def smooth_pick(shares: Sequence[int], usable: Sequence[bool], current: list[int]) -> int:
+    """One step of nginx's smooth weighted round robin over the usable versions (`current` is its state,
+    kept by the caller). Exact proportions among them for as long as the usable set stays the same."""
+    total = 0
+    best = -1
+    for i, s in enumerate(shares):
+        if s > 0 and usable[i]:
+            total += s
+            current[i] += s
+            if best < 0 or current[i] > current[best]:
+                best = i
+    if best >= 0:
+        current[best] -= total
+    return best
 
 
 def fallback_chain(chosen: str, fallback: Sequence[str]) -> tuple[str, ...]:
