@@ -46,6 +46,45 @@ def bucket_bounds(weights: Sequence[float]) -> list[int]:
     return bounds
 
 
+def unrouted(weights: Sequence[float]) -> list[int]:
+    """Indices of the weights > 0 that would get no traffic: under 1/BUCKETS of the total (the resolution
+    of both the buckets and the weighted cycle), or left without a bucket by rounding at a neighbour's
+    boundary. The tolerance lets a share meant to be exactly 1/BUCKETS (0.01 of 100) pass despite binary
+    fractions; whether it then really got a bucket is checked on the bounds themselves."""
+    total = sum(weights)
+    if total <= 0:
+        return []
+    bounds = bucket_bounds(weights)
+    out = []
+    lo = 0
+    for i, w in enumerate(weights):
+        if w > 0 and (w * BUCKETS < total * (1 - 1e-9) or bounds[i] <= lo):
+            out.append(i)
+        lo = bounds[i]
+    return out
+
+
+def smallest_routing_weight(weights: Sequence[float], i: int) -> float:
+    """The smallest weight (5 significant digits, rounded up) that makes weights[i] route, the others kept."""
+    others = sum(weights) - weights[i]
+    w = max(weights[i], others / (BUCKETS - 1))
+    trial = list(weights)
+    for _ in range(1000):
+        w = _ceil_digits(w)
+        trial[i] = w
+        if i not in unrouted(trial):
+            break
+        w *= 1.0001
+    return w
+
+
+def _ceil_digits(x: float, digits: int = 5) -> float:
+    if x <= 0:
+        return x
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(x)))
+    return math.ceil(x * scale - 1e-9) / scale
+
+
 def index_for_bucket(bounds: Sequence[int], bucket: int) -> int:
     return bisect_right(bounds, bucket)
 

@@ -232,3 +232,22 @@ def test_requests_without_a_client_are_spread_by_a_smooth_round_robin_over_the_u
     # Weight 0 never stands in.
     z = _route({"v1": 1, "v2": 0, "v3": 1}, sticky=False)
     assert {z.spread([False, True, True], None) for _ in range(10)} == {2}
+
+
+def test_the_smallest_share_that_routes_is_one_bucket() -> None:
+    from proxy.select import unrouted
+
+    # 0.004% (the accepted-and-ignored split of issue #11): no bucket and no place in the cycle.
+    tiny = _route({"v1": 99.996, "v2": 0.004}, sticky=False)
+    assert (tiny._bounds, Counter(tiny.pick(None)[1][0] for _ in range(10_000))) == ([10_000, 10_000], {"v1": 10_000})
+    assert unrouted([99.996, 0.004]) == [1]
+    # 1/10000 of the total routes exactly 1 of every 10,000 requests, and one bucket of sticky clients.
+    for split in ({"v1": 99.99, "v2": 0.01}, {"v1": 9999, "v2": 1}):
+        r = _route(split, sticky=False)
+        assert Counter(r.pick(None)[1][0] for _ in range(10_000)) == {"v1": 9999, "v2": 1}
+        assert r._bounds == [9999, 10_000]
+        assert unrouted(list(split.values())) == []
+    # Rounding can leave even one full bucket's share without a bucket: that is refused too.
+    assert bucket_bounds([0.035, 0.01, 99.955]) == [4, 4, 10_000]
+    assert unrouted([0.035, 0.01, 99.955]) == [1]
+    assert unrouted([0.0, 1.0]) == []

@@ -7,6 +7,7 @@ import asyncio
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.canary.analysis import counters_of
 from proxy.metrics import aggregate, render
 from proxy.model import IdentitySource
 from proxy.settings import Settings
@@ -130,6 +131,9 @@ async def test_no_healthy_version_503_is_counted_under_route_and_intended_versio
         assert m[("turnout_requests_rejected_total", frozenset({("reason", "no_healthy_version")}))] == 4.0
         count = ("turnout_request_duration_seconds_count", frozenset({("route", "web"), ("version", "v1")}))
         assert m[count] == 2.0
+        # Canary analysis reads the same cells: both of v2's requests were errors.
+        seen = counters_of(aggregate(p.stats, None), "web", ["v2"])
+        assert (seen.requests, seen.errors) == (2, 2)
     finally:
         await p.dp.shutdown(0.5)
 
