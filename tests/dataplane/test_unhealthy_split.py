@@ -4,6 +4,7 @@ proxy answers itself (503/502/504) is counted under the route and the version th
 from __future__ import annotations
 
 import asyncio
+import json
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -159,3 +160,24 @@ async def test_a_failed_connect_moves_to_a_healthy_split_version(upstreams) -> N
         assert p.stats.fallbacks == {("web", "v2", "v1"): 2}
     finally:
         await p.dp.shutdown(0.5)
+
+
+async def test_access_log_names_the_stand_in_and_the_version_a_503_was_meant_for(upstreams, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    a, b = await upstreams(name="a"), await upstreams(name="b")
+    out = tmp_path / "access.log"
+    p = await proxy_for(table([version("v1", a), version("v2", b)],
+                              [simple_route(("v1", 1.0), ("v2", 1.0), sticky=False)]),
+                        access_log=str(out), state_dir=str(tmp_path / "state"))
+    try:
+        p.dp.backends["v2"].endpoints[0].ejected = True
+        c = await Client.open(p.port)
+        served = [(await c.get()).status for _ in range(2)]
+        p.dp.backends["v1"].endpoints[0].ejected = True
+        refused = [(await c.get()).status for _ in range(2)]
+        c.close()
+    finally:
+        await p.dp.shutdown(0.5)
+    assert (served, refused) == ([200, 200], [503, 503])
+    logged = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(e["version"], e["status"], e["fallback"], e["upstream"]) for e in logged] == [
+        ("v1", 200, False, a.url), ("v1", 200, True, a.url), ("v1", 503, False, ""), ("v2", 503, False, "")]
