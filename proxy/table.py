@@ -134,8 +134,9 @@ class CompiledRoute:
 
     def spread(self, usable: list[bool], client_id: str | None) -> int:
         """Index into split_names of the version standing in for one that cannot serve, weighted among the
-        `usable` ones (split order; False for weight 0), or -1. A sticky client always gets the same stand-in
-        for the same usable set; nothing is remembered, so it is back on its own version once that serves."""
+        `usable` ones (split order; a weight-0 version never stands in), or -1. A sticky client always gets
+        the same stand-in for the same usable set; nothing is remembered, so it is back on its own version
+        once that serves."""
         if self._cycle_len == 0:
             return -1
         if client_id is not None and self.route.sticky:
