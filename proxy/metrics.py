@@ -426,8 +426,9 @@ def families(snap: StatsSnapshot, table: RouteTable, health: Health) -> list[Met
     """Every exported series. Names and labels here are the contract documented in the README ("Series")."""
     out: list[Metric] = []
 
-    reqs = CounterMetricFamily("turnout_requests", "Proxied requests answered, by route, version and status code.",
-                               labels=["route", "version", "code"])
+    reqs = CounterMetricFamily("turnout_requests", "Requests answered, by route, version and status code; a 502, "
+                               "503 or 504 the proxy answered itself counts under the version the request was "
+                               "meant for.", labels=["route", "version", "code"])
     dur = HistogramMetricFamily("turnout_request_duration_seconds",
                                 "Time from request head received to response fully sent, by route and version.",
                                 labels=["route", "version"])
@@ -449,10 +450,12 @@ def families(snap: StatsSnapshot, table: RouteTable, health: Health) -> list[Met
 
     out.append(_counter("turnout_upstream_errors", "Failed upstream attempts, by version and kind "
                         "(connect, timeout, reset, invalid_response).", ["version", "kind"], snap.upstream_errors))
-    out.append(_counter("turnout_fallbacks", "Requests moved down a route's fallback chain.",
+    out.append(_counter("turnout_fallbacks", "Requests served by another version than the one chosen for them "
+                        "(its fallback chain, or another version of the split) because it could not serve.",
                         ["route", "from_version", "to_version"], snap.fallbacks))
     out.append(_counter("turnout_retries", "Upstream attempts retried, by route.", ["route"], snap.retries))
-    out.append(_counter("turnout_requests_rejected", "Requests refused before reaching any version, by reason.",
+    out.append(_counter("turnout_requests_rejected", "Requests refused before reaching any version, by reason "
+                        "(no_healthy_version: also in turnout_requests_total, code 503).",
                         ["reason"], snap.rejected))
     out.append(_counter("turnout_mirror_requests", "Mirrored (shadow) requests, by route, version and status code "
                         "(error: no response; dropped: not sent, too many in flight).", ["route", "version", "code"],

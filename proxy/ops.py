@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 from proxy.errors import ConflictError, FieldError, NotFoundError, ValidationError
 from proxy.model import Route, State, Version
+from proxy.parse import split_weight_errors
 
 Change = tuple[State, str]  # (new state, one-line summary)
 
@@ -93,6 +94,10 @@ def set_split(state: State, name: str, weights: Mapping[str, float]) -> Change:
         raise ValidationError([FieldError("", "at least one weight must be > 0")])
     if split == route.split:
         return state, ""
+    # The merged split counts: raising one weight can leave another, not named here, too small to route.
+    too_small = split_weight_errors(split)
+    if too_small:
+        raise ValidationError(too_small)
     return _replace_route(state, dataclasses.replace(route, split=split)), \
         f"split {name}: {_split_text(route.split)} -> {_split_text(split)}"
 

@@ -26,6 +26,7 @@ from proxy.model import (
     Version,
     VersionSpec,
 )
+from proxy.select import BUCKETS, smallest_routing_weight, unrouted
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -271,8 +272,27 @@ def version_to_stored(v: Version) -> dict[str, Any]:
 
 # Routes
 
+def split_weight_errors(split: tuple[tuple[str, float], ...], path: str = "") -> list[FieldError]:
+    """A weight > 0 under the selector's resolution (1/BUCKETS of the split) is refused rather than shown in
+    the split while routing nothing (or, rounded up, a whole bucket)."""
+    weights = [w for _, w in split]
+    total = sum(weights)
+    errors = []
+    for i in unrouted(weights):
+        name, w = split[i]
+        if w * BUCKETS < total * (1 - 1e-9):
+            why = (f"weight {w:g} is {w / total * 100:.3g}% of the split, less than the smallest share that "
+                   f"routes (1/{BUCKETS} = {100 / BUCKETS:g}%)")
+        else:
+            why = (f"weight {w:g} gets none of the {BUCKETS} buckets (the versions before it end on half a "
+                   "bucket, which rounding gives to them), so no traffic")
+        least = smallest_routing_weight(weights, i)
+        errors.append(FieldError(_join(path, name), f"{why}; use at least {least:g}, or 0"))
+    return errors
+
+
 def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Version],
-                name: str | None = None) -> Route | None:
+                name: str | None = None, stored: bool = False) -> Route | None:
     d = c.mapping(value, path, ROUTE_FIELDS)
     if d is None:
         return None
@@ -336,6 +356,9 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
                 split.append((vname, float(weight)))
         if sm and split and not any(w > 0 for _, w in split) and len(c.errors) == before:
             c.fail(spath, "at least one weight must be > 0")
+        elif split and not stored and len(c.errors) == before:
+            # Stored revisions were accepted once: they load as they are (a rollback must never fail on this).
+            c.errors.extend(split_weight_errors(tuple(split), spath))
         if not sm:
             c.fail(spath, "expected at least one version with a weight")
     sticky = c.boolean(d.get("sticky", True), _join(path, "sticky"))
@@ -501,7 +524,7 @@ def state_from_stored(data: Mapping[str, Any]) -> State:
             versions[name] = v
     routes = []
     for name, rd in cast(Mapping[str, Any], data.get("routes", {})).items():
-        r = parse_route(c, rd, _join("routes", name), versions, name=name)
+        r = parse_route(c, rd, _join("routes", name), versions, name=name, stored=True)
         if r is not None:
             routes.append(r)
     c.raise_if_any()

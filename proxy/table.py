@@ -13,7 +13,16 @@ from typing import Final
 from urllib.parse import parse_qsl
 
 from proxy.model import Route, State, Version
-from proxy.select import bucket_bounds, bucket_of, fallback_chain, index_for_bucket, smooth_cycle
+from proxy.select import (
+    bucket_bounds,
+    bucket_of,
+    fallback_chain,
+    index_for_bucket,
+    quantise,
+    smooth_cycle,
+    smooth_pick,
+    spread_bucket,
+)
 
 # Why a version was chosen; the data plane reports "fallback" itself when it moves down the chain.
 PIN: Final = "pin"
@@ -28,9 +37,9 @@ Pick = tuple[str, tuple[str, ...]]  # (reason, chain: chosen version first, then
 
 class CompiledRoute:
     __slots__ = (
-        "_assignable", "_bounds", "_cycle", "_cycle_len", "_next", "_pins", "_sticky_picks", "_weighted_picks",
-        "assignment_cookie", "chains", "expose_version", "header_ids", "host", "host_suffix", "identity",
-        "match_headers", "name", "prefix", "prefix_dir", "route",
+        "_assignable", "_bounds", "_cycle", "_cycle_len", "_next", "_pins", "_shares", "_spread_current",
+        "_sticky_picks", "_weighted_picks", "assignment_cookie", "chains", "expose_version", "header_ids", "host",
+        "host_suffix", "identity", "match_headers", "name", "prefix", "prefix_dir", "route", "split_names",
     )
 
     def __init__(self, route: Route, previous: CompiledRoute | None = None) -> None:
@@ -68,6 +77,9 @@ class CompiledRoute:
         self._cycle = [self._weighted_picks[i] for i in smooth_cycle(weights)]
         self._cycle_len = len(self._cycle)
         self._next = 0
+        self.split_names: tuple[str, ...] = tuple(names)
+        self._shares = quantise(weights)
+        self._spread_current = [0] * len(names)
 
     def __repr__(self) -> str:
         split = " ".join(f"{v}={w:g}" for v, w in self.route.split)
@@ -116,6 +128,20 @@ class CompiledRoute:
         i = self._next
         self._next = i + 1 if i + 1 < self._cycle_len else 0
         return self._cycle[i]
+
+    def pinned(self, client_id: str | None) -> bool:
+        return client_id is not None and client_id in self._pins
+
+    def spread(self, usable: list[bool], client_id: str | None) -> int:
+        """Index into split_names of the version standing in for one that cannot serve, weighted among the
+        `usable` ones (split order; a weight-0 version never stands in), or -1. A sticky client always gets
+        the same stand-in for the same usable set; nothing is remembered, so it is back on its own version
+        once that serves."""
+        if self._cycle_len == 0:
+            return -1
+        if client_id is not None and self.route.sticky:
+            return spread_bucket(self._bounds, self._shares, usable, bucket_of(self.name, client_id))
+        return smooth_pick(self._shares, usable, self._spread_current)
 
     def assigned(self, version: str) -> Pick | None:
         """Pick for a session whose assignment cookie names `version`: honoured only for versions of the

@@ -105,3 +105,27 @@ def test_round_trips() -> None:
     state = parse_yaml((ROOT / "routes" / "canary.yaml").read_text(), now=5.0)
     assert state_from_stored(state_to_stored(state)) == state
     assert parse_document(document_of(state), now=5.0) == state
+
+
+def test_a_weight_too_small_to_route_is_refused_with_the_smallest_share_that_routes() -> None:
+    assert errors_of(with_route(split={"v1": 99.996, "v2": 0.004})) == [
+        "routes[0].split.v2: weight 0.004 is 0.004% of the split, less than the smallest share that "
+        "routes (1/10000 = 0.01%); use at least 0.010001, or 0"]
+    # Exactly the smallest share is accepted (and gets exactly 1 of 10000 requests: tests/test_select.py).
+    assert parse_document(with_route(split={"v1": 99.99, "v2": 0.01})).routes[0].split == (("v1", 99.99), ("v2", 0.01))
+    assert parse_document(with_route(split={"v1": 9999, "v2": 1})).routes[0].split[1] == ("v2", 1.0)
+
+
+def test_a_weight_that_rounding_leaves_without_a_bucket_is_refused() -> None:
+    versions = {**GOOD["versions"], "v3": {"endpoints": ["http://127.0.0.1:9103"]}}  # type: ignore[dict-item]
+    doc = {"versions": versions, "routes": [{"name": "web", "split": {"v1": 0.035, "v2": 0.01, "v3": 99.955}}]}
+    assert errors_of(doc) == [
+        "routes[0].split.v2: weight 0.01 gets none of the 10000 buckets (the versions before it end on half a "
+        "bucket, which rounding gives to them), so no traffic; use at least 0.010001, or 0"]
+
+
+def test_stored_revisions_with_a_too_small_weight_still_load() -> None:
+    state = parse_document(GOOD)
+    stored = state_to_stored(state)
+    stored["routes"]["web"]["split"] = {"v1": 99.996, "v2": 0.004}
+    assert state_from_stored(stored).routes[0].split == (("v1", 99.996), ("v2", 0.004))

@@ -206,3 +206,48 @@ def test_assignment_cookie_only_for_split_and_fallback_versions_and_pins_win() -
     assert r.pick_session("big", "v1") == (PIN, ("dedicated", "v0"))
     assert r.pick_session("someone", "v1") == ("assigned", ("v1", "v0"))
     assert r.pick_session("someone", "dedicated")[0] == STICKY
+
+
+def test_a_sticky_version_that_cannot_serve_is_spread_over_the_usable_ones_by_weight() -> None:
+    from proxy.select import spread_bucket
+
+    r = _route({"v1": 1, "v2": 3, "v3": 4})
+    assert r._bounds == [1250, 5000, 10000]
+    usable = [True, True, False]  # v3 cannot serve
+    # Every bucket of v3's range, laid over v1:v2 = 1:3; buckets of the usable versions stay where they are.
+    served = Counter(spread_bucket(r._bounds, r._shares, usable, b) for b in range(10_000))
+    assert served == {0: 1250 + 1250, 1: 3750 + 3750}
+    assert [spread_bucket(r._bounds, r._shares, usable, b) for b in (0, 1249, 1250, 4999)] == [0, 0, 1, 1]
+    # A client gets the same stand-in on every request, and none when nothing can serve.
+    on_v3 = [c for c in CLIENTS[:300] if r.pick(c)[1][0] == "v3"]
+    assert [r.spread(usable, c) for c in on_v3] == [r.spread(usable, c) for c in on_v3]
+    assert r.spread([False, False, False], on_v3[0]) == -1
+
+
+def test_requests_without_a_client_are_spread_by_a_smooth_round_robin_over_the_usable_ones() -> None:
+    r = _route({"v1": 5, "v2": 3, "v3": 2}, sticky=False)
+    picks = [r.spread([True, True, False], None) for _ in range(16)]
+    assert Counter(picks) == {0: 10, 1: 6}
+    assert picks[:8] == [0, 1, 0, 0, 1, 0, 1, 0]
+    # Weight 0 never stands in.
+    z = _route({"v1": 1, "v2": 0, "v3": 1}, sticky=False)
+    assert {z.spread([False, True, True], None) for _ in range(10)} == {2}
+
+
+def test_the_smallest_share_that_routes_is_one_bucket() -> None:
+    from proxy.select import unrouted
+
+    # 0.004% (the accepted-and-ignored split of issue #11): no bucket and no place in the cycle.
+    tiny = _route({"v1": 99.996, "v2": 0.004}, sticky=False)
+    assert (tiny._bounds, Counter(tiny.pick(None)[1][0] for _ in range(10_000))) == ([10_000, 10_000], {"v1": 10_000})
+    assert unrouted([99.996, 0.004]) == [1]
+    # 1/10000 of the total routes exactly 1 of every 10,000 requests, and one bucket of sticky clients.
+    for split in ({"v1": 99.99, "v2": 0.01}, {"v1": 9999, "v2": 1}):
+        r = _route(split, sticky=False)
+        assert Counter(r.pick(None)[1][0] for _ in range(10_000)) == {"v1": 9999, "v2": 1}
+        assert r._bounds == [9999, 10_000]
+        assert unrouted(list(split.values())) == []
+    # Rounding can leave even one full bucket's share without a bucket: that is refused too.
+    assert bucket_bounds([0.035, 0.01, 99.955]) == [4, 4, 10_000]
+    assert unrouted([0.035, 0.01, 99.955]) == [1]
+    assert unrouted([0.0, 1.0]) == []

@@ -727,14 +727,17 @@ class ClientConnection(asyncio.Protocol):
             ex.version = chain[0]
             ex.endpoint = ep
         else:
-            i = self._next_version(ex, 1)
-            if i < 0:
+            if self._next_version(ex, 1) < 0 and self._spread(ex) < 0:
                 dp.stats.reject("no_healthy_version")
+                # Counted under the version it was meant for: its error ratio shows what its clients saw.
+                ex.version = chain[0]
+                now = dp.now()
+                dp.stats.request(route.name, chain[0], 503, now - ex.t0, ex.body_bytes, 0)
                 if dp.access_log is not None:
-                    self._log_local(ex, route.name, 503)
+                    self._log(ex, 503, now, answered=False)
                 self._local(ex, 503)
                 return
-            dp.stats.fallback(route.name, chain[0], chain[i])
+            dp.stats.fallback(route.name, chain[0], ex.version)
             ex.fell_back = True
             ep = ex.endpoint
             assert ep is not None
@@ -760,6 +763,36 @@ class ClientConnection(asyncio.Protocol):
                     ex.endpoint = ep
                     return i
         return -1
+
+    def _spread(self, ex: Exchange) -> int:
+        """No version of the chain can serve: another version of the split that can, weighted among those
+        (a pinned client keeps just its chain). It joins the chain, so a retry moves on from it. Returns its
+        index in the chain, or -1."""
+        route = ex.route
+        if route is None or route.pinned(ex.client_id):
+            return -1
+        backends = self.dp.backends
+        chain = ex.chain
+        usable = [False] * len(route.split_names)
+        found = False
+        for i, v in enumerate(route.split_names):
+            if v not in chain:
+                b = backends.get(v)
+                if b is not None and b.has_healthy():
+                    usable[i] = found = True
+        if not found:
+            return -1
+        i = route.spread(usable, ex.client_id)
+        if i < 0:
+            return -1
+        v = route.split_names[i]
+        ep = backends[v].pick()
+        assert ep is not None
+        ex.chain = (*chain, v)
+        ex.idx = len(chain)
+        ex.version = v
+        ex.endpoint = ep
+        return ex.idx
 
     def _connect(self, ex: Exchange, fresh: bool = False) -> None:
         ep = ex.endpoint
@@ -870,7 +903,7 @@ class ClientConnection(asyncio.Protocol):
                 self._connect(ex, fresh=True)
                 return
             failed = ex.version
-            if self._next_version(ex, ex.idx + 1) >= 0:
+            if self._next_version(ex, ex.idx + 1) >= 0 or self._spread(ex) >= 0:
                 dp.stats.retry(route.name)
                 dp.stats.fallback(route.name, failed, ex.version)
                 ex.retried = ex.fell_back = True

@@ -261,7 +261,8 @@ class UpstreamConnection(asyncio.Protocol):
             if route.expose_version:
                 parts.append(self.dp.version_header(ex.version))
             cookie = route.assignment_cookie
-            if cookie is not None and route.route.sticky and ex.cookie_version != ex.version:
+            # A version standing in for an unhealthy one does not become the session's assignment.
+            if cookie is not None and route.route.sticky and ex.cookie_version != ex.version and not ex.fell_back:
                 parts.append(self.dp.cookie_header(cookie, ex.version))
         parts.append(_CRLF)
         self.mode = mode

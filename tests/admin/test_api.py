@@ -388,3 +388,18 @@ async def test_reason_too_long_is_refused(admin: Admin) -> None:
     r = await admin.call("PUT", "/api/v1/versions/v1", {"endpoints": [EP1]}, params={"reason": "x" * 1001})
     assert (r.status, paths(r.body)) == (422, ["reason"])
     assert await admin.revision() == 0
+
+
+async def test_split_with_a_weight_too_small_to_route_is_422_and_changes_nothing(admin: Admin) -> None:
+    await admin.seed()
+    r = await admin.call("PATCH", "/api/v1/routes/web/split", {"v1": 99.996, "v2": 0.004})
+    assert (r.status, r.body["errors"]) == (422, [{"path": "v2", "message": (
+        "weight 0.004 is 0.004% of the split, less than the smallest share that routes (1/10000 = 0.01%); "
+        "use at least 0.010001, or 0")}])
+    assert await admin.revision() == 4
+    # The merged split counts: raising v1 can leave a weight the request did not name too small.
+    ok = await admin.call("PATCH", "/api/v1/routes/web/split", {"v1": 90, "v2": 10})
+    assert ok.status == 200
+    r = await admin.call("PATCH", "/api/v1/routes/web/split", {"v1": 1_000_000})
+    assert (r.status, paths(r.body)) == (422, ["v2"])
+    assert await admin.revision() == 5
