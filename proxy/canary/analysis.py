@@ -171,8 +171,9 @@ def counters_of(snap: StatsSnapshot, route: str, versions: Iterable[str]) -> Cou
 
     An error is a request that failed on the version once: a 5xx answer (the upstream's, or the 502/504 the
     proxy answers when the upstream failed), or a request that chose the version but was moved down the
-    fallback chain (failed connect, no healthy endpoint), answered by another version. The per-attempt
-    upstream error counter is not added: its failures already are one of those two.
+    fallback chain (failed connect, no healthy endpoint), answered by another version. Such a moved request
+    is one of the version's requests too, so the error rate stays a share of what chose the version. The
+    per-attempt upstream error counter is not added: its failures already are one of those two.
     """
     names = set(versions)
     requests = errors = 0
@@ -183,5 +184,5 @@ def counters_of(snap: StatsSnapshot, route: str, versions: Iterable[str]) -> Cou
         errors += cell.errors_5xx
         for i, n in enumerate(cell.latency):
             latency[i] += n
-    errors += sum(n for (r, source, _), n in snap.fallbacks.items() if r == route and source in names)
-    return Counters(requests, errors, tuple(latency))
+    moved = sum(n for (r, source, _), n in snap.fallbacks.items() if r == route and source in names)
+    return Counters(requests + moved, errors + moved, tuple(latency))

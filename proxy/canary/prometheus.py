@@ -28,13 +28,14 @@ def prometheus_queries(route: str, versions: Iterable[str], seconds: float) -> d
     """PromQL for one side of the comparison over the last `seconds`: requests, errors and p99.
 
     Errors as proxy.canary.analysis.counters_of counts them: 5xx answers plus requests moved away down the
-    route's fallback chain, both on this route only.
+    route's fallback chain (also counted as requests of the version), both on this route only.
     """
     sel = f'route="{route}",version=~"{_prom_regex(versions)}"'
     rng = f"[{max(PROM_MIN_RANGE, round(seconds))}s]"
     fsel = f'route="{route}",from_version=~"{_prom_regex(versions)}"'
     return {
-        "requests": f"sum(increase({PROM_REQUESTS}{{{sel}}}{rng}))",
+        "requests": f"(sum(increase({PROM_REQUESTS}{{{sel}}}{rng})) or vector(0))"
+                    f" + (sum(increase({PROM_FALLBACKS}{{{fsel}}}{rng})) or vector(0))",
         "errors": f'(sum(increase({PROM_REQUESTS}{{{sel},code=~"5.."}}{rng})) or vector(0))'
                   f" + (sum(increase({PROM_FALLBACKS}{{{fsel}}}{rng})) or vector(0))",
         "p99": f"histogram_quantile(0.99, sum by (le) (rate({PROM_DURATION_BUCKET}{{{sel}}}{rng})))",
