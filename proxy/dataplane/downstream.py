@@ -14,6 +14,7 @@ Design rules:
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -63,6 +64,8 @@ _LAST_CHUNK: Final = b"0\r\n\r\n"
 _NEVER_HOP: Final = frozenset({b"host"})
 _NO_HEADERS: Final[dict[str, str]] = {}  # never written to
 _METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+# A '%' not followed by two hex digits, or an encoded NUL: a path an upstream cannot decode, or (in C) truncates.
+_BAD_PCT: Final = re.compile(rb"%(?![0-9A-Fa-f]{2})|%00")
 _ERROR_KIND: Final[dict[str, UpstreamErrorKind]] = {
     "connect": "connect", "connect_timeout": "timeout", "timeout": "timeout", "reset": "reset",
     "invalid_response": "invalid_response",
@@ -148,8 +151,10 @@ class Exchange:
 
 def _set_target(ex: Exchange, target: bytes) -> None:
     """Origin-form target -> ex.target, ex.path and ex.query (path and query as latin-1 text)."""
-    ex.target = target
     q = target.find(b"?")
+    if b"%" in target and _BAD_PCT.search(target, 0, q if q >= 0 else len(target)) is not None:
+        raise _Refuse(400, "bad_request")  # the query is the application's to decode, as nginx leaves it
+    ex.target = target
     if q >= 0:
         ex.path = target[:q].decode("latin-1")
         ex.query = target[q + 1:].decode("latin-1")
@@ -384,7 +389,12 @@ class ClientConnection(asyncio.Protocol):
         ctx = e.__context__
         if isinstance(ctx, _Stop):
             return
-        refuse = ctx if isinstance(ctx, _Refuse) else _Refuse(400, "bad_request")
+        if isinstance(ctx, _Refuse):
+            refuse = ctx
+        elif e.args == ("Invalid HTTP version",):  # llhttp's reason for HTTP/1.2, HTTP/3.0, HTTP/9.7, ...
+            refuse = _Refuse(505, "bad_request")
+        else:
+            refuse = _Refuse(400, "bad_request")
         self._refuse_parsing(refuse)
 
     def _refuse_parsing(self, refuse: _Refuse) -> None:
@@ -504,8 +514,8 @@ class ClientConnection(asyncio.Protocol):
         if (self.nhost == 1 and url[:1] == b"/" and not upgrade and (cl is None or cl <= self.max_body)
                 and host_raw is not None):
             # The common case, validated inline; everything else goes through _validate.
-            _set_target(ex, url)
             try:
+                _set_target(ex, url)
                 ex.host = self._host(host_raw)
             except _Refuse as r:
                 ex.refuse = r
@@ -517,6 +527,11 @@ class ClientConnection(asyncio.Protocol):
             except _Refuse as r:
                 ex.refuse = r
                 ex.keep_alive = False
+        if not ex.http11 and p.get_http_version() != "1.0":
+            # llhttp also takes HTTP/0.9 (a request line without a version, too) and HTTP/2.0; neither can be
+            # forwarded as HTTP/1.1.
+            ex.refuse = _Refuse(505, "bad_request")
+            ex.keep_alive = False
         if self.tokens and not self.tokens <= {b"close", b"keep-alive", b"upgrade"}:
             tokens = self.tokens - _NEVER_HOP
             ex.lines = [ln for ln in ex.lines if ln.split(b":", 1)[0].lower() not in tokens]
