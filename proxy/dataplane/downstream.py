@@ -136,6 +136,9 @@ class Exchange:
     aborted: bool = False
     finished: bool = False
     head_deferred: bool = False
+    # The head of a chunked request may go upstream: its first chunk parsed cleanly (or more of it than
+    # high_water arrived, or the message ended).
+    chunk_ok: bool = False
     client_id: str | None = None
     retried: bool = False
     fell_back: bool = False
@@ -289,6 +292,8 @@ class ClientConnection(asyncio.Protocol):
             self.feeding = False
         if self.phase == HEAD and self.raw_head > self.max_head + self.max_line and not self.stopped:
             self._refuse_parsing(_Refuse(431, "too_large"))
+        elif self.phase == BODY and not self.stopped:
+            self._fed()
 
     def eof_received(self) -> bool | None:
         if self.tunnel_up is not None and self.tunnel_up.transport is not None:
@@ -378,12 +383,32 @@ class ClientConnection(asyncio.Protocol):
                     break
         finally:
             self.feeding = False
+        if not self.stopped:
+            self._fed()
         data = bytes(view) if isinstance(view, memoryview) else view
         self.backlog = data
         if data:
             self.pause(self.P_BACKLOG)
         elif not self.stopped:
             self.resume(self.P_BACKLOG)
+
+    def _fed(self) -> None:
+        """A read parsed without error: a head held back until the first chunk parsed cleanly may go now."""
+        ex = self.cur
+        if ex is not None and ex.head_deferred and ex.chunk_ok:
+            self._send_held(ex)
+
+    def _send_held(self, ex: Exchange) -> None:
+        ex.head_deferred = False
+        ex.chunk_ok = True
+        up = ex.up
+        if up is None or up.transport is None:
+            return
+        body = ex.pending or []
+        ex.pending = None
+        ex.pending_size = 0
+        ex.sent_body = True
+        up.transport.write(b"".join((ex.head_common, self.dp.version_header(ex.version), ex.head_tail, *body)))
 
     def _parse_error(self, e: HttpParserError) -> None:
         ctx = e.__context__
@@ -646,11 +671,8 @@ class ClientConnection(asyncio.Protocol):
                 ex.mirror_body = None
                 self.dp.mirror.count_dropped(ex)
         up = ex.up
-        if up is not None and up.transport is not None:
+        if up is not None and up.transport is not None and not ex.head_deferred:
             ex.sent_body = True
-            if ex.head_deferred:
-                ex.head_deferred = False
-                frame = b"".join((ex.head_common, self.dp.version_header(ex.version), ex.head_tail, frame))
             up.transport.write(frame)
         elif not ex.response_done:
             if ex.pending is None:
@@ -658,7 +680,15 @@ class ClientConnection(asyncio.Protocol):
             ex.pending.append(frame)
             ex.pending_size += n
             if ex.pending_size > self.high_water:
-                self.pause(self.P_PENDING)
+                if ex.head_deferred and up is not None:
+                    self._send_held(ex)  # a first chunk too large to hold back is streamed
+                else:
+                    self.pause(self.P_PENDING)
+
+    def on_chunk_complete(self) -> None:
+        ex = self.cur
+        if ex is not None and not ex.chunk_ok:
+            ex.chunk_ok = True  # the head goes once the read it ended in parsed cleanly (see _fed)
 
     def on_message_complete(self) -> None:
         ex = self.cur
@@ -671,7 +701,10 @@ class ClientConnection(asyncio.Protocol):
                 self._rearm()
             return
         if ex.chunked:
+            ex.chunk_ok = True
             self._body_frame(ex, _LAST_CHUNK, 0)
+            if ex.head_deferred:
+                self._send_held(ex)
         ex.request_complete = True
         self._rearm()
         up = ex.up
@@ -794,23 +827,28 @@ class ClientConnection(asyncio.Protocol):
         conn.in_head = True
         conn.head_size = 0
         conn.deadline = 0.0
-        # A retry replays the whole buffered body; a first attempt sends what waited for the connection.
-        body = ex.replay if ex.attempts > 1 and ex.replay is not None else ex.pending or []
-        ex.pending = None
-        ex.pending_size = 0
-        if body:
-            ex.sent_body = True
-        if self.paused & self.P_PENDING:
-            self.resume(self.P_PENDING)
         dp = self.dp
         assert conn.transport is not None
-        if not body and ex.chunked and not ex.request_complete:
-            # Hold the head until the first chunk parsed cleanly: a request with a malformed chunk
-            # size then never reaches the upstream at all.
+        if (ex.chunked and not ex.request_complete and (not ex.chunk_ok or self.feeding)
+                and ex.pending_size <= self.high_water):
+            # Hold the head (and the body so far) until the first chunk parsed cleanly, in a read that parsed
+            # without error: a request with a malformed first chunk then never reaches the upstream at all.
             ex.head_deferred = True
         else:
+            if ex.head_deferred:  # held on a connection that failed since
+                ex.head_deferred = False
+            if ex.chunked:
+                ex.chunk_ok = True  # held no more: a retry replays what went out
+            # A retry replays the whole buffered body; a first attempt sends what waited for the connection.
+            body = ex.replay if ex.attempts > 1 and ex.replay is not None else ex.pending or []
+            ex.pending = None
+            ex.pending_size = 0
+            if body:
+                ex.sent_body = True
             head = (ex.head_common, dp.version_header(ex.version), ex.head_tail)
             conn.transport.write(b"".join((*head, *body) if body else head))
+        if self.paused & self.P_PENDING:
+            self.resume(self.P_PENDING)
         if ex.request_complete:
             conn.deadline = dp.now() + dp.t_upstream_response
         if self.write_paused:
