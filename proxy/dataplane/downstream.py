@@ -202,8 +202,15 @@ class ClientConnection(asyncio.Protocol):
         self.cl: int | None = None
         self.body_left: int | None = None
         # Bytes of a chunked body that were not body (size lines, extensions, trailers) since the last body
-        # byte: llhttp buffers a trailer field whole, so these are bounded like a head.
+        # byte: llhttp buffers a trailer field whole, so these are bounded like a head. httptools reports
+        # framing bytes nowhere, so they are counted per parsed slice (bytes fed minus body bytes seen), never
+        # less than they are: a chunked body is parsed in slices of framing_step, so the count is over by at
+        # most two slices (a run up to 3/4 of the bound always passes; one over it never does).
         self.framing = 0
+        self.max_framing = limits.max_header_bytes + limits.max_request_line
+        self.framing_step = max(self.max_framing // 8, 1)
+        self.body_seen = 0  # chunked body bytes since the last count
+        self.slice = 0  # no smaller than the read or slice being parsed (for on_message_complete)
         self.backlog = b""
         self.feeding = False
         self.pumping = False
@@ -293,7 +300,10 @@ class ClientConnection(asyncio.Protocol):
         if self.phase == HEAD and self.raw_head > self.max_head + self.max_line and not self.stopped:
             self._refuse_parsing(_Refuse(431, "too_large"))
         elif self.phase == BODY and not self.stopped:
-            self._fed()
+            if self.body_left is None and self._framing_over(len(data)):
+                self._refuse_parsing(_Refuse(431, "too_large"))
+            else:
+                self._fed()
 
     def eof_received(self) -> bool | None:
         if self.tunnel_up is not None and self.tunnel_up.transport is not None:
@@ -353,9 +363,10 @@ class ClientConnection(asyncio.Protocol):
                 n = len(view)
                 if self.phase == BODY:
                     left = self.body_left
-                    take = n if left is None or left >= n else max(left, 1)
                     if left is None:
-                        self.framing += take
+                        take = self.slice = n if n <= self.framing_step else self.framing_step
+                    else:
+                        take = n if left >= n else max(left, 1)
                 else:
                     take = PIPELINE_SLICE if n > PIPELINE_SLICE else n
                     self.raw_head += take
@@ -377,7 +388,7 @@ class ClientConnection(asyncio.Protocol):
                     self._refuse_parsing(_Refuse(431, "too_large"))
                     view = b""
                     break
-                if self.framing > self.max_head + self.max_line and self.phase == BODY:
+                if self.phase == BODY and self.body_left is None and self._framing_over(take):
                     self._refuse_parsing(_Refuse(431, "too_large"))
                     view = b""
                     break
@@ -391,6 +402,20 @@ class ClientConnection(asyncio.Protocol):
             self.pause(self.P_BACKLOG)
         elif not self.stopped:
             self.resume(self.P_BACKLOG)
+
+    def _framing_over(self, fed: int) -> bool:
+        """Count a parsed slice of a chunked body; True when the framing in a row may exceed the bound.
+        Where in the slice its framing sat is unknown, so the run the slice's first body byte ended is counted
+        as the whole gap and so is the run after its last: an over-count of at most two slices."""
+        seen = self.body_seen
+        gap = fed - seen
+        if seen:
+            self.body_seen = 0
+            run = self.framing + gap
+            self.framing = gap
+        else:
+            run = self.framing = self.framing + fed
+        return run > self.max_framing
 
     def _fed(self) -> None:
         """A read parsed without error: a head held back until the first chunk parsed cleanly may go now."""
@@ -573,7 +598,8 @@ class ClientConnection(asyncio.Protocol):
         self.body_left = None if ex.chunked else cl
         if ex.chunked or cl:
             self.phase = BODY
-            self.framing = 0
+            self.framing = self.body_seen = 0
+            self.slice = max(self.slice, PIPELINE_SLICE)  # the head ended in a read or head slice no larger
             self.deadline = now + self.dp.t_body_idle
             if method in IDEMPOTENT and (cl is None or cl <= self.retry_limit):
                 ex.replay = []
@@ -648,7 +674,7 @@ class ClientConnection(asyncio.Protocol):
         if self.body_left is not None:
             self.body_left -= n
         else:
-            self.framing = 0
+            self.body_seen += n
         ex.body_bytes += n
         if ex.body_bytes > self.max_body:
             raise _Refuse(413, "too_large")
@@ -691,6 +717,10 @@ class ClientConnection(asyncio.Protocol):
             ex.chunk_ok = True  # the head goes once the read it ended in parsed cleanly (see _fed)
 
     def on_message_complete(self) -> None:
+        if (self.phase == BODY and self.body_left is None
+                and self.framing + self.slice - self.body_seen > self.max_framing):
+            # The message ended in the slice that took the framing in a row past the bound.
+            raise _Refuse(431, "too_large")
         ex = self.cur
         self.cur = None
         self.phase = IDLE

@@ -1,5 +1,5 @@
-"""Request-side hardening (#11): a bad first chunk held back from a pooled upstream, and request lines and paths
-that nginx refuses. Every refusal reaches no upstream."""
+"""Request-side hardening (#11): chunk framing bounded within one read, a bad first chunk held back from a
+pooled upstream, and request lines and paths that nginx refuses. Every refusal reaches no upstream."""
 
 from __future__ import annotations
 
@@ -33,6 +33,65 @@ async def answer(p: Proxy, raw: bytes) -> tuple[int, bool]:
         return r.status, await c.closed()
     finally:
         c.close()
+
+
+# -- item 2: chunk framing bounded however the bytes are segmented
+
+FRAMING_REFUSED = {
+    # One write each: the whole run of framing is in the proxy's first read or two.
+    "extension_100k": CHUNKED + b"5;e=" + b"x" * 100_000 + b"\r\nhello\r\n0\r\n\r\n",
+    "extension_just_over": CHUNKED + b"5;e=" + b"x" * FRAMING + b"\r\nhello\r\n0\r\n\r\n",
+    "last_chunk_extension_100k": CHUNKED + b"0;e=" + b"x" * 100_000 + b"\r\n\r\n",
+    "trailer_100k": CHUNKED + b"0\r\nX-Big: " + b"t" * 100_000 + b"\r\n\r\n",
+    # The message ends in the same read that takes the run past the bound.
+    "trailer_just_over": CHUNKED + b"0\r\nX-Big: " + b"t" * FRAMING + b"\r\n\r\n",
+    "trailer_1m": CHUNKED + b"0\r\nX-Big: " + b"t" * 1_000_000 + b"\r\n\r\n",
+    "leading_zeros_100k": CHUNKED + b"0" * 100_000 + b"5\r\nhello\r\n0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FRAMING_REFUSED))
+async def test_framing_run_over_the_bound_in_one_write_is_431(env, name: str) -> None:  # type: ignore[no-untyped-def]
+    p, a = env
+    assert await answer(p, FRAMING_REFUSED[name]) == (431, True)
+    assert p.stats.rejected == {"too_large": 1}
+    await asyncio.sleep(0.05)
+    assert a.nothing_received
+
+
+async def test_trailer_over_the_bound_after_a_chunk_never_completes_upstream(env) -> None:  # type: ignore[no-untyped-def]
+    p, a = env
+    raw = CHUNKED + b"3\r\nabc\r\n0\r\nX-Big: " + b"t" * 100_000 + b"\r\n\r\n"
+    assert await answer(p, raw) == (431, True)
+    assert p.stats.rejected == {"too_large": 1}
+    await asyncio.sleep(0.05)
+    # The first chunk was clean, so head and chunk may have been streamed; the request is never completed.
+    assert a.traffic == []
+
+
+@pytest.mark.parametrize("size", [1000, FRAMING // 2])
+async def test_framing_run_well_under_the_bound_passes(env, size: int) -> None:  # type: ignore[no-untyped-def]
+    p, a = env
+    raw = CHUNKED + b"5;e=" + b"x" * size + b"\r\nhello\r\n0\r\nX-Sum: " + b"t" * size + b"\r\n\r\n"
+    assert await answer(p, raw) == (200, False)
+    assert [r.body for r in a.traffic] == [b"hello"]
+    assert p.stats.rejected == {}
+
+
+async def test_framing_bound_holds_for_extension_dribbled_with_body_in_between(env) -> None:  # type: ignore[no-untyped-def]
+    p, a = env
+    c = await Client.open(p.port)
+    try:
+        # Body bytes between long extensions reset the run: each run stays under the bound, the total does not.
+        await c.send(CHUNKED)
+        for _ in range(4):
+            await c.send(b"1;e=" + b"x" * (FRAMING // 2) + b"\r\nz\r\n")
+            await asyncio.sleep(0.01)
+        r = await c.request(b"0\r\n\r\n")
+        assert r.status == 200
+    finally:
+        c.close()
+    assert [r.body for r in a.traffic] == [b"zzzz"]
 
 
 # -- item 3: a bad first chunk never reaches a pooled upstream
