@@ -204,11 +204,12 @@ class ClientConnection(asyncio.Protocol):
         # Bytes of a chunked body that were not body (size lines, extensions, trailers) since the last body
         # byte: llhttp buffers a trailer field whole, so these are bounded like a head. httptools reports
         # framing bytes nowhere, so they are counted per parsed slice (bytes fed minus body bytes seen), never
-        # less than they are: a chunked body is parsed in slices of framing_step, so the count is over by at
-        # most two slices (a run up to 3/4 of the bound always passes; one over it never does).
+        # less than they are (see _framing_over): a run over the bound is refused however it is segmented.
         self.framing = 0
         self.max_framing = limits.max_header_bytes + limits.max_request_line
         self.framing_step = max(self.max_framing // 8, 1)
+        self.step = self.framing_step  # size of the next slice of a chunked body
+        self.in_data = False  # the last chunked-body event was body bytes (not the end of a chunk)
         self.body_seen = 0  # chunked body bytes since the last count
         self.slice = 0  # no smaller than the read or slice being parsed (for on_message_complete)
         self.backlog = b""
@@ -364,7 +365,7 @@ class ClientConnection(asyncio.Protocol):
                 if self.phase == BODY:
                     left = self.body_left
                     if left is None:
-                        take = self.slice = n if n <= self.framing_step else self.framing_step
+                        take = self.slice = n if n <= self.step else self.step
                     else:
                         take = n if left >= n else max(left, 1)
                 else:
@@ -405,16 +406,24 @@ class ClientConnection(asyncio.Protocol):
 
     def _framing_over(self, fed: int) -> bool:
         """Count a parsed slice of a chunked body; True when the framing in a row may exceed the bound.
-        Where in the slice its framing sat is unknown, so the run the slice's first body byte ended is counted
-        as the whole gap and so is the run after its last: an over-count of at most two slices."""
+        Where in the slice its framing sat is unknown, so the run its first body byte ended is counted as all
+        of it. The run after its last body byte is at most a CR when the slice ended in chunk data; otherwise it
+        too is counted as all of it. Slices are small (framing_step), so a body of many small chunks is not
+        taken for one long run: over-counted by at most two slices, a run up to 3/4 of the bound passes. After
+        a slice that was mostly data and ended in data, the next may be as large as the bound leaves (large
+        chunks cost few slices); only a switch from there to a span more than 7/8 framing can be over-counted
+        past the bound."""
         seen = self.body_seen
-        gap = fed - seen
         if seen:
             self.body_seen = 0
+            gap = fed - seen
             run = self.framing + gap
-            self.framing = gap
+            self.framing = 1 if self.in_data else gap
+            self.step = (self.max_framing - 1 if self.in_data and gap <= self.framing_step // 2
+                         else self.framing_step)
         else:
             run = self.framing = self.framing + fed
+            self.step = self.framing_step
         return run > self.max_framing
 
     def _fed(self) -> None:
@@ -599,6 +608,8 @@ class ClientConnection(asyncio.Protocol):
         if ex.chunked or cl:
             self.phase = BODY
             self.framing = self.body_seen = 0
+            self.step = self.framing_step
+            self.in_data = False
             self.slice = max(self.slice, PIPELINE_SLICE)  # the head ended in a read or head slice no larger
             self.deadline = now + self.dp.t_body_idle
             if method in IDEMPOTENT and (cl is None or cl <= self.retry_limit):
@@ -675,6 +686,7 @@ class ClientConnection(asyncio.Protocol):
             self.body_left -= n
         else:
             self.body_seen += n
+            self.in_data = True
         ex.body_bytes += n
         if ex.body_bytes > self.max_body:
             raise _Refuse(413, "too_large")
@@ -712,6 +724,7 @@ class ClientConnection(asyncio.Protocol):
                     self.pause(self.P_PENDING)
 
     def on_chunk_complete(self) -> None:
+        self.in_data = False
         ex = self.cur
         if ex is not None and not ex.chunk_ok:
             ex.chunk_ok = True  # the head goes once the read it ended in parsed cleanly (see _fed)

@@ -69,12 +69,36 @@ async def test_trailer_over_the_bound_after_a_chunk_never_completes_upstream(env
     assert a.traffic == []
 
 
+async def test_extension_over_the_bound_after_a_large_chunk_is_431(env) -> None:  # type: ignore[no-untyped-def]
+    p, a = env
+    # After a large chunk the proxy parses large slices: the long run after it is still counted whole.
+    raw = CHUNKED + b"%x\r\n%b\r\n" % (100_000, b"x" * 100_000) + b"5;e=" + b"x" * FRAMING + b"\r\nhello\r\n0\r\n\r\n"
+    assert await answer(p, raw) == (431, True)
+    assert p.stats.rejected == {"too_large": 1}
+    await asyncio.sleep(0.05)
+    assert a.traffic == []  # the first chunk was clean: its read may have been streamed, never a whole request
+
+
 @pytest.mark.parametrize("size", [1000, FRAMING // 2])
 async def test_framing_run_well_under_the_bound_passes(env, size: int) -> None:  # type: ignore[no-untyped-def]
     p, a = env
     raw = CHUNKED + b"5;e=" + b"x" * size + b"\r\nhello\r\n0\r\nX-Sum: " + b"t" * size + b"\r\n\r\n"
     assert await answer(p, raw) == (200, False)
     assert [r.body for r in a.traffic] == [b"hello"]
+    assert p.stats.rejected == {}
+
+
+@pytest.mark.parametrize(("ext", "big_first"), [(b"", False), (b"", True), (b";abcdefgh", False)])
+async def test_many_small_chunks_in_one_write_pass(env, ext: bytes, big_first: bool) -> None:  # type: ignore[no-untyped-def]
+    p, a = env
+    # 5 (or 14) bytes of framing per body byte, over 3x the bound in total but never more than 14 in a row;
+    # after a large chunk too (the proxy parses larger slices after mostly-data ones).
+    small = b"y" * (3 * FRAMING // 6)
+    big = b"x" * 100_000 if big_first else b""
+    raw = CHUNKED + (b"%x\r\n%b\r\n" % (len(big), big) if big else b"")
+    raw += b"".join(b"1%b\r\n%b\r\n" % (ext, small[i:i + 1]) for i in range(len(small))) + b"0\r\n\r\n"
+    assert await answer(p, raw) == (200, False)
+    assert [r.body for r in a.traffic] == [big + small]
     assert p.stats.rejected == {}
 
 
