@@ -14,6 +14,7 @@ Design rules:
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -63,6 +64,8 @@ _LAST_CHUNK: Final = b"0\r\n\r\n"
 _NEVER_HOP: Final = frozenset({b"host"})
 _NO_HEADERS: Final[dict[str, str]] = {}  # never written to
 _METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+# A '%' not followed by two hex digits, or an encoded NUL: a path an upstream cannot decode, or (in C) truncates.
+_BAD_PCT: Final = re.compile(rb"%(?![0-9A-Fa-f]{2})|%00")
 _ERROR_KIND: Final[dict[str, UpstreamErrorKind]] = {
     "connect": "connect", "connect_timeout": "timeout", "timeout": "timeout", "reset": "reset",
     "invalid_response": "invalid_response",
@@ -133,6 +136,9 @@ class Exchange:
     aborted: bool = False
     finished: bool = False
     head_deferred: bool = False
+    # The head of a chunked request may go upstream: its first chunk parsed cleanly (or more of it than
+    # high_water arrived, or the message ended).
+    chunk_ok: bool = False
     client_id: str | None = None
     retried: bool = False
     fell_back: bool = False
@@ -148,8 +154,10 @@ class Exchange:
 
 def _set_target(ex: Exchange, target: bytes) -> None:
     """Origin-form target -> ex.target, ex.path and ex.query (path and query as latin-1 text)."""
-    ex.target = target
     q = target.find(b"?")
+    if b"%" in target and _BAD_PCT.search(target, 0, q if q >= 0 else len(target)) is not None:
+        raise _Refuse(400, "bad_request")  # the query is the application's to decode, as nginx leaves it
+    ex.target = target
     if q >= 0:
         ex.path = target[:q].decode("latin-1")
         ex.query = target[q + 1:].decode("latin-1")
@@ -194,8 +202,16 @@ class ClientConnection(asyncio.Protocol):
         self.cl: int | None = None
         self.body_left: int | None = None
         # Bytes of a chunked body that were not body (size lines, extensions, trailers) since the last body
-        # byte: llhttp buffers a trailer field whole, so these are bounded like a head.
+        # byte: llhttp buffers a trailer field whole, so these are bounded like a head. httptools reports
+        # framing bytes nowhere, so they are counted per parsed slice (bytes fed minus body bytes seen), never
+        # less than they are (see _framing_over): a run over the bound is refused however it is segmented.
         self.framing = 0
+        self.max_framing = limits.max_header_bytes + limits.max_request_line
+        self.framing_step = max(self.max_framing // 8, 1)
+        self.step = self.framing_step  # size of the next slice of a chunked body
+        self.in_data = False  # the last chunked-body event was body bytes (not the end of a chunk)
+        self.body_seen = 0  # chunked body bytes since the last count
+        self.slice = 0  # no smaller than the read or slice being parsed (for on_message_complete)
         self.backlog = b""
         self.feeding = False
         self.pumping = False
@@ -284,6 +300,11 @@ class ClientConnection(asyncio.Protocol):
             self.feeding = False
         if self.phase == HEAD and self.raw_head > self.max_head + self.max_line and not self.stopped:
             self._refuse_parsing(_Refuse(431, "too_large"))
+        elif self.phase == BODY and not self.stopped:
+            if self.body_left is None and self._framing_over(len(data)):
+                self._refuse_parsing(_Refuse(431, "too_large"))
+            else:
+                self._fed()
 
     def eof_received(self) -> bool | None:
         if self.tunnel_up is not None and self.tunnel_up.transport is not None:
@@ -347,9 +368,10 @@ class ClientConnection(asyncio.Protocol):
                 n = len(view)
                 if self.phase == BODY:
                     left = self.body_left
-                    take = n if left is None or left >= n else max(left, 1)
                     if left is None:
-                        self.framing += take
+                        take = self.slice = n if n <= self.step else self.step
+                    else:
+                        take = n if left >= n else max(left, 1)
                 else:
                     take = PIPELINE_SLICE if n > PIPELINE_SLICE else n
                     self.raw_head += take
@@ -371,12 +393,14 @@ class ClientConnection(asyncio.Protocol):
                     self._refuse_parsing(_Refuse(431, "too_large"))
                     view = b""
                     break
-                if self.framing > self.max_head + self.max_line and self.phase == BODY:
+                if self.phase == BODY and self.body_left is None and self._framing_over(take):
                     self._refuse_parsing(_Refuse(431, "too_large"))
                     view = b""
                     break
         finally:
             self.feeding = False
+        if not self.stopped:
+            self._fed()
         data = bytes(view) if isinstance(view, memoryview) else view
         self.backlog = data
         if data:
@@ -384,11 +408,56 @@ class ClientConnection(asyncio.Protocol):
         elif not self.stopped:
             self.resume(self.P_BACKLOG)
 
+    def _framing_over(self, fed: int) -> bool:
+        """Count a parsed slice of a chunked body; True when the framing in a row may exceed the bound.
+        Where in the slice its framing sat is unknown, so the run its first body byte ended is counted as all
+        of it. The run after its last body byte is at most a CR when the slice ended in chunk data; otherwise it
+        too is counted as all of it. Slices are small (framing_step), so a body of many small chunks is not
+        taken for one long run: over-counted by at most two slices, a run up to 3/4 of the bound passes. After
+        a slice that was mostly data and ended in data, the next may be as large as the bound leaves (large
+        chunks cost few slices); only a switch from there to a span more than 7/8 framing can be over-counted
+        past the bound."""
+        seen = self.body_seen
+        if seen:
+            self.body_seen = 0
+            gap = fed - seen
+            run = self.framing + gap
+            self.framing = 1 if self.in_data else gap
+            self.step = (self.max_framing - 1 if self.in_data and gap <= self.framing_step // 2
+                         else self.framing_step)
+        else:
+            run = self.framing = self.framing + fed
+            self.step = self.framing_step
+        return run > self.max_framing
+
+    def _fed(self) -> None:
+        """A read parsed without error: a head held back until the first chunk parsed cleanly may go now."""
+        ex = self.cur
+        if ex is not None and ex.head_deferred and ex.chunk_ok:
+            self._send_held(ex)
+
+    def _send_held(self, ex: Exchange) -> None:
+        ex.head_deferred = False
+        ex.chunk_ok = True
+        up = ex.up
+        if up is None or up.transport is None:
+            return
+        body = ex.pending or []
+        ex.pending = None
+        ex.pending_size = 0
+        ex.sent_body = True
+        up.transport.write(b"".join((ex.head_common, self.dp.version_header(ex.version), ex.head_tail, *body)))
+
     def _parse_error(self, e: HttpParserError) -> None:
         ctx = e.__context__
         if isinstance(ctx, _Stop):
             return
-        refuse = ctx if isinstance(ctx, _Refuse) else _Refuse(400, "bad_request")
+        if isinstance(ctx, _Refuse):
+            refuse = ctx
+        elif e.args == ("Invalid HTTP version",):  # llhttp's reason for HTTP/1.2, HTTP/3.0, HTTP/9.7, ...
+            refuse = _Refuse(505, "bad_request")
+        else:
+            refuse = _Refuse(400, "bad_request")
         self._refuse_parsing(refuse)
 
     def _refuse_parsing(self, refuse: _Refuse) -> None:
@@ -508,8 +577,8 @@ class ClientConnection(asyncio.Protocol):
         if (self.nhost == 1 and url[:1] == b"/" and not upgrade and (cl is None or cl <= self.max_body)
                 and host_raw is not None):
             # The common case, validated inline; everything else goes through _validate.
-            _set_target(ex, url)
             try:
+                _set_target(ex, url)
                 ex.host = self._host(host_raw)
             except _Refuse as r:
                 ex.refuse = r
@@ -521,6 +590,11 @@ class ClientConnection(asyncio.Protocol):
             except _Refuse as r:
                 ex.refuse = r
                 ex.keep_alive = False
+        if not ex.http11 and p.get_http_version() != "1.0":
+            # llhttp also takes HTTP/0.9 (a request line without a version, too) and HTTP/2.0; neither can be
+            # forwarded as HTTP/1.1.
+            ex.refuse = _Refuse(505, "bad_request")
+            ex.keep_alive = False
         if self.tokens and not self.tokens <= {b"close", b"keep-alive", b"upgrade"}:
             tokens = self.tokens - _NEVER_HOP
             ex.lines = [ln for ln in ex.lines if ln.split(b":", 1)[0].lower() not in tokens]
@@ -537,7 +611,10 @@ class ClientConnection(asyncio.Protocol):
         self.body_left = None if ex.chunked else cl
         if ex.chunked or cl:
             self.phase = BODY
-            self.framing = 0
+            self.framing = self.body_seen = 0
+            self.step = self.framing_step
+            self.in_data = False
+            self.slice = max(self.slice, PIPELINE_SLICE)  # the head ended in a read or head slice no larger
             self.deadline = now + self.dp.t_body_idle
             if method in IDEMPOTENT and (cl is None or cl <= self.retry_limit):
                 ex.replay = []
@@ -612,7 +689,8 @@ class ClientConnection(asyncio.Protocol):
         if self.body_left is not None:
             self.body_left -= n
         else:
-            self.framing = 0
+            self.body_seen += n
+            self.in_data = True
         ex.body_bytes += n
         if ex.body_bytes > self.max_body:
             raise _Refuse(413, "too_large")
@@ -635,11 +713,8 @@ class ClientConnection(asyncio.Protocol):
                 ex.mirror_body = None
                 self.dp.mirror.count_dropped(ex)
         up = ex.up
-        if up is not None and up.transport is not None:
+        if up is not None and up.transport is not None and not ex.head_deferred:
             ex.sent_body = True
-            if ex.head_deferred:
-                ex.head_deferred = False
-                frame = b"".join((ex.head_common, self.dp.version_header(ex.version), ex.head_tail, frame))
             up.transport.write(frame)
         elif not ex.response_done:
             if ex.pending is None:
@@ -647,9 +722,22 @@ class ClientConnection(asyncio.Protocol):
             ex.pending.append(frame)
             ex.pending_size += n
             if ex.pending_size > self.high_water:
-                self.pause(self.P_PENDING)
+                if ex.head_deferred and up is not None:
+                    self._send_held(ex)  # a first chunk too large to hold back is streamed
+                else:
+                    self.pause(self.P_PENDING)
+
+    def on_chunk_complete(self) -> None:
+        self.in_data = False
+        ex = self.cur
+        if ex is not None and not ex.chunk_ok:
+            ex.chunk_ok = True  # the head goes once the read it ended in parsed cleanly (see _fed)
 
     def on_message_complete(self) -> None:
+        if (self.phase == BODY and self.body_left is None
+                and self.framing + self.slice - self.body_seen > self.max_framing):
+            # The message ended in the slice that took the framing in a row past the bound.
+            raise _Refuse(431, "too_large")
         ex = self.cur
         self.cur = None
         self.phase = IDLE
@@ -660,7 +748,10 @@ class ClientConnection(asyncio.Protocol):
                 self._rearm()
             return
         if ex.chunked:
+            ex.chunk_ok = True
             self._body_frame(ex, _LAST_CHUNK, 0)
+            if ex.head_deferred:
+                self._send_held(ex)
         ex.request_complete = True
         self._rearm()
         up = ex.up
@@ -816,23 +907,28 @@ class ClientConnection(asyncio.Protocol):
         conn.in_head = True
         conn.head_size = 0
         conn.deadline = 0.0
-        # A retry replays the whole buffered body; a first attempt sends what waited for the connection.
-        body = ex.replay if ex.attempts > 1 and ex.replay is not None else ex.pending or []
-        ex.pending = None
-        ex.pending_size = 0
-        if body:
-            ex.sent_body = True
-        if self.paused & self.P_PENDING:
-            self.resume(self.P_PENDING)
         dp = self.dp
         assert conn.transport is not None
-        if not body and ex.chunked and not ex.request_complete:
-            # Hold the head until the first chunk parsed cleanly: a request with a malformed chunk
-            # size then never reaches the upstream at all.
+        if (ex.chunked and not ex.request_complete and (not ex.chunk_ok or self.feeding)
+                and ex.pending_size <= self.high_water):
+            # Hold the head (and the body so far) until the first chunk parsed cleanly, in a read that parsed
+            # without error: a request with a malformed first chunk then never reaches the upstream at all.
             ex.head_deferred = True
         else:
+            if ex.head_deferred:  # held on a connection that failed since
+                ex.head_deferred = False
+            if ex.chunked:
+                ex.chunk_ok = True  # held no more: a retry replays what went out
+            # A retry replays the whole buffered body; a first attempt sends what waited for the connection.
+            body = ex.replay if ex.attempts > 1 and ex.replay is not None else ex.pending or []
+            ex.pending = None
+            ex.pending_size = 0
+            if body:
+                ex.sent_body = True
             head = (ex.head_common, dp.version_header(ex.version), ex.head_tail)
             conn.transport.write(b"".join((*head, *body) if body else head))
+        if self.paused & self.P_PENDING:
+            self.resume(self.P_PENDING)
         if ex.request_complete:
             conn.deadline = dp.now() + dp.t_upstream_response
         if self.write_paused:

@@ -129,12 +129,16 @@ class Upstream:
                 hmap = {n.lower(): v for n, v in headers}
                 body = b""
                 raw = head
-                if "content-length" in hmap:
-                    body = await reader.readexactly(int(hmap["content-length"]))
-                    raw += body
-                elif hmap.get("transfer-encoding") == "chunked":
-                    body, rawbody = await read_chunked(reader)
-                    raw += rawbody
+                try:
+                    if "content-length" in hmap:
+                        body = await reader.readexactly(int(hmap["content-length"]))
+                        raw += body
+                    elif hmap.get("transfer-encoding") == "chunked":
+                        body, rawbody = await read_chunked(reader)
+                        raw += rawbody
+                except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+                    self.partial.append(head)  # a head whose body never completed reached us too
+                    return
                 req = Request(head, method, target, headers, body, raw, conn_no)
                 self.requests.append(req)
                 if target == "/healthz":

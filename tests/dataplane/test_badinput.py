@@ -62,7 +62,7 @@ CASES = {
     "missing_host_http11": (b"GET / HTTP/1.1\r\nX-A: 1\r\n\r\n", 400, "bad_request"),
     "invalid_method": (b"G(T / HTTP/1.1\r\nHost: app\r\n\r\n", 400, "bad_request"),
     "nul_in_target": (b"GET /a\x00b HTTP/1.1\r\nHost: app\r\n\r\n", 400, "bad_request"),
-    "bad_version": (b"GET / HTTP/9.7\r\nHost: app\r\n\r\n", 400, "bad_request"),
+    "bad_version": (b"GET / HTTP/9.7\r\nHost: app\r\n\r\n", 505, "bad_request"),
     "expect_unknown": (GET + b"Expect: something\r\n\r\n", 417, "bad_request"),
     "upgrade_with_body": (b"POST / HTTP/1.1\r\nHost: app\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
                           b"Content-Length: 3\r\n\r\nabc", 400, "bad_request"),
