@@ -239,25 +239,28 @@ class EtcdStore(Store):
             if data is None:
                 raise ValueError(f"revision {info.number} refers to missing manifest blob {d['manifest_blob']}")
             manifest = data.decode()
-        # The codec loads blobs synchronously and only those it has not cached (usually none: a weight
-        # change keeps the pins blob). Ask it, fetch what it missed, and ask again.
+        # The codec loads blobs synchronously, in batches, and only those it has not cached (usually none
+        # for a weight change, an index and one chunk for a pin change). Ask it, fetch the batch it
+        # missed, and ask again: a round for the index blobs, one for the chunks they name.
         fetched: dict[str, bytes | None] = {}
         missing: list[str] = []
 
-        def load(digest: str) -> bytes | None:
-            if digest in fetched:
-                return fetched[digest]
-            missing.append(digest)
-            raise _BlobNeededError
+        def load(digests: list[str]) -> dict[str, bytes | None]:
+            missing[:] = [d for d in digests if d not in fetched]
+            if missing:
+                raise _BlobNeededError
+            return {d: fetched[d] for d in digests}
 
         while True:
-            missing.clear()
             try:
                 state = codec.decode(manifest, load, remember)
                 return Revision(info, state)
             except _BlobNeededError:
-                for digest in missing:
-                    fetched[digest] = await self._read_blob(digest)
+                batch = list(missing)
+                for i in range(0, len(batch), PAGE):
+                    part = batch[i:i + PAGE]
+                    fetched.update(zip(part, await asyncio.gather(*(self._read_blob(d) for d in part)),
+                                       strict=True))
 
     async def _from_record(self, d: dict[str, Any]) -> Revision:
         """Decode with the shared codec (consecutive revisions share pins) unless it is the cached one."""
