@@ -186,6 +186,66 @@ def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
     asyncio.run(store.close())
 
 
+PIN_WRITER = textwrap.dedent("""
+    import asyncio, sys
+    from proxy import ops
+    from proxy.parse import parse_document
+    from proxy.store import SQLiteStore
+    DOC = {"versions": {"v1": {"endpoints": ["http://127.0.0.1:9101"]},
+                        "v2": {"endpoints": ["http://127.0.0.1:9102"]}},
+           "routes": [{"name": "web", "split": {"v1": 1, "v2": 1},
+                       "pins": {f"seed-{i}": "v2" for i in range(2000)}}]}
+    async def main():
+        store = SQLiteStore(sys.argv[1], keep=5)
+        store.gc_every = 3  # compaction runs (and is killed) often
+        if (await store.current()).number == 0:
+            base = parse_document(DOC)
+            await store.update(lambda s: ops.apply_document(s, base), actor="w")
+        while True:
+            n = (await store.current()).number + 1
+            rev = await store.update(lambda s, n=n: ops.pin(s, "web", f"c{n}", "v1"), actor="w")
+            print(rev.number, flush=True)
+    asyncio.run(main())
+""")
+
+
+def test_acknowledged_pin_changes_survive_sigkill_during_compaction(tmp_path: Path) -> None:
+    db = tmp_path / "crash.db"
+    script = tmp_path / "writer.py"
+    script.write_text(PIN_WRITER)
+    rng = random.Random(4321)
+    acked: list[int] = []
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for _ in range(8):
+        proc = subprocess.Popen([sys.executable, str(script), str(db)], stdout=subprocess.PIPE, env=env)
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.strip().isdigit()
+        acked.append(int(first))
+        time.sleep(rng.uniform(0.0, 0.1))
+        os.kill(proc.pid, signal.SIGKILL)
+        out = proc.stdout.read().split()
+        proc.wait()
+        proc.stdout.close()
+        acked.extend(int(x) for x in out)
+
+    async def check() -> None:
+        store = SQLiteStore(db, keep=5)
+        cur = await store.current()
+        assert cur.number >= max(acked)
+        web = cur.state.route("web")
+        assert web is not None
+        assert {f"c{n}" for n in acked} <= set(web.pins)  # every acknowledged pin is there
+        assert len(web.pins) == 2000 + cur.number - 1
+        # Every revision whose state is kept reads back whole: compaction never swept a blob it needs.
+        for n in range(max(1, cur.number - 4), cur.number + 1):
+            pinned = (await store.get(n)).state.route("web")
+            assert pinned is not None and len(pinned.pins) == 2000 + n - 1
+        await store.close()
+
+    asyncio.run(check())
+
+
 async def test_restart_rule_keeps_live_changes(tmp_path: Path) -> None:
     routes = tmp_path / "routes.yaml"
     routes.write_text(ROUTES_YAML)
