@@ -51,10 +51,16 @@ async def seed(store: Store, pins: int) -> None:
     await store.update(lambda s: ops.put_route(s, pinned), actor="bench")
 
 
-async def run_changes(store: Store, reader: Store, changes: int, kind: str) -> tuple[list[float], list[float]]:
-    """-> (ms per store.update, ms per read-back + table recompile in a second store, as a worker does)."""
+Times = tuple[list[float], list[float], list[float], list[float]]
+
+
+async def run_changes(store: Store, reader: Store, changes: int, kind: str) -> Times:
+    """-> ms per store.update (wall, CPU), ms per read-back + table recompile in a second store, as a
+    worker does (wall, CPU). CPU time (all threads of this process) is what a loaded machine distorts least."""
     writes: list[float] = []
     reads: list[float] = []
+    writes_cpu: list[float] = []
+    reads_cpu: list[float] = []
     table = RouteTable((await reader.current()).state)
     for i in range(changes):
         change: Callable[[ops.State], ops.Change]
@@ -65,14 +71,16 @@ async def run_changes(store: Store, reader: Store, changes: int, kind: str) -> t
                       else (lambda s, i=i: ops.unpin(s, "web", f"client-{i:06d}")))
         else:
             change = lambda s, i=i: ops.set_split(s, "web", {"v2": 11 + i % 50})  # noqa: E731
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         await store.update(change, actor="bench")
         writes.append((time.perf_counter() - t0) * 1000)
-        t0 = time.perf_counter()
+        writes_cpu.append((time.process_time() - c0) * 1000)
+        t0, c0 = time.perf_counter(), time.process_time()
         rev = await reader.current()
         table = RouteTable(rev.state, rev.number, table)
         reads.append((time.perf_counter() - t0) * 1000)
-    return writes, reads
+        reads_cpu.append((time.process_time() - c0) * 1000)
+    return writes, writes_cpu, reads, reads_cpu
 
 
 def db_bytes(path: str) -> int:
@@ -83,12 +91,13 @@ def db_bytes(path: str) -> int:
 
 
 async def timed(label: str, changes: int, measure: Callable[[], Awaitable[int]],
-                work: Callable[[], Awaitable[tuple[list[float], list[float]]]]) -> None:
+                work: Callable[[], Awaitable[Times]]) -> None:
     before, w0 = await measure(), wchar()
-    writes, reads = await work()
+    writes, writes_cpu, reads, reads_cpu = await work()
     after, w1 = await measure(), wchar()
-    print(f"  {label:7s} {statistics.median(writes):8.1f} ms/change (median; max {max(writes):.1f})"
-          f"  worker read+compile {statistics.median(reads):6.1f} ms"
+    med = statistics.median
+    print(f"  {label:7s} {med(writes):6.1f} ms/change ({med(writes_cpu):5.1f} ms CPU; medians)"
+          f"  worker read+compile {med(reads):6.1f} ms ({med(reads_cpu):5.1f} ms CPU)"
           f"  stored {(after - before) / changes / 1024:9.1f} KiB/change"
           f"  written {(w1 - w0) / changes / 1024:9.1f} KiB/change")
 
