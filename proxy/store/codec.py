@@ -102,48 +102,44 @@ def _split(pins: Mapping[str, str], k: int) -> list[dict[str, str]]:
     return buckets
 
 
-def _layout(pins: Mapping[str, str], previous: _Layout | None,
-            blobs: dict[str, bytes]) -> _Layout:
+def _layout(pins: Mapping[str, str], previous: _Layout | None, blobs: dict[str, bytes]) -> _Layout:
     """Chunk `pins`, adding to `blobs` every blob the previous layout does not already have stored."""
     ideal = bucket_count(len(pins))
-    prev = previous if previous is not None and previous.buckets is not None else None
-    # Keep the previous bucket count within a factor of 4 of the ideal one, so adding or removing one pin
-    # near a boundary does not re-bucket 100,000 pins back and forth.
-    if prev is not None and prev.digests is not None and prev.versions is not None \
-            and len(prev.buckets or ()) * 4 >= ideal and ideal * 4 >= len(prev.buckets or ()):
-        k = len(prev.digests)
-        # Which clients changed: a C-level set operation, far cheaper than bucketing and hashing every pin.
-        changed = {client for client, _ in pins.items() ^ prev.pins.items()}
-        if len(changed) * INCREMENTAL_SHARE <= len(pins):
-            buckets = list(prev.buckets or ())
-            digests = list(prev.digests)
-            versions = list(prev.versions)
-            touched: set[int] = set()
-            for client in changed:
-                j = bucket_of(client, k)
-                if j not in touched:
-                    buckets[j] = dict(buckets[j])
-                    touched.add(j)
-                version = pins.get(client)
-                if version is None:
-                    buckets[j].pop(client, None)
-                else:
-                    buckets[j][client] = version
-            for j in touched:
-                data = chunk_bytes(buckets[j])
-                digests[j] = hashlib.sha256(data).hexdigest()
-                versions[j] = frozenset(buckets[j].values())
-                blobs[digests[j]] = data
-            return _index(pins, buckets, digests, versions, blobs)
-    else:
-        k = ideal
-    buckets = _split(pins, k)
+    if previous is not None and previous.buckets is not None and previous.digests is not None \
+            and previous.versions is not None:
+        k = len(previous.buckets)
+        # Keep the previous bucket count within a factor of 4 of the ideal one, so adding or removing one
+        # pin near a boundary does not re-bucket 100,000 pins back and forth.
+        if k * 4 >= ideal and ideal * 4 >= k:
+            # Which clients changed: a C-level set operation, far cheaper than bucketing every pin.
+            changed = {client for client, _ in pins.items() ^ previous.pins.items()}
+            if len(changed) * INCREMENTAL_SHARE <= len(pins):
+                buckets = list(previous.buckets)
+                digests = list(previous.digests)
+                versions = list(previous.versions)
+                touched: set[int] = set()
+                for client in changed:
+                    j = bucket_of(client, k)
+                    if j not in touched:
+                        buckets[j] = dict(buckets[j])  # the previous layout's dicts are shared: copy first
+                        touched.add(j)
+                    version = pins.get(client)
+                    if version is None:
+                        buckets[j].pop(client, None)
+                    else:
+                        buckets[j][client] = version
+                for j in touched:
+                    data = chunk_bytes(buckets[j])
+                    digests[j] = hashlib.sha256(data).hexdigest()
+                    versions[j] = frozenset(buckets[j].values())
+                    blobs[digests[j]] = data
+                return _index(pins, buckets, digests, versions, blobs)
+    buckets = _split(pins, ideal)
     digests = []
     for b in buckets:
         data = chunk_bytes(b)
-        digest = hashlib.sha256(data).hexdigest()
-        blobs[digest] = data
-        digests.append(digest)
+        digests.append(hashlib.sha256(data).hexdigest())
+        blobs[digests[-1]] = data
     return _index(pins, buckets, digests, [frozenset(b.values()) for b in buckets], blobs)
 
 
