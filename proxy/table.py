@@ -34,6 +34,11 @@ _PCT_UNRESERVED = re.compile(r"%(4[1-9A-Fa-f]|5[0-9Aa]|6[1-9A-Fa-f]|7[0-9Aa]|3[0
 
 Pick = tuple[str, tuple[str, ...]]  # (reason, chain: chosen version first, then fallbacks)
 
+# A changed pin set is patched into a copy of the previous compiled pins when it has at least PATCH_MIN
+# entries and at most one in PATCH_SHARE of them changed; otherwise it is compiled afresh.
+PATCH_MIN: Final = 1000
+PATCH_SHARE: Final = 8
+
 
 class CompiledRoute:
     __slots__ = (
@@ -71,8 +76,21 @@ class CompiledRoute:
             # brings an equal mapping read back from the store: comparing costs far less than rebuilding.
             self._pins: dict[str, Pick] = previous._pins
         else:
-            pin_picks = {v: (PIN, self.chains[v]) for v in set(route.pins.values())}
-            self._pins = {client: pin_picks[v] for client, v in route.pins.items()}
+            changed = _pin_changes(route.pins, old.pins) \
+                if old is not None and previous is not None and old.fallback == route.fallback else None
+            if changed is not None and previous is not None:
+                # A pin or unpin: patch a copy (the previous table may still be serving) instead of
+                # compiling 100,000 entries again; the diff and the copy run in C at a third of the cost.
+                self._pins = previous._pins.copy()
+                for client in changed:
+                    v = route.pins.get(client)
+                    if v is None:
+                        del self._pins[client]
+                    else:
+                        self._pins[client] = (PIN, self.chains[v])
+            else:
+                pin_picks = {v: (PIN, self.chains[v]) for v in set(route.pins.values())}
+                self._pins = {client: pin_picks[v] for client, v in route.pins.items()}
         self._bounds = bucket_bounds(weights)
         self._cycle = [self._weighted_picks[i] for i in smooth_cycle(weights)]
         self._cycle_len = len(self._cycle)
@@ -163,6 +181,15 @@ class CompiledRoute:
             if pick is not None:
                 return pick
         return self.pick(client_id)
+
+
+def _pin_changes(new: Mapping[str, str], old: Mapping[str, str]) -> set[str] | None:
+    """Clients whose pin differs, or None when so many differ (or the sets are small) that compiling
+    afresh is as cheap."""
+    if len(new) < PATCH_MIN or abs(len(new) - len(old)) * PATCH_SHARE > len(new):
+        return None
+    changed = {client for client, _ in new.items() ^ old.items()}
+    return changed if len(changed) * PATCH_SHARE <= len(new) else None
 
 
 def normalize_path(path: str) -> str:

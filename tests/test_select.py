@@ -187,6 +187,31 @@ def test_recompiling_after_a_weight_change_reuses_the_compiled_pins() -> None:
     assert t6.routes[0]._pins is not t2.routes[0]._pins and t6.routes[0].pick("c999") == (PIN, ("v2", "v1"))
 
 
+def test_a_pin_change_patches_a_copy_of_the_compiled_pins() -> None:
+    import dataclasses
+
+    versions = _versions("v1", "v2", "acme")
+    route = Route("web", split=(("v1", 90), ("v2", 10)), pins={f"c{i}": "acme" for i in range(1000)},
+                  fallback=("v1",))
+    t1 = RouteTable(State(versions=versions, routes=(route,)), 1)
+    pins = {**route.pins, "new": "v2", "c5": "v2"}
+    del pins["c9"]
+    t2 = RouteTable(State(versions=versions, routes=(dataclasses.replace(route, pins=pins),)), 2, previous=t1)
+    old, new = t1.routes[0], t2.routes[0]
+    # Unchanged clients keep the very entries compiled before: nothing was recompiled.
+    assert new._pins["c1"] is old._pins["c1"]
+    assert (new.pick("new"), new.pick("c5"), new.pick("c1")) == (
+        (PIN, ("v2", "v1")), (PIN, ("v2", "v1")), (PIN, ("acme", "v1")))
+    assert new.pick("c9")[0] == STICKY and len(new._pins) == 1000
+    # The previous table is untouched (it may still be serving).
+    assert (old.pick("c5"), old.pick("c9"), old.pick("new")[0]) == (
+        (PIN, ("acme", "v1")), (PIN, ("acme", "v1")), STICKY)
+    # Many changes (more than one in 8): compiled afresh.
+    many = {f"c{i}": ("v2" if i < 200 else "acme") for i in range(1000)}
+    t3 = RouteTable(State(versions=versions, routes=(dataclasses.replace(route, pins=many),)), 3, previous=t1)
+    assert t3.routes[0]._pins["c500"] is not old._pins["c500"] and t3.routes[0].pick("c5") == (PIN, ("v2", "v1"))
+
+
 def test_normalize_path_resolves_what_an_upstream_would() -> None:
     from proxy.table import normalize_path
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -16,9 +20,9 @@ import pytest
 
 from proxy import ops
 from proxy.errors import ConflictError, NotFoundError, StaleRevisionError, ValidationError
-from proxy.parse import parse_document
+from proxy.parse import parse_document, state_to_stored
 from proxy.server import seed_from_file
-from proxy.store import SQLiteStore
+from proxy.store import SQLiteStore, codec
 
 DOC = {
     "versions": {"v1": {"endpoints": ["http://127.0.0.1:9101"]}, "v2": {"endpoints": ["http://127.0.0.1:9102"]}},
@@ -182,6 +186,66 @@ def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
     asyncio.run(store.close())
 
 
+PIN_WRITER = textwrap.dedent("""
+    import asyncio, sys
+    from proxy import ops
+    from proxy.parse import parse_document
+    from proxy.store import SQLiteStore
+    DOC = {"versions": {"v1": {"endpoints": ["http://127.0.0.1:9101"]},
+                        "v2": {"endpoints": ["http://127.0.0.1:9102"]}},
+           "routes": [{"name": "web", "split": {"v1": 1, "v2": 1},
+                       "pins": {f"seed-{i}": "v2" for i in range(2000)}}]}
+    async def main():
+        store = SQLiteStore(sys.argv[1], keep=5)
+        store.gc_every = 3  # compaction runs (and is killed) often
+        if (await store.current()).number == 0:
+            base = parse_document(DOC)
+            await store.update(lambda s: ops.apply_document(s, base), actor="w")
+        while True:
+            n = (await store.current()).number + 1
+            rev = await store.update(lambda s, n=n: ops.pin(s, "web", f"c{n}", "v1"), actor="w")
+            print(rev.number, flush=True)
+    asyncio.run(main())
+""")
+
+
+def test_acknowledged_pin_changes_survive_sigkill_during_compaction(tmp_path: Path) -> None:
+    db = tmp_path / "crash.db"
+    script = tmp_path / "writer.py"
+    script.write_text(PIN_WRITER)
+    rng = random.Random(4321)
+    acked: list[int] = []
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for _ in range(8):
+        proc = subprocess.Popen([sys.executable, str(script), str(db)], stdout=subprocess.PIPE, env=env)
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.strip().isdigit()
+        acked.append(int(first))
+        time.sleep(rng.uniform(0.0, 0.1))
+        os.kill(proc.pid, signal.SIGKILL)
+        out = proc.stdout.read().split()
+        proc.wait()
+        proc.stdout.close()
+        acked.extend(int(x) for x in out)
+
+    async def check() -> None:
+        store = SQLiteStore(db, keep=5)
+        cur = await store.current()
+        assert cur.number >= max(acked)
+        web = cur.state.route("web")
+        assert web is not None
+        assert {f"c{n}" for n in acked} <= set(web.pins)  # every acknowledged pin is there
+        assert len(web.pins) == 2000 + cur.number - 1
+        # Every revision whose state is kept reads back whole: compaction never swept a blob it needs.
+        for n in range(max(1, cur.number - 4), cur.number + 1):
+            pinned = (await store.get(n)).state.route("web")
+            assert pinned is not None and len(pinned.pins) == 2000 + n - 1
+        await store.close()
+
+    asyncio.run(check())
+
+
 async def test_restart_rule_keeps_live_changes(tmp_path: Path) -> None:
     routes = tmp_path / "routes.yaml"
     routes.write_text(ROUTES_YAML)
@@ -238,4 +302,166 @@ async def test_route_file_giving_traffic_to_a_failing_check_is_refused(tmp_path:
     verdict = await store.current()  # the only revision written since: the verdict, no state change
     assert (verdict.number, verdict.state, verdict.info.summary[:26]) == (ok.number + 1, ok.state,
                                                                           "check v3: FAILED (exit 3, ")
+    await store.close()
+
+
+# Large pin sets: a pin change stores one chunk, compaction bounds the file, old revisions stay readable.
+
+PINS = 100_000
+
+
+def blob_rows(path: Path) -> dict[str, bytes]:
+    conn = sqlite3.connect(path)
+    try:
+        return {h: bytes(d) for h, d in conn.execute("SELECT hash, data FROM blobs")}
+    finally:
+        conn.close()
+
+
+async def seed_pins(store: SQLiteStore, pins: int = PINS) -> dict[str, str]:
+    base = parse_document(DOC)
+    await store.update(lambda s: ops.apply_document(s, base), actor="a")
+    route = base.route("web")
+    assert route is not None
+    mapping = {f"client-{i:06d}": "v2" for i in range(pins)}
+    await store.update(lambda s: ops.put_route(s, dataclasses.replace(route, pins=mapping)), actor="a")
+    return mapping
+
+
+async def test_pin_change_stores_one_chunk_and_one_index(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "s.db")
+    pins = await seed_pins(store)
+    k = codec.bucket_count(PINS)
+    assert k == 256
+    before = blob_rows(tmp_path / "s.db")
+    assert len(before) == k + 1  # every bucket's chunk and the index
+    await store.update(lambda s: ops.pin(s, "web", "acme", "v1"), actor="a")
+    added = {h: d for h, d in blob_rows(tmp_path / "s.db").items() if h not in before}
+    chunks = {h: d for h, d in added.items() if not d.startswith(codec.INDEX_MAGIC)}
+    indexes = {h: d for h, d in added.items() if d.startswith(codec.INDEX_MAGIC)}
+    assert (len(chunks), len(indexes)) == (1, 1)
+    # The one chunk is acme's bucket, whole; the index names K chunks, 32 bytes each.
+    bucket = codec.bucket_of("acme", k)
+    expected = {c: v for c, v in {**pins, "acme": "v1"}.items() if codec.bucket_of(c, k) == bucket}
+    assert json.loads(next(iter(chunks.values()))) == expected
+    assert len(next(iter(indexes.values()))) == len(codec.INDEX_MAGIC) + 32 * k
+    await store.update(lambda s: ops.unpin(s, "web", "client-000007"), actor="a")
+    after_unpin = blob_rows(tmp_path / "s.db")
+    assert len(after_unpin) == len(before) + 4
+    # A weight change stores no blob at all.
+    await store.update(lambda s: ops.set_split(s, "web", {"v2": 20}), actor="a")
+    assert len(blob_rows(tmp_path / "s.db")) == len(after_unpin)
+    other = SQLiteStore(tmp_path / "s.db")
+    web = (await other.current()).state.route("web")
+    assert web is not None
+    assert dict(web.pins) == {**{c: v for c, v in pins.items() if c != "client-000007"}, "acme": "v1"}
+    await store.close()
+    await other.close()
+
+
+async def test_two_hundred_pin_changes_keep_the_file_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path, keep=50)
+    store.gc_every = 16
+    seed = await seed_pins(store, 20_000)
+    seeded = os.path.getsize(path) + os.path.getsize(f"{path}-wal")
+    for i in range(200):  # revision i + 3
+        if i % 2 == 0:
+            await store.update(lambda s, i=i: ops.pin(s, "web", f"new-{i}", "v1"), actor="a")
+        else:
+            await store.update(lambda s, i=i: ops.unpin(s, "web", f"client-{i:06d}"), actor="a")
+    await store.close()
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    # Bound: what seeding stored (pins and WAL) plus 50 kept pin changes of one chunk (~3.5 KB at 20,000
+    # pins) and one index (4 KB), with SQLite's page slack: 1 MB (measured: 0.6 MB). Without compaction
+    # the file grows by 1.7 MB (every change's chunk and index); before chunking, by ~85 MB.
+    assert os.path.getsize(path) < seeded + 1_000_000
+    reopened = SQLiteStore(path)
+    assert len(await reopened.history(limit=1000)) == 202  # every history line stays
+    # Compaction ran at 192 (the last multiple of 16): 192 - 50 = 142 and older lost their state.
+    with pytest.raises(NotFoundError, match="revision 142 was compacted"):
+        await reopened.get(142)
+    # A watcher from the start skips the compacted revisions and reads every kept one.
+    numbers = []
+    async for rev in reopened.watch(0):
+        i = rev.number - 3
+        web = rev.state.route("web")
+        assert web is not None
+        changed = {c for c, _ in web.pins.items() ^ seed.items()}
+        assert changed == {f"new-{j}" if j % 2 == 0 else f"client-{j:06d}" for j in range(i + 1)}, rev.number
+        numbers.append(rev.number)
+        if rev.number == 202:
+            break
+    assert numbers == list(range(143, 203))
+    await reopened.close()
+
+
+async def test_gc_keeps_every_kept_revision_readable_and_rollback_works(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path, keep=3)
+    store.gc_every = 1_000_000  # only the explicit gc() below
+    await seed_pins(store, 2_000)
+    for i in range(6):
+        await store.update(lambda s, i=i: ops.pin(s, "web", f"new-{i}", "v1"), actor="a")
+    # Kept: 6, 7, 8. Swept: the indexes of 2..5, and the chunk versions that revisions 3..6 replaced (7 and
+    # 8 replaced versions that 6 and 7 still use).
+    assert await store.gc() == (5, 8)
+    fresh = SQLiteStore(path)
+    for n in (6, 7, 8):
+        web = (await fresh.get(n)).state.route("web")
+        assert web is not None and sorted(c for c in web.pins if c.startswith("new-")) == \
+            [f"new-{i}" for i in range(n - 2)]
+    with pytest.raises(NotFoundError):
+        await fresh.get(5)
+    # Roll back to the oldest kept revision: its pins come back; nothing it needs was swept.
+    earlier = await fresh.get(6)
+    rolled = await fresh.update(lambda s: ops.rollback_route(s, "web", earlier.state, 6), actor="a")
+    assert rolled.state.route("web") == earlier.state.route("web")
+    reread = SQLiteStore(path)
+    assert (await reread.current()).state == rolled.state
+    await store.close()
+    await fresh.close()
+    await reread.close()
+
+
+async def test_revisions_in_the_old_whole_pins_format_stay_readable(tmp_path: Path) -> None:
+    """Before chunking, a manifest referred to one blob holding all of a route's pins."""
+    path = tmp_path / "s.db"
+    base = parse_document(DOC)
+    route = base.route("web")
+    assert route is not None
+    pins = {f"client-{i:06d}": "v2" for i in range(3_000)}
+    old = dataclasses.replace(base, routes=(dataclasses.replace(route, pins=pins), *base.routes[1:]))
+    stored = state_to_stored(old)
+    blob = json.dumps(pins, separators=(",", ":"), sort_keys=True).encode()
+    digest = hashlib.sha256(blob).hexdigest()
+    stored["routes"]["web"]["pins"] = {codec.PINS_REF: digest}
+    SQLiteStore(path)  # creates the schema
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO blobs (hash, data) VALUES (?, ?)", (digest, blob))
+    conn.execute("INSERT INTO revisions VALUES (1, 0, 'a', '', 'old', '[\"web\"]', ?)",
+                 (json.dumps(stored, separators=(",", ":")),))
+    conn.commit()
+    conn.close()
+
+    store = SQLiteStore(path, keep=2)
+    store.gc_every = 1_000_000
+    assert (await store.current()).state == old
+    # A weight change keeps referring to the old blob; a pin change writes the pins as chunks.
+    await store.update(lambda s: ops.set_split(s, "web", {"v2": 20}), actor="a")
+    assert set(blob_rows(path)) == {digest}
+    r3 = await store.update(lambda s: ops.pin(s, "web", "acme", "v1"), actor="a")
+    assert len(blob_rows(path)) == 1 + codec.bucket_count(3_001) + 1
+    assert (await SQLiteStore(path).get(2)).state.route("web").pins == pins  # type: ignore[union-attr]
+    # Compaction keeps the old blob while revision 2 (kept) refers to it, then sweeps it.
+    assert await store.gc() == (1, 0)
+    assert digest in blob_rows(path)
+    await store.update(lambda s: ops.unpin(s, "web", "acme"), actor="a")
+    await store.update(lambda s: ops.set_split(s, "web", {"v2": 30}), actor="a")
+    compacted, deleted = await store.gc()
+    assert compacted == 2 and digest not in blob_rows(path)
+    assert deleted == 1 + 2  # the old blob, and r3's chunk + index (revision 4 is back to the 3,000 pins)
+    assert (await SQLiteStore(path).get(r3.number + 1)).state.route("web").pins == pins  # type: ignore[union-attr]
     await store.close()

@@ -10,9 +10,16 @@ Keys under the prefix P (from etcd://host:port/P):
     P/head                  current revision number, decimal
     P/rev/000000000007      info + manifest of revision 7 (the manifest itself is a blob when it is large)
     P/info/000000000007     info only, so history() never reads manifests
-    P/blob/<sha256>         {"chunks": n, "size": bytes}; written after its chunks, so it existing means complete
+    P/blob/<sha256>         {"chunks": n, "size": bytes, "time": written}; written after (or with) its chunks,
+                            so it existing means complete
     P/blob/<sha256>/000000  chunk 0 of the blob
     P/meta/<key>            operator metadata (get_meta/set_meta)
+
+Retention: the state of the newest `keep` revisions (KEEP_REVISIONS) is kept. Every GC_EVERY commits the
+committing replica deletes older P/rev/ keys (their P/info/ history line stays) and the blobs no kept
+revision refers to, once they are BLOB_GRACE old: blobs are written before the commit transaction that
+refers to them, so a young unreferenced blob may belong to a commit in flight (which gives up instead of
+committing if its blob writes took more than half of BLOB_GRACE).
 
 Availability: every RPC has a short deadline and gRPC reconnects on its own with a short backoff, so while
 etcd is down reads and writes raise StoreUnavailableError within RPC_TIMEOUT and work again once it is
@@ -30,6 +37,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,7 +51,7 @@ import aetcd.utils
 from proxy.errors import NotFoundError, StaleRevisionError, StoreUnavailableError
 from proxy.model import State
 from proxy.store.base import GENESIS, RecentRevisions, Revision, RevisionInfo, Store, now
-from proxy.store.codec import Codec
+from proxy.store.codec import Codec, blob_refs, parse_index
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,13 @@ HISTORY_PAGE = 256
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 2.0
 NUMBER_WIDTH = 12  # zero-padded so key order is number order
+# Revisions whose full state is kept (as in the SQLite store); compaction runs every GC_EVERY commits.
+KEEP_REVISIONS = 1000
+GC_EVERY = 64
+# Unreferenced blobs younger than this are kept: a commit writes its blobs before its transaction.
+BLOB_GRACE = 3600.0
+# Keys per transaction when writing or deleting blobs (etcd refuses more than 128 operations in one).
+TXN_OPS = 64
 
 GRPC_OPTIONS: dict[str, Any] = {
     # A catch-up page or a history page can exceed gRPC's default 4 MiB receive limit.
@@ -116,8 +131,14 @@ class _BlobNeededError(Exception):
 
 
 class EtcdStore(Store):
+    gc_every = GC_EVERY
+    blob_grace = BLOB_GRACE
+
     def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, prefix: str = DEFAULT_PREFIX, *,
-                 timeout: float = RPC_TIMEOUT) -> None:
+                 timeout: float = RPC_TIMEOUT, keep: int = KEEP_REVISIONS) -> None:
+        if keep < 1:
+            raise ValueError(f"keep: at least 1 revision's state must be kept, got {keep}")
+        self.keep = keep
         prefix = prefix.strip("/") or DEFAULT_PREFIX
         self.endpoint = f"{host}:{port}"
         self.url = f"etcd://{self.endpoint}/{prefix}"
@@ -141,6 +162,8 @@ class EtcdStore(Store):
         # backoff), and full re-reads because the etcd history to resume from had been compacted.
         self.reconnects = 0
         self.resyncs = 0
+        self._gc_task: asyncio.Task[None] | None = None
+        self._gc_index: dict[str, list[str]] = {}  # index digest -> chunk digests (immutable, so cacheable)
 
     @classmethod
     def from_url(cls, url: str) -> EtcdStore:
@@ -204,15 +227,30 @@ class EtcdStore(Store):
         key = self._blob_base + digest.encode()
         return key if chunk is None else key + b"/" + str(chunk).zfill(6).encode()
 
-    async def _write_blob(self, digest: str, data: bytes) -> None:
-        if await self._get(self._blob_key(digest), "read blob") is not None:
-            return
-        chunks = [data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
+    async def _write_blobs(self, blobs: dict[str, bytes]) -> None:
+        """Write (or rewrite, which refreshes its time for the grace period) every blob, a few per transaction.
+
+        A pin change writes one chunk and one index: one transaction. A blob's head follows its chunks, in
+        the same transaction or a later one."""
+        written = now()
+        puts: list[tuple[bytes, bytes]] = []
+        for digest, data in blobs.items():
+            chunks = [data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
+            puts.extend((self._blob_key(digest, i), chunk) for i, chunk in enumerate(chunks))
+            puts.append((self._blob_key(digest),
+                         json.dumps({"chunks": len(chunks), "size": len(data), "time": written}).encode()))
+        tx = self._client.transactions
+        batch: list[Any] = []
+        size = 0
         with self._map("write blob"):
-            for i, chunk in enumerate(chunks):
-                await self._client.put(self._blob_key(digest, i), chunk)
-            await self._client.put(self._blob_key(digest),
-                                   json.dumps({"chunks": len(chunks), "size": len(data)}).encode())
+            for key, value in puts:
+                if batch and (len(batch) >= TXN_OPS or size + len(value) > CHUNK_BYTES):
+                    await self._client.transaction(compare=[], success=batch, failure=[])
+                    batch, size = [], 0
+                batch.append(tx.put(key, value))
+                size += len(key) + len(value)
+            if batch:
+                await self._client.transaction(compare=[], success=batch, failure=[])
 
     async def _read_blob(self, digest: str) -> bytes | None:
         head = await self._get(self._blob_key(digest), "read blob")
@@ -239,25 +277,28 @@ class EtcdStore(Store):
             if data is None:
                 raise ValueError(f"revision {info.number} refers to missing manifest blob {d['manifest_blob']}")
             manifest = data.decode()
-        # The codec loads blobs synchronously and only those it has not cached (usually none: a weight
-        # change keeps the pins blob). Ask it, fetch what it missed, and ask again.
+        # The codec loads blobs synchronously, in batches, and only those it has not cached (usually none
+        # for a weight change, an index and one chunk for a pin change). Ask it, fetch the batch it
+        # missed, and ask again: a round for the index blobs, one for the chunks they name.
         fetched: dict[str, bytes | None] = {}
         missing: list[str] = []
 
-        def load(digest: str) -> bytes | None:
-            if digest in fetched:
-                return fetched[digest]
-            missing.append(digest)
-            raise _BlobNeededError
+        def load(digests: list[str]) -> dict[str, bytes | None]:
+            missing[:] = [d for d in digests if d not in fetched]
+            if missing:
+                raise _BlobNeededError
+            return {d: fetched[d] for d in digests}
 
         while True:
-            missing.clear()
             try:
                 state = codec.decode(manifest, load, remember)
                 return Revision(info, state)
             except _BlobNeededError:
-                for digest in missing:
-                    fetched[digest] = await self._read_blob(digest)
+                batch = list(missing)
+                for i in range(0, len(batch), PAGE):
+                    part = batch[i:i + PAGE]
+                    fetched.update(zip(part, await asyncio.gather(*(self._read_blob(d) for d in part)),
+                                       strict=True))
 
     async def _from_record(self, d: dict[str, Any]) -> Revision:
         """Decode with the shared codec (consecutive revisions share pins) unless it is the cached one."""
@@ -286,6 +327,9 @@ class EtcdStore(Store):
             return recent
         record = await self._get(_number_key(self._rev_base, number), "read revision")
         if record is None:
+            if await self._get(_number_key(self._info_base, number), "read history") is not None:
+                raise NotFoundError(f"revision {number} was compacted: only the newest revisions' states are "
+                                    "kept (its history line remains)")
             raise NotFoundError(f"no revision {number}")
         # remember=False: decoding an old revision reuses, but must not evict, the current one's cached pins.
         rev = await self._decode(json.loads(record), self._codec, remember=False)
@@ -335,20 +379,26 @@ class EtcdStore(Store):
                 raise
         if not succeeded:
             raise StaleRevisionError(expected, current)
+        if info.number % self.gc_every == 0 and (self._gc_task is None or self._gc_task.done()):
+            # In the background: the commit is acknowledged now, compaction reads every kept revision.
+            self._gc_task = asyncio.create_task(self._gc_quietly())
         return self._remember(Revision(info, state))
 
     async def _commit(self, state: State, expected: int, info: RevisionInfo) -> tuple[bool, int]:
+        started = time.monotonic()
         manifest, blobs = self._codec.encode(state)
-        for digest, data in blobs.items():
-            await self._write_blob(digest, data)
         record = _info_to_json(info)
         manifest_bytes = manifest.encode()
         if len(manifest_bytes) > INLINE_MANIFEST_MAX:
             digest = hashlib.sha256(manifest_bytes).hexdigest()
-            await self._write_blob(digest, manifest_bytes)
+            blobs[digest] = manifest_bytes
             record["manifest_blob"] = digest
         else:
             record["manifest"] = manifest
+        await self._write_blobs(blobs)
+        if time.monotonic() - started > self.blob_grace / 2:
+            # Compaction may already count these blobs as garbage; committing could refer to deleted ones.
+            raise StoreUnavailableError(f"etcd at {self.endpoint}: writing the revision's blobs took too long")
         tx = self._client.transactions
         head_matches = (tx.value(self._head_key) == str(expected).encode() if expected
                         else tx.version(self._head_key) == 0)
@@ -451,8 +501,91 @@ class EtcdStore(Store):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(watch.cancel(), self.timeout)
 
+    # retention
+
+    async def _gc_quietly(self) -> None:
+        try:
+            await self.gc()
+        except (StoreUnavailableError, ValueError) as e:
+            log.warning("etcd store %s: compaction failed, retried after the next %d commits: %s",
+                        self.url, self.gc_every, e)
+
+    async def gc(self) -> tuple[int, int]:
+        """Compact now (normally every GC_EVERY commits): -> (revisions compacted, blobs deleted)."""
+        head, _ = await self._head()
+        cutoff = head - self.keep
+        compacted = 0
+        if cutoff > 0:
+            with self._map("compact"):
+                deleted = await self._client.delete_range(_number_key(self._rev_base, 0),
+                                                          _number_key(self._rev_base, cutoff + 1))
+            compacted = int(deleted.deleted)
+        live: set[str] = set()
+        indexes: set[str] = set()
+        start = _number_key(self._rev_base, max(cutoff + 1, 0))
+        end = aetcd.utils.prefix_range_end(self._rev_base)
+        while True:
+            with self._map("read revisions"):
+                resp = await self._range(start, end, limit=PAGE)
+            for kv in resp.kvs:
+                d = json.loads(kv.value)
+                manifest = d.get("manifest")
+                if manifest is None:
+                    live.add(str(d["manifest_blob"]))
+                    data = await self._read_blob(str(d["manifest_blob"]))
+                    if data is None:
+                        raise ValueError(f"revision {d['number']} refers to missing manifest blob")
+                    manifest = data.decode()
+                idx, whole = blob_refs(manifest)
+                indexes |= idx
+                live |= whole
+            if not resp.more or not resp.kvs:
+                break
+            start = bytes(resp.kvs[-1].key) + b"\0"
+        for digest in indexes:
+            chunks = self._gc_index.get(digest)
+            if chunks is None:
+                data = await self._read_blob(digest)
+                if data is None:
+                    raise ValueError(f"pins index blob {digest} is missing")
+                chunks = parse_index(data)
+            self._gc_index[digest] = chunks
+            live.add(digest)
+            live.update(chunks)
+        self._gc_index = {d: c for d, c in self._gc_index.items() if d in indexes}
+        with self._map("list blobs"):
+            request = aetcd.rpc.RangeRequest(key=self._blob_base, range_end=aetcd.utils.prefix_range_end(
+                self._blob_base), keys_only=True)
+            await self._client.connect()
+            listing = await self._client.kvstub.Range(request, timeout=self.timeout, metadata=self._client.metadata)
+        heads = {bytes(kv.key)[len(self._blob_base):].decode() for kv in listing.kvs}
+        old = now() - self.blob_grace
+        doomed: list[tuple[str, int]] = []
+        for digest in sorted(h for h in heads if "/" not in h and h not in live):
+            with self._map("read blob"):
+                got = await self._range(self._blob_key(digest))
+            if got.kvs and float(json.loads(got.kvs[0].value).get("time", 0.0)) <= old:
+                doomed.append((digest, int(got.kvs[0].mod_revision)))
+        removed = 0
+        tx = self._client.transactions
+        for i in range(0, len(doomed), TXN_OPS):
+            part = doomed[i:i + TXN_OPS]
+            with self._map("delete blobs"):
+                # Each head unchanged since it was read: a commit that rewrote a blob meanwhile keeps it.
+                ok, _ = await self._client.transaction(
+                    compare=[tx.mod(self._blob_key(d)) == mod for d, mod in part],
+                    success=[tx.delete(self._blob_key(d), aetcd.utils.prefix_range_end(self._blob_key(d)))
+                             for d, _ in part],
+                    failure=[])
+            removed += len(part) if ok else 0
+        return compacted, removed
+
     async def close(self) -> None:
         self._closing.set()
+        if self._gc_task is not None:
+            self._gc_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._gc_task
         # Best effort and bounded: closing must not hang a shutdown while etcd is unreachable.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._client.close(), self.timeout)

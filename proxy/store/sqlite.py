@@ -5,12 +5,18 @@ acknowledged to an operator survives kill -9 (and power loss). Compare-and-swap 
 `BEGIN IMMEDIATE`, which takes SQLite's write lock, so it is safe across processes (workers, CLI, admin).
 Watching polls `PRAGMA data_version`, which changes only when *another* connection commits; commits from
 this process wake watchers at once without waiting for the poll.
+
+Retention: the state of the newest `keep` revisions (KEEP_REVISIONS) is kept; every GC_EVERY commits the
+writer compacts older ones (their history line stays, their manifest goes: reading them is NotFoundError)
+and deletes the blobs no kept revision refers to, in one write transaction, so the file stops growing
+once the window is full (SQLite reuses the freed pages).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -22,7 +28,9 @@ from typing import Any
 from proxy.errors import NotFoundError, StaleRevisionError, StoreUnavailableError
 from proxy.model import State
 from proxy.store.base import GENESIS, RecentRevisions, Revision, RevisionInfo, Store, now
-from proxy.store.codec import Codec
+from proxy.store.codec import Codec, blob_refs, parse_index
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS revisions (
@@ -42,6 +50,17 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 # at once, and the supervisor tells its workers about each revision over a pipe, so this poll is only the
 # safety net for other writers of the same file; 50 ms keeps it within the workers' 50 ms target.
 POLL_INTERVAL = 0.050
+
+
+# Revisions whose full state is kept (rollback targets); older ones keep only their history line. At
+# 100,000 pins a pin change stores ~20 KB, so the window costs at most ~20 MB on top of the pins themselves.
+KEEP_REVISIONS = 1000
+# Compaction runs after every GC_EVERY-th revision: it reads every kept manifest and index, so not every commit.
+GC_EVERY = 64
+# Placeholder manifest of a compacted revision (the column is NOT NULL).
+COMPACTED = ""
+# Host parameters per IN (...) query, under SQLite's limit.
+BATCH = 500
 
 
 def default_path() -> Path:
@@ -77,7 +96,12 @@ def _check_writable(conn: sqlite3.Connection) -> None:
 
 
 class SQLiteStore(Store):
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    gc_every = GC_EVERY
+
+    def __init__(self, path: str | os.PathLike[str], *, keep: int = KEEP_REVISIONS) -> None:
+        if keep < 1:
+            raise ValueError(f"keep: at least 1 revision's state must be kept, got {keep}")
+        self.keep = keep
         self.path = str(path)
         self.url = f"sqlite://{self.path}"
         try:
@@ -121,14 +145,22 @@ class SQLiteStore(Store):
                 (number,)).fetchone()
         if row is None:
             raise NotFoundError(f"no revision {number}")
+        if row[6] == COMPACTED:
+            raise NotFoundError(f"revision {number} was compacted: only the newest revisions' states are kept "
+                                "(its history line remains)")
         info = RevisionInfo(row[0], row[1], row[2], row[3], row[4], tuple(json.loads(row[5])))
-        state = self._codec.decode(row[6], self._blob, remember)
+        state = self._codec.decode(row[6], self._blobs, remember)
         return Revision(info, state)
 
-    def _blob(self, digest: str) -> bytes | None:
+    def _blobs(self, digests: list[str]) -> dict[str, bytes | None]:
+        out: dict[str, bytes | None] = {}
         with self._read_lock:
-            row = self._read.execute("SELECT data FROM blobs WHERE hash=?", (digest,)).fetchone()
-        return None if row is None else bytes(row[0])
+            for i in range(0, len(digests), BATCH):
+                part = digests[i:i + BATCH]
+                rows = self._read.execute(f"SELECT hash, data FROM blobs WHERE hash IN ({','.join('?' * len(part))})",
+                                          part).fetchall()
+                out.update((str(h), bytes(d)) for h, d in rows)
+        return out
 
     async def current(self) -> Revision:
         n = self._latest_number()
@@ -189,6 +221,52 @@ class SQLiteStore(Store):
         except BaseException:
             w.execute("ROLLBACK")
             raise
+        if info.number % self.gc_every == 0:
+            try:
+                self._gc_sync(w)
+            except sqlite3.Error as e:
+                # The revision is committed and acknowledged; compaction is retried after the next GC_EVERY.
+                log.warning("sqlite store %s: compaction failed: %s", self.path, e)
+
+    def _gc_sync(self, w: sqlite3.Connection) -> tuple[int, int]:
+        """Compact revisions older than the newest `keep` and delete unreferenced blobs.
+
+        -> (revisions compacted, blobs deleted). One write transaction: commits (which insert their blobs
+        in their own transaction) wait for it, so nothing a commit refers to is ever swept."""
+        w.execute("BEGIN IMMEDIATE")
+        try:
+            latest = int(w.execute("SELECT MAX(number) FROM revisions").fetchone()[0] or 0)
+            compacted = w.execute("UPDATE revisions SET manifest=? WHERE number<=? AND manifest!=?",
+                                  (COMPACTED, latest - self.keep, COMPACTED)).rowcount
+            live: set[str] = set()
+            indexes: set[str] = set()
+            for (manifest,) in w.execute("SELECT manifest FROM revisions WHERE manifest!=?", (COMPACTED,)):
+                idx, whole = blob_refs(manifest)
+                indexes |= idx
+                live |= whole
+            for digest in indexes:
+                row = w.execute("SELECT data FROM blobs WHERE hash=?", (digest,)).fetchone()
+                live.add(digest)
+                if row is not None:
+                    live.update(parse_index(bytes(row[0])))
+            dead = [str(h) for (h,) in w.execute("SELECT hash FROM blobs") if h not in live]
+            for i in range(0, len(dead), BATCH):
+                part = dead[i:i + BATCH]
+                w.execute(f"DELETE FROM blobs WHERE hash IN ({','.join('?' * len(part))})", part)
+            w.execute("COMMIT")
+        except BaseException:
+            w.execute("ROLLBACK")
+            raise
+        return compacted, len(dead)
+
+    async def gc(self) -> tuple[int, int]:
+        """Compact now (normally every GC_EVERY commits): -> (revisions compacted, blobs deleted)."""
+        def run() -> tuple[int, int]:
+            if self._writer is None:
+                self._writer = _connect(self.path)
+            return self._gc_sync(self._writer)
+
+        return await asyncio.get_running_loop().run_in_executor(self._writer_pool, run)
 
     async def commit(self, state: State, *, expected: int, actor: str, reason: str, summary: str,
                      routes: tuple[str, ...]) -> Revision:
@@ -258,7 +336,14 @@ class SQLiteStore(Store):
                 seen += 1
                 # Skipping to the newest revision is what a route table needs; intermediate ones are
                 # still delivered so audit/metrics consumers see every change.
-                yield self._cache if self._cache.number == seen else self._load(seen)
+                if self._cache.number == seen:
+                    yield self._cache
+                    continue
+                try:
+                    rev = self._load(seen)
+                except NotFoundError:
+                    continue  # compacted while this watcher was far behind: the newer ones follow
+                yield rev
             self._cache = await self.current() if self._cache.number < latest else self._cache
 
     async def close(self) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from proxy.errors import StoreUnavailableError
 from proxy.ops import set_split
+from proxy.store import SQLiteStore
 from tests.admin.conftest import ALICE, BOB, EP1, EP2, Admin
 
 PROBLEM = "application/problem+json"
@@ -254,6 +255,26 @@ async def test_rollback_to_a_given_revision(admin: Admin) -> None:
     assert (future.status, future.body["detail"]) == (404, "no revision 99")
     neg = await admin.call("POST", "/api/v1/routes/web/rollback", {"revision": -1})
     assert (neg.status, paths(neg.body)) == (422, ["revision"])
+
+
+async def test_rollback_to_a_compacted_revision_is_404_and_kept_ones_restore_pins(admin: Admin) -> None:
+    store = admin.ctx.store
+    assert isinstance(store, SQLiteStore)
+    store.keep = 2
+    await admin.seed()
+    for client in ("a", "b", "c"):  # 5, 6, 7
+        await admin.call("PUT", f"/api/v1/routes/web/pins/{client}", {"version": "v2"})
+    assert await store.gc() == (5, 2)  # revisions 1-5; the pins blobs only 5 used (its chunk, its index)
+    gone = await admin.call("POST", "/api/v1/routes/web/rollback", {"revision": 5})
+    assert (gone.status, gone.body["detail"]) == (
+        404, "revision 5 was compacted: only the newest revisions' states are kept (its history line remains)")
+    assert await admin.revision() == 7
+    assert [x["revision"] for x in (await admin.call("GET", "/api/v1/revisions")).body["revisions"]] == \
+        [7, 6, 5, 4, 3, 2, 1]
+    r = await admin.call("POST", "/api/v1/routes/web/rollback", {"revision": 6})
+    assert (r.status, r.body["route"]["pins"]) == (200, 2)
+    route = await admin.call("GET", "/api/v1/routes/web")
+    assert route.body["pins"] == {"a": "v2", "b": "v2"}
 
 
 async def test_rollback_of_a_route_without_history_is_404(admin: Admin) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import math
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -17,9 +16,9 @@ from proxy import ops
 from proxy.errors import NotFoundError, StaleRevisionError, StoreUnavailableError
 from proxy.model import State
 from proxy.parse import parse_document
-from proxy.store import GENESIS, Revision, open_store
+from proxy.store import GENESIS, Revision, codec, open_store
 from proxy.store import etcd as etcd_module
-from proxy.store.etcd import CHUNK_BYTES, EtcdStore
+from proxy.store.etcd import EtcdStore
 
 from .etcd_server import EtcdServer, free_port
 
@@ -187,14 +186,23 @@ async def test_watch_delivers_another_replicas_commits_in_order(etcd_url: str) -
     await reader.close()
 
 
-async def test_hundred_thousand_pins_round_trip_stored_once(etcd_server: EtcdServer, etcd_url: str) -> None:
+async def blob_keys(server: EtcdServer, url: str) -> list[str]:
+    client = await raw_client(server)
+    prefix = "/" + url.rsplit("/", 1)[1]
+    keys = sorted(kv.key.decode()[len(f"{prefix}/blob/"):]
+                  for kv in await client.get_prefix(f"{prefix}/blob/".encode(), keys_only=True))
+    await client.close()
+    return keys
+
+
+async def test_hundred_thousand_pins_round_trip_stored_once(etcd_server: EtcdServer, etcd_url: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(etcd_module, "CHUNK_BYTES", 4096)  # so a pins chunk (~9 KB) spans several keys
     writer, reader = EtcdStore.from_url(etcd_url), EtcdStore.from_url(etcd_url)
     await writer.update(lambda s: ops.apply_document(s, BASE), actor="a")
     route = BASE.route("web")
     assert route is not None
     pins = {f"client-{i:06d}": "v2" for i in range(100_000)}
-    blob_size = len(json.dumps(pins, separators=(",", ":"), sort_keys=True).encode())
-    assert blob_size > 1_572_864  # larger than etcd's default request limit: it must be chunked
     got: list[Revision] = []
     task = asyncio.create_task(collect(reader.watch(1), 4, got))
     await writer.update(lambda s: ops.put_route(s, dataclasses.replace(route, pins=pins)), actor="a")
@@ -209,14 +217,73 @@ async def test_hundred_thousand_pins_round_trip_stored_once(etcd_server: EtcdSer
     web = (await fresh.current()).state.route("web")
     assert web is not None and dict(web.pins) == pins
 
-    # One blob, in ceil(size / chunk) chunks, for three revisions that all carry the pins.
-    client = await raw_client(etcd_server)
-    prefix = "/" + etcd_url.rsplit("/", 1)[1]
-    keys = sorted(kv.key.decode() for kv in await client.get_prefix(f"{prefix}/blob/".encode(), keys_only=True))
-    await client.close()
-    chunks = math.ceil(blob_size / CHUNK_BYTES)
-    assert len(keys) == 1 + chunks
-    assert all(k.startswith(keys[0]) for k in keys)
+    # One set of blobs for three revisions that all carry the pins: 256 chunks and their index, each blob
+    # a head key and ceil(size / CHUNK_BYTES) chunk keys.
+    k = codec.bucket_count(len(pins))
+    buckets: list[dict[str, str]] = [{} for _ in range(k)]
+    for c, v in pins.items():
+        buckets[codec.bucket_of(c, k)][c] = v
+    sizes = [len(codec.chunk_bytes(b)) for b in buckets] + [len(codec.INDEX_MAGIC) + 32 * k]
+    keys = await blob_keys(etcd_server, etcd_url)
+    assert len([key for key in keys if "/" not in key]) == k + 1
+    assert len(keys) == k + 1 + sum(math.ceil(size / 4096) for size in sizes)
+    for s in (writer, reader, fresh):
+        await s.close()
+
+
+async def test_pin_change_writes_one_chunk_and_one_index(etcd_server: EtcdServer, etcd_url: str) -> None:
+    writer = EtcdStore.from_url(etcd_url)
+    await writer.update(lambda s: ops.apply_document(s, BASE), actor="a")
+    route = BASE.route("web")
+    assert route is not None
+    pins = {f"client-{i:06d}": "v2" for i in range(100_000)}
+    await writer.update(lambda s: ops.put_route(s, dataclasses.replace(route, pins=pins)), actor="a")
+    before = set(await blob_keys(etcd_server, etcd_url))
+    await writer.update(lambda s: ops.pin(s, "web", "acme", "v1"), actor="a")
+    added = sorted(set(await blob_keys(etcd_server, etcd_url)) - before)
+    # Two blobs (acme's bucket and the index), each a head and one chunk key.
+    assert len(added) == 4 and len([key for key in added if "/" not in key]) == 2
+    reader = EtcdStore.from_url(etcd_url)
+    web = (await reader.current()).state.route("web")
+    assert web is not None and dict(web.pins) == {**pins, "acme": "v1"}
+    await writer.close()
+    await reader.close()
+
+
+async def test_compaction_keeps_the_newest_states_and_sweeps_old_blobs(etcd_server: EtcdServer,
+                                                                       etcd_url: str) -> None:
+    writer = EtcdStore.from_url(etcd_url)
+    writer.keep, writer.gc_every = 3, 1_000_000  # only the explicit gc() calls below
+    await writer.update(lambda s: ops.apply_document(s, BASE), actor="a")
+    route = BASE.route("web")
+    assert route is not None
+    pins = {f"client-{i:06d}": "v2" for i in range(2_000)}
+    await writer.update(lambda s: ops.put_route(s, dataclasses.replace(route, pins=pins)), actor="a")
+    for i in range(6):
+        await writer.update(lambda s, i=i: ops.pin(s, "web", f"new-{i}", "v1"), actor="a")
+    # Within the grace period nothing is swept, however unreferenced.
+    blobs = len([k for k in await blob_keys(etcd_server, etcd_url) if "/" not in k])
+    assert await writer.gc() == (5, 0)
+    assert len([k for k in await blob_keys(etcd_server, etcd_url) if "/" not in k]) == blobs
+    # Past it: the indexes of 2..5 and the chunk versions revisions 3..6 replaced (as in the SQLite test).
+    writer.blob_grace = 0.0
+    assert await writer.gc() == (0, 8)
+    reader = EtcdStore.from_url(etcd_url)
+    for n in (6, 7, 8):
+        web = (await reader.get(n)).state.route("web")
+        assert web is not None and sorted(c for c in web.pins if c.startswith("new-")) == \
+            [f"new-{i}" for i in range(n - 2)]
+    with pytest.raises(NotFoundError, match="revision 5 was compacted"):
+        await reader.get(5)
+    assert [h.number for h in await reader.history(limit=20)] == list(range(8, 0, -1))
+    # A watcher from the start skips what was compacted.
+    got: list[Revision] = []
+    await asyncio.wait_for(collect(reader.watch(0), 8, got), GUARD)
+    assert [r.number for r in got] == [6, 7, 8]
+    earlier = await reader.get(6)
+    rolled = await reader.update(lambda s: ops.rollback_route(s, "web", earlier.state, 6), actor="a")
+    fresh = EtcdStore.from_url(etcd_url)
+    assert (await fresh.current()).state == rolled.state
     for s in (writer, reader, fresh):
         await s.close()
 
