@@ -5,11 +5,13 @@ Process model:
   new table in the same process right after the commit (rollback in a few milliseconds).
 - workers > 1: the supervisor runs the admin API, providers and controllers; N worker processes open the
   store and follow it with `watch` (SQLite polls every 10 ms, etcd pushes), and publish their statistics
-  for the supervisor's /metrics. The supervisor binds one SO_REUSEPORT listening socket per worker slot
-  and hands it down (pass_fds): the socket outlives its worker, so connections the kernel queued on it
-  while a worker is replaced are served by the next one instead of being reset. A worker that dies is
-  started again in its slot; SIGHUP replaces the workers one slot at a time (new worker ready first, then
-  the old one drains), which is how new code is picked up without failing a request.
+  for the supervisor's /metrics. The supervisor binds one SO_REUSEPORT listening
+  socket per worker slot and hands it down (pass_fds): the socket outlives its worker, so connections the
+  kernel queued on it while a worker is replaced are served by the next one instead of being reset. A
+  worker that dies is started again in its slot; SIGHUP replaces the workers one slot at a time (new
+  worker ready first, then the old one drains), which is how new code is picked up without failing a
+  request. On SIGTERM the supervisor closes its copies of the sockets first, so the port refuses new
+  connections as soon as the workers start draining.
 
 Restart rule for `--routes FILE`: the file seeds an empty store; later it is applied as a new revision
 only when its content changed since it was last applied, so a restart never undoes live changes.
@@ -58,6 +60,26 @@ def state_dir(settings: Settings) -> Path:
 
 def log(msg: str) -> None:
     print(f"turnout: {msg}", file=sys.stderr, flush=True)
+
+
+def listen_socket(address: tuple[str, int], option: str, *, reuse_port: bool = False,
+                  listen: bool = True) -> socket.socket:
+    """A TCP socket bound to `address` (and listening), or an OSError whose message names the address and the
+    option it came from."""
+    sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+    try:
+        # Connections of an earlier run still in TIME_WAIT on this port must not keep a restart from binding
+        # (without it, any change between one and several workers fails until they expire).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        if listen:
+            sock.listen(WORKER_BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {_hostport(address)} ({option}): {e.strerror or e}") from e
+    return sock
 
 
 async def seed_from_file(store: Store, path: str, stats: Stats | None = None) -> Revision:
@@ -248,6 +270,8 @@ class Supervisor:
         self._keepers: list[asyncio.Task[None]] = []
         self._restarting: asyncio.Task[None] | None = None
         self._ready_pipes: dict[asyncio.subprocess.Process, int] = {}
+        self._listener: socket.socket | None = None  # the data plane's, with one worker
+        self._admin_sock: socket.socket | None = None
         self._stopping = False
         self.restarts = 0  # workers started again after they died
         self.admin_runner: Any = None
@@ -256,6 +280,9 @@ class Supervisor:
 
     async def start(self) -> None:
         s = self.settings
+        # Every port is bound before the route file is committed: a proxy that cannot listen exits without
+        # having changed the store.
+        self._bind()
         if s.routes:
             rev = await seed_from_file(self.store, s.routes, self.stats)
         else:
@@ -264,7 +291,7 @@ class Supervisor:
         if s.workers <= 1:
             from proxy.dataplane.server import start_dataplane
 
-            self.dataplane = await start_dataplane(s, self.holder, self.stats)
+            self.dataplane = await start_dataplane(s, self.holder, self.stats, sock=self._listener)
             self.follower.listeners.append(self.dataplane.table_changed)
         else:
             await self._spawn_workers()
@@ -279,17 +306,26 @@ class Supervisor:
             f"{data_plane_build()}); "
             f"admin API on http://{_hostport(s.admin)}; store {self.store.url}; revision {rev.number}")
 
+    def _bind(self) -> None:
+        s = self.settings
+        if s.workers <= 1:
+            self._listener = listen_socket(s.listen, "--listen")
+        else:
+            # SO_REUSEPORT lets any process of this user join a port, so a second proxy started on it would
+            # silently take a share of the connections. A socket without SO_REUSEPORT binds only where nothing
+            # listens: binding one first is the check. It is the kernel's own rule, so it also catches other
+            # programs and overlapping addresses (0.0.0.0 against 127.0.0.1), which a lock file keyed by the
+            # address would miss; what it leaves is two proxies starting within the same few microseconds.
+            listen_socket(s.listen, "--listen", listen=False).close()
+            for _ in range(s.workers):
+                # Not inheritable (uvloop's spawn does not close other descriptors): each worker gets only its
+                # own slot's socket through pass_fds, so the socket is gone once that worker closes it.
+                self._slots.append(listen_socket(s.listen, "--listen", reuse_port=True))
+                self._generation.append(0)
+        self._admin_sock = listen_socket(s.admin, "--admin")
+
     async def _spawn_workers(self) -> None:
         s = self.settings
-        for _ in range(s.workers):
-            # Bound here, so a port conflict is reported before any worker starts.
-            sock = socket.socket(socket.AF_INET6 if ":" in s.listen[0] else socket.AF_INET)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(s.listen)
-            sock.listen(WORKER_BACKLOG)
-            sock.set_inheritable(True)
-            self._slots.append(sock)
-            self._generation.append(0)
         from proxy.metrics import reset_directory
 
         reset_directory(metrics_dir(s))
@@ -471,7 +507,8 @@ class Supervisor:
         app = create_app(self.ctx)
         self.admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.admin_runner.setup()
-        site = web.TCPSite(self.admin_runner, self.settings.admin[0], self.settings.admin[1])
+        assert self._admin_sock is not None
+        site = web.SockSite(self.admin_runner, self._admin_sock)
         await site.start()
         for svc in self._optional_services():
             try:
@@ -527,6 +564,10 @@ class Supervisor:
                 await svc.stop()
         if self.dataplane is not None:
             await self.dataplane.shutdown(grace)
+        # Closed before the workers are told to stop: each closes its copy as its drain starts, so the socket
+        # is gone then and a new connection is refused at once, instead of waiting where no one accepts.
+        for sock in self._slots:
+            sock.close()
         procs = [*self.workers, *self.retiring]
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -536,11 +577,12 @@ class Supervisor:
                 await asyncio.wait_for(proc.wait(), grace + 5)
             except TimeoutError:
                 proc.kill()
-        for sock in self._slots:
-            sock.close()
         await self.follower.stop()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
+        for own in (self._listener, self._admin_sock):
+            if own is not None:
+                own.close()
         await self.store.close()
 
 
