@@ -5,7 +5,8 @@ Process model:
   new table in the same process right after the commit (rollback in a few milliseconds).
 - workers > 1: the supervisor runs the admin API, providers and controllers; N worker processes open the
   store and follow it with `watch` (SQLite polls every 10 ms, etcd pushes), and publish their statistics
-  for the supervisor's /metrics. The supervisor binds one SO_REUSEPORT listening
+  for the supervisor's /metrics. An admin write is answered once every worker reports that it routes with
+  the new revision (at most WORKER_ROUTED_TIMEOUT later). The supervisor binds one SO_REUSEPORT listening
   socket per worker slot and hands it down (pass_fds): the socket outlives its worker, so connections the
   kernel queued on it while a worker is replaced are served by the next one instead of being reset. A
   worker that dies is started again in its slot; SIGHUP replaces the workers one slot at a time (new
@@ -46,6 +47,10 @@ from proxy.table import RouteTable
 ROUTES_FILE_META = "routes_file.sha256"
 WORKER_BACKLOG = 1024
 WORKER_READY_TIMEOUT = 30.0
+# An admin write is answered once every worker reported that it routes with the new revision, or after this
+# long: a healthy worker takes about a millisecond (told over its stdin, it reads the revision and compiles
+# its table), so only a worker that cannot read the store or compile the revision makes a write wait it out.
+WORKER_ROUTED_TIMEOUT = 1.0
 # A worker that keeps dying is started again after 0.5 s, then 1, 2, ... up to 10 s.
 WORKER_RESTART_BACKOFF = (0.5, 10.0)
 
@@ -215,8 +220,9 @@ async def _follow_supervisor(store: Store, stop: asyncio.Event) -> None:
 async def run_worker(settings: Settings, worker_id: str, listen_fd: int | None = None,
                      ready_fd: int | None = None) -> None:
     """One data-plane worker process (workers > 1), started by the supervisor with a pipe on stdin, its
-    slot's listening socket as `listen_fd`, and a pipe `ready_fd` on which it writes `ready` once it serves
-    (not stdout: that may carry the access log)."""
+    slot's listening socket as `listen_fd`, and a pipe `ready_fd` on which it writes `ready N` once it serves
+    revision N, then `installed N` each time it routes with a new revision N (not stdout: that may carry the
+    access log)."""
     from proxy.dataplane.server import start_dataplane
 
     stopper = StopSignal()
@@ -228,11 +234,19 @@ async def run_worker(settings: Settings, worker_id: str, listen_fd: int | None =
     sock = socket.socket(fileno=listen_fd) if listen_fd is not None else None
     dataplane = await start_dataplane(settings, holder, stats, reuse_port=True, sock=sock)
     follower.listeners.append(dataplane.table_changed)
-    follower.start()
     if ready_fd is not None:
-        with contextlib.suppress(OSError):
-            os.write(ready_fd, b"ready\n")
-            os.close(ready_fd)
+        os.set_blocking(ready_fd, False)
+
+    def report(line: str) -> None:
+        if ready_fd is not None:
+            # A full pipe (a supervisor that stopped reading) drops the line rather than stalling the data
+            # plane; the supervisor's wait for it is bounded.
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, line.encode())
+
+    follower.listeners.append(lambda table: report(f"installed {table.revision}\n"))
+    follower.start()
+    report(f"ready {holder.table.revision}\n")
     publisher_task = None
     try:
         from proxy.metrics import WorkerPublisher
@@ -253,6 +267,8 @@ async def run_worker(settings: Settings, worker_id: str, listen_fd: int | None =
         with contextlib.suppress(asyncio.CancelledError):
             await publisher_task
     await store.close()
+    if ready_fd is not None:
+        os.close(ready_fd)
 
 
 class Supervisor:
@@ -270,6 +286,11 @@ class Supervisor:
         self._keepers: list[asyncio.Task[None]] = []
         self._restarting: asyncio.Task[None] | None = None
         self._ready_pipes: dict[asyncio.subprocess.Process, int] = {}
+        # The revision each running worker last reported it routes with (from ready to exit), and an event
+        # set (then replaced) at every report.
+        self._installed: dict[asyncio.subprocess.Process, int] = {}
+        self._reported = asyncio.Event()
+        self._report_tasks: set[asyncio.Task[None]] = set()
         self._listener: socket.socket | None = None  # the data plane's, with one worker
         self._admin_sock: socket.socket | None = None
         self._stopping = False
@@ -361,7 +382,8 @@ class Supervisor:
         return proc
 
     async def _ready(self, proc: asyncio.subprocess.Process) -> bool:
-        """True once the worker wrote `ready` (it serves); False if it exited or took too long."""
+        """True once the worker wrote `ready N` (it serves); False if it exited or took too long. Its later
+        reports are read by _follow_reports."""
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         pipe = os.fdopen(self._ready_pipes.pop(proc), "rb", buffering=0)
@@ -371,14 +393,48 @@ class Supervisor:
                 line = await reader.readline()
         except TimeoutError:
             line = b""
-        finally:
-            transport.close()
-        if line.strip() == b"ready":
+        word = line.split()
+        if len(word) == 2 and word[0] == b"ready" and word[1].isdigit():
+            self._installed[proc] = int(word[1])
+            task = loop.create_task(self._follow_reports(proc, reader, transport))
+            self._report_tasks.add(task)
+            task.add_done_callback(self._report_tasks.discard)
             return True
+        transport.close()
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
         return False
+
+    async def _follow_reports(self, proc: asyncio.subprocess.Process, reader: asyncio.StreamReader,
+                              transport: asyncio.BaseTransport) -> None:
+        try:
+            while line := await reader.readline():
+                word = line.split()
+                if len(word) == 2 and word[0] == b"installed" and word[1].isdigit():
+                    self._installed[proc] = max(self._installed.get(proc, 0), int(word[1]))
+                    self._report()
+        finally:
+            # End of file: the worker is gone, so no write waits for it.
+            transport.close()
+            self._installed.pop(proc, None)
+            self._report()
+
+    def _report(self) -> None:
+        self._reported.set()
+        self._reported = asyncio.Event()
+
+    async def routed(self, revision: int) -> None:
+        """Return once every running worker (draining ones too) routes with `revision`, or after
+        WORKER_ROUTED_TIMEOUT: an admin write is answered then, so any request sent after the answer is routed
+        by the write, whichever worker takes it."""
+        try:
+            async with asyncio.timeout(WORKER_ROUTED_TIMEOUT):
+                while any(n < revision for n in self._installed.values()):
+                    await self._reported.wait()
+        except TimeoutError:
+            behind = ", ".join(f"pid {p.pid} at revision {n}" for p, n in self._installed.items() if n < revision)
+            log(f"revision {revision} acknowledged before every worker routes with it ({behind})")
 
     async def _keep(self, slot: int) -> None:
         """Start the slot's worker again when it dies (not when it was replaced or the proxy stops)."""
@@ -503,6 +559,8 @@ class Supervisor:
         self.ctx = AdminContext(settings=self.settings, store=self.store, holder=self.holder, stats=self.stats,
                                 health=self.health_view, tokens=tokens)
         self.ctx.extras["on_table"] = [self.follower.on_table]
+        if self.settings.workers > 1:
+            self.ctx.extras["routed"] = self.routed
         self.ctx.extras["metrics_dir"] = metrics_dir(self.settings) if self.settings.workers > 1 else None
         app = create_app(self.ctx)
         self.admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -577,6 +635,9 @@ class Supervisor:
                 await asyncio.wait_for(proc.wait(), grace + 5)
             except TimeoutError:
                 proc.kill()
+        for task in list(self._report_tasks):
+            task.cancel()
+        await asyncio.gather(*self._report_tasks, return_exceptions=True)
         await self.follower.stop()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()

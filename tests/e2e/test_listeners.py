@@ -1,6 +1,6 @@
 """`turnout serve` listening sockets as real processes see them: restarts on a port with connections in
 TIME_WAIT, a second proxy on a port already served, a port taken before start, new connections during a
-SIGTERM drain."""
+SIGTERM drain, and admin writes acknowledged only once every worker routes with them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
@@ -187,3 +189,60 @@ def test_new_connections_are_refused_during_a_sigterm_drain(tmp_path: Path, held
         assert inflight == [(200, b"held")]
         assert t.proc.wait(timeout=30) == 0
 
+
+def test_an_admin_write_returns_once_every_worker_routes_with_it(tmp_path: Path) -> None:
+    with backend("v1") as p1, backend("v2") as p2, \
+            Turnout(tmp_path, routes_file(tmp_path, v1=p1, v2=p2), "--workers", "2") as t:
+        # Keep-alive connections opened first, so requests go out the moment the write returns; with 8 of them
+        # both workers hold some (the kernel spreads new connections over the workers' sockets).
+        conns = [HTTPConnection("127.0.0.1", t.port, timeout=5) for _ in range(8)]
+
+        def versions() -> list[str]:
+            out = []
+            for c in conns:
+                c.request("GET", "/")
+                r = c.getresponse()
+                out.append(r.getheader("X-Served-By") or "")
+                r.read()
+            return out
+
+        assert versions() == ["v1"] * 8
+        seen: list[list[str]] = []
+        expected: list[list[str]] = []
+        took: list[float] = []
+        for i in range(15):
+            target = "v2" if i % 2 == 0 else "v1"
+            t0 = time.perf_counter()
+            split = {"v1": 0, "v2": 0, target: 100}
+            status, _ = t.api("PATCH", "/api/v1/routes/web/split?force=true", split)
+            took.append(time.perf_counter() - t0)
+            assert status == 200
+            seen.append(versions())
+            expected.append([target] * 8)
+        for c in conns:
+            c.close()
+        took.sort()
+        print(f"admin write with 2 workers: median {took[len(took) // 2] * 1000:.1f} ms, "
+              f"max {took[-1] * 1000:.1f} ms")
+        assert seen == expected
+        assert t.stop() == 0
+
+
+def test_an_admin_write_waits_for_a_stuck_worker_only_a_bounded_time(tmp_path: Path) -> None:
+    with backend("v1") as p1, backend("v2") as p2, \
+            Turnout(tmp_path, routes_file(tmp_path, v1=p1, v2=p2), "--workers", "2") as t:
+        assert t.proc is not None
+        out = subprocess.run(["pgrep", "-P", str(t.proc.pid)], capture_output=True, text=True, check=False).stdout
+        stuck = min(int(p) for p in out.split())
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            status, body = t.api("PATCH", "/api/v1/routes/web/split?force=true", {"v1": 0, "v2": 100})
+            took = time.monotonic() - t0
+        finally:
+            os.kill(stuck, signal.SIGCONT)
+        assert (status, body["changed"]) == (200, True)
+        # WORKER_ROUTED_TIMEOUT (1 s), then the answer; the stuck worker catches up once it runs again.
+        assert 1.0 <= took < 2.5
+        wait_until(lambda: all(http("GET", t.url + "/")[1].get("X-Served-By") == "v2" for _ in range(8)))
+        assert t.stop() == 0
