@@ -393,6 +393,9 @@ class Supervisor:
                 line = await reader.readline()
         except TimeoutError:
             line = b""
+        except BaseException:  # cancelled by stop()
+            transport.close()
+            raise
         word = line.split()
         if len(word) == 2 and word[0] == b"ready" and word[1].isdigit():
             self._installed[proc] = int(word[1])
