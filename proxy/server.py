@@ -220,9 +220,10 @@ async def _follow_supervisor(store: Store, stop: asyncio.Event) -> None:
 async def run_worker(settings: Settings, worker_id: str, listen_fd: int | None = None,
                      ready_fd: int | None = None) -> None:
     """One data-plane worker process (workers > 1), started by the supervisor with a pipe on stdin, its
-    slot's listening socket as `listen_fd`, and a pipe `ready_fd` on which it writes `ready N` once it serves
-    revision N, then `installed N` each time it routes with a new revision N (not stdout: that may carry the
-    access log)."""
+    slot's listening socket as `listen_fd`, and a pipe `ready_fd` on which it writes `ready` once it serves,
+    then `installed N` for the revision it serves and each one it routes with later (not stdout: that may
+    carry the access log). `ready` stays a line of its own: a supervisor of the previous release reads only
+    that line, and it starts the new release's workers on SIGHUP."""
     from proxy.dataplane.server import start_dataplane
 
     stopper = StopSignal()
@@ -246,7 +247,7 @@ async def run_worker(settings: Settings, worker_id: str, listen_fd: int | None =
 
     follower.listeners.append(lambda table: report(f"installed {table.revision}\n"))
     follower.start()
-    report(f"ready {holder.table.revision}\n")
+    report(f"ready\ninstalled {holder.table.revision}\n")
     publisher_task = None
     try:
         from proxy.metrics import WorkerPublisher
@@ -382,7 +383,7 @@ class Supervisor:
         return proc
 
     async def _ready(self, proc: asyncio.subprocess.Process) -> bool:
-        """True once the worker wrote `ready N` (it serves); False if it exited or took too long. Its later
+        """True once the worker wrote `ready` (it serves); False if it exited or took too long. Its later
         reports are read by _follow_reports."""
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
@@ -396,9 +397,8 @@ class Supervisor:
         except BaseException:  # cancelled by stop()
             transport.close()
             raise
-        word = line.split()
-        if len(word) == 2 and word[0] == b"ready" and word[1].isdigit():
-            self._installed[proc] = int(word[1])
+        if line.strip() == b"ready":
+            self._installed[proc] = 0  # until its first `installed N`, which follows at once
             task = loop.create_task(self._follow_reports(proc, reader, transport))
             self._report_tasks.add(task)
             task.add_done_callback(self._report_tasks.discard)
