@@ -5,11 +5,14 @@ Process model:
   new table in the same process right after the commit (rollback in a few milliseconds).
 - workers > 1: the supervisor runs the admin API, providers and controllers; N worker processes open the
   store and follow it with `watch` (SQLite polls every 10 ms, etcd pushes), and publish their statistics
-  for the supervisor's /metrics. The supervisor binds one SO_REUSEPORT listening socket per worker slot
-  and hands it down (pass_fds): the socket outlives its worker, so connections the kernel queued on it
-  while a worker is replaced are served by the next one instead of being reset. A worker that dies is
-  started again in its slot; SIGHUP replaces the workers one slot at a time (new worker ready first, then
-  the old one drains), which is how new code is picked up without failing a request.
+  for the supervisor's /metrics. An admin write is answered once every worker reports that it routes with
+  the new revision (at most WORKER_ROUTED_TIMEOUT later). The supervisor binds one SO_REUSEPORT listening
+  socket per worker slot and hands it down (pass_fds): the socket outlives its worker, so connections the
+  kernel queued on it while a worker is replaced are served by the next one instead of being reset. A
+  worker that dies is started again in its slot; SIGHUP replaces the workers one slot at a time (new
+  worker ready first, then the old one drains), which is how new code is picked up without failing a
+  request. On SIGTERM the supervisor closes its copies of the sockets first, so the port refuses new
+  connections as soon as the workers start draining.
 
 Restart rule for `--routes FILE`: the file seeds an empty store; later it is applied as a new revision
 only when its content changed since it was last applied, so a restart never undoes live changes.
@@ -45,6 +48,10 @@ from proxy.table import RouteTable
 ROUTES_FILE_META = "routes_file.sha256"
 WORKER_BACKLOG = 1024
 WORKER_READY_TIMEOUT = 30.0
+# An admin write is answered once every worker reported that it routes with the new revision, or after this
+# long: a healthy worker takes about a millisecond (told over its stdin, it reads the revision and compiles
+# its table), so only a worker that cannot read the store or compile the revision makes a write wait it out.
+WORKER_ROUTED_TIMEOUT = 1.0
 # A worker that keeps dying is started again after 0.5 s, then 1, 2, ... up to 10 s.
 WORKER_RESTART_BACKOFF = (0.5, 10.0)
 
@@ -67,6 +74,26 @@ def store_url(settings: Settings) -> str:
 
 def log(msg: str) -> None:
     print(f"turnout: {msg}", file=sys.stderr, flush=True)
+
+
+def listen_socket(address: tuple[str, int], option: str, *, reuse_port: bool = False,
+                  listen: bool = True) -> socket.socket:
+    """A TCP socket bound to `address` (and listening), or an OSError whose message names the address and the
+    option it came from."""
+    sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+    try:
+        # Connections of an earlier run still in TIME_WAIT on this port must not keep a restart from binding
+        # (without it, any change between one and several workers fails until they expire).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        if listen:
+            sock.listen(WORKER_BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {_hostport(address)} ({option}): {e.strerror or e}") from e
+    return sock
 
 
 async def seed_from_file(store: Store, path: str, stats: Stats | None = None) -> Revision:
@@ -204,8 +231,10 @@ async def _follow_supervisor(store: Store, stop: asyncio.Event) -> None:
 async def run_worker(settings: Settings, worker_id: str, listen_fd: int | None = None,
                      ready_fd: int | None = None) -> None:
     """One data-plane worker process (workers > 1), started by the supervisor with a pipe on stdin, its
-    slot's listening socket as `listen_fd`, and a pipe `ready_fd` on which it writes `ready` once it serves
-    (not stdout: that may carry the access log)."""
+    slot's listening socket as `listen_fd`, and a pipe `ready_fd` on which it writes `ready` once it serves,
+    then `installed N` for the revision it serves and each one it routes with later (not stdout: that may
+    carry the access log). `ready` stays a line of its own: a supervisor of the previous release reads only
+    that line, and it starts the new release's workers on SIGHUP."""
     from proxy.dataplane.server import start_dataplane
 
     stopper = StopSignal()
@@ -217,11 +246,19 @@ async def run_worker(settings: Settings, worker_id: str, listen_fd: int | None =
     sock = socket.socket(fileno=listen_fd) if listen_fd is not None else None
     dataplane = await start_dataplane(settings, holder, stats, reuse_port=True, sock=sock)
     follower.listeners.append(dataplane.table_changed)
-    follower.start()
     if ready_fd is not None:
-        with contextlib.suppress(OSError):
-            os.write(ready_fd, b"ready\n")
-            os.close(ready_fd)
+        os.set_blocking(ready_fd, False)
+
+    def report(line: str) -> None:
+        if ready_fd is not None:
+            # A full pipe (a supervisor that stopped reading) drops the line rather than stalling the data
+            # plane; the supervisor's wait for it is bounded.
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, line.encode())
+
+    follower.listeners.append(lambda table: report(f"installed {table.revision}\n"))
+    follower.start()
+    report(f"ready\ninstalled {holder.table.revision}\n")
     publisher_task = None
     try:
         from proxy.metrics import WorkerPublisher
@@ -242,6 +279,8 @@ async def run_worker(settings: Settings, worker_id: str, listen_fd: int | None =
         with contextlib.suppress(asyncio.CancelledError):
             await publisher_task
     await store.close()
+    if ready_fd is not None:
+        os.close(ready_fd)
 
 
 class Supervisor:
@@ -259,6 +298,13 @@ class Supervisor:
         self._keepers: list[asyncio.Task[None]] = []
         self._restarting: asyncio.Task[None] | None = None
         self._ready_pipes: dict[asyncio.subprocess.Process, int] = {}
+        # The revision each running worker last reported it routes with (from ready to exit), and an event
+        # set (then replaced) at every report.
+        self._installed: dict[asyncio.subprocess.Process, int] = {}
+        self._reported = asyncio.Event()
+        self._report_tasks: set[asyncio.Task[None]] = set()
+        self._listener: socket.socket | None = None  # the data plane's, with one worker
+        self._admin_sock: socket.socket | None = None
         self._stopping = False
         self.restarts = 0  # workers started again after they died
         self.admin_runner: Any = None
@@ -267,6 +313,9 @@ class Supervisor:
 
     async def start(self) -> None:
         s = self.settings
+        # Every port is bound before the route file is committed: a proxy that cannot listen exits without
+        # having changed the store.
+        self._bind()
         if s.routes:
             rev = await seed_from_file(self.store, s.routes, self.stats)
         else:
@@ -275,7 +324,7 @@ class Supervisor:
         if s.workers <= 1:
             from proxy.dataplane.server import start_dataplane
 
-            self.dataplane = await start_dataplane(s, self.holder, self.stats)
+            self.dataplane = await start_dataplane(s, self.holder, self.stats, sock=self._listener)
             self.follower.listeners.append(self.dataplane.table_changed)
         else:
             await self._spawn_workers()
@@ -290,17 +339,26 @@ class Supervisor:
             f"{data_plane_build()}); "
             f"admin API on http://{_hostport(s.admin)}; store {self.store.url}; revision {rev.number}")
 
+    def _bind(self) -> None:
+        s = self.settings
+        if s.workers <= 1:
+            self._listener = listen_socket(s.listen, "--listen")
+        else:
+            # SO_REUSEPORT lets any process of this user join a port, so a second proxy started on it would
+            # silently take a share of the connections. A socket without SO_REUSEPORT binds only where nothing
+            # listens: binding one first is the check. It is the kernel's own rule, so it also catches other
+            # programs and overlapping addresses (0.0.0.0 against 127.0.0.1), which a lock file keyed by the
+            # address would miss; what it leaves is two proxies starting within the same few microseconds.
+            listen_socket(s.listen, "--listen", listen=False).close()
+            for _ in range(s.workers):
+                # Not inheritable (uvloop's spawn does not close other descriptors): each worker gets only its
+                # own slot's socket through pass_fds, so the socket is gone once that worker closes it.
+                self._slots.append(listen_socket(s.listen, "--listen", reuse_port=True))
+                self._generation.append(0)
+        self._admin_sock = listen_socket(s.admin, "--admin")
+
     async def _spawn_workers(self) -> None:
         s = self.settings
-        for _ in range(s.workers):
-            # Bound here, so a port conflict is reported before any worker starts.
-            sock = socket.socket(socket.AF_INET6 if ":" in s.listen[0] else socket.AF_INET)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(s.listen)
-            sock.listen(WORKER_BACKLOG)
-            sock.set_inheritable(True)
-            self._slots.append(sock)
-            self._generation.append(0)
         from proxy.metrics import reset_directory
 
         reset_directory(metrics_dir(s))
@@ -336,7 +394,8 @@ class Supervisor:
         return proc
 
     async def _ready(self, proc: asyncio.subprocess.Process) -> bool:
-        """True once the worker wrote `ready` (it serves); False if it exited or took too long."""
+        """True once the worker wrote `ready` (it serves); False if it exited or took too long. Its later
+        reports are read by _follow_reports."""
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         pipe = os.fdopen(self._ready_pipes.pop(proc), "rb", buffering=0)
@@ -346,14 +405,50 @@ class Supervisor:
                 line = await reader.readline()
         except TimeoutError:
             line = b""
-        finally:
+        except BaseException:  # cancelled by stop()
             transport.close()
+            raise
         if line.strip() == b"ready":
+            self._installed[proc] = 0  # until its first `installed N`, which follows at once
+            task = loop.create_task(self._follow_reports(proc, reader, transport))
+            self._report_tasks.add(task)
+            task.add_done_callback(self._report_tasks.discard)
             return True
+        transport.close()
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
         return False
+
+    async def _follow_reports(self, proc: asyncio.subprocess.Process, reader: asyncio.StreamReader,
+                              transport: asyncio.BaseTransport) -> None:
+        try:
+            while line := await reader.readline():
+                word = line.split()
+                if len(word) == 2 and word[0] == b"installed" and word[1].isdigit():
+                    self._installed[proc] = max(self._installed.get(proc, 0), int(word[1]))
+                    self._report()
+        finally:
+            # End of file: the worker is gone, so no write waits for it.
+            transport.close()
+            self._installed.pop(proc, None)
+            self._report()
+
+    def _report(self) -> None:
+        self._reported.set()
+        self._reported = asyncio.Event()
+
+    async def routed(self, revision: int) -> None:
+        """Return once every running worker (draining ones too) routes with `revision`, or after
+        WORKER_ROUTED_TIMEOUT: an admin write is answered then, so any request sent after the answer is routed
+        by the write, whichever worker takes it."""
+        try:
+            async with asyncio.timeout(WORKER_ROUTED_TIMEOUT):
+                while any(n < revision for n in self._installed.values()):
+                    await self._reported.wait()
+        except TimeoutError:
+            behind = ", ".join(f"pid {p.pid} at revision {n}" for p, n in self._installed.items() if n < revision)
+            log(f"revision {revision} acknowledged before every worker routes with it ({behind})")
 
     async def _keep(self, slot: int) -> None:
         """Start the slot's worker again when it dies (not when it was replaced or the proxy stops)."""
@@ -481,11 +576,14 @@ class Supervisor:
         self.ctx = AdminContext(settings=self.settings, store=self.store, holder=self.holder, stats=self.stats,
                                 health=self.health_view, tokens=tokens)
         self.ctx.extras["on_table"] = [self.follower.on_table]
+        if self.settings.workers > 1:
+            self.ctx.extras["routed"] = self.routed
         self.ctx.extras["metrics_dir"] = metrics_dir(self.settings) if self.settings.workers > 1 else None
         app = create_app(self.ctx)
         self.admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.admin_runner.setup()
-        site = web.TCPSite(self.admin_runner, self.settings.admin[0], self.settings.admin[1])
+        assert self._admin_sock is not None
+        site = web.SockSite(self.admin_runner, self._admin_sock)
         await site.start()
         for svc in self._optional_services():
             try:
@@ -541,6 +639,10 @@ class Supervisor:
                 await svc.stop()
         if self.dataplane is not None:
             await self.dataplane.shutdown(grace)
+        # Closed before the workers are told to stop: each closes its copy as its drain starts, so the socket
+        # is gone then and a new connection is refused at once, instead of waiting where no one accepts.
+        for sock in self._slots:
+            sock.close()
         procs = [*self.workers, *self.retiring]
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -550,11 +652,15 @@ class Supervisor:
                 await asyncio.wait_for(proc.wait(), grace + 5)
             except TimeoutError:
                 proc.kill()
-        for sock in self._slots:
-            sock.close()
+        for task in list(self._report_tasks):
+            task.cancel()
+        await asyncio.gather(*self._report_tasks, return_exceptions=True)
         await self.follower.stop()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
+        for own in (self._listener, self._admin_sock):
+            if own is not None:
+                own.close()
         await self.store.close()
 
 

@@ -4,8 +4,8 @@ Design rule: a write is one pure transition from proxy.ops, committed by `store.
 If-Match as the compare-and-swap revision; bodies are parsed *inside* the transition, against the state
 being changed, so validation and commit see the same versions. Only after the store acknowledged the
 revision does this process install the new route table (and tell the data plane through the `on_table`
-hooks), so an answer of 200 means "durable and already serving here".
-"""
+hooks), so an answer of 200 means "durable and already serving here" (with several worker processes: in
+each of them, see proxy.server.Supervisor.routed)."""
 
 from __future__ import annotations
 
@@ -304,6 +304,10 @@ class Api:
         changed, summary = outcome[-1] if outcome else (False, "")
         if changed:
             await self.install(rev)
+            # With several worker processes, the answer waits (bounded) until each routes with the revision.
+            routed = self.ctx.extras.get("routed")
+            if routed is not None:
+                await routed(rev.number)
         return WriteResult(rev, changed, summary if changed else "")
 
     _write = write  # the name feature modules first used
