@@ -26,12 +26,12 @@ HOT_MODULES = [
     "proxy/dataplane/plan.py",
     "proxy/dataplane/pool.py",
     "proxy/dataplane/headers.py",
-    "proxy/stats.py",
-    "proxy/dataplane/server.py",
+    "proxy/telemetry/stats.py",
+    "proxy/dataplane/listener.py",
     "proxy/dataplane/health.py",
     "proxy/table.py",
     "proxy/select.py",
-    "proxy/runtime.py",
+    "proxy/table.py",
 ]
 
 

@@ -172,7 +172,7 @@ class Lab:
 
 def turnout_missing() -> str | None:
     """Why turnout cannot be benchmarked in this tree (None: it can be started)."""
-    for module in ("proxy.server", "proxy.dataplane.server", "proxy.admin.app"):
+    for module in ("proxy.supervisor.main", "proxy.dataplane.listener", "proxy.admin.app"):
         try:
             found = importlib.util.find_spec(module) is not None
         except ModuleNotFoundError:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from proxy import ops
+from proxy import changes
 from proxy.parse import parse_document
 from proxy.store import SQLiteStore, Store
 from proxy.table import RouteTable
@@ -44,11 +44,11 @@ def wchar() -> int:
 
 async def seed(store: Store, pins: int) -> None:
     base = parse_document(DOC)
-    await store.update(lambda s: ops.apply_document(s, base), actor="bench")
+    await store.update(lambda s: changes.apply_document(s, base), actor="bench")
     route = base.route("web")
     assert route is not None
     pinned = dataclasses.replace(route, pins={f"client-{i:06d}": "v2" for i in range(pins)})
-    await store.update(lambda s: ops.put_route(s, pinned), actor="bench")
+    await store.update(lambda s: changes.put_route(s, pinned), actor="bench")
 
 
 Times = tuple[list[float], list[float], list[float], list[float]]
@@ -63,14 +63,14 @@ async def run_changes(store: Store, reader: Store, changes: int, kind: str) -> T
     reads_cpu: list[float] = []
     table = RouteTable((await reader.current()).state)
     for i in range(changes):
-        change: Callable[[ops.State], ops.Change]
+        change: Callable[[changes.State], changes.Change]
         if kind == "pin":
             # Alternate pinning a new client and unpinning a seeded one: every change makes a pin set never
             # stored before (pin then unpin of the same client would return to a stored one).
-            change = ((lambda s, i=i: ops.pin(s, "web", f"new-{i}", "v1")) if i % 2 == 0
-                      else (lambda s, i=i: ops.unpin(s, "web", f"client-{i:06d}")))
+            change = ((lambda s, i=i: changes.pin(s, "web", f"new-{i}", "v1")) if i % 2 == 0
+                      else (lambda s, i=i: changes.unpin(s, "web", f"client-{i:06d}")))
         else:
-            change = lambda s, i=i: ops.set_split(s, "web", {"v2": 11 + i % 50})  # noqa: E731
+            change = lambda s, i=i: changes.set_split(s, "web", {"v2": 11 + i % 50})  # noqa: E731
         t0, c0 = time.perf_counter(), time.process_time()
         await store.update(change, actor="bench")
         writes.append((time.perf_counter() - t0) * 1000)

@@ -11,16 +11,16 @@ from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 from proxy import __version__, data_plane_build
-from proxy.client import USAGE_PROBLEM
+from proxy.commands.client import USAGE_PROBLEM
 
 # Command modules, in the order their commands appear in --help.
 COMMAND_MODULES = (
     "proxy.commands.serve",
     "proxy.commands.demo",
     "proxy.commands.check",
-    "proxy.commands.ops",
-    "proxy.commands.docker",
-    "proxy.commands.canary",
+    "proxy.commands.operate",
+    "proxy.commands.deploy",
+    "proxy.commands.release",
 )
 
 

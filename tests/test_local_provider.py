@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy import ops
-from proxy.leader import Leader
+from proxy import changes
+from proxy.control.leader import Leader
 from proxy.parse import parse_document
 from proxy.providers.local import LocalProvider, spec_key
 from proxy.store import SQLiteStore
@@ -30,11 +30,11 @@ def fetch(url: str) -> dict[str, object]:
 
 async def test_local_versions_run_record_restart_and_stop(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "s.db")
-    doc = {"versions": {"lv": {"command": [sys.executable, "-m", "proxy.demo_backend", "--name", "lv"],
+    doc = {"versions": {"lv": {"command": [sys.executable, "-m", "proxy.commands.demo_backend", "--name", "lv"],
                                "replicas": 2}},
            "routes": [{"name": "web", "split": {"lv": 1}}]}
     base = parse_document(doc)
-    await store.update(lambda s: ops.apply_document(s, base), actor="t")
+    await store.update(lambda s: changes.apply_document(s, base), actor="t")
     provider = LocalProvider(store)
     await provider.start()
     try:
@@ -93,10 +93,10 @@ def alive(pid: int) -> bool:
 async def test_only_the_elected_replica_runs_processes_and_a_demoted_one_stops_them_once_replaced(
         tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "s.db")
-    doc = {"versions": {"lv": {"command": [sys.executable, "-m", "proxy.demo_backend", "--name", "lv"],
+    doc = {"versions": {"lv": {"command": [sys.executable, "-m", "proxy.commands.demo_backend", "--name", "lv"],
                                "replicas": 2}},
            "routes": [{"name": "web", "split": {"lv": 1}}]}
-    await store.update(lambda s: ops.apply_document(s, parse_document(doc)), actor="t")
+    await store.update(lambda s: changes.apply_document(s, parse_document(doc)), actor="t")
     follower = LocalProvider(store, leader=Switch(False))
     await follower.start()
     leader = Switch(True)
@@ -117,7 +117,7 @@ async def test_only_the_elected_replica_runs_processes_and_a_demoted_one_stops_t
         assert (await asyncio.to_thread(fetch, endpoints[0] + "/"))["version"] == "lv"
 
         # ...until the store records another replica's instances; then its processes stop.
-        await store.update(lambda s: ops.set_instances(s, "lv", ("http://127.0.0.1:9",)), actor="provider:local")
+        await store.update(lambda s: changes.set_instances(s, "lv", ("http://127.0.0.1:9",)), actor="provider:local")
         for _ in range(100):
             if not any(alive(p) for p in pids):
                 break
@@ -162,7 +162,7 @@ def mark() -> Iterator[str]:
 
 
 def local_doc(mark: str, **replicas: int) -> dict[str, object]:
-    cmd = [sys.executable, "-m", "proxy.demo_backend", "--name"]
+    cmd = [sys.executable, "-m", "proxy.commands.demo_backend", "--name"]
     return {"versions": {n: {"command": [*cmd, n], "replicas": k, "env": {"TEST_MARK": mark}}
                          for n, k in replicas.items()},
             "routes": [{"name": "web", "split": {"lv": 1}}]}
@@ -176,7 +176,7 @@ def pids_of(provider: LocalProvider, name: str) -> list[int]:
 async def test_a_restarted_provider_adopts_recorded_processes_and_stops_those_of_removed_versions(
         tmp_path: Path, mark: str) -> None:
     store = SQLiteStore(tmp_path / "s.db")
-    await store.update(lambda s: ops.apply_document(s, parse_document(local_doc(mark, lv=2, old=1))), actor="t")
+    await store.update(lambda s: changes.apply_document(s, parse_document(local_doc(mark, lv=2, old=1))), actor="t")
     first = LocalProvider(store, state_dir=tmp_path)
     await first.start()
     lv, old = pids_of(first, "lv"), pids_of(first, "old")
@@ -185,7 +185,7 @@ async def test_a_restarted_provider_adopts_recorded_processes_and_stops_those_of
     # Stopping the provider (as `serve` does on SIGTERM) leaves every instance running.
     assert marked(mark) == {*lv, *old}
 
-    await store.update(lambda s: ops.delete_version(s, "old"), actor="t")
+    await store.update(lambda s: changes.delete_version(s, "old"), actor="t")
     rev = (await store.current()).number
     second = LocalProvider(store, state_dir=tmp_path)
     await second.start()
@@ -216,7 +216,7 @@ async def test_a_restarted_provider_adopts_recorded_processes_and_stops_those_of
 async def test_a_recorded_pid_that_now_names_another_process_is_neither_adopted_nor_signalled(
         tmp_path: Path, mark: str) -> None:
     store = SQLiteStore(tmp_path / "s.db")
-    await store.update(lambda s: ops.apply_document(s, parse_document(local_doc(mark, lv=1))), actor="t")
+    await store.update(lambda s: changes.apply_document(s, parse_document(local_doc(mark, lv=1))), actor="t")
     bystander = await asyncio.to_thread(subprocess.Popen, [sys.executable, "-c", "import time; time.sleep(60)"],
                                         start_new_session=True, env={**os.environ, "TEST_MARK": mark})
     try:

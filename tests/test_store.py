@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from proxy import ops
+from proxy import changes
 from proxy.errors import ConflictError, NotFoundError, StaleRevisionError, ValidationError
 from proxy.parse import parse_document, state_to_stored
-from proxy.server import seed_from_file
 from proxy.store import SQLiteStore, codec
+from proxy.supervisor.main import seed_from_file
 
 DOC = {
     "versions": {"v1": {"endpoints": ["http://127.0.0.1:9101"]}, "v2": {"endpoints": ["http://127.0.0.1:9102"]}},
@@ -40,14 +40,14 @@ routes:
 async def test_revisions_history_and_read_back(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "s.db")
     base = parse_document(DOC)
-    r1 = await store.update(lambda s: ops.apply_document(s, base), actor="alice", reason="initial")
-    r2 = await store.update(lambda s: ops.set_split(s, "web", {"v1": 50, "v2": 50}), actor="bob", reason="canary")
-    r3 = await store.update(lambda s: ops.set_split(s, "api", {"v2": 1}), actor="bob", reason="api too")
+    r1 = await store.update(lambda s: changes.apply_document(s, base), actor="alice", reason="initial")
+    r2 = await store.update(lambda s: changes.set_split(s, "web", {"v1": 50, "v2": 50}), actor="bob", reason="canary")
+    r3 = await store.update(lambda s: changes.set_split(s, "api", {"v2": 1}), actor="bob", reason="api too")
     assert (r1.number, r2.number, r3.number) == (1, 2, 3)
     assert r2.info.actor == "bob" and r2.info.reason == "canary"
     assert r2.info.summary == "split web: v1=90 v2=10 -> v1=50 v2=50"
     # A no-op writes no revision.
-    assert (await store.update(lambda s: ops.set_split(s, "api", {"v2": 1}), actor="x")).number == 3
+    assert (await store.update(lambda s: changes.set_split(s, "api", {"v2": 1}), actor="x")).number == 3
     hist = await store.history()
     assert [h.number for h in hist] == [3, 2, 1]
     assert [h.number for h in await store.history(route="web")] == [2, 1]
@@ -78,10 +78,10 @@ def test_recent_revisions_keep_the_last_few_read() -> None:
 async def test_compare_and_swap(tmp_path: Path) -> None:
     a, b = SQLiteStore(tmp_path / "s.db"), SQLiteStore(tmp_path / "s.db")
     base = parse_document(DOC)
-    await a.update(lambda s: ops.apply_document(s, base), actor="a")
-    await a.update(lambda s: ops.set_split(s, "web", {"v2": 20}), actor="a", expected=1)
+    await a.update(lambda s: changes.apply_document(s, base), actor="a")
+    await a.update(lambda s: changes.set_split(s, "web", {"v2": 20}), actor="a", expected=1)
     with pytest.raises(StaleRevisionError) as e:
-        await b.update(lambda s: ops.set_split(s, "web", {"v2": 30}), actor="b", expected=1)
+        await b.update(lambda s: changes.set_split(s, "web", {"v2": 30}), actor="b", expected=1)
     assert (e.value.expected, e.value.current) == (1, 2)
     assert (await b.current()).state.route("web").split == (("v1", 90.0), ("v2", 20.0))  # type: ignore[union-attr]
     await a.close()
@@ -91,15 +91,15 @@ async def test_compare_and_swap(tmp_path: Path) -> None:
 async def test_large_pin_sets_are_stored_once(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "s.db")
     base = parse_document(DOC)
-    await store.update(lambda s: ops.apply_document(s, base), actor="a")
+    await store.update(lambda s: changes.apply_document(s, base), actor="a")
     route = base.route("web")
     assert route is not None
     import dataclasses
 
     pinned = dataclasses.replace(route, pins={f"client-{i}": "v2" for i in range(100_000)})
-    await store.update(lambda s: ops.put_route(s, pinned), actor="a")
+    await store.update(lambda s: changes.put_route(s, pinned), actor="a")
     for w in range(5):
-        await store.update(lambda s, w=w: ops.set_split(s, "web", {"v2": 11 + w}), actor="a")
+        await store.update(lambda s, w=w: changes.set_split(s, "web", {"v2": 11 + w}), actor="a")
     size_blobs = os.path.getsize(tmp_path / "s.db")
     assert size_blobs < 12_000_000  # one copy of the pins (~2.7 MB), not one per revision
     other = SQLiteStore(tmp_path / "s.db")
@@ -121,9 +121,9 @@ async def test_watch_sees_commits_from_another_process_connection(tmp_path: Path
                 return
 
     task = asyncio.create_task(follow())
-    await writer.update(lambda s: ops.apply_document(s, base), actor="a")
-    await writer.update(lambda s: ops.set_split(s, "web", {"v2": 20}), actor="a")
-    await writer.update(lambda s: ops.set_split(s, "web", {"v2": 30}), actor="a")
+    await writer.update(lambda s: changes.apply_document(s, base), actor="a")
+    await writer.update(lambda s: changes.set_split(s, "web", {"v2": 20}), actor="a")
+    await writer.update(lambda s: changes.set_split(s, "web", {"v2": 30}), actor="a")
     await asyncio.wait_for(task, 5)
     assert got == [1, 2, 3]
     await writer.close()
@@ -132,7 +132,7 @@ async def test_watch_sees_commits_from_another_process_connection(tmp_path: Path
 
 WRITER = textwrap.dedent("""
     import asyncio, sys
-    from proxy import ops
+    from proxy import changes
     from proxy.parse import parse_document
     from proxy.store import SQLiteStore
     DOC = {"versions": {"v1": {"endpoints": ["http://127.0.0.1:9101"]},
@@ -142,11 +142,11 @@ WRITER = textwrap.dedent("""
         store = SQLiteStore(sys.argv[1])
         if (await store.current()).number == 0:
             base = parse_document(DOC)
-            await store.update(lambda s: ops.apply_document(s, base), actor="w")
+            await store.update(lambda s: changes.apply_document(s, base), actor="w")
         while True:
             cur = await store.current()
             n = cur.number + 1
-            rev = await store.commit(ops.set_split(cur.state, "web", {"v2": n})[0], expected=cur.number,
+            rev = await store.commit(changes.set_split(cur.state, "web", {"v2": n})[0], expected=cur.number,
                                      actor="w", reason=f"r{n}", summary=f"s{n}", routes=("web",))
             print(rev.number, flush=True)
     asyncio.run(main())
@@ -188,7 +188,7 @@ def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
 
 PIN_WRITER = textwrap.dedent("""
     import asyncio, sys
-    from proxy import ops
+    from proxy import changes
     from proxy.parse import parse_document
     from proxy.store import SQLiteStore
     DOC = {"versions": {"v1": {"endpoints": ["http://127.0.0.1:9101"]},
@@ -200,10 +200,10 @@ PIN_WRITER = textwrap.dedent("""
         store.gc_every = 3  # compaction runs (and is killed) often
         if (await store.current()).number == 0:
             base = parse_document(DOC)
-            await store.update(lambda s: ops.apply_document(s, base), actor="w")
+            await store.update(lambda s: changes.apply_document(s, base), actor="w")
         while True:
             n = (await store.current()).number + 1
-            rev = await store.update(lambda s, n=n: ops.pin(s, "web", f"c{n}", "v1"), actor="w")
+            rev = await store.update(lambda s, n=n: changes.pin(s, "web", f"c{n}", "v1"), actor="w")
             print(rev.number, flush=True)
     asyncio.run(main())
 """)
@@ -252,7 +252,7 @@ async def test_restart_rule_keeps_live_changes(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "s.db")
     r1 = await seed_from_file(store, str(routes))
     assert r1.number == 1 and r1.info.reason == "seed from route file"
-    live = await store.update(lambda s: ops.set_split(s, "web", {"v2": 50}), actor="op")
+    live = await store.update(lambda s: changes.set_split(s, "web", {"v2": 50}), actor="op")
     # Restart with the same file: the live change stays.
     again = await seed_from_file(store, str(routes))
     assert again.number == live.number
@@ -320,11 +320,11 @@ def blob_rows(path: Path) -> dict[str, bytes]:
 
 async def seed_pins(store: SQLiteStore, pins: int = PINS) -> dict[str, str]:
     base = parse_document(DOC)
-    await store.update(lambda s: ops.apply_document(s, base), actor="a")
+    await store.update(lambda s: changes.apply_document(s, base), actor="a")
     route = base.route("web")
     assert route is not None
     mapping = {f"client-{i:06d}": "v2" for i in range(pins)}
-    await store.update(lambda s: ops.put_route(s, dataclasses.replace(route, pins=mapping)), actor="a")
+    await store.update(lambda s: changes.put_route(s, dataclasses.replace(route, pins=mapping)), actor="a")
     return mapping
 
 
@@ -335,7 +335,7 @@ async def test_pin_change_stores_one_chunk_and_one_index(tmp_path: Path) -> None
     assert k == 256
     before = blob_rows(tmp_path / "s.db")
     assert len(before) == k + 1  # every bucket's chunk and the index
-    await store.update(lambda s: ops.pin(s, "web", "acme", "v1"), actor="a")
+    await store.update(lambda s: changes.pin(s, "web", "acme", "v1"), actor="a")
     added = {h: d for h, d in blob_rows(tmp_path / "s.db").items() if h not in before}
     chunks = {h: d for h, d in added.items() if not d.startswith(codec.INDEX_MAGIC)}
     indexes = {h: d for h, d in added.items() if d.startswith(codec.INDEX_MAGIC)}
@@ -345,11 +345,11 @@ async def test_pin_change_stores_one_chunk_and_one_index(tmp_path: Path) -> None
     expected = {c: v for c, v in {**pins, "acme": "v1"}.items() if codec.bucket_of(c, k) == bucket}
     assert json.loads(next(iter(chunks.values()))) == expected
     assert len(next(iter(indexes.values()))) == len(codec.INDEX_MAGIC) + 32 * k
-    await store.update(lambda s: ops.unpin(s, "web", "client-000007"), actor="a")
+    await store.update(lambda s: changes.unpin(s, "web", "client-000007"), actor="a")
     after_unpin = blob_rows(tmp_path / "s.db")
     assert len(after_unpin) == len(before) + 4
     # A weight change stores no blob at all.
-    await store.update(lambda s: ops.set_split(s, "web", {"v2": 20}), actor="a")
+    await store.update(lambda s: changes.set_split(s, "web", {"v2": 20}), actor="a")
     assert len(blob_rows(tmp_path / "s.db")) == len(after_unpin)
     other = SQLiteStore(tmp_path / "s.db")
     web = (await other.current()).state.route("web")
@@ -367,9 +367,9 @@ async def test_two_hundred_pin_changes_keep_the_file_bounded(tmp_path: Path) -> 
     seeded = os.path.getsize(path) + os.path.getsize(f"{path}-wal")
     for i in range(200):  # revision i + 3
         if i % 2 == 0:
-            await store.update(lambda s, i=i: ops.pin(s, "web", f"new-{i}", "v1"), actor="a")
+            await store.update(lambda s, i=i: changes.pin(s, "web", f"new-{i}", "v1"), actor="a")
         else:
-            await store.update(lambda s, i=i: ops.unpin(s, "web", f"client-{i:06d}"), actor="a")
+            await store.update(lambda s, i=i: changes.unpin(s, "web", f"client-{i:06d}"), actor="a")
     await store.close()
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -404,7 +404,7 @@ async def test_gc_keeps_every_kept_revision_readable_and_rollback_works(tmp_path
     store.gc_every = 1_000_000  # only the explicit gc() below
     await seed_pins(store, 2_000)
     for i in range(6):
-        await store.update(lambda s, i=i: ops.pin(s, "web", f"new-{i}", "v1"), actor="a")
+        await store.update(lambda s, i=i: changes.pin(s, "web", f"new-{i}", "v1"), actor="a")
     # Kept: 6, 7, 8. Swept: the indexes of 2..5, and the chunk versions that revisions 3..6 replaced (7 and
     # 8 replaced versions that 6 and 7 still use).
     assert await store.gc() == (5, 8)
@@ -417,7 +417,7 @@ async def test_gc_keeps_every_kept_revision_readable_and_rollback_works(tmp_path
         await fresh.get(5)
     # Roll back to the oldest kept revision: its pins come back; nothing it needs was swept.
     earlier = await fresh.get(6)
-    rolled = await fresh.update(lambda s: ops.rollback_route(s, "web", earlier.state, 6), actor="a")
+    rolled = await fresh.update(lambda s: changes.rollback_route(s, "web", earlier.state, 6), actor="a")
     assert rolled.state.route("web") == earlier.state.route("web")
     reread = SQLiteStore(path)
     assert (await reread.current()).state == rolled.state
@@ -450,16 +450,16 @@ async def test_revisions_in_the_old_whole_pins_format_stay_readable(tmp_path: Pa
     store.gc_every = 1_000_000
     assert (await store.current()).state == old
     # A weight change keeps referring to the old blob; a pin change writes the pins as chunks.
-    await store.update(lambda s: ops.set_split(s, "web", {"v2": 20}), actor="a")
+    await store.update(lambda s: changes.set_split(s, "web", {"v2": 20}), actor="a")
     assert set(blob_rows(path)) == {digest}
-    r3 = await store.update(lambda s: ops.pin(s, "web", "acme", "v1"), actor="a")
+    r3 = await store.update(lambda s: changes.pin(s, "web", "acme", "v1"), actor="a")
     assert len(blob_rows(path)) == 1 + codec.bucket_count(3_001) + 1
     assert (await SQLiteStore(path).get(2)).state.route("web").pins == pins  # type: ignore[union-attr]
     # Compaction keeps the old blob while revision 2 (kept) refers to it, then sweeps it.
     assert await store.gc() == (1, 0)
     assert digest in blob_rows(path)
-    await store.update(lambda s: ops.unpin(s, "web", "acme"), actor="a")
-    await store.update(lambda s: ops.set_split(s, "web", {"v2": 30}), actor="a")
+    await store.update(lambda s: changes.unpin(s, "web", "acme"), actor="a")
+    await store.update(lambda s: changes.set_split(s, "web", {"v2": 30}), actor="a")
     compacted, deleted = await store.gc()
     assert compacted == 2 and digest not in blob_rows(path)
     assert deleted == 1 + 2  # the old blob, and r3's chunk + index (revision 4 is back to the 3,000 pins)

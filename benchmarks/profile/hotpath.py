@@ -17,13 +17,12 @@ from typing import Any
 import uvloop
 
 from proxy.dataplane.downstream import ClientConnection
-from proxy.dataplane.server import DataPlane
+from proxy.dataplane.listener import DataPlane
 from proxy.dataplane.upstream import UpstreamConnection
 from proxy.model import IdentitySource, Match, Route, State, Version, VersionSpec
-from proxy.runtime import TableHolder
 from proxy.settings import Settings
-from proxy.stats import Stats
-from proxy.table import RouteTable
+from proxy.table import RouteTable, TableHolder
+from proxy.telemetry.stats import Stats
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Fri, 27 Nov 2026 06:00:00 GMT\r\n" \
            b"Content-Type: text/plain\r\nContent-Length: 14\r\nConnection: keep-alive\r\n\r\nv1 0123456789\n"

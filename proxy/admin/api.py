@@ -1,11 +1,11 @@
 """The admin REST API under /api/v1: read the state, change it, read and undo its history.
 
-Design rule: a write is one pure transition from proxy.ops, committed by `store.update` with the caller's
+Design rule: a write is one pure transition from proxy.changes, committed by `store.update` with the caller's
 If-Match as the compare-and-swap revision; bodies are parsed *inside* the transition, against the state
 being changed, so validation and commit see the same versions. Only after the store acknowledged the
 revision does this process install the new route table (and tell the data plane through the `on_table`
 hooks), so an answer of 200 means "durable and already serving here" (with several worker processes: in
-each of them, see proxy.server.Supervisor.routed)."""
+each of them, see proxy.supervisor.main.Supervisor.routed)."""
 
 from __future__ import annotations
 
@@ -20,13 +20,10 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import gates
 from proxy.admin.auth import actor_of
 from proxy.admin.context import AdminContext
 from proxy.admin.problem import BadRequestError
-from proxy.errors import FieldError, NotFoundError, StaleRevisionError, TurnoutError, ValidationError
-from proxy.model import State, Version
-from proxy.ops import (
+from proxy.changes import (
     Change,
     apply_document,
     delete_route,
@@ -38,6 +35,9 @@ from proxy.ops import (
     set_split,
     unpin,
 )
+from proxy.control import gates
+from proxy.errors import FieldError, NotFoundError, StaleRevisionError, TurnoutError, ValidationError
+from proxy.model import State, Version
 from proxy.parse import (
     NAME_RE,
     Checker,
@@ -285,7 +285,7 @@ class Api:
     async def write(self, request: web.Request, change: Callable[[State], Change]) -> WriteResult:
         """Commit `change` with the request's If-Match, reason and actor; install the result here.
 
-        Every write passes the check gate here (proxy.gates.gated_update): a version whose check command
+        Every write passes the check gate here (proxy.control.gates.gated_update): a version whose check command
         fails gets no traffic by any path (split, pin, fallback, mirror, route, apply, rollback) unless
         the request says ?force=true.
         """

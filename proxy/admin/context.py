@@ -10,10 +10,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.runtime import TableHolder
 from proxy.settings import Settings
-from proxy.stats import Stats
 from proxy.store.base import Store
+from proxy.table import TableHolder
+from proxy.telemetry.stats import Stats
 
 # version -> endpoint URL -> healthy? (as the data plane currently sees it)
 HealthView = Callable[[], Mapping[str, Mapping[str, bool]]]
@@ -24,7 +24,7 @@ class AdminContext:
     settings: Settings
     store: Store
     holder: TableHolder
-    stats: Stats  # this process's stats; proxy.metrics sums across workers at scrape time
+    stats: Stats  # this process's stats; proxy.telemetry.metrics sums across workers at scrape time
     health: HealthView = field(default=lambda: {})
     # bearer token -> actor name recorded in history
     tokens: Mapping[str, str] = field(default_factory=dict)

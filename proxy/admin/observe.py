@@ -1,6 +1,6 @@
 """Observability endpoints of the admin listener: /metrics, the status page's JSON, and the page itself.
 
-- `GET /metrics`: Prometheus text, built at scrape time from every process's statistics (proxy.metrics).
+- `GET /metrics`: Prometheus text, built at scrape time from every process's statistics (proxy.telemetry.metrics).
   Public unless settings.metrics_auth (proxy.admin.auth's allow-list decides).
 - `GET /api/v1/stats`: per route and version, the configured split, live rates, error ratio and p99 over
   the last few seconds, endpoint health and pins: what the status page draws. Needs the token.
@@ -23,8 +23,8 @@ from aiohttp import web
 
 from proxy.admin.auth import public
 from proxy.admin.context import AdminContext
-from proxy.metrics import CONTENT_TYPE, METRICS_DIR_KEY, StatsSnapshot, VersionStats, aggregate, render
 from proxy.table import RouteTable
+from proxy.telemetry.metrics import CONTENT_TYPE, METRICS_DIR_KEY, StatsSnapshot, VersionStats, aggregate, render
 
 UI_FILE = Path(__file__).parent / "ui" / "index.html"
 # Rates and p99 on the status page cover about this many seconds: steady enough to read, quick to react.

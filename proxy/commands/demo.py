@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         for name, port in DEMO_VERSIONS:
             children.append(subprocess.Popen(
-                [sys.executable, "-m", "proxy.demo_backend", "--name", name, "--port", str(port)]))
+                [sys.executable, "-m", "proxy.commands.demo_backend", "--name", name, "--port", str(port)]))
         deadline = time.monotonic() + 15
         for name, port in DEMO_VERSIONS:
             if not _wait_http(f"http://127.0.0.1:{port}/", deadline):
@@ -90,8 +90,8 @@ Try:
 Live status page: {admin_url}/ui (token in {token_file})
 Ctrl-C stops everything.
 """, flush=True)
-        from proxy.server import run as run_loop
-        from proxy.server import run_supervisor
+        from proxy.supervisor.main import run as run_loop
+        from proxy.supervisor.main import run_supervisor
 
         run_loop(run_supervisor(settings))
         return 0

@@ -155,8 +155,8 @@ restarts.""", formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def run(args: argparse.Namespace) -> int:
-    from proxy.server import run as run_loop
-    from proxy.server import run_supervisor
+    from proxy.supervisor.main import run as run_loop
+    from proxy.supervisor.main import run_supervisor
 
     settings = settings_from_args(args, args.routes)
     try:
@@ -171,9 +171,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from proxy.server import run as run_loop
-    from proxy.server import run_worker as worker_main
-    from proxy.server import settings_from_json
+    from proxy.supervisor.main import run as run_loop
+    from proxy.supervisor.main import run_worker as worker_main
+    from proxy.supervisor.main import settings_from_json
 
     try:
         run_loop(worker_main(settings_from_json(args.settings_json), args.id, args.listen_fd, args.ready_fd))

@@ -42,12 +42,12 @@ from proxy.dataplane.plan import WANTED
 from proxy.table import cookie_value, normalize_path
 
 if TYPE_CHECKING:
+    from proxy.dataplane.listener import DataPlane
     from proxy.dataplane.plan import Plan
     from proxy.dataplane.pool import Endpoint
-    from proxy.dataplane.server import DataPlane
     from proxy.dataplane.upstream import UpstreamConnection
-    from proxy.stats import RejectReason, UpstreamErrorKind
     from proxy.table import CompiledRoute
+    from proxy.telemetry.stats import RejectReason, UpstreamErrorKind
 
 # Parse phases of the connection's incoming byte stream.
 IDLE: Final = 0  # between requests (the next byte starts a head)

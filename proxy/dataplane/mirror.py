@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from proxy.dataplane.downstream import Exchange
-    from proxy.dataplane.server import DataPlane
+    from proxy.dataplane.listener import DataPlane
     from proxy.table import CompiledRoute
 
 # Mirrored requests in flight per process; more are dropped so a hung mirror target costs bounded memory.

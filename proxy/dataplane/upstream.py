@@ -19,8 +19,8 @@ from proxy.dataplane.headers import RESPONSE_DROP, STATUS_LINES, connection_toke
 
 if TYPE_CHECKING:
     from proxy.dataplane.downstream import Exchange
+    from proxy.dataplane.listener import DataPlane
     from proxy.dataplane.pool import Endpoint
-    from proxy.dataplane.server import DataPlane
 
 # How the response body goes to the client.
 NONE: Final = 0  # no body (HEAD, 1xx, 204, 304)

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy import ops
-from proxy.leader import FOLLOW_POLL, AlwaysLeader, Leader, leader_for
+from proxy import changes
+from proxy.control.leader import FOLLOW_POLL, AlwaysLeader, Leader, leader_for
 from proxy.model import State, Version
 from proxy.store.base import Store
 
@@ -356,10 +356,10 @@ class LocalProvider:
             await self._spawn(lv, r)
 
     async def _record(self, name: str, endpoints: tuple[str, ...]) -> None:
-        def change(state: State) -> ops.Change:
+        def change(state: State) -> changes.Change:
             if name not in state.versions:
                 return state, ""
-            return ops.set_instances(state, name, endpoints)
+            return changes.set_instances(state, name, endpoints)
 
         rev = await self.store.update(change, actor="provider:local", reason="instances changed")
         if name in rev.state.versions and name in self.versions:

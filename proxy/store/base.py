@@ -12,9 +12,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from proxy.changes import Change, route_changes
 from proxy.errors import StaleRevisionError
 from proxy.model import EMPTY_STATE, State
-from proxy.ops import Change, route_changes
 
 
 @dataclass(frozen=True, slots=True)

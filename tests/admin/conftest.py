@@ -16,11 +16,10 @@ from aiohttp import web
 
 from proxy.admin.app import create_app
 from proxy.admin.context import AdminContext
-from proxy.runtime import TableHolder
 from proxy.settings import Settings
-from proxy.stats import Stats
 from proxy.store.sqlite import SQLiteStore
-from proxy.table import RouteTable
+from proxy.table import RouteTable, TableHolder
+from proxy.telemetry.stats import Stats
 
 ALICE = "alice-token-0123456789abcdef"
 BOB = "bob-token-fedcba9876543210"

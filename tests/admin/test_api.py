@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from proxy.changes import set_split
 from proxy.errors import StoreUnavailableError
-from proxy.ops import set_split
 from proxy.store import SQLiteStore
 from tests.admin.conftest import ALICE, BOB, EP1, EP2, Admin
 

@@ -12,10 +12,10 @@ from aiohttp import web
 
 from proxy.admin import app as admin_app
 from proxy.admin.context import AdminContext
-from proxy.runtime import TableHolder
 from proxy.settings import Settings
-from proxy.stats import Stats
 from proxy.store.sqlite import SQLiteStore
+from proxy.table import TableHolder
+from proxy.telemetry.stats import Stats
 from tests.admin.conftest import ALICE, TOKENS, listening_socket
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from proxy.cli import COMMAND_MODULES, main
-from proxy.client import AdminClient
-from proxy.commands.ops import split_bar
+from proxy.commands.client import AdminClient
+from proxy.commands.operate import split_bar
 from tests.admin.conftest import ALICE, BOB, EP1, EP2, Admin
 
 ROUTES = f"""
@@ -75,7 +75,7 @@ def cli(admin: Admin, token_file: Path, capsys: pytest.CaptureFixture[str]) -> C
 
 
 def test_ops_commands_are_registered() -> None:
-    assert "proxy.commands.ops" in COMMAND_MODULES
+    assert "proxy.commands.operate" in COMMAND_MODULES
 
 
 async def test_apply_then_status(cli: Cli, routes_file: Path) -> None:

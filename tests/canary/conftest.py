@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from proxy import ops
+from proxy import changes
 from proxy.admin.context import AdminContext
-from proxy.canary import CanaryController
-from proxy.metrics import StatsSnapshot, aggregate
+from proxy.control.canary import CanaryController
 from proxy.model import Route, State, Version, VersionSpec
-from proxy.runtime import TableHolder
 from proxy.settings import Settings
-from proxy.stats import Stats
 from proxy.store.sqlite import SQLiteStore
+from proxy.table import TableHolder
+from proxy.telemetry.metrics import StatsSnapshot, aggregate
+from proxy.telemetry.stats import Stats
 
 # Static endpoints on loopback; controller tests never connect to them.
 EP1 = "http://127.0.0.1:9001"
@@ -66,7 +66,7 @@ def static(name: str, endpoint: str, check: tuple[str, ...] = ()) -> Version:
 
 
 async def seed(store: SQLiteStore, state: State) -> None:
-    await store.update(lambda s: ops.apply_document(s, state), actor="test", reason="seed")
+    await store.update(lambda s: changes.apply_document(s, state), actor="test", reason="seed")
 
 
 def two_versions(check: tuple[str, ...] = (), *, cookie: str | None = None) -> State:

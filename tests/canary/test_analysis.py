@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from proxy.canary import (
+from proxy.control.canary import (
     Analysis,
     CanaryConfig,
     Counters,
@@ -23,7 +23,7 @@ from proxy.canary import (
     step_weights,
 )
 from proxy.errors import ValidationError
-from proxy.stats import HIST_SLOTS, LATENCY_BUCKETS
+from proxy.telemetry.stats import HIST_SLOTS, LATENCY_BUCKETS
 
 LIMITS = Limits(max_error_rate=0.01, max_p99_ratio=1.5, min_requests=100)
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from proxy.client import Reply
-from proxy.commands.canary import duration, follow, steps
+from proxy.commands.client import Reply
+from proxy.commands.release import duration, follow, steps
 
 
 def test_duration_and_steps() -> None:

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from proxy.canary import CanaryConfig, Limits, load_rollout
+from proxy.control.canary import CanaryConfig, Limits, load_rollout
 from proxy.errors import ConflictError
 from proxy.store.sqlite import SQLiteStore
 from tests.canary.conftest import World
@@ -187,11 +187,11 @@ async def test_a_second_rollout_on_the_same_route_is_refused(world: World) -> No
 
 
 async def test_outside_split_change_pauses_the_rollout(world: World) -> None:
-    from proxy import ops
+    from proxy import changes
 
     ctl = world.controller()
     await ctl.start_rollout(CFG, actor="alice")
-    await world.store.update(lambda s: ops.set_split(s, "web", {"v2": 50.0}), actor="bob", reason="manual")
+    await world.store.update(lambda s: changes.set_split(s, "web", {"v2": 50.0}), actor="bob", reason="manual")
     await healthy_round(world, ctl)
     r = await load_rollout(world.store, "web")
     assert r is not None and r.status == "paused"
@@ -251,7 +251,7 @@ async def test_controller_loop_runs_by_itself(world: World) -> None:
 
 
 async def test_a_follower_replica_does_not_drive_rollouts(world: World) -> None:
-    from proxy.canary import Leader
+    from proxy.control.canary import Leader
 
     class Follower(Leader):
         def is_leader(self) -> bool:

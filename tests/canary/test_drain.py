@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from proxy import ops
-from proxy.canary import counters_of
-from proxy.drain import Drain, drain_weights, load_drain, observe, start_drain
+from proxy import changes
+from proxy.control.canary import counters_of
+from proxy.control.canary.drain import Drain, drain_weights, load_drain, observe, start_drain
 from proxy.errors import ConflictError, ValidationError
 from proxy.model import Route
 from tests.canary.conftest import World, seed, two_versions
@@ -41,14 +41,14 @@ async def test_drain_needs_an_assignment_cookie(world: World) -> None:
 
 
 async def test_drain_needs_a_sticky_route(world: World) -> None:
-    await world.store.update(lambda s: ops.put_route(s, Route("web", split=(("v1", 100.0),), sticky=False,
+    await world.store.update(lambda s: changes.put_route(s, Route("web", split=(("v1", 100.0),), sticky=False,
                                                               assignment_cookie="tv")), actor="t")
     with pytest.raises(ConflictError, match="route 'web' is not sticky"):
         await start_drain(world.store, {}, "web", "v1", "v2", actor="alice", now=world.clock())
 
 
 async def test_drain_tracks_old_sessions_until_quiet(world: World) -> None:
-    await world.store.update(lambda s: ops.put_route(s, Route("web", split=(("v1", 100.0),),
+    await world.store.update(lambda s: changes.put_route(s, Route("web", split=(("v1", 100.0),),
                                                               assignment_cookie="tv")), actor="t")
     d = await start_drain(world.store, {}, "web", "v1", "v2", quiet=30.0, actor="alice", now=world.clock())
     assert d.status == "draining"
@@ -85,7 +85,7 @@ async def test_drain_refuses_an_unready_target(world: World) -> None:
 
 
 async def test_old_sessions_right_after_the_start_count_and_reset_the_quiet_timer(world: World) -> None:
-    await world.store.update(lambda s: ops.put_route(s, Route("web", split=(("v1", 100.0),),
+    await world.store.update(lambda s: changes.put_route(s, Route("web", split=(("v1", 100.0),),
                                                               assignment_cookie="tv")), actor="t")
     ctl = world.controller()
     world.feed("v1", 10)  # before the drain: v1's ordinary traffic, not the drain's business
@@ -108,7 +108,7 @@ async def test_old_sessions_right_after_the_start_count_and_reset_the_quiet_time
 
 
 async def test_a_drained_version_is_released_from_the_split(world: World) -> None:
-    await world.store.update(lambda s: ops.put_route(s, Route("web", split=(("v1", 100.0),),
+    await world.store.update(lambda s: changes.put_route(s, Route("web", split=(("v1", 100.0),),
                                                               assignment_cookie="tv")), actor="t")
     await start_drain(world.store, {}, "web", "v1", "v2", quiet=5.0, actor="alice", now=world.clock())
     assert await world.split() == {"v1": 0.0, "v2": 100.0}
@@ -128,7 +128,7 @@ async def test_a_drained_version_is_released_from_the_split(world: World) -> Non
 
 
 async def test_a_drained_version_in_the_fallback_chain_is_said_to_keep_its_sessions(world: World) -> None:
-    await world.store.update(lambda s: ops.put_route(s, Route("web", split=(("v1", 100.0),), fallback=("v1",),
+    await world.store.update(lambda s: changes.put_route(s, Route("web", split=(("v1", 100.0),), fallback=("v1",),
                                                               assignment_cookie="tv")), actor="t")
     await start_drain(world.store, {}, "web", "v1", "v2", quiet=5.0, actor="alice", now=world.clock())
     ctl = world.controller()

@@ -23,16 +23,16 @@ from aiohttp import web
 
 from proxy.admin.app import create_app
 from proxy.admin.context import AdminContext
-from proxy.canary import CanaryController, load_rollout
-from proxy.dataplane.server import DataPlane, start_dataplane
-from proxy.drain import load_drain
-from proxy.metrics import aggregate
+from proxy.control.canary import CanaryController, load_rollout
+from proxy.control.canary.drain import load_drain
+from proxy.dataplane.listener import DataPlane, start_dataplane
 from proxy.model import HealthCheck, IdentitySource, Route, State, Version, VersionSpec
-from proxy.runtime import TableHolder
-from proxy.server import Follower
 from proxy.settings import Settings
-from proxy.stats import Stats
 from proxy.store.sqlite import SQLiteStore
+from proxy.supervisor.main import Follower
+from proxy.table import TableHolder
+from proxy.telemetry.metrics import aggregate
+from proxy.telemetry.stats import Stats
 from tests.canary.conftest import Clock, seed
 
 TOKEN = "canary-test-token-0123456789"

@@ -9,9 +9,9 @@ import re
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.canary import Counters, counters_of, prometheus_queries
-from proxy.metrics import aggregate, render
+from proxy.control.canary import Counters, counters_of, prometheus_queries
 from proxy.model import Match
+from proxy.telemetry.metrics import aggregate, render
 from tests.dataplane.helpers import Client, Upstream, simple_route, start_proxy, table, version
 
 _TERM = re.compile(r"sum\(increase\((\w+)\{([^}]*)\}\[\d+s\]\)\)")

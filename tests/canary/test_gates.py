@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from proxy.canary import CanaryConfig, Limits
+from proxy.control.canary import CanaryConfig, Limits
+from proxy.control.gates import admit, check_gate, check_readiness, gaining, last_verdict, run_check, version_ready
 from proxy.errors import ConflictError
-from proxy.gates import admit, check_gate, check_readiness, gaining, last_verdict, run_check, version_ready
 from proxy.model import Mirror, Route, State, Version, VersionSpec
 from tests.canary.conftest import EP2, World, seed, static, two_versions
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.canary import AlwaysLeader, EtcdLeader, leader_for
+from proxy.control.canary import AlwaysLeader, EtcdLeader, leader_for
 from proxy.store.sqlite import SQLiteStore
 from tests.etcd.etcd_server import EtcdServer, find_etcd
 

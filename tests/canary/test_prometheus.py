@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from proxy.canary import (
+from proxy.control.canary import (
     CanaryConfig,
     Limits,
     PrometheusSource,

@@ -9,12 +9,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from proxy.dataplane.downstream import ClientConnection
-from proxy.dataplane.server import DataPlane, start_dataplane
+from proxy.dataplane.listener import DataPlane, start_dataplane
 from proxy.model import HealthCheck, Match, Route, State, Version, VersionSpec
-from proxy.runtime import TableHolder
 from proxy.settings import Settings
-from proxy.stats import Stats
-from proxy.table import RouteTable
+from proxy.table import RouteTable, TableHolder
+from proxy.telemetry.stats import Stats
 
 
 @dataclass

@@ -485,9 +485,9 @@ async def test_keepalive_idle_timeout_closes_client(upstreams) -> None:  # type:
 async def test_workers_share_a_port_with_reuse_port(upstreams) -> None:  # type: ignore[no-untyped-def]
     import socket
 
-    from proxy.dataplane.server import start_dataplane
-    from proxy.runtime import TableHolder
-    from proxy.stats import Stats
+    from proxy.dataplane.listener import start_dataplane
+    from proxy.table import TableHolder
+    from proxy.telemetry.stats import Stats
 
     a = await upstreams()
     probe = socket.socket()
@@ -511,9 +511,9 @@ async def test_workers_share_a_port_with_reuse_port(upstreams) -> None:  # type:
 async def test_serves_on_a_given_socket(upstreams) -> None:  # type: ignore[no-untyped-def]
     import socket
 
-    from proxy.dataplane.server import start_dataplane
-    from proxy.runtime import TableHolder
-    from proxy.stats import Stats
+    from proxy.dataplane.listener import start_dataplane
+    from proxy.table import TableHolder
+    from proxy.telemetry.stats import Stats
 
     a = await upstreams()
     sock = socket.socket()

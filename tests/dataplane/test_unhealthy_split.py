@@ -8,11 +8,11 @@ import json
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.canary.analysis import counters_of
-from proxy.metrics import aggregate, render
+from proxy.control.canary.analysis import counters_of
 from proxy.model import IdentitySource
 from proxy.settings import Settings
 from proxy.table import RouteTable
+from proxy.telemetry.metrics import aggregate, render
 from tests.dataplane.helpers import Client, Proxy, simple_route, start_proxy, table, version
 
 ID = (IdentitySource(kind="header", name="x-client"),)

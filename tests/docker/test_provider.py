@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
+from proxy.changes import delete_version, put_route, put_version
 from proxy.errors import ConflictError
 from proxy.model import Route
-from proxy.ops import delete_version, put_route, put_version
 from proxy.parse import parse_version_body
-from proxy.providers.docker import LABEL_IMAGE, LABEL_MANAGED, LABEL_VERSION, DockerProvider
+from proxy.providers.containers import LABEL_IMAGE, LABEL_MANAGED, LABEL_VERSION, DockerProvider
 from proxy.store.base import Store
 from proxy.store.sqlite import SQLiteStore
 from proxy.table import RouteTable

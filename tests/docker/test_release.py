@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from proxy.providers.docker import LABEL_MANAGED, LABEL_VERSION
+from proxy.providers.containers import LABEL_MANAGED, LABEL_VERSION
 
 from .conftest import Images
 from .engine import Dockerd

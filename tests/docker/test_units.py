@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
+from proxy.changes import put_version
 from proxy.errors import ConflictError, NotFoundError, ValidationError
 from proxy.model import Route, State, Version, VersionSpec
-from proxy.ops import put_version
 from proxy.parse import parse_version_body
-from proxy.providers.docker import DockerProvider, probe, set_replicas
-from proxy.providers.docker_engine import (
+from proxy.providers.containers import DockerProvider, probe, set_replicas
+from proxy.providers.engine import (
     Engine,
     EngineUnavailableError,
     ResolvedImage,
@@ -160,7 +160,7 @@ async def test_admin_status_waits_for_the_first_pass_after_a_restart(
     # that window must not report 0 healthy replicas, so it waits (bounded) for the first pass.
     from types import SimpleNamespace
 
-    import proxy.admin.docker as admin_docker
+    import proxy.admin.docker_api as admin_docker
 
     store = SQLiteStore(tmp_path / "state.db")
     try:

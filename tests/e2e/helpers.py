@@ -55,7 +55,7 @@ def wait_until(predicate: Any, timeout: float = 15.0, interval: float = 0.05) ->
 @contextmanager
 def backend(name: str) -> Iterator[int]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "proxy.demo_backend", "--name", name, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.commands.demo_backend", "--name", name, "--port", str(port)],
                             cwd=ROOT)
     try:
         wait_until(lambda: http("GET", f"http://127.0.0.1:{port}/")[0] == 200)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import ops
+from proxy import changes
 from proxy.parse import parse_document
 from proxy.store import SQLiteStore
 from tests.e2e.helpers import ROOT, Turnout, free_port
@@ -71,9 +71,9 @@ def real_store(path: Path, revisions: int) -> None:
         doc = parse_document({"versions": {"v1": {"endpoints": ["http://127.0.0.1:9"]}},
                               "routes": [{"name": "web", "split": {"v1": 1},
                                           "pins": {f"c{i}": "v1" for i in range(3000)}}]})
-        await store.update(lambda s: ops.apply_document(s, doc), actor="t")
+        await store.update(lambda s: changes.apply_document(s, doc), actor="t")
         for i in range(revisions):
-            await store.update(lambda s, i=i: ops.set_split(s, "web", {"v1": i + 2}), actor="t")
+            await store.update(lambda s, i=i: changes.set_split(s, "web", {"v1": i + 2}), actor="t")
         await store.close()
     asyncio.run(fill())
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 import aetcd
 import pytest
 
-from proxy import ops
+from proxy import changes
 from proxy.errors import NotFoundError, StaleRevisionError, StoreUnavailableError
 from proxy.model import State
 from proxy.parse import parse_document
@@ -39,8 +39,8 @@ def split_of(state: State, route: str) -> tuple[tuple[str, float], ...]:
     return r.split
 
 
-def web_split(v2: float) -> Callable[[State], ops.Change]:
-    return lambda s: ops.set_split(s, "web", {"v1": 100 - v2, "v2": v2})
+def web_split(v2: float) -> Callable[[State], changes.Change]:
+    return lambda s: changes.set_split(s, "web", {"v1": 100 - v2, "v2": v2})
 
 
 async def collect(it: AsyncIterator[Revision], last: int, into: list[Revision]) -> None:
@@ -73,13 +73,13 @@ async def test_revisions_history_get_and_meta(etcd_url: str) -> None:
     store = EtcdStore.from_url(etcd_url)
     assert await store.current() == GENESIS
     assert await store.history() == []
-    r1 = await store.update(lambda s: ops.apply_document(s, BASE), actor="alice", reason="initial")
+    r1 = await store.update(lambda s: changes.apply_document(s, BASE), actor="alice", reason="initial")
     r2 = await store.update(web_split(50), actor="bob", reason="canary")
-    r3 = await store.update(lambda s: ops.set_split(s, "api", {"v2": 1}), actor="bob", reason="api too")
+    r3 = await store.update(lambda s: changes.set_split(s, "api", {"v2": 1}), actor="bob", reason="api too")
     assert (r1.number, r2.number, r3.number) == (1, 2, 3)
     assert r2.info.summary == "split web: v1=90 v2=10 -> v1=50 v2=50"
     # A no-op writes no revision.
-    assert (await store.update(lambda s: ops.set_split(s, "api", {"v2": 1}), actor="x")).number == 3
+    assert (await store.update(lambda s: changes.set_split(s, "api", {"v2": 1}), actor="x")).number == 3
 
     assert [h.number for h in await store.history()] == [3, 2, 1]
     assert [h.number for h in await store.history(route="web")] == [2, 1]
@@ -108,10 +108,10 @@ async def test_revisions_history_get_and_meta(etcd_url: str) -> None:
 async def test_history_pages_when_filtering(etcd_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(etcd_module, "HISTORY_PAGE", 3)
     store = EtcdStore.from_url(etcd_url)
-    await store.update(lambda s: ops.apply_document(s, BASE), actor="a")
+    await store.update(lambda s: changes.apply_document(s, BASE), actor="a")
     for i in range(1, 9):
         route = "web" if i % 4 == 0 else "api"
-        await store.update(lambda s, i=i, route=route: ops.set_split(s, route, {"v1": 100 - i, "v2": i}), actor="a")
+        await store.update(lambda s, i=i, route=route: changes.set_split(s, route, {"v1": 100 - i, "v2": i}), actor="a")
     assert [h.number for h in await store.history(route="web", limit=3)] == [9, 5, 1]
     assert [h.number for h in await store.history(route="web", limit=2, before=9)] == [5, 1]
     assert [h.number for h in await store.history(route="api", limit=20)] == [8, 7, 6, 4, 3, 2, 1]
@@ -120,12 +120,12 @@ async def test_history_pages_when_filtering(etcd_url: str, monkeypatch: pytest.M
 
 async def test_compare_and_swap_between_replicas(etcd_url: str) -> None:
     a, b = EtcdStore.from_url(etcd_url), EtcdStore.from_url(etcd_url)
-    r1 = await a.update(lambda s: ops.apply_document(s, BASE), actor="a")
+    r1 = await a.update(lambda s: changes.apply_document(s, BASE), actor="a")
     # Two writers commit from the same revision at the same time: exactly one wins.
     results = await asyncio.gather(
-        a.commit(ops.set_split(r1.state, "web", {"v2": 20})[0], expected=1, actor="a", reason="", summary="a",
+        a.commit(changes.set_split(r1.state, "web", {"v2": 20})[0], expected=1, actor="a", reason="", summary="a",
                  routes=("web",)),
-        b.commit(ops.set_split(r1.state, "web", {"v2": 30})[0], expected=1, actor="b", reason="", summary="b",
+        b.commit(changes.set_split(r1.state, "web", {"v2": 30})[0], expected=1, actor="b", reason="", summary="b",
                  routes=("web",)),
         return_exceptions=True)
     wins = [r for r in results if isinstance(r, Revision)]
@@ -149,11 +149,11 @@ async def test_compare_and_swap_between_replicas(etcd_url: str) -> None:
 
 async def test_concurrent_updates_lose_nothing(etcd_url: str) -> None:
     stores = [EtcdStore.from_url(etcd_url) for _ in range(3)]
-    await stores[0].update(lambda s: ops.apply_document(s, BASE), actor="seed")
+    await stores[0].update(lambda s: changes.apply_document(s, BASE), actor="seed")
 
     async def pin_many(store: EtcdStore, who: int) -> None:
         for i in range(5):
-            await store.update(lambda s, who=who, i=i: ops.pin(s, "web", f"c{who}-{i}", "v2"), actor=f"w{who}")
+            await store.update(lambda s, who=who, i=i: changes.pin(s, "web", f"c{who}-{i}", "v2"), actor=f"w{who}")
 
     await asyncio.wait_for(asyncio.gather(*(pin_many(s, w) for w, s in enumerate(stores))), GUARD)
     cur = await stores[1].current()
@@ -166,7 +166,7 @@ async def test_concurrent_updates_lose_nothing(etcd_url: str) -> None:
 
 async def test_watch_delivers_another_replicas_commits_in_order(etcd_url: str) -> None:
     writer, reader = EtcdStore.from_url(etcd_url), EtcdStore.from_url(etcd_url)
-    await writer.update(lambda s: ops.apply_document(s, BASE), actor="a")
+    await writer.update(lambda s: changes.apply_document(s, BASE), actor="a")
     got: list[Revision] = []
     # Start behind: revision 1 comes from the catch-up read, 2..6 from the watch stream.
     task = asyncio.create_task(collect(reader.watch(0), 6, got))
@@ -199,13 +199,13 @@ async def test_hundred_thousand_pins_round_trip_stored_once(etcd_server: EtcdSer
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(etcd_module, "CHUNK_BYTES", 4096)  # so a pins chunk (~9 KB) spans several keys
     writer, reader = EtcdStore.from_url(etcd_url), EtcdStore.from_url(etcd_url)
-    await writer.update(lambda s: ops.apply_document(s, BASE), actor="a")
+    await writer.update(lambda s: changes.apply_document(s, BASE), actor="a")
     route = BASE.route("web")
     assert route is not None
     pins = {f"client-{i:06d}": "v2" for i in range(100_000)}
     got: list[Revision] = []
     task = asyncio.create_task(collect(reader.watch(1), 4, got))
-    await writer.update(lambda s: ops.put_route(s, dataclasses.replace(route, pins=pins)), actor="a")
+    await writer.update(lambda s: changes.put_route(s, dataclasses.replace(route, pins=pins)), actor="a")
     await writer.update(web_split(20), actor="a")
     await writer.update(web_split(30), actor="a")
     await asyncio.wait_for(task, GUARD)
@@ -233,13 +233,13 @@ async def test_hundred_thousand_pins_round_trip_stored_once(etcd_server: EtcdSer
 
 async def test_pin_change_writes_one_chunk_and_one_index(etcd_server: EtcdServer, etcd_url: str) -> None:
     writer = EtcdStore.from_url(etcd_url)
-    await writer.update(lambda s: ops.apply_document(s, BASE), actor="a")
+    await writer.update(lambda s: changes.apply_document(s, BASE), actor="a")
     route = BASE.route("web")
     assert route is not None
     pins = {f"client-{i:06d}": "v2" for i in range(100_000)}
-    await writer.update(lambda s: ops.put_route(s, dataclasses.replace(route, pins=pins)), actor="a")
+    await writer.update(lambda s: changes.put_route(s, dataclasses.replace(route, pins=pins)), actor="a")
     before = set(await blob_keys(etcd_server, etcd_url))
-    await writer.update(lambda s: ops.pin(s, "web", "acme", "v1"), actor="a")
+    await writer.update(lambda s: changes.pin(s, "web", "acme", "v1"), actor="a")
     added = sorted(set(await blob_keys(etcd_server, etcd_url)) - before)
     # Two blobs (acme's bucket and the index), each a head and one chunk key.
     assert len(added) == 4 and len([key for key in added if "/" not in key]) == 2
@@ -254,13 +254,13 @@ async def test_compaction_keeps_the_newest_states_and_sweeps_old_blobs(etcd_serv
                                                                        etcd_url: str) -> None:
     writer = EtcdStore.from_url(etcd_url)
     writer.keep, writer.gc_every = 3, 1_000_000  # only the explicit gc() calls below
-    await writer.update(lambda s: ops.apply_document(s, BASE), actor="a")
+    await writer.update(lambda s: changes.apply_document(s, BASE), actor="a")
     route = BASE.route("web")
     assert route is not None
     pins = {f"client-{i:06d}": "v2" for i in range(2_000)}
-    await writer.update(lambda s: ops.put_route(s, dataclasses.replace(route, pins=pins)), actor="a")
+    await writer.update(lambda s: changes.put_route(s, dataclasses.replace(route, pins=pins)), actor="a")
     for i in range(6):
-        await writer.update(lambda s, i=i: ops.pin(s, "web", f"new-{i}", "v1"), actor="a")
+        await writer.update(lambda s, i=i: changes.pin(s, "web", f"new-{i}", "v1"), actor="a")
     # Within the grace period nothing is swept, however unreferenced.
     blobs = len([k for k in await blob_keys(etcd_server, etcd_url) if "/" not in k])
     assert await writer.gc() == (5, 0)
@@ -281,7 +281,7 @@ async def test_compaction_keeps_the_newest_states_and_sweeps_old_blobs(etcd_serv
     await asyncio.wait_for(collect(reader.watch(0), 8, got), GUARD)
     assert [r.number for r in got] == [6, 7, 8]
     earlier = await reader.get(6)
-    rolled = await reader.update(lambda s: ops.rollback_route(s, "web", earlier.state, 6), actor="a")
+    rolled = await reader.update(lambda s: changes.rollback_route(s, "web", earlier.state, 6), actor="a")
     fresh = EtcdStore.from_url(etcd_url)
     assert (await fresh.current()).state == rolled.state
     for s in (writer, reader, fresh):
@@ -291,7 +291,7 @@ async def test_compaction_keeps_the_newest_states_and_sweeps_old_blobs(etcd_serv
 async def test_outage_refuses_writes_then_recovers_and_watch_catches_up(own_etcd: EtcdServer) -> None:
     url = own_etcd.url("turnout")
     writer, reader = EtcdStore.from_url(url), EtcdStore.from_url(url)
-    await writer.update(lambda s: ops.apply_document(s, BASE), actor="a")
+    await writer.update(lambda s: changes.apply_document(s, BASE), actor="a")
     arrivals: asyncio.Queue[Revision] = asyncio.Queue()
 
     async def follow() -> None:
@@ -340,7 +340,7 @@ async def test_outage_refuses_writes_then_recovers_and_watch_catches_up(own_etcd
 async def test_watch_resumes_after_compaction_with_a_full_re_read(own_etcd: EtcdServer) -> None:
     url = own_etcd.url("turnout")
     writer, reader = EtcdStore.from_url(url), EtcdStore.from_url(url)
-    await writer.update(lambda s: ops.apply_document(s, BASE), actor="a")
+    await writer.update(lambda s: changes.apply_document(s, BASE), actor="a")
     watch = reader.watch(0)
     first = await asyncio.wait_for(anext(watch), GUARD)
     assert first.number == 1
@@ -377,7 +377,7 @@ async def test_large_manifest_goes_to_a_blob(etcd_url: str, monkeypatch: pytest.
     writer, reader = EtcdStore.from_url(etcd_url), EtcdStore.from_url(etcd_url)
     got: list[Revision] = []
     task = asyncio.create_task(collect(reader.watch(0), 2, got))
-    await writer.update(lambda s: ops.apply_document(s, BASE), actor="a")
+    await writer.update(lambda s: changes.apply_document(s, BASE), actor="a")
     r2 = await writer.update(web_split(25), actor="a")
     await asyncio.wait_for(task, GUARD)
     assert [r.state for r in got] == [BASE, r2.state]
@@ -388,7 +388,7 @@ async def test_large_manifest_goes_to_a_blob(etcd_url: str, monkeypatch: pytest.
 
 async def test_close_ends_an_active_watch(etcd_url: str) -> None:
     store = EtcdStore.from_url(etcd_url)
-    await store.update(lambda s: ops.apply_document(s, BASE), actor="a")
+    await store.update(lambda s: changes.apply_document(s, BASE), actor="a")
     watch = store.watch(0)
     assert (await asyncio.wait_for(anext(watch), GUARD)).number == 1
     got: list[Revision] = []
@@ -404,7 +404,7 @@ async def test_close_ends_an_active_watch(etcd_url: str) -> None:
 async def test_unreachable_etcd_raises_store_unavailable_and_watch_keeps_retrying() -> None:
     store = EtcdStore("127.0.0.1", free_port(), "nothing-here")
     for call in (store.current(), store.get(3), store.history(), store.get_meta("k"), store.set_meta("k", "v"),
-                 store.update(lambda s: ops.apply_document(s, BASE), actor="a")):
+                 store.update(lambda s: changes.apply_document(s, BASE), actor="a")):
         with pytest.raises(StoreUnavailableError, match=r"^etcd at 127\.0\.0\.1:\d+ unavailable \("):
             await asyncio.wait_for(call, GUARD)
     got: list[Revision] = []

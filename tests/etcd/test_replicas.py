@@ -144,7 +144,7 @@ def test_local_versions_run_on_one_replica_and_move_when_it_stops(tmp_path: Path
     routes = tmp_path / "routes.yaml"
     routes.write_text(f"""
 versions:
-  lv: {{command: ["{sys.executable}", "-m", "proxy.demo_backend", "--name", "lv"], replicas: 2}}
+  lv: {{command: ["{sys.executable}", "-m", "proxy.commands.demo_backend", "--name", "lv"], replicas: 2}}
 routes:
   - name: web
     split: {{lv: 100}}

@@ -18,7 +18,7 @@ import time
 
 import uvloop
 
-from proxy import ops
+from proxy import changes
 from proxy.parse import parse_document
 from proxy.store.etcd import EtcdStore
 
@@ -58,8 +58,8 @@ async def measure(server: EtcdServer, trials: int, pins: int, separate: bool) ->
     if pins:
         route = base.route("web")
         assert route is not None
-        base = ops.put_route(base, dataclasses.replace(route, pins={f"c{i}": "v2" for i in range(pins)}))[0]
-    rev = await writer.update(lambda s: ops.apply_document(s, base), actor="bench")
+        base = changes.put_route(base, dataclasses.replace(route, pins={f"c{i}": "v2" for i in range(pins)}))[0]
+    rev = await writer.update(lambda s: changes.apply_document(s, base), actor="bench")
     arrivals: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
     proc: asyncio.subprocess.Process | None = None
     task: asyncio.Task[None] | None = None
@@ -93,7 +93,7 @@ async def measure(server: EtcdServer, trials: int, pins: int, separate: bool) ->
     state = rev.state
     try:
         for i in range(trials):
-            state = ops.set_split(state, "web", {"v1": 100 - (i % 50), "v2": i % 50 + 1})[0]
+            state = changes.set_split(state, "web", {"v1": 100 - (i % 50), "v2": i % 50 + 1})[0]
             t0 = time.perf_counter()
             rev = await writer.commit(state, expected=rev.number, actor="bench", reason="", summary="bench",
                                       routes=("web",))

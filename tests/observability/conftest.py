@@ -16,11 +16,11 @@ from aiohttp import web
 
 from proxy.admin.app import create_app
 from proxy.admin.context import AdminContext
-from proxy.metrics import METRICS_DIR_KEY
-from proxy.runtime import TableHolder
 from proxy.settings import Settings
-from proxy.stats import Stats
 from proxy.store.sqlite import SQLiteStore
+from proxy.table import TableHolder
+from proxy.telemetry.metrics import METRICS_DIR_KEY
+from proxy.telemetry.stats import Stats
 
 TOKEN = "observe-token-0123456789abcdef"
 TOKENS = {TOKEN: "ops"}

@@ -1,4 +1,4 @@
-"""proxy.accesslog: JSON lines written off the event loop, client ids hashed, a bounded buffer."""
+"""proxy.telemetry.accesslog: JSON lines written off the event loop, client ids hashed, a bounded buffer."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import stat
 import threading
 from pathlib import Path
 
-from proxy.accesslog import SALT_FILE, AccessLog
 from proxy.settings import Settings
-from proxy.stats import Stats
+from proxy.telemetry.accesslog import SALT_FILE, AccessLog
+from proxy.telemetry.stats import Stats
 
 
 def lines(path: Path) -> list[dict[str, object]]:

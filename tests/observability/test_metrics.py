@@ -1,4 +1,4 @@
-"""proxy.metrics: snapshots, windows, quantiles and the Prometheus text built from them."""
+"""proxy.telemetry.metrics: snapshots, windows, quantiles and the Prometheus text built from them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import (
+from proxy.model import Match, Route, State, Version, VersionSpec
+from proxy.table import RouteTable
+from proxy.telemetry.metrics import (
     StatsSnapshot,
     WorkerPublisher,
     aggregate,
@@ -17,9 +19,7 @@ from proxy.metrics import (
     render,
     reset_directory,
 )
-from proxy.model import Match, Route, State, Version, VersionSpec
-from proxy.stats import HIST_SLOTS, LATENCY_BUCKETS, Stats
-from proxy.table import RouteTable
+from proxy.telemetry.stats import HIST_SLOTS, LATENCY_BUCKETS, Stats
 
 
 def hist(**at: int) -> list[int]:

@@ -10,9 +10,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.admin.observe import Observe, Sampler
-from proxy.metrics import WorkerPublisher, aggregate
 from proxy.settings import Settings
-from proxy.stats import Stats
+from proxy.telemetry.metrics import WorkerPublisher, aggregate
+from proxy.telemetry.stats import Stats
 from tests.observability.conftest import EP, Admin, start_admin, traffic
 
 

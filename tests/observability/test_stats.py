@@ -1,10 +1,10 @@
-"""proxy.stats: what the data plane's calls leave in the counters, and the snapshot wire format."""
+"""proxy.telemetry.stats: what the data plane's calls leave in the counters, and the snapshot wire format."""
 
 from __future__ import annotations
 
 import json
 
-from proxy.stats import HIST_SLOTS, LATENCY_BUCKETS, Stats
+from proxy.telemetry.stats import HIST_SLOTS, LATENCY_BUCKETS, Stats
 
 
 def test_request_counts_per_code_sums_and_buckets() -> None:

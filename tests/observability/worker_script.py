@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from proxy.metrics import WorkerPublisher
-from proxy.stats import Stats
+from proxy.telemetry.metrics import WorkerPublisher
+from proxy.telemetry.stats import Stats
 
 
 async def main(directory: Path, worker_id: str, n: int) -> None:

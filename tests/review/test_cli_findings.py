@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from proxy.commands.ops import cmd_history
+from proxy.commands.operate import cmd_history
 
 
 @dataclass

@@ -16,12 +16,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
-from proxy import gates, ops
+from proxy import changes
+from proxy.control import gates
 from proxy.errors import ConflictError, FieldError, NotFoundError, ValidationError
 from proxy.model import Route, State
 
 if TYPE_CHECKING:
-    from proxy.canary import CanaryController
+    from proxy.control.canary import CanaryController
     from proxy.store.base import Store
 
 DrainStatus = Literal["draining", "drained", "cancelled"]
@@ -136,7 +137,7 @@ async def start_drain(store: Store, health: gates.HealthMap, route: str, old: st
     reason = (f"drain {route}: new sessions go to {new}; sessions assigned to {old} stay until it has been "
               f"idle for {quiet:g}s")
     baseline = None if old_requests is None else old_requests()
-    await store.update(lambda s: ops.set_split(s, route, weights), actor=actor, reason=reason)
+    await store.update(lambda s: changes.set_split(s, route, weights), actor=actor, reason=reason)
     d = Drain(route, old, new, quiet, "draining", actor, now, now, last_seen=now, message=reason,
               baseline=baseline, baseline_of=PROCESS if baseline is not None else "")
     await save_drain(store, d)
@@ -166,7 +167,7 @@ class DrainTracker:
         return f"<DrainTracker [watching: {len(self._live)}]>"
 
     async def tick(self) -> list[Drain]:
-        from proxy.canary import counters_of
+        from proxy.control.canary import counters_of
 
         c = self.controller
         store = c.store
@@ -214,7 +215,7 @@ class DrainTracker:
         summary = f"drain {d.route}: {d.old} drained into {d.new}"
         released: list[bool] = []
 
-        def change(s: State) -> ops.Change:
+        def change(s: State) -> changes.Change:
             new, _ = release(s, d)
             released.append(new is not s)
             return new, summary
@@ -231,7 +232,7 @@ def release(state: State, d: Drain) -> tuple[State, str]:
     r = state.route(d.route)
     if r is None or dict(r.split).get(d.old) != 0.0 or not any(w > 0 for v, w in r.split if v != d.old):
         return state, ""
-    new, _ = ops.drop_from_split(state, d.route, d.old)
+    new, _ = changes.drop_from_split(state, d.route, d.old)
     if d.old in r.fallback:
         return new, (f"{d.old} is still in the route's fallback chain, so sessions assigned to it keep reaching "
                      "it until it is removed from there")

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from proxy.canary.analysis import Analysis, Limits, Window, _ms
+from proxy.control.canary.analysis import Analysis, Limits, Window, _ms
 from proxy.parse import Checker
 
 if TYPE_CHECKING:

@@ -2,7 +2,7 @@
 
 Design rule: the controller only gathers the numbers (this process's counters or Prometheus), keeps where
 each rollout stands in the store's meta (so a restarted proxy resumes it) and applies each decision of
-proxy.canary.analysis.analyse through proxy.ops.set_split, so every step and every rollback is a revision
+proxy.control.canary.analysis.analyse through proxy.changes.set_split, so every step and every rollback is a revision
 with actor "canary" and a reason that carries the numbers it was decided on.
 """
 
@@ -16,11 +16,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from proxy import drain as drain_mod
-from proxy import gates, ops
-from proxy.canary.analysis import Analysis, Counters, Window, analyse, counters_of, rollback_weights, step_weights
-from proxy.canary.prometheus import PrometheusSource
-from proxy.canary.rollout import (
+from proxy import changes
+from proxy.control import gates
+from proxy.control.canary import drain as drain_mod
+from proxy.control.canary.analysis import (
+    Analysis,
+    Counters,
+    Window,
+    analyse,
+    counters_of,
+    rollback_weights,
+    step_weights,
+)
+from proxy.control.canary.prometheus import PrometheusSource
+from proxy.control.canary.rollout import (
     ACTIVE,
     CanaryConfig,
     Rollout,
@@ -29,13 +38,13 @@ from proxy.canary.rollout import (
     load_rollouts,
     save_rollout,
 )
+from proxy.control.leader import Leader, leader_for
 from proxy.errors import ConflictError, FieldError, NotFoundError, StoreUnavailableError, ValidationError
-from proxy.leader import Leader, leader_for
 from proxy.model import State
 
 if TYPE_CHECKING:
     from proxy.admin.context import AdminContext
-    from proxy.metrics import StatsSnapshot
+    from proxy.telemetry.metrics import StatsSnapshot
 
 log = logging.getLogger("turnout.canary")
 
@@ -197,7 +206,7 @@ class CanaryController:
 
     async def _apply(self, r: Rollout, weights: Mapping[str, float], reason: str) -> Rollout:
         route = r.config.route
-        await self.store.update(lambda s: ops.set_split(s, route, weights), actor=ACTOR, reason=reason)
+        await self.store.update(lambda s: changes.set_split(s, route, weights), actor=ACTOR, reason=reason)
         merged = dict(r.weights) | dict(weights)
         return replace(r, weights=tuple((v, merged[v]) for v in sorted(merged)))
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO
 
 from proxy.settings import Settings
-from proxy.stats import Stats
+from proxy.telemetry.stats import Stats
 
 # Lines buffered before new ones are dropped: ~5 s of a 20k req/s worker, a few MB of tuples at most.
 MAX_BUFFERED = 100_000

@@ -36,13 +36,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
+from proxy.changes import Change, set_instances
+from proxy.control.gates import routes_serving
+from proxy.control.leader import FOLLOW_POLL, AlwaysLeader, Leader, leader_for
 from proxy.errors import ConflictError, FieldError, NotFoundError, TurnoutError, ValidationError
-from proxy.gates import routes_serving
-from proxy.leader import FOLLOW_POLL, AlwaysLeader, Leader, leader_for
 from proxy.model import State, Version
-from proxy.ops import Change, set_instances
 from proxy.parse import DIGEST_RE
-from proxy.providers.docker_engine import (
+from proxy.providers.engine import (
     ENGINE_TIMEOUT,
     LABEL_IMAGE,
     LABEL_MANAGED,

@@ -34,8 +34,8 @@ from prometheus_client.core import (
     Metric,
 )
 
-from proxy.stats import HIST_SLOTS, LATENCY_BUCKETS, Stats
 from proxy.table import RouteTable
+from proxy.telemetry.stats import HIST_SLOTS, LATENCY_BUCKETS, Stats
 
 # The classic text format: our names are plain ASCII, and every Prometheus version reads 0.0.4.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

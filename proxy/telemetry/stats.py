@@ -1,4 +1,4 @@
-"""Per-process request statistics recorded by the data plane (interface; exported by proxy.metrics).
+"""Per-process request statistics recorded by the data plane (interface; exported by proxy.telemetry.metrics).
 
 Design rule: the request path only increments plain Python ints held in slotted objects reached through
 nested dicts keyed by plain strings (no tuple key is built per request; str hashes are cached); the
@@ -7,7 +7,7 @@ prometheus-client's per-request cost (2-7 us) would be a large share of the prox
 `Stats.request` costs about 0.25 us (timeit, 200k calls, CPython 3.11; see the README, "Observability").
 
 Everything here runs on the event loop thread: no locks. `snapshot()` copies the counters into plain
-JSON-able data that proxy.metrics publishes across worker processes and sums.
+JSON-able data that proxy.telemetry.metrics publishes across worker processes and sums.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class Stats:
         return {(r, v): list(c.hist) for r, vs in self.cells.items() for v, c in vs.items()}
 
     def snapshot(self) -> dict[str, Any]:
-        """Counters as JSON-able data (the wire format workers publish; proxy.metrics.StatsSnapshot reads it)."""
+        """Counters as JSON-able data: the wire format workers publish, read by telemetry.metrics.StatsSnapshot."""
         return {
             "cells": [
                 [r, v, {str(k): n for k, n in c.codes.items()}, c.duration_sum, c.bytes_in, c.bytes_out,

@@ -7,9 +7,9 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from proxy.canary.analysis import Window
+from proxy.control.canary.analysis import Window
 
-# Metric names as proxy.metrics exports them (queried when a rollout uses --prometheus).
+# Metric names as proxy.telemetry.metrics exports them (queried when a rollout uses --prometheus).
 PROM_REQUESTS = "turnout_requests_total"
 PROM_DURATION_BUCKET = "turnout_request_duration_seconds_bucket"
 PROM_UPSTREAM_ERRORS = "turnout_upstream_errors_total"
@@ -27,7 +27,7 @@ def _prom_regex(names: Iterable[str]) -> str:
 def prometheus_queries(route: str, versions: Iterable[str], seconds: float) -> dict[str, str]:
     """PromQL for one side of the comparison over the last `seconds`: requests, errors and p99.
 
-    Errors as proxy.canary.analysis.counters_of counts them: 5xx answers plus requests moved away down the
+    Errors as proxy.control.canary.analysis.counters_of counts them: 5xx answers plus requests moved away down the
     route's fallback chain (also counted as requests of the version), both on this route only.
     """
     sel = f'route="{route}",version=~"{_prom_regex(versions)}"'

@@ -15,8 +15,8 @@ import sys
 import time
 from typing import Any, TextIO
 
-from proxy.client import AdminClient
-from proxy.commands.ops import API, UsageError, _common, _entry
+from proxy.commands.client import AdminClient
+from proxy.commands.operate import API, UsageError, _common, _entry
 
 D = API + "/docker/versions"
 # How often progress is polled; replicas become healthy in seconds, so a quarter second looks live.

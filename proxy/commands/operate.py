@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from urllib.parse import quote
 
 from proxy.admin.tokens import TOKEN_ENV, TokenFileError, client_token
-from proxy.client import DEFAULT_ADMIN, AdminClient, ProblemError, Reply, UnreachableError, problem_document
+from proxy.commands.client import DEFAULT_ADMIN, AdminClient, ProblemError, Reply, UnreachableError, problem_document
 
 API = "/api/v1"
 BAR_WIDTH = 50

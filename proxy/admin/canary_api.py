@@ -13,11 +13,10 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import drain
 from proxy.admin.auth import actor_of
 from proxy.admin.context import AdminContext
 from proxy.admin.problem import BadRequestError
-from proxy.canary import CanaryController, Rollout, counters_of, describe, load_rollout, parse_config
+from proxy.control.canary import CanaryController, Rollout, counters_of, describe, drain, load_rollout, parse_config
 from proxy.errors import FieldError, NotFoundError, ValidationError
 from proxy.parse import Checker
 
@@ -67,7 +66,7 @@ class CanaryApi:
         if isinstance(ctl, CanaryController):
             return ctl
         if self._fallback is None:
-            from proxy.metrics import METRICS_DIR_KEY, aggregate
+            from proxy.telemetry.metrics import METRICS_DIR_KEY, aggregate
 
             self._fallback = CanaryController(
                 self.ctx, lambda: aggregate(self.ctx.stats, self.ctx.extras.get(METRICS_DIR_KEY)))

@@ -34,16 +34,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from proxy import gates
+from proxy.changes import apply_document
+from proxy.control import gates
 from proxy.errors import ConflictError, ValidationError
 from proxy.model import State
-from proxy.ops import apply_document
 from proxy.parse import parse_yaml
-from proxy.runtime import TableHolder
 from proxy.settings import Limits, Settings, Timeouts
-from proxy.stats import Stats
 from proxy.store import Revision, Store, open_store
-from proxy.table import RouteTable
+from proxy.table import RouteTable, TableHolder
+from proxy.telemetry.stats import Stats
 
 ROUTES_FILE_META = "routes_file.sha256"
 WORKER_BACKLOG = 1024
@@ -235,7 +234,7 @@ async def run_worker(settings: Settings, worker_id: str, listen_fd: int | None =
     then `installed N` for the revision it serves and each one it routes with later (not stdout: that may
     carry the access log). `ready` stays a line of its own: a supervisor of the previous release reads only
     that line, and it starts the new release's workers on SIGHUP."""
-    from proxy.dataplane.server import start_dataplane
+    from proxy.dataplane.listener import start_dataplane
 
     stopper = StopSignal()
     stats = Stats()
@@ -261,7 +260,7 @@ async def run_worker(settings: Settings, worker_id: str, listen_fd: int | None =
     report(f"ready\ninstalled {holder.table.revision}\n")
     publisher_task = None
     try:
-        from proxy.metrics import WorkerPublisher
+        from proxy.telemetry.metrics import WorkerPublisher
 
         publisher = WorkerPublisher(stats, metrics_dir(settings), worker_id,
                                     extra=lambda: {"health": dataplane.health_view()})
@@ -322,7 +321,7 @@ class Supervisor:
             rev = await self.store.current()
         self.follower.install(rev)
         if s.workers <= 1:
-            from proxy.dataplane.server import start_dataplane
+            from proxy.dataplane.listener import start_dataplane
 
             self.dataplane = await start_dataplane(s, self.holder, self.stats, sock=self._listener)
             self.follower.listeners.append(self.dataplane.table_changed)
@@ -359,7 +358,7 @@ class Supervisor:
 
     async def _spawn_workers(self) -> None:
         s = self.settings
-        from proxy.metrics import reset_directory
+        from proxy.telemetry.metrics import reset_directory
 
         reset_directory(metrics_dir(s))
         started = [await self._start_worker(i) for i in range(s.workers)]
@@ -491,7 +490,7 @@ class Supervisor:
 
     def _retire_published(self, worker_id: str) -> None:
         try:
-            from proxy.metrics import retire_published
+            from proxy.telemetry.metrics import retire_published
         except ImportError:
             return
         retire_published(metrics_dir(self.settings), worker_id)
@@ -549,7 +548,7 @@ class Supervisor:
         if self.dataplane is not None:
             return {v: dict(eps) for v, eps in self.dataplane.health_view().items()}
         try:
-            from proxy.metrics import worker_extras
+            from proxy.telemetry.metrics import worker_extras
         except ImportError:
             return {}
         merged: dict[str, dict[str, bool]] = {}
@@ -593,7 +592,7 @@ class Supervisor:
                 log(f"{type(svc).__name__} did not start: {e}")
 
     def _optional_services(self) -> list[Any]:
-        from proxy.leader import leader_for
+        from proxy.control.leader import leader_for
         from proxy.providers.local import LocalProvider
 
         # One election for both providers, so with several replicas on etcd the same replica runs the local
@@ -601,14 +600,14 @@ class Supervisor:
         providers = leader_for(self.store, "providers")
         out: list[Any] = [LocalProvider(self.store, leader=providers, state_dir=state_dir(self.settings))]
         try:
-            from proxy.canary import CanaryController
+            from proxy.control.canary import CanaryController
         except ImportError:
             pass
         else:
             out.append(CanaryController(self.ctx, self._stats_source()))
         # Always on: with no docker versions it only watches the store, and an absent engine is reported
         # once, not fatal, so `turnout deploy` works against any running proxy.
-        from proxy.providers.docker import DockerProvider
+        from proxy.providers.containers import DockerProvider
 
         provider = DockerProvider(self.store, leader=providers)
         self.ctx.extras["docker"] = provider
@@ -617,7 +616,7 @@ class Supervisor:
 
     def _stats_source(self) -> Callable[[], Any]:
         try:
-            from proxy.metrics import aggregate
+            from proxy.telemetry.metrics import aggregate
         except ImportError:
             return lambda: self.stats
         directory = metrics_dir(self.settings) if self.settings.workers > 1 else None

@@ -2,7 +2,7 @@
 
 Design rule: the decision is a pure function (`analyse`) of two windows of numbers (canary, baseline) over
 the requests since the last step, and the limits. Nothing here does I/O; the controller
-(proxy.canary.controller) gathers the numbers and applies the verdict.
+(proxy.control.canary.controller) gathers the numbers and applies the verdict.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from proxy.stats import HIST_SLOTS, LATENCY_BUCKETS
+from proxy.telemetry.stats import HIST_SLOTS, LATENCY_BUCKETS
 
 if TYPE_CHECKING:
-    from proxy.metrics import StatsSnapshot
+    from proxy.telemetry.metrics import StatsSnapshot
 
 Verdict = Literal["pass", "fail", "wait"]
 
@@ -164,10 +164,10 @@ def rollback_weights(baselines: Mapping[str, float], canary: str) -> dict[str, f
     return {**baselines, canary: 0.0}
 
 
-# This proxy's own counters; a rollout with --prometheus reads proxy.canary.prometheus instead.
+# This proxy's own counters; a rollout with --prometheus reads proxy.control.canary.prometheus instead.
 
 def counters_of(snap: StatsSnapshot, route: str, versions: Iterable[str]) -> Counters:
-    """Sum of the versions' counters on `route`, over every worker (proxy.metrics.aggregate).
+    """Sum of the versions' counters on `route`, over every worker (proxy.telemetry.metrics.aggregate).
 
     An error is a request that failed on the version once: a 5xx answer (the upstream's, or the 502/504 the
     proxy answers when the upstream failed), or a request that chose the version but was moved down the

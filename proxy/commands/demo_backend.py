@@ -1,6 +1,6 @@
 """A tiny demo version: answers every request with its version name and the client id it saw.
 
-Run as `python -m proxy.demo_backend --name v1 --port 9101`. `turnout demo` starts three of these.
+Run as `python -m proxy.commands.demo_backend --name v1 --port 9101`. `turnout demo` starts three of these.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ from aiohttp import web
 
 from proxy.admin.api import Api, _json, _json_body
 from proxy.admin.context import AdminContext
+from proxy.changes import delete_version, put_version
 from proxy.errors import ConflictError, FieldError, NotFoundError, TurnoutError, ValidationError
-from proxy.ops import delete_version, put_version
 from proxy.parse import parse_version_body
 
 P = "/api/v1/docker"
@@ -39,7 +39,7 @@ class ProviderMissingError(TurnoutError):
 
 
 async def provider_of(ctx: AdminContext) -> Any:
-    from proxy.providers.docker import DockerProvider
+    from proxy.providers.containers import DockerProvider
 
     provider = ctx.extras.get(EXTRAS_KEY) or DockerProvider.for_store(ctx.store)
     if provider is None:
@@ -134,7 +134,7 @@ class DockerApi:
         if not isinstance(force, bool):
             raise ValidationError([FieldError("force", f"expected true or false, got {force!r}")])
         force = force or request.query.get("force", "false").lower() in ("", "1", "true", "yes", "on")
-        from proxy.providers.docker import set_replicas
+        from proxy.providers.containers import set_replicas
 
         result = await self.api._write(request, lambda state: set_replicas(state, name, n, force=force))
         provider.kick()

@@ -13,7 +13,6 @@ import socket
 import time
 from collections.abc import Mapping
 
-from proxy.accesslog import AccessLog
 from proxy.dataplane.downstream import ClientConnection, Exchange
 from proxy.dataplane.headers import TrustedPeers
 from proxy.dataplane.health import Health
@@ -21,10 +20,10 @@ from proxy.dataplane.mirror import Mirrorer
 from proxy.dataplane.plan import Plan
 from proxy.dataplane.pool import Backend, Endpoint
 from proxy.dataplane.upstream import UpstreamConnection
-from proxy.runtime import TableHolder
 from proxy.settings import Settings
-from proxy.stats import Stats
-from proxy.table import RouteTable
+from proxy.table import RouteTable, TableHolder
+from proxy.telemetry.accesslog import AccessLog
+from proxy.telemetry.stats import Stats
 
 _CRLF = b"\r\n"
 # On shutdown, how long an idle keep-alive connection may still bring one request (answered with close).
@@ -258,7 +257,9 @@ async def start_dataplane(settings: Settings, holder: TableHolder, stats: Stats,
                           reuse_port: bool = False, sock: socket.socket | None = None) -> DataPlane:
     dp = DataPlane(settings, holder, stats)
     if settings.access_log:
-        from proxy.server import state_dir  # not at module level: proxy.server imports this module lazily
+        from proxy.supervisor.main import (
+            state_dir,  # not at module level: proxy.supervisor.main imports this module lazily
+        )
 
         dp.access_log = AccessLog.open(settings, stats, state_dir=state_dir(settings))
     try:

@@ -17,12 +17,12 @@ from typing import Any
 from urllib.parse import quote
 
 from proxy.admin.tokens import TOKEN_ENV, TokenFileError, client_token
-from proxy.client import DEFAULT_ADMIN, AdminClient, ProblemError, UnreachableError, problem_document
+from proxy.commands.client import DEFAULT_ADMIN, AdminClient, ProblemError, UnreachableError, problem_document
 
 API = "/api/v1"
 DURATION_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
 UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-# Starting a rollout or drain may wait for the version's check command (proxy.gates.CHECK_TIMEOUT, 300 s).
+# Starting a rollout or drain may wait for the version's check command (proxy.control.gates.CHECK_TIMEOUT, 300 s).
 START_TIMEOUT = 330.0
 # --wait polls the API this often at most; a rollout's own interval is usually much longer.
 POLL_MAX = 1.0

@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
+from proxy.changes import Change
 from proxy.errors import ConflictError, StaleRevisionError
 from proxy.model import Route, State, Version
-from proxy.ops import Change
 from proxy.store.base import Revision, Store
 
 # A scanner pulling a vulnerability database can take minutes; longer than this is a hung check.

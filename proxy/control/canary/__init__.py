@@ -4,17 +4,17 @@ back at once when they do not.
 Design rule: the decision is a pure function (`analyse`) of two windows of numbers (canary, baseline) over
 the requests since the last step, and the limits. The controller only gathers those numbers, keeps where
 each rollout stands in the store's meta (so a restarted proxy resumes it) and applies each decision through
-proxy.ops.set_split, so every step and every rollback is a revision with actor "canary" and a reason that
+proxy.changes.set_split, so every step and every rollback is a revision with actor "canary" and a reason that
 carries the numbers it was decided on.
 
 - analysis.py    the pure part: counters, windows, the verdict, the weights of each step
 - prometheus.py  the same windows read from a Prometheus server instead of this proxy's counters
 - rollout.py     the config, where a rollout stands, and how both are kept in the store's meta
-- (proxy.leader)  which replica drives rollouts (always this one, or an etcd lease)
+- (proxy.control.leader)  which replica drives rollouts (always this one, or an etcd lease)
 - controller.py  CanaryController: the loop that measures, decides and applies, and the operator commands
 """
 
-from proxy.canary.analysis import (
+from proxy.control.canary.analysis import (
     P99_MIN_SAMPLES,
     P99_NOISE_FLOOR,
     Analysis,
@@ -28,8 +28,8 @@ from proxy.canary.analysis import (
     rollback_weights,
     step_weights,
 )
-from proxy.canary.controller import ACTOR, CanaryController, StatsSource, plan_baselines
-from proxy.canary.prometheus import (
+from proxy.control.canary.controller import ACTOR, CanaryController, StatsSource, plan_baselines
+from proxy.control.canary.prometheus import (
     PROM_DURATION_BUCKET,
     PROM_FALLBACKS,
     PROM_MIN_RANGE,
@@ -40,7 +40,7 @@ from proxy.canary.prometheus import (
     parse_prometheus_value,
     prometheus_queries,
 )
-from proxy.canary.rollout import (
+from proxy.control.canary.rollout import (
     ACTIVE,
     DEFAULT_STEPS,
     INDEX_KEY,
@@ -55,7 +55,7 @@ from proxy.canary.rollout import (
     rollout_to_json,
     save_rollout,
 )
-from proxy.leader import LEASE_TRUST, LEASE_TTL, AlwaysLeader, EtcdLeader, Leader, leader_for
+from proxy.control.leader import LEASE_TRUST, LEASE_TTL, AlwaysLeader, EtcdLeader, Leader, leader_for
 
 __all__ = [
     "ACTIVE",
