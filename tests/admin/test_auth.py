@@ -35,11 +35,13 @@ async def test_absolute_form_target_naming_a_public_path_still_needs_a_token(adm
     assert b'"revision"' not in out
 
 
-@pytest.mark.parametrize("header", [f"bearer {ALICE}", f"BEARER  {ALICE} ", f"Bearer\t{ALICE}", f"Bearer {ALICE}\x00",
-                                    f"Bearer {ALICE[:-1]}", f"Bearer {ALICE}{ALICE}", "Bearer alice"])
-def test_authorize_only_accepts_the_exact_token(header: str) -> None:
-    expected = "alice" if header.strip().split(None, 1)[-1].strip() == ALICE and header[:7].lower() == "bearer " \
-        else None
+# The scheme is case-insensitive and spaces around the token are dropped; anything else is no token.
+@pytest.mark.parametrize(("header", "expected"), [
+    (f"bearer {ALICE}", "alice"), (f"BEARER  {ALICE} ", "alice"), (f"Bearer\t{ALICE}", None),
+    (f"Bearer {ALICE}\x00", None), (f"Bearer {ALICE[:-1]}", None), (f"Bearer {ALICE}{ALICE}", None),
+    ("Bearer alice", None),
+])
+def test_authorize_only_accepts_the_exact_token(header: str, expected: str | None) -> None:
     assert authorize(TOKENS, header) == expected
 
 
