@@ -2,7 +2,7 @@
 
 Design rule: the store holds what should run (each docker version's pinned image and replica count) and
 the engine holds what does run; the provider only converges the second toward the first and reports
-which replicas pass their health checks as the version's instances (`ops.set_instances`). Every container
+which replicas pass their health checks as the version's instances (`changes.set_instances`). Every container
 it makes is labelled with this store's id, so a restarted provider adopts what is running instead of
 starting it again, and removes only containers that carry its own label.
 
@@ -16,7 +16,7 @@ the containers; the others only read what it records, so three replicas never st
 containers. A replica that takes over adopts the running containers like a restart does; one that loses
 the lease stops acting at once but never removes anything, so traffic is not disturbed by an election.
 
-A tag (only with allow_tag) is resolved once to a digest pin (see docker_engine) and the result is kept
+A tag (only with allow_tag) is resolved once to a digest pin (see providers/engine.py) and the result is kept
 in the store's meta data, so every later replica runs the same image whatever the tag points to.
 
 This module holds the provider's loop (reconcile, probe, publish) and the state transition `set_replicas`;
