@@ -7,7 +7,18 @@ from pathlib import Path
 import pytest
 
 from proxy.errors import ValidationError
-from proxy.parse import document_of, parse_document, parse_yaml, state_from_stored, state_to_stored
+from proxy.model import State
+from proxy.parse import (
+    document_of,
+    parse_document,
+    parse_route_body,
+    parse_version_body,
+    parse_yaml,
+    state_from_stored,
+    state_to_stored,
+)
+
+EP1 = "http://127.0.0.1:9001"
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,3 +140,17 @@ def test_stored_revisions_with_a_too_small_weight_still_load() -> None:
     stored = state_to_stored(state)
     stored["routes"]["web"]["split"] = {"v1": 99.996, "v2": 0.004}
     assert state_from_stored(stored).routes[0].split == (("v1", 99.996), ("v2", 0.004))
+
+
+@pytest.mark.parametrize(("field", "body"), [
+    ("name", {"split": {"v1": 1}}),
+    ("match.host", {"match": {"host": "app.example\n"}, "split": {"v1": 1}}),
+    ("match.path_prefix", {"match": {"path_prefix": "/api\n"}, "split": {"v1": 1}}),
+    ("assignment_cookie", {"split": {"v1": 1}, "assignment_cookie": "tv\n"}),
+    ("identity", {"split": {"v1": 1}, "identity": [{"header": "X-Client-Id\n"}]}),
+])
+def test_route_fields_with_trailing_newline_are_refused(field: str, body: dict[str, object]) -> None:
+    state = State(versions={"v1": parse_version_body({"endpoints": [EP1]}, "v1", 0.0)})
+    name = "web\n" if field == "name" else "web"
+    with pytest.raises(ValidationError):
+        parse_route_body(body, name, state)

@@ -7,9 +7,9 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.model import IdentitySource, Route, State, Version, VersionSpec
+from proxy.model import IdentitySource, Route, Version, VersionSpec
 from proxy.select import BUCKETS, bucket_bounds, bucket_of, fallback_chain, quantise, smooth_cycle
-from proxy.table import PIN, STICKY, WEIGHTED, CompiledRoute, RouteTable
+from proxy.table import PIN, WEIGHTED, CompiledRoute
 
 
 def _versions(*names: str) -> dict[str, Version]:
@@ -119,118 +119,6 @@ def test_bucket_bounds_cover_all_buckets() -> None:
     assert bucket_bounds([90, 10]) == [9000, 10000]
     assert bucket_bounds([0, 1]) == [0, 10000]
     assert bucket_bounds([1, 0]) == [10000, 10000]
-
-
-def test_route_table_matching_by_specificity_then_order() -> None:
-    from proxy.model import Match
-
-    versions = _versions("v1", "v2")
-    state = State(versions=versions, routes=(
-        Route("catchall", split=(("v1", 1),)),
-        Route("api", match=Match(path_prefix="/api"), split=(("v2", 1),)),
-        Route("api-host", match=Match(host="shop.example.com", path_prefix="/api"), split=(("v1", 1),)),
-        Route("beta", match=Match(path_prefix="/api", headers=(("x-beta", "1"),)), split=(("v2", 1),)),
-        Route("wild", match=Match(host="*.example.com"), split=(("v1", 1),)),
-    ))
-    t = RouteTable(state, 7)
-    def name(host: str, path: str, headers: dict[str, str] | None = None) -> str | None:
-        r = t.match(host, path, headers or {})
-        return None if r is None else r.name
-
-    assert name("x", "/") == "catchall"
-    assert name("x", "/api") == "api"
-    assert name("x", "/api/users") == "api"
-    assert name("x", "/apix") == "catchall"  # prefixes match whole path segments
-    assert name("x", "/api/v", {"x-beta": "1"}) == "beta"
-    assert name("shop.example.com", "/api/x", {"x-beta": "1"}) == "api-host"  # host beats headers
-    assert name("a.example.com", "/") == "wild"
-    assert repr(t) == "<RouteTable revision 7 [Routes: 5 | Versions: 2 | Pins: 0]>"
-
-
-def test_identity_sources_in_order() -> None:
-    r = CompiledRoute(Route("web", identity=(IdentitySource("header", "x-client-id"),
-                                             IdentitySource("cookie", "cid"), IdentitySource("query", "client")),
-                            split=(("v1", 1),)))
-    assert r.client_id({"x-client-id": "h"}, "client=q") == "h"
-    assert r.client_id({"cookie": "a=1; cid=c"}, "client=q") == "c"
-    assert r.client_id({}, "x=1&client=q") == "q"
-    assert r.client_id({"x-client-id": ""}, None) is None
-    assert r.pick(None)[0] == WEIGHTED
-    assert r.pick("someone")[0] == STICKY
-
-
-def test_recompiling_after_a_weight_change_reuses_the_compiled_pins() -> None:
-    import dataclasses
-
-    versions = _versions("v1", "v2", "acme")
-    route = Route("web", split=(("v1", 90), ("v2", 10)), pins={f"c{i}": "acme" for i in range(1000)},
-                  fallback=("v1",))
-    t1 = RouteTable(State(versions=versions, routes=(route,)), 1)
-    moved = dataclasses.replace(route, split=(("v1", 50), ("v2", 50)))
-    t2 = RouteTable(State(versions=versions, routes=(moved,)), 2, previous=t1)
-    assert t2.routes[0]._pins is t1.routes[0]._pins
-    assert t2.routes[0].pick("c7") == (PIN, ("acme", "v1"))
-    repinned = dataclasses.replace(moved, pins={"c7": "v2"})
-    t3 = RouteTable(State(versions=versions, routes=(repinned,)), 3, previous=t2)
-    assert t3.routes[0]._pins is not t2.routes[0]._pins
-    assert t3.routes[0].pick("c7") == (PIN, ("v2", "v1"))
-    refallback = dataclasses.replace(moved, fallback=("v2",))
-    t4 = RouteTable(State(versions=versions, routes=(refallback,)), 4, previous=t2)
-    assert t4.routes[0].pick("c7") == (PIN, ("acme", "v2"))
-    # A rollback brings an equal mapping (a different object, read back from the store): reused too; one
-    # changed entry among the same number is not.
-    equal = dataclasses.replace(moved, pins=dict(route.pins))
-    t5 = RouteTable(State(versions=versions, routes=(equal,)), 5, previous=t2)
-    assert t5.routes[0]._pins is t2.routes[0]._pins
-    one_off = dataclasses.replace(moved, pins={**route.pins, "c999": "v2"})
-    t6 = RouteTable(State(versions=versions, routes=(one_off,)), 6, previous=t2)
-    assert t6.routes[0]._pins is not t2.routes[0]._pins and t6.routes[0].pick("c999") == (PIN, ("v2", "v1"))
-
-
-def test_a_pin_change_patches_a_copy_of_the_compiled_pins() -> None:
-    import dataclasses
-
-    versions = _versions("v1", "v2", "acme")
-    route = Route("web", split=(("v1", 90), ("v2", 10)), pins={f"c{i}": "acme" for i in range(1000)},
-                  fallback=("v1",))
-    t1 = RouteTable(State(versions=versions, routes=(route,)), 1)
-    pins = {**route.pins, "new": "v2", "c5": "v2"}
-    del pins["c9"]
-    t2 = RouteTable(State(versions=versions, routes=(dataclasses.replace(route, pins=pins),)), 2, previous=t1)
-    old, new = t1.routes[0], t2.routes[0]
-    # Unchanged clients keep the very entries compiled before: nothing was recompiled.
-    assert new._pins["c1"] is old._pins["c1"]
-    assert (new.pick("new"), new.pick("c5"), new.pick("c1")) == (
-        (PIN, ("v2", "v1")), (PIN, ("v2", "v1")), (PIN, ("acme", "v1")))
-    assert new.pick("c9")[0] == STICKY and len(new._pins) == 1000
-    # The previous table is untouched (it may still be serving).
-    assert (old.pick("c5"), old.pick("c9"), old.pick("new")[0]) == (
-        (PIN, ("acme", "v1")), (PIN, ("acme", "v1")), STICKY)
-    # Many changes (more than one in 8): compiled afresh.
-    many = {f"c{i}": ("v2" if i < 200 else "acme") for i in range(1000)}
-    t3 = RouteTable(State(versions=versions, routes=(dataclasses.replace(route, pins=many),)), 3, previous=t1)
-    assert t3.routes[0]._pins["c500"] is not old._pins["c500"] and t3.routes[0].pick("c5") == (PIN, ("v2", "v1"))
-
-
-def test_normalize_path_resolves_what_an_upstream_would() -> None:
-    from proxy.table import normalize_path
-
-    cases = {
-        "/": "/", "/a/b": "/a/b", "/x/../admin/users": "/admin/users", "/./admin/x": "/admin/x",
-        "//admin/x": "/admin/x", "/%61dmin/x": "/admin/x", "/a/b/..": "/a/", "/..": "/", "/a//b/": "/a/b/",
-        "/%2e%2e/admin": "/admin", "/a%2Fb": "/a%2Fb",  # an encoded slash stays data, not a separator
-    }
-    assert {p: normalize_path(p) for p in cases} == cases
-
-
-def test_assignment_cookie_only_for_split_and_fallback_versions_and_pins_win() -> None:
-    r = _route({"v1": 0, "v2": 100}, pins={"big": "dedicated"}, fallback=("v0",), assignment_cookie="tv")
-    assert r.assigned("v1") == ("assigned", ("v1", "v0"))  # weight 0: a draining version keeps its sessions
-    assert r.assigned("v0") == ("assigned", ("v0",))
-    assert r.assigned("dedicated") is None  # reachable only through someone else's pin
-    assert r.pick_session("big", "v1") == (PIN, ("dedicated", "v0"))
-    assert r.pick_session("someone", "v1") == ("assigned", ("v1", "v0"))
-    assert r.pick_session("someone", "dedicated")[0] == STICKY
 
 
 def test_a_sticky_version_that_cannot_serve_is_spread_over_the_usable_ones_by_weight() -> None:

@@ -2,7 +2,7 @@
 
 Design rule: the store holds what should run (each docker version's pinned image and replica count) and
 the engine holds what does run; the provider only converges the second toward the first and reports
-which replicas pass their health checks as the version's instances (`ops.set_instances`). Every container
+which replicas pass their health checks as the version's instances (`changes.set_instances`). Every container
 it makes is labelled with this store's id, so a restarted provider adopts what is running instead of
 starting it again, and removes only containers that carry its own label.
 
@@ -16,8 +16,12 @@ the containers; the others only read what it records, so three replicas never st
 containers. A replica that takes over adopts the running containers like a restart does; one that loses
 the lease stops acting at once but never removes anything, so traffic is not disturbed by an election.
 
-A tag (only with allow_tag) is resolved once to a digest pin (see docker_engine) and the result is kept
+A tag (only with allow_tag) is resolved once to a digest pin (see providers/engine.py) and the result is kept
 in the store's meta data, so every later replica runs the same image whatever the tag points to.
+
+This module holds the provider's loop (reconcile, probe, publish) and the state transition `set_replicas`;
+the per-replica bookkeeping and reported status are in providers/replicas.py, the Docker event thread in
+providers/events.py, the SDK behind providers/engine.py.
 """
 
 from __future__ import annotations
@@ -28,13 +32,11 @@ import dataclasses
 import functools
 import os
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from proxy.changes import Change, set_instances
 from proxy.control.gates import routes_serving
@@ -55,11 +57,19 @@ from proxy.providers.engine import (
     EngineUnavailableError,
     ResolvedImage,
 )
+from proxy.providers.events import RECONNECT_BACKOFF, EngineEvents
+from proxy.providers.replicas import (
+    Replica,
+    VersionStatus,
+    event_action,
+    followed_status,
+    version_status,
+)
 from proxy.store.base import Store
 
 __all__ = [
     "LABEL_IMAGE", "LABEL_MANAGED", "LABEL_PORT", "LABEL_REPLICA", "LABEL_STATE", "LABEL_VERSION",
-    "DockerProvider", "EngineUnavailableError", "ReplicaStatus", "ResolvedImage", "VersionStatus", "probe",
+    "DockerProvider", "EngineUnavailableError", "ResolvedImage", "VersionStatus", "probe",
     "set_replicas",
 ]
 
@@ -69,68 +79,10 @@ STATE_ID_META = "docker.state_id"
 IMAGE_META_PREFIX = "docker.image."  # + version name: a tag resolved once, kept for every later replica
 ACTOR = "docker-provider"
 
-# A replica leaves rotation after this many failed probes in a row (one failure may be a GC pause).
-UNHEALTHY_AFTER = 3
 # Full re-list of containers even without events, in case an event was lost while reconnecting.
 RESYNC_INTERVAL = 15.0
-# Backoff for recreating a replica that keeps exiting: doubles per exit, capped, so a crash loop costs
-# little while a one-off crash is replaced at once.
-RECREATE_BACKOFF = (0.5, 30.0)
-# Engine reconnect backoff (seconds): first retry quickly, then settle at a cheap poll.
-RECONNECT_BACKOFF = (0.5, 5.0)
 # Log lines kept from a replica that exited, shown by `turnout deploy` when a version never gets healthy.
 LOG_TAIL = 20
-# A replica that exited this often without ever passing a health check is reported as failing.
-FAILING_AFTER_EXITS = 2
-
-ReplicaState = Literal["starting", "healthy", "unhealthy", "exited", "missing"]
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicaStatus:
-    replica: int
-    state: ReplicaState
-    container: str | None
-    name: str | None
-    endpoint: str | None
-    started_at: str | None
-    exits: int
-    error: str | None
-    last_logs: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class VersionStatus:
-    name: str
-    image: str
-    image_id: str | None
-    network: str
-    desired: int
-    healthy: int
-    running: int
-    created: float
-    routes: tuple[str, ...]
-    instances: tuple[str, ...]  # endpoints currently recorded in the store
-    failing: bool  # every replica keeps exiting without ever passing a health check
-    error: str | None  # why replicas cannot be made (missing image, bad spec)
-    replicas: tuple[ReplicaStatus, ...]
-
-
-@dataclass(slots=True)
-class _Replica:
-    """What the provider knows about one replica slot (mutable bookkeeping, not shared data)."""
-
-    version: str
-    replica: int
-    container: Container | None = None
-    healthy: bool = False
-    ever_healthy: bool = False
-    failures: int = 0
-    next_probe: float = 0.0
-    exits: int = 0
-    retry_at: float = 0.0
-    error: str | None = None
-    last_logs: tuple[str, ...] = ()
 
 
 # Pure state transitions
@@ -213,7 +165,7 @@ class DockerProvider:
         self.engine_error: str | None = "connecting"
         self._reported: str | None = None  # the engine error last logged
         self._state = State()
-        self._replicas: dict[tuple[str, int], _Replica] = {}
+        self._replicas: dict[tuple[str, int], Replica] = {}
         self._images: dict[str, ResolvedImage] = {}
         self._image_errors: dict[str, str] = {}
         self._wake = asyncio.Event()
@@ -221,9 +173,7 @@ class DockerProvider:
         self._next_resync = 0.0
         self._reconnect_delay = RECONNECT_BACKOFF[0]
         self._tasks: list[asyncio.Task[None]] = []
-        self._events_thread: threading.Thread | None = None
-        self._events_stop = threading.Event()
-        self._events_stream: Any = None
+        self._events: EngineEvents | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = asyncio.Lock()
         # Engine calls run here, not in the loop's default executor, so stop() can wait for the ones in
@@ -256,9 +206,8 @@ class DockerProvider:
         self._state = (await self.store.current()).state
         await self.leader.start()
         await self.leader.settled()
-        self._events_thread = threading.Thread(target=self._follow_events, name="turnout-docker-events",
-                                               daemon=True)
-        self._events_thread.start()
+        self._events = EngineEvents(self.engine, state_id, on_event=self._on_event, kick=self.kick)
+        self._events.start(self._loop)
         self._tasks = [self._loop.create_task(self._run()), self._loop.create_task(self._watch_store())]
         # One pass before returning (and before the admin API sees this provider), so a restart has
         # adopted its containers when start() returns.
@@ -276,18 +225,15 @@ class DockerProvider:
 
     async def stop(self) -> None:
         DockerProvider._running.pop(id(self.store), None)
-        self._events_stop.set()
-        stream = self._events_stream
-        if stream is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(stream.close)
+        if self._events is not None:
+            await self._events.close()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        if self._events_thread is not None:
-            await asyncio.to_thread(self._events_thread.join, 5.0)
+        if self._events is not None:
+            await self._events.join()
         await self.leader.stop()
         await asyncio.to_thread(self._pool.shutdown, True)
         await asyncio.to_thread(self.engine.reset)
@@ -357,71 +303,17 @@ class DockerProvider:
     def role(self) -> dict[str, Any]:
         return {"leading": self._acting, "holder": self.leader.holder}
 
-    def _followed_status(self, name: str, v: Version, state: State) -> VersionStatus:
-        """What a replica that does not drive the containers knows: the instances the driving one recorded
-        (it records only replicas that pass their health checks)."""
-        why = f"driven by another replica ({self.leader.holder or 'election pending'})"
-        reps = tuple(ReplicaStatus(i, "healthy", None, None, v.endpoints[i], None, 0, None, ()) if i < len(v.endpoints)
-                     else ReplicaStatus(i, "missing", None, None, None, None, 0, why, ())
-                     for i in range(max(v.spec.replicas, len(v.endpoints))))
-        return VersionStatus(
-            name=name, image=v.spec.image or "", image_id=None, network=v.spec.network, desired=v.spec.replicas,
-            healthy=len(v.endpoints), running=len(v.endpoints), created=v.created,
-            routes=tuple(state.users_of(name)), instances=v.endpoints, failing=False, error=None, replicas=reps)
-
     def status(self, state: State | None = None) -> list[VersionStatus]:
         state = state or self._state
         out = []
         if not self._acting:
-            return [self._followed_status(name, v, state) for name, v in sorted(state.versions.items())
+            return [followed_status(name, v, state, self.leader.holder) for name, v in sorted(state.versions.items())
                     if v.spec.kind == "docker"]
         for name, v in sorted(state.versions.items()):
-            if v.spec.kind != "docker":
-                continue
-            reps = []
-            for i in range(max(v.spec.replicas, self._max_replica(name) + 1)):
-                r = self._replicas.get((name, i))
-                if r is None:
-                    if i < v.spec.replicas:
-                        reps.append(ReplicaStatus(i, "missing", None, None, None, None, 0, None, ()))
-                    continue
-                reps.append(self._replica_status(r))
-            img = self._images.get(name)
-            failing = bool(reps) and v.spec.replicas > 0 and all(
-                (r := self._replicas.get((name, i))) is not None and not r.ever_healthy
-                and r.exits >= FAILING_AFTER_EXITS for i in range(v.spec.replicas))
-            out.append(VersionStatus(
-                name=name, image=v.spec.image or "", image_id=img.image_id if img else None,
-                network=v.spec.network, desired=v.spec.replicas,
-                healthy=sum(1 for r in reps if r.state == "healthy"),
-                running=sum(1 for r in reps if r.container is not None and r.state != "exited"),
-                created=v.created, routes=tuple(state.users_of(name)), instances=v.endpoints,
-                failing=failing, error=self._image_errors.get(name), replicas=tuple(reps),
-            ))
+            if v.spec.kind == "docker":
+                out.append(version_status(name, v, state, self._replicas, self._images.get(name),
+                                          self._image_errors.get(name)))
         return out
-
-    def _max_replica(self, name: str) -> int:
-        return max((i for (n, i) in self._replicas if n == name), default=-1)
-
-    @staticmethod
-    def _replica_status(r: _Replica) -> ReplicaStatus:
-        c = r.container
-        state: ReplicaState
-        if c is None:
-            state = "exited" if r.exits else "missing"
-        elif not c.running:
-            state = "exited"
-        elif r.healthy:
-            state = "healthy"
-        elif r.ever_healthy:
-            state = "unhealthy"
-        else:
-            state = "starting"
-        return ReplicaStatus(
-            replica=r.replica, state=state, container=c.id[:12] if c else None, name=c.name if c else None,
-            endpoint=c.endpoint if c else None, started_at=c.started_at if c else None, exits=r.exits,
-            error=r.error, last_logs=r.last_logs,
-        )
 
     # the loop
 
@@ -570,37 +462,24 @@ class DockerProvider:
             else:
                 seen[key] = c
         for key, c in exited:
-            r = self._replicas.setdefault(key, _Replica(*key))
+            r = self._replicas.setdefault(key, Replica(*key))
             lines: tuple[str, ...] = ()
             with contextlib.suppress(TurnoutError):
                 lines = await self._blocking(self.engine.logs, c.id)
-            r.last_logs = lines
-            r.exits += 1
-            r.error = f"exited with code {c.exit_code}"
-            r.healthy = False
-            delay = min(RECREATE_BACKOFF[0] * 2 ** (r.exits - 1), RECREATE_BACKOFF[1])
-            r.retry_at = now + delay
-            r.container = None
+            delay = r.exited(c.exit_code, lines, now)
             self.log(f"{c.version} replica {c.replica}: {c.name} {r.error}; replacing it in {delay:g}s")
             await self._blocking(self.engine.remove, c.id)
         for c in doomed:
             self.log(f"removing {c.name} ({c.version} replica {c.replica}): no longer wanted")
             await self._blocking(self.engine.remove, c.id)
             gone = self._replicas.get((c.version, c.replica))
-            if gone is not None and gone.container is not None and gone.container.id == c.id:
-                gone.container = None
+            if gone is not None:
+                gone.removed(c.id)
         # Adopt or refresh what runs.
         for key, c in seen.items():
-            r = self._replicas.setdefault(key, _Replica(*key))
-            if r.container is None or r.container.id != c.id:
-                # Adopted after a restart: trust the recorded instances until a probe says otherwise, so a
-                # proxy restart does not flap its versions out of rotation.
-                r.healthy = r.ever_healthy = not self._adopted and c.endpoint in recorded
-                r.next_probe = now
-                r.failures = 0
-            r.container = c
-            if c.health == "unhealthy":
-                r.healthy = False
+            r = self._replicas.setdefault(key, Replica(*key))
+            # Adopted after a restart: trust the recorded instances until a probe says otherwise.
+            r.running(c, trusted=not self._adopted and c.endpoint in recorded, now=now)
         # Forget bookkeeping of versions and slots that are no longer wanted (their containers are gone).
         for key in list(self._replicas):
             owner = wanted.get(key[0])
@@ -621,23 +500,17 @@ class DockerProvider:
                 key = (name, i)
                 if key in seen:
                     continue
-                r = self._replicas.setdefault(key, _Replica(name, i))
+                r = self._replicas.setdefault(key, Replica(name, i))
                 if r.retry_at > now:
                     continue
                 try:
                     c = await self._blocking(self.engine.create, state_id=self.state_id, version=v,
                                                 replica=i, image=img)
                 except (ValidationError, ConflictError, NotFoundError) as e:
-                    r.error = str(e)
-                    r.exits += 1
-                    r.retry_at = now + min(RECREATE_BACKOFF[0] * 2 ** (r.exits - 1), RECREATE_BACKOFF[1])
+                    r.create_failed(str(e), now)
                     self.log(f"{name} replica {i}: cannot create a container: {e}")
                     continue
-                r.container = c
-                r.healthy = False
-                r.failures = 0
-                r.retry_at = 0.0
-                r.next_probe = time.monotonic()
+                r.created(c, time.monotonic())
                 self.log(f"{name} replica {i}: started {c.name} ({c.endpoint or 'no endpoint'})")
         self._adopted = True
 
@@ -648,31 +521,21 @@ class DockerProvider:
         if due:
             await asyncio.gather(*(self._probe_one(r) for r in due))
 
-    async def _probe_one(self, r: _Replica) -> None:
+    async def _probe_one(self, r: Replica) -> None:
         v = self._state.versions.get(r.version)
         c = r.container
         if v is None or c is None:
             return
         health = v.spec.health
-        r.next_probe = time.monotonic() + health.interval
+        r.probe_scheduled(time.monotonic() + health.interval)
         if c.endpoint is None:
-            r.error = "no endpoint (is the port published?)"
-            r.healthy = False
+            r.no_endpoint()
             return
         err = await probe(c.endpoint, health.path, health.timeout)
         if c.health == "unhealthy":
             err = err or "the image's HEALTHCHECK reports unhealthy"
-        if err is None:
-            r.failures = 0
-            r.error = None
-            if not r.healthy:
-                r.healthy = r.ever_healthy = True
-        else:
-            r.failures += 1
-            r.error = f"health check {health.path}: {err}"
-            if r.healthy and r.failures >= UNHEALTHY_AFTER:
-                r.healthy = False
-                self.log(f"{r.version} replica {r.replica}: {c.name} left rotation ({err})")
+        if r.probed(err, health.path):
+            self.log(f"{r.version} replica {r.replica}: {c.name} left rotation ({err})")
 
     async def _publish(self) -> None:
         """Record each docker version's healthy endpoints in the store, when they changed."""
@@ -698,54 +561,13 @@ class DockerProvider:
                 continue
             self._state = rev.state
 
-    # Docker events, on their own thread
-
-    def _follow_events(self) -> None:
-        delay = RECONNECT_BACKOFF[0]
-        while not self._events_stop.is_set():
-            try:
-                stream = self.engine.events(self.state_id)
-                self._events_stream = stream
-                self._from_thread(self.kick)  # events may have been missed while disconnected
-                delay = RECONNECT_BACKOFF[0]
-                for ev in stream:
-                    self._from_thread(self._on_event, ev)
-            except Exception as e:
-                if not self._events_stop.is_set():
-                    self._from_thread(self._on_events_lost, str(e))
-            finally:
-                self._events_stream = None
-            if not self._events_stop.is_set():
-                self._from_thread(self.kick)
-            self._events_stop.wait(delay)
-            delay = min(delay * 2, RECONNECT_BACKOFF[1])
-
-    def _from_thread(self, fn: Callable[..., None], *args: Any) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(fn, *args)
-
-    def _on_events_lost(self, message: str) -> None:
-        del message  # the reconcile pass reports the engine's state with a clearer message
-        self.kick()
+    # Docker events (followed on their own thread, handled here on the loop)
 
     def _on_event(self, ev: Mapping[str, Any]) -> None:
-        action = str(ev.get("Action") or ev.get("status") or "")
-        cid = str(ev.get("id") or "")
-        if action.startswith("health_status"):
-            status = action.partition(":")[2].strip()
+        action, cid = event_action(ev)
+        if action.startswith("health_status") or action == "die":
             for r in self._replicas.values():
-                if r.container is not None and r.container.id == cid:
-                    r.container = dataclasses.replace(r.container, health=status or None)
-                    if status == "unhealthy":
-                        r.healthy = False
-        elif action == "die":
-            for r in self._replicas.values():
-                if r.container is not None and r.container.id == cid:
-                    # Out of rotation at once; the reconcile pass replaces it.
-                    r.healthy = False
-                    r.container = dataclasses.replace(r.container, running=False)
+                r.on_event(action, cid)
         elif action not in ("start", "destroy", "create"):
             return  # exec_* (image health checks), attach, kill signals...: nothing to converge
         self.kick()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from proxy.changes import set_split
 from proxy.errors import StoreUnavailableError
 from proxy.store import SQLiteStore
 from tests.admin.conftest import ALICE, BOB, EP1, EP2, Admin
+from tests.admin.raw import raw_exchange
 
 PROBLEM = "application/problem+json"
 
@@ -424,3 +426,84 @@ async def test_split_with_a_weight_too_small_to_route_is_422_and_changes_nothing
     r = await admin.call("PATCH", "/api/v1/routes/web/split", {"v1": 1_000_000})
     assert (r.status, paths(r.body)) == (422, ["v2"])
     assert await admin.revision() == 5
+
+
+# Found in review: odd input is a client error that changes nothing.
+
+
+async def test_version_name_with_trailing_newline_is_refused(admin: Admin) -> None:
+    r = await admin.call("PUT", "/api/v1/versions/v1%0A", {"endpoints": [EP1]})
+    assert (r.status, r.content_type) == (422, PROBLEM)
+    assert admin.ctx.holder.table.versions == {}
+    assert await admin.revision() == 0
+
+
+CRASHES = {
+    "if_match_superscript_digit": ("PUT", "/api/v1/versions/v9", {"If-Match": '"\u00b2"'}, 400),
+    "if_match_5000_digits": ("PUT", "/api/v1/versions/v9", {"If-Match": '"' + "9" * 5000 + '"'}, 400),
+    "limit_superscript_digit": ("GET", "/api/v1/revisions?limit=%C2%B2", {}, 400),
+    "before_5000_digits": ("GET", "/api/v1/revisions?before=" + "9" * 5000, {}, 400),
+    "revision_superscript_digit": ("GET", "/api/v1/revisions/%C2%B2", {}, 400),
+    "revision_beyond_int64": ("GET", "/api/v1/revisions/99999999999999999999999", {}, 400),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CRASHES))
+async def test_odd_numbers_in_headers_and_paths_are_client_errors(admin: Admin, name: str) -> None:
+    method, path, headers, status = CRASHES[name]
+    body = b'{"endpoints": ["http://127.0.0.1:9001"]}' if method == "PUT" else b""
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    port = admin.url.rsplit(":", 1)[1]
+    raw = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {ALICE}\r\n"
+           f"Content-Length: {len(body)}\r\n{head}\r\n").encode() + body
+    out = await raw_exchange(int(port), raw)
+    assert out.startswith(b"HTTP/1.1 %d " % status)
+    assert await admin.revision() == 0
+
+
+@pytest.mark.parametrize(("data", "status"), [
+    ("[" * 100_000 + "]" * 100_000, 400),
+    ('{"v1": 1e999}', 422),
+    ('{"v1": -0.0, "v2": 1e-400}', 422),
+    ('{"v1": "100"}', 422),
+    ('{"v1": true}', 422),
+    ('{"v1": Infinity}', 400),
+    ('{"v1": 1, "v1": 1}', 400),
+    ('{"\\ud800": 1}', 422),
+    ("\ufeff{}", 422),
+    ('{"v1": ' + "9" * 5000 + "}", 400),
+])
+async def test_json_edge_cases_never_change_state_or_crash(admin: Admin, data: str, status: int) -> None:
+    await admin.seed()
+    r = await admin.call("PATCH", "/api/v1/routes/web/split", data=data.encode("utf-8", "surrogatepass"))
+    assert (r.status, r.content_type) == (status, PROBLEM)
+    assert await admin.revision() == 4
+
+
+async def test_reads_accept_no_body_driven_mutation(admin: Admin) -> None:
+    await admin.seed()
+    for path in ("/api/v1/state", "/api/v1/routes/web", "/api/v1/versions/v1", "/api/v1/revisions"):
+        r = await admin.call("GET", path, data=json.dumps({"split": {"v2": 100}}))
+        assert r.status == 200
+    r = await admin.call("GET", "/api/v1/routes/web/rollback")
+    assert r.status == 405
+    assert await admin.revision() == 4
+
+
+@pytest.mark.parametrize("value", ['"4', 'W/"4"', "4"])
+async def test_if_match_variants_accepted_as_documented(admin: Admin, value: str) -> None:
+    await admin.seed()
+    r = await admin.call("PATCH", "/api/v1/routes/web/split", {"v2": 0}, headers={"If-Match": value})
+    assert r.status == 200
+
+
+# A stale but well-formed revision is a failed precondition (412); anything that is not a revision is a bad
+# request (400).
+@pytest.mark.parametrize(("value", "status"), [('"3"', 412), ('"4", "5"', 400), ("-4", 400), ("4.0", 400),
+                                               ("0x4", 400), ("", 400)])
+async def test_if_match_that_is_not_the_current_revision_never_writes(admin: Admin, value: str,
+                                                                      status: int) -> None:
+    await admin.seed()
+    r = await admin.call("PATCH", "/api/v1/routes/web/split", {"v2": 10}, headers={"If-Match": value})
+    assert r.status == status
+    assert await admin.revision() == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -11,12 +12,13 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from proxy.cli import COMMAND_MODULES, main
 from proxy.commands.client import AdminClient
-from proxy.commands.operate import split_bar
+from proxy.commands.operate import cmd_history, split_bar
 from tests.admin.conftest import ALICE, BOB, EP1, EP2, Admin
 
 ROUTES = f"""
@@ -332,3 +334,29 @@ async def test_status_says_sticky_only_with_an_identity_source(cli: Cli, routes_
         "route web: any host, prefix /, sticky on, 0 pin(s), fallback v1",
         "route api: any host, prefix /api, sticky off (no identity source), 0 pin(s)",
     ]
+
+
+# History text is attacker-influenced (any token holder writes reasons).
+
+
+@dataclass
+class _Reply:
+    data: Any
+
+
+class _FakeClient:
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def get(self, path: str, query: dict[str, str] | None = None) -> _Reply:
+        return _Reply(self.data)
+
+
+def test_history_table_does_not_pass_terminal_control_characters(capsys: pytest.CaptureFixture[str]) -> None:
+    evil = "fine\x1b[2K\x1b[1A\x1b]52;c;ZXZpbA==\x07\rsplit web v1=100\x9b2J"
+    data = {"revisions": [{"revision": 5, "time": 0.0, "actor": "ci\x1b[8m", "summary": "pin acme\x1b[0m",
+                           "reason": evil}]}
+    args = argparse.Namespace(limit=10, route=None, json=False)
+    assert cmd_history(args, _FakeClient(data)) == 0  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert not any(c in out for c in ("\x1b", "\x07", "\r", "\x9b"))

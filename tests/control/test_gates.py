@@ -11,7 +11,7 @@ from proxy.control.canary import CanaryConfig, Limits
 from proxy.control.gates import admit, check_gate, check_readiness, gaining, last_verdict, run_check, version_ready
 from proxy.errors import ConflictError
 from proxy.model import Mirror, Route, State, Version, VersionSpec
-from tests.canary.conftest import EP2, World, seed, static, two_versions
+from tests.control.conftest import EP2, World, seed, static, two_versions
 
 CFG = CanaryConfig("web", "v2", (50.0, 100.0), interval=10.0, limits=Limits(0.01, 1.5, 20))
 

@@ -10,7 +10,7 @@ import pytest
 from proxy.control.canary import CanaryConfig, Limits, load_rollout
 from proxy.errors import ConflictError
 from proxy.store.sqlite import SQLiteStore
-from tests.canary.conftest import World
+from tests.control.conftest import World
 
 CFG = CanaryConfig("web", "v2", (1.0, 5.0, 25.0, 50.0, 100.0), interval=10.0,
                    limits=Limits(max_error_rate=0.01, max_p99_ratio=1.5, min_requests=20))

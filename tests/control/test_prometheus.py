@@ -18,7 +18,7 @@ from proxy.control.canary import (
     parse_prometheus_value,
     prometheus_queries,
 )
-from tests.canary.conftest import World
+from tests.control.conftest import World
 
 
 @dataclass

@@ -9,7 +9,7 @@ from proxy.control.canary import counters_of
 from proxy.control.canary.drain import Drain, drain_weights, load_drain, observe, start_drain
 from proxy.errors import ConflictError, ValidationError
 from proxy.model import Route
-from tests.canary.conftest import World, seed, two_versions
+from tests.control.conftest import World, seed, two_versions
 
 
 def test_drain_weights_move_the_old_weight_to_the_new_version() -> None:

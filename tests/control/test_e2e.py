@@ -33,7 +33,7 @@ from proxy.supervisor.main import Follower
 from proxy.table import TableHolder
 from proxy.telemetry.metrics import aggregate
 from proxy.telemetry.stats import Stats
-from tests.canary.conftest import Clock, seed
+from tests.control.conftest import Clock, seed
 
 TOKEN = "canary-test-token-0123456789"
 ROOT = Path(__file__).resolve().parents[2]
