@@ -22,12 +22,12 @@ from aiohttp import web
 
 from proxy.admin.api import Api, _json, _json_body
 from proxy.admin.context import AdminContext
-from proxy.changes import delete_version, put_version
+from proxy.changes import delete_version, put_version, set_replicas
 from proxy.errors import ConflictError, FieldError, NotFoundError, TurnoutError, ValidationError
 from proxy.parse import parse_version_body
+from proxy.providers.containers import DockerProvider
 
 P = "/api/v1/docker"
-EXTRAS_KEY = "docker"  # ctx.extras["docker"]: the running DockerProvider, when the supervisor sets it
 # How long a retire waits for the containers to be removed before answering (they still go afterwards).
 RETIRE_WAIT = 30.0
 MAX_LOG_TAIL = 1000
@@ -38,10 +38,8 @@ class ProviderMissingError(TurnoutError):
     status_hint = 503
 
 
-async def provider_of(ctx: AdminContext) -> Any:
-    from proxy.providers.containers import DockerProvider
-
-    provider = ctx.extras.get(EXTRAS_KEY) or DockerProvider.for_store(ctx.store)
+async def provider_of(ctx: AdminContext) -> DockerProvider:
+    provider = ctx.docker or DockerProvider.for_store(ctx.store)
     if provider is None:
         raise ProviderMissingError("the Docker provider is not running in this proxy (start `turnout serve` with "
                                    "TURNOUT_DOCKER=1, or with a docker version in its route file)")
@@ -134,8 +132,6 @@ class DockerApi:
         if not isinstance(force, bool):
             raise ValidationError([FieldError("force", f"expected true or false, got {force!r}")])
         force = force or request.query.get("force", "false").lower() in ("", "1", "true", "yes", "on")
-        from proxy.providers.containers import set_replicas
-
         result = await self.api._write(request, lambda state: set_replicas(state, name, n, force=force))
         provider.kick()
         return result.response()

@@ -48,7 +48,7 @@ class World:
         return aggregate(self.stats, None)
 
     def controller(self) -> CanaryController:
-        return CanaryController(self.ctx, self.snapshot, clock=self.clock)
+        return CanaryController(self.store, self.stats, self.ctx.health, self.snapshot, clock=self.clock)
 
     def feed(self, version: str, n: int, *, status: int = 200, duration: float = 0.004,
              route: str = "web") -> None:

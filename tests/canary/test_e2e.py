@@ -141,7 +141,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
                        tokens={TOKEN: "alice"})
     ctx.extras["on_table"] = [follower.on_table]
     admin_runner, admin_port = await _serve(create_app(ctx))
-    controller = CanaryController(ctx, lambda: aggregate(stats, None), tick=0.05)
+    controller = CanaryController(store, stats, ctx.health, lambda: aggregate(stats, None), tick=0.05)
     await controller.start()
     session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
     s = Stack(tmp_path, store, stats, dp, ctx, controller, f"http://127.0.0.1:{dp.port}",
@@ -295,7 +295,8 @@ async def test_drain_counts_old_sessions_from_its_start_and_releases_them_once_d
     # The test drives the drain tracker itself, on its own clock: ticks come exactly where it says.
     await stack.controller.stop()
     clock = Clock(time.time())
-    ctl = CanaryController(stack.ctx, lambda: aggregate(stack.stats, None), clock=clock)
+    ctl = CanaryController(stack.store, stack.stats, stack.ctx.health, lambda: aggregate(stack.stats, None),
+                           clock=clock)
     stack.ctx.extras["canary"] = ctl
     old = []
     for i in range(5):

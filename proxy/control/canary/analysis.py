@@ -76,7 +76,7 @@ class Window:
 
 
 @dataclass(frozen=True, slots=True)
-class Limits:
+class Thresholds:
     max_error_rate: float = 0.01
     max_p99_ratio: float = 1.5
     min_requests: int = 200
@@ -104,7 +104,7 @@ def _ms(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds * 1000:.1f}ms"
 
 
-def analyse(canary: Window, baseline: Window, limits: Limits, now: float = 0.0) -> Analysis:
+def analyse(canary: Window, baseline: Window, limits: Thresholds, now: float = 0.0) -> Analysis:
     """Compare the canary with its baseline over the same window. Pure; the verdict's reason has the numbers.
 
     - fewer than min_requests canary requests: wait, unless the errors already seen exceed what
