@@ -172,8 +172,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_worker(args: argparse.Namespace) -> int:
     from proxy.supervisor.main import run as run_loop
-    from proxy.supervisor.main import run_worker as worker_main
-    from proxy.supervisor.main import settings_from_json
+    from proxy.supervisor.process import settings_from_json
+    from proxy.supervisor.worker import run_worker as worker_main
 
     try:
         run_loop(worker_main(settings_from_json(args.settings_json), args.id, args.listen_fd, args.ready_fd))

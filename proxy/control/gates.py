@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 from proxy.changes import Change, reachable
 from proxy.errors import ConflictError, StaleRevisionError
-from proxy.model import Route, State, Version
+from proxy.model import State, Version
 from proxy.store.base import Revision, Store
 
 # A scanner pulling a vulnerability database can take minutes; longer than this is a hung check.

@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from proxy.changes import Change, set_instances, set_replicas
 from proxy.control.leader import FOLLOW_POLL, AlwaysLeader, Leader, leader_for
-from proxy.errors import ConflictError, FieldError, NotFoundError, TurnoutError, ValidationError
+from proxy.errors import ConflictError, NotFoundError, TurnoutError, ValidationError
 from proxy.model import State, Version
 from proxy.parse import DIGEST_RE
 from proxy.providers.engine import (

@@ -11,8 +11,8 @@ from aiohttp import web
 
 from proxy.control.canary import (
     CanaryConfig,
-    Thresholds,
     PrometheusSource,
+    Thresholds,
     Window,
     load_rollout,
     parse_prometheus_value,
@@ -91,7 +91,8 @@ async def test_window_from_a_fake_prometheus(prom: FakePrometheus) -> None:
 
 
 async def test_rollout_decided_on_prometheus_numbers(world: World, prom: FakePrometheus) -> None:
-    cfg = CanaryConfig("web", "v2", (10.0, 100.0), interval=10.0, limits=Thresholds(0.01, 1.5, 100), prometheus=prom.url)
+    cfg = CanaryConfig("web", "v2", (10.0, 100.0), interval=10.0, limits=Thresholds(0.01, 1.5, 100),
+                       prometheus=prom.url)
     ctl = world.controller()
     await ctl.start_rollout(cfg, actor="alice")
     canary = prometheus_queries("web", ["v2"], 10)

@@ -14,11 +14,10 @@ from typing import Any
 
 import pytest
 
-from proxy.changes import put_version
+from proxy.changes import put_version, set_replicas
 from proxy.errors import ConflictError, NotFoundError, ValidationError
 from proxy.model import Route, State, Version, VersionSpec
 from proxy.parse import parse_version_body
-from proxy.changes import set_replicas
 from proxy.providers.containers import DockerProvider, probe
 from proxy.providers.engine import (
     Engine,

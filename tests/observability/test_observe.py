@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.admin.observe import Observe, Sampler
+from proxy.admin.observe import Sampler
 from proxy.settings import Settings
 from proxy.telemetry.metrics import WorkerPublisher, aggregate
 from proxy.telemetry.stats import Stats
@@ -96,7 +96,7 @@ async def test_stats_shape_before_any_rate(admin: Admin) -> None:
 
 async def test_stats_rates_error_ratio_and_p99_over_the_window(admin: Admin) -> None:
     await admin.seed()
-    observe: Observe = admin.ctx.extras["observe"]
+    observe = admin.observe()
     before = observe.snapshot()
     observe.sampler.samples.append(dataclasses.replace(before, time=time.time() - 5.0))
     traffic(admin.ctx.stats, "web", "v1", 99, duration=0.003)

@@ -14,9 +14,9 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+
 from proxy import changes
 from proxy.control import gates
-from proxy.control.canary.drain import DrainTracker
 from proxy.control.canary.analysis import (
     Analysis,
     Counters,
@@ -26,6 +26,7 @@ from proxy.control.canary.analysis import (
     rollback_weights,
     step_weights,
 )
+from proxy.control.canary.drain import DrainTracker
 from proxy.control.canary.prometheus import PrometheusSource
 from proxy.control.canary.rollout import (
     ACTIVE,
