@@ -90,6 +90,7 @@ Try:
 Live status page: {admin_url}/ui (token in {token_file})
 Ctrl-C stops everything.
 """, flush=True)
+        # Not at module level, like proxy.commands.serve: the CLI's start stays fast.
         from proxy.supervisor.main import run as run_loop
         from proxy.supervisor.main import run_supervisor
 

@@ -154,6 +154,11 @@ restarts.""", formatter_class=argparse.RawDescriptionHelpFormatter)
     sub._choices_actions = [a for a in sub._choices_actions if a.dest != "_worker"]
 
 
+# proxy.supervisor is imported when a proxy starts, not at module level: every command line registers this
+# module, and loading the supervisor (aiohttp, uvloop, the data plane) makes `turnout --help` or
+# `turnout status` start in about 0.58 s instead of 0.13 s.
+
+
 def run(args: argparse.Namespace) -> int:
     from proxy.supervisor.main import run as run_loop
     from proxy.supervisor.main import run_supervisor

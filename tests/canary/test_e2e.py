@@ -25,6 +25,7 @@ from proxy.admin.app import create_app
 from proxy.admin.context import AdminContext
 from proxy.control.canary import CanaryController, load_rollout
 from proxy.control.canary.drain import load_drain
+from proxy.control.gates import HealthMap
 from proxy.control.watcher import Watcher
 from proxy.dataplane.listener import DataPlane, start_dataplane
 from proxy.model import HealthCheck, IdentitySource, Route, State, Version, VersionSpec
@@ -140,8 +141,10 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     ctx = AdminContext(settings=settings, store=store, watcher=watcher, stats=stats, health=dp.health_view,
                        tokens={TOKEN: "alice"})
     admin_runner, admin_port = await _serve(create_app(ctx))
-    # Through ctx: a test replaces ctx.health to make a version unready.
-    controller = CanaryController(store, stats, lambda: ctx.health(), lambda: aggregate(stats, None), tick=0.05)
+    def health() -> HealthMap:  # through ctx: a test replaces ctx.health to make a version unready
+        return ctx.health()
+
+    controller = CanaryController(store, stats, health, lambda: aggregate(stats, None), tick=0.05)
     await controller.start()
     ctx.canary = controller
     session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())

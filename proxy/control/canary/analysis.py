@@ -1,7 +1,7 @@
 """Canary analysis: the numbers of a canary and its baseline over one window, and the verdict on them.
 
 Design rule: the decision is a pure function (`analyse`) of two windows of numbers (canary, baseline) over
-the requests since the last step, and the limits. Nothing here does I/O; the controller
+the requests since the last step, and the thresholds. Nothing here does I/O; the controller
 (proxy.control.canary.controller) gathers the numbers and applies the verdict.
 """
 
@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
+from proxy.telemetry.metrics import StatsSnapshot
 from proxy.telemetry.stats import HIST_SLOTS, LATENCY_BUCKETS
-
-if TYPE_CHECKING:
-    from proxy.telemetry.metrics import StatsSnapshot
 
 Verdict = Literal["pass", "fail", "wait"]
 

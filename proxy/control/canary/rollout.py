@@ -1,18 +1,19 @@
 """Rollout records: the config an operator starts a rollout with, where each rollout stands, and how both
-are kept in the store's meta (one key per route plus an index), so a restarted proxy resumes them."""
+are kept in the store's meta (one key per route plus an index), so a restarted proxy resumes them.
+
+Design rule: records are plain frozen data with a JSON form; a config is validated once, by parse_config,
+with errors that name the field."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from proxy.control.canary.analysis import Analysis, Thresholds, Window, _ms
 from proxy.parse import Checker
-
-if TYPE_CHECKING:
-    from proxy.store.base import Store
+from proxy.store.base import Store
 
 Status = Literal["running", "paused", "promoted", "rolled_back", "aborted", "failed"]
 ACTIVE: tuple[Status, ...] = ("running", "paused")
