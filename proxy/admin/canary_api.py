@@ -1,6 +1,6 @@
 """Admin endpoints for progressive delivery: canary rollouts and drains (included by proxy.admin.app).
 
-Every command goes through the process's CanaryController (ctx.canary), whose lock orders it with
+Design rule: every command goes through the process's CanaryController (ctx.canary), whose lock orders it with
 the controller's own steps. A process that runs no controller still accepts commands (they act on the
 store), but nothing advances its rollouts: `"driven": false` in the listing says so.
 """

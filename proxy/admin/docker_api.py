@@ -7,7 +7,7 @@
     DELETE /api/v1/docker/versions/{name}       retire: refused (409) while a route references it
     GET    /api/v1/docker/versions/{name}/logs  ?tail=N: recent log lines per container
 
-Registering is all a deploy does here: the provider sees the new revision and starts the containers, and
+Design rule: registering is all a deploy does here: the provider sees the new revision and starts the containers, and
 the CLI follows their progress with GET. So a docker version registered any other way (a route file,
 PUT /api/v1/versions) gets its containers the same way.
 """

@@ -7,7 +7,8 @@
 - `GET /ui`: the status page (one static HTML file, proxy/admin/ui/index.html). Public: it holds no data
   and asks for the token itself.
 
-Rates need two points in time: every stats request records a sample, and rates compare against the
+Design rule: statistics are summed at request time, never kept here; only rates need state. Rates need
+two points in time: every stats request records a sample, and rates compare against the
 newest sample at least WINDOW seconds old (or the oldest one while fewer exist).
 """
 

@@ -1,4 +1,7 @@
-"""`turnout serve`: run the proxy (and its admin API) from a store, optionally seeded by a route file."""
+"""`turnout serve`: run the proxy (and its admin API) from a store, optionally seeded by a route file.
+
+Design rule: this module turns command-line options into Settings (every field of proxy.settings has its
+option) and hands them to proxy.supervisor; it imports the supervisor only when a proxy starts."""
 
 from __future__ import annotations
 
