@@ -5,7 +5,8 @@ the socket outlives its worker, so connections the kernel queued on it while a w
 by the next one instead of being reset. A worker that dies is started again in its slot (with a backoff);
 SIGHUP replaces the workers one slot at a time (new worker ready first, then the old one is stopped
 gracefully), which is how new code is picked up without failing a request. Each worker reports the revision
-it routes with over a pipe, so `routed` can hold an admin write's answer until every worker routes with it.
+it routes with over a pipe, so `routed` can hold an admin write's answer until every worker routes with it,
+and each change of its endpoints' health, so the readiness gates see what the workers see.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping
 
 from proxy.settings import Settings
 from proxy.supervisor.process import listen_socket, log, metrics_dir, settings_to_json
 from proxy.table import RouteTable
-from proxy.telemetry.metrics import reset_directory, retire_published, worker_extras
+from proxy.telemetry.metrics import reset_directory, retire_published
 
 WORKER_READY_TIMEOUT = 30.0
 # An admin write is answered once every worker reported that it routes with the new revision, or after this
@@ -52,6 +52,8 @@ class Workers:
         # set (then replaced) at every report.
         self._installed: dict[Process, int] = {}
         self._reported = asyncio.Event()
+        # What each running worker last reported of its endpoints' health: version -> endpoint -> up.
+        self._health: dict[Process, dict[str, dict[str, bool]]] = {}
         self._report_tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._served = 0  # the revision the supervisor serves, told to a worker that just started
@@ -141,11 +143,25 @@ class Workers:
                 if len(word) == 2 and word[0] == b"installed" and word[1].isdigit():
                     self._installed[proc] = max(self._installed.get(proc, 0), int(word[1]))
                     self._report()
+                elif len(word) == 4 and word[0] == b"health":
+                    self._health_report(proc, word[1].decode(), word[2].decode(), word[3])
         finally:
-            # End of file: the worker is gone, so no write waits for it.
+            # End of file: the worker is gone, so no write waits for it and its view of health is void.
             transport.close()
             self._installed.pop(proc, None)
+            self._health.pop(proc, None)
             self._report()
+
+    def _health_report(self, proc: Process, version: str, endpoint: str, word: bytes) -> None:
+        view = self._health.setdefault(proc, {})
+        if word == b"gone":
+            eps = view.get(version)
+            if eps is not None:
+                eps.pop(endpoint, None)
+                if not eps:
+                    del view[version]
+        else:
+            view.setdefault(version, {})[endpoint] = word == b"up"
 
     def _report(self) -> None:
         self._reported.set()
@@ -250,14 +266,13 @@ class Workers:
             self._tell_one(proc, table.revision)
 
     def health_view(self) -> dict[str, dict[str, bool]]:
-        """Endpoint health as the workers see it (published with their statistics): up if any worker sees
-        it up."""
+        """Endpoint health as the workers reported it: up if any worker sees it up."""
         merged: dict[str, dict[str, bool]] = {}
-        for extra in worker_extras(metrics_dir(self.settings)):
-            health: Mapping[str, Mapping[str, object]] = extra.get("health", {})
-            for v, eps in health.items():
+        for view in self._health.values():
+            for v, eps in view.items():
+                into = merged.setdefault(v, {})
                 for ep, up in eps.items():
-                    merged.setdefault(v, {})[ep] = merged.get(v, {}).get(ep, False) or bool(up)
+                    into[ep] = into.get(ep, False) or up
         return merged
 
     async def stop_restarts(self) -> None:
