@@ -302,8 +302,6 @@ class Api:
             await self.ctx.watcher.installed(rev.number)
         return WriteResult(rev, changed, summary if changed else "")
 
-    _write = write  # the name feature modules first used
-
 
 @dataclass(frozen=True, slots=True)
 class WriteResult:
@@ -439,7 +437,3 @@ def _info_view(i: RevisionInfo) -> dict[str, Any]:
     return {"revision": i.number, "time": i.time, "actor": i.actor, "reason": i.reason, "summary": i.summary,
             "routes_changed": list(i.routes)}
 
-
-# Names feature modules imported before these became public.
-_json = json_reply
-_json_body = read_json
