@@ -1,5 +1,9 @@
 """The `turnout` command line. Each command group lives in proxy/commands/<group>.py with a
-`register(subparsers)` that adds its commands; each command's handler returns the exit status."""
+`register(subparsers)` that adds its commands; each command's handler returns the exit status.
+
+Design rule: the command line starts fast: modules registered here import only what parsing options and
+talking to the admin API need; the supervisor and the data plane are imported by `serve` and `demo` when
+they run."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from proxy import changes
 from proxy.errors import ConflictError, NotFoundError, StaleRevisionError, ValidationError
 from proxy.parse import parse_document, state_to_stored
 from proxy.store import SQLiteStore, codec
-from proxy.supervisor.main import seed_from_file
+from proxy.supervisor.seed import seed_from_file
 
 DOC = {
     "versions": {"v1": {"endpoints": ["http://127.0.0.1:9101"]}, "v2": {"endpoints": ["http://127.0.0.1:9102"]}},

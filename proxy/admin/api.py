@@ -2,16 +2,14 @@
 
 Design rule: a write is one pure transition from proxy.changes, committed by `store.update` with the caller's
 If-Match as the compare-and-swap revision; bodies are parsed *inside* the transition, against the state
-being changed, so validation and commit see the same versions. Only after the store acknowledged the
-revision does this process install the new route table (and tell the data plane through the `on_table`
-hooks), so an answer of 200 means "durable and already serving here" (with several worker processes: in
-each of them, see proxy.supervisor.main.Supervisor.routed)."""
+being changed, so validation and commit see the same versions. The API never builds a route table: it hands
+the committed revision to the process's watcher (proxy.control.watcher, the one install path) and answers
+once the watcher installed it, so an answer of 200 means "durable and already serving here" (with several
+worker processes: in each of them, bounded, see proxy.supervisor.workers.Workers.routed)."""
 
 from __future__ import annotations
 
-import inspect
 import json
-import logging
 import time
 import unicodedata
 from collections.abc import Callable, Mapping
@@ -50,9 +48,6 @@ from proxy.parse import (
     version_to_dict,
 )
 from proxy.store.base import Revision, RevisionInfo
-from proxy.table import RouteTable
-
-log = logging.getLogger("turnout.admin")
 
 PREFIX = "/api/v1"
 REASON_HEADER = "X-Turnout-Reason"
@@ -283,7 +278,7 @@ class Api:
     # the write path
 
     async def write(self, request: web.Request, change: Callable[[State], Change]) -> WriteResult:
-        """Commit `change` with the request's If-Match, reason and actor; install the result here.
+        """Commit `change` with the request's If-Match, reason and actor; answer once it serves.
 
         Every write passes the check gate here (proxy.control.gates.gated_update): a version whose check command
         fails gets no traffic by any path (split, pin, fallback, mirror, route, apply, rollback) unless
@@ -303,31 +298,9 @@ class Api:
                                        expected=expected, force=_flag(request.query.get("force")))
         changed, summary = outcome[-1] if outcome else (False, "")
         if changed:
-            await self.install(rev)
-            # With several worker processes, the answer waits (bounded) until each routes with the revision.
-            routed = self.ctx.extras.get("routed")
-            if routed is not None:
-                await routed(rev.number)
+            self.ctx.watcher.receive(rev)
+            await self.ctx.watcher.installed(rev.number)
         return WriteResult(rev, changed, summary if changed else "")
-
-    _write = write  # the name feature modules first used
-
-    async def install(self, rev: Revision) -> None:
-        """Serve `rev` in this process now, instead of waiting for the store watcher to deliver it."""
-        if self.ctx.holder.table.revision >= rev.number:
-            return
-        table = RouteTable(rev.state, rev.number, previous=self.ctx.holder.table)
-        if not self.ctx.holder.offer(table):
-            return
-        for hook in list(self.ctx.extras.get("on_table", ())):
-            try:
-                result = hook(table)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                # The revision is committed and installed here; a failing listener must not turn the
-                # operator's successful write into an error.
-                log.exception("on_table hook %r failed for revision %d", hook, rev.number)
 
 
 @dataclass(frozen=True, slots=True)
@@ -464,7 +437,3 @@ def _info_view(i: RevisionInfo) -> dict[str, Any]:
     return {"revision": i.number, "time": i.time, "actor": i.actor, "reason": i.reason, "summary": i.summary,
             "routes_changed": list(i.routes)}
 
-
-# Names feature modules imported before these became public.
-_json = json_reply
-_json_body = read_json

@@ -1,6 +1,6 @@
 """The admin application: the REST API plus the endpoints feature modules contribute.
 
-Middleware order is the error mapper outside the token check, so a refused token is a problem+json 401
+Design rule: middleware order is the error mapper outside the token check, so a refused token is a problem+json 401
 like every other error, and it runs before any handler reads a body.
 """
 

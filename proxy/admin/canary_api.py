@@ -1,6 +1,6 @@
 """Admin endpoints for progressive delivery: canary rollouts and drains (included by proxy.admin.app).
 
-Every command goes through the process's CanaryController (ctx.extras["canary"]), whose lock orders it with
+Design rule: every command goes through the process's CanaryController (ctx.canary), whose lock orders it with
 the controller's own steps. A process that runs no controller still accepts commands (they act on the
 store), but nothing advances its rollouts: `"driven": false` in the listing says so.
 """
@@ -19,6 +19,7 @@ from proxy.admin.problem import BadRequestError
 from proxy.control.canary import CanaryController, Rollout, counters_of, describe, drain, load_rollout, parse_config
 from proxy.errors import FieldError, NotFoundError, ValidationError
 from proxy.parse import Checker
+from proxy.telemetry.metrics import aggregate
 
 PREFIX = "/api/v1"
 
@@ -62,14 +63,12 @@ class CanaryApi:
         self._fallback: CanaryController | None = None
 
     def controller(self) -> CanaryController:
-        ctl = self.ctx.extras.get("canary")
-        if isinstance(ctl, CanaryController):
-            return ctl
+        ctx = self.ctx
+        if ctx.canary is not None:
+            return ctx.canary
         if self._fallback is None:
-            from proxy.telemetry.metrics import METRICS_DIR_KEY, aggregate
-
-            self._fallback = CanaryController(
-                self.ctx, lambda: aggregate(self.ctx.stats, self.ctx.extras.get(METRICS_DIR_KEY)))
+            self._fallback = CanaryController(ctx.store, ctx.stats, ctx.health,
+                                              lambda: aggregate(ctx.stats, ctx.metrics_dir))
         return self._fallback
 
     def routes(self) -> list[web.RouteDef]:
@@ -91,7 +90,7 @@ class CanaryApi:
 
     async def list_rollouts(self, request: web.Request) -> web.Response:
         rollouts = await self.controller().rollouts()
-        driven = isinstance(self.ctx.extras.get("canary"), CanaryController)
+        driven = self.ctx.canary is not None
         return _json({"driven": driven, "rollouts": [rollout_view(r) for r in rollouts]})
 
     async def get_rollout(self, request: web.Request) -> web.Response:

@@ -1,32 +1,45 @@
 """What the admin application needs from the rest of the process, in one object.
 
-The admin app is built by proxy.admin.app.create_app(ctx). Feature modules (observability, canary,
-docker) add their endpoints through `routes(ctx)` functions that app.py includes, so each owns its file.
+Design rule: every field is typed and set by whoever builds the process (the supervisor, or a test); no
+free-form slots. The admin app is built by proxy.admin.app.create_app(ctx); feature modules (observability,
+canary, docker) add their endpoints through `routes(ctx)` functions that app.py includes, so each owns its
+file. Writes reach the data plane only through `watcher` (proxy.control.watcher), never by building a table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
+from proxy.control.canary.controller import CanaryController
+from proxy.control.gates import HealthView
+from proxy.control.watcher import Watcher
+from proxy.providers.containers import DockerProvider
 from proxy.settings import Settings
 from proxy.store.base import Store
 from proxy.table import TableHolder
 from proxy.telemetry.stats import Stats
 
-# version -> endpoint URL -> healthy? (as the data plane currently sees it)
-HealthView = Callable[[], Mapping[str, Mapping[str, bool]]]
+__all__ = ["AdminContext", "HealthView"]
 
 
 @dataclass
 class AdminContext:
     settings: Settings
     store: Store
-    holder: TableHolder
+    watcher: Watcher  # the one install path: a write commits, then waits for watcher.installed
     stats: Stats  # this process's stats; proxy.telemetry.metrics sums across workers at scrape time
     health: HealthView = field(default=lambda: {})
     # bearer token -> actor name recorded in history
     tokens: Mapping[str, str] = field(default_factory=dict)
-    # Free-form slots for feature modules (canary controller, docker provider), keyed by module name.
-    extras: dict[str, Any] = field(default_factory=dict)
+    # The process's canary controller, when it runs one (the admin API then sends commands to it).
+    canary: CanaryController | None = None
+    # The running Docker provider, when the supervisor started one.
+    docker: DockerProvider | None = None
+    # The directory worker processes publish their statistics into (None with a single process).
+    metrics_dir: Path | None = None
+
+    @property
+    def holder(self) -> TableHolder:
+        return self.watcher.holder

@@ -7,7 +7,7 @@
     DELETE /api/v1/docker/versions/{name}       retire: refused (409) while a route references it
     GET    /api/v1/docker/versions/{name}/logs  ?tail=N: recent log lines per container
 
-Registering is all a deploy does here: the provider sees the new revision and starts the containers, and
+Design rule: registering is all a deploy does here: the provider sees the new revision and starts the containers, and
 the CLI follows their progress with GET. So a docker version registered any other way (a route file,
 PUT /api/v1/versions) gets its containers the same way.
 """
@@ -20,14 +20,14 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.admin.api import Api, _json, _json_body
+from proxy.admin.api import Api, json_reply, read_json
 from proxy.admin.context import AdminContext
-from proxy.changes import delete_version, put_version
+from proxy.changes import delete_version, put_version, set_replicas
 from proxy.errors import ConflictError, FieldError, NotFoundError, TurnoutError, ValidationError
 from proxy.parse import parse_version_body
+from proxy.providers.containers import DockerProvider
 
 P = "/api/v1/docker"
-EXTRAS_KEY = "docker"  # ctx.extras["docker"]: the running DockerProvider, when the supervisor sets it
 # How long a retire waits for the containers to be removed before answering (they still go afterwards).
 RETIRE_WAIT = 30.0
 MAX_LOG_TAIL = 1000
@@ -38,10 +38,8 @@ class ProviderMissingError(TurnoutError):
     status_hint = 503
 
 
-async def provider_of(ctx: AdminContext) -> Any:
-    from proxy.providers.containers import DockerProvider
-
-    provider = ctx.extras.get(EXTRAS_KEY) or DockerProvider.for_store(ctx.store)
+async def provider_of(ctx: AdminContext) -> DockerProvider:
+    provider = ctx.docker or DockerProvider.for_store(ctx.store)
     if provider is None:
         raise ProviderMissingError("the Docker provider is not running in this proxy (start `turnout serve` with "
                                    "TURNOUT_DOCKER=1, or with a docker version in its route file)")
@@ -83,7 +81,7 @@ class DockerApi:
         provider = await provider_of(self.ctx)
         rev = await self.ctx.store.current()
         versions = [version_status_view(s) for s in provider.status(rev.state)]
-        return _json({"revision": rev.number, "engine": self._engine(provider), "versions": versions}, rev.number)
+        return json_reply({"revision": rev.number, "engine": self._engine(provider), "versions": versions}, rev.number)
 
     async def get_version(self, request: web.Request) -> web.Response:
         provider = await provider_of(self.ctx)
@@ -91,7 +89,7 @@ class DockerApi:
         name = request.match_info["name"]
         for s in provider.status(rev.state):
             if s.name == name:
-                return _json({"revision": rev.number, "engine": self._engine(provider), **version_status_view(s)},
+                return json_reply({"revision": rev.number, "engine": self._engine(provider), **version_status_view(s)},
                              rev.number)
         if name in rev.state.versions:
             raise ConflictError(f"version {name!r} is a {rev.state.versions[name].spec.kind} version, not docker")
@@ -100,7 +98,7 @@ class DockerApi:
     async def deploy(self, request: web.Request) -> web.Response:
         provider = await provider_of(self.ctx)
         name = request.match_info["name"]
-        body = await _json_body(request)
+        body = await read_json(request)
         if not isinstance(body, dict) or "image" not in body:
             raise ValidationError([FieldError("image", "required: the image to run (repo@sha256:..., or a tag "
                                               "with allow_tag)")])
@@ -117,7 +115,7 @@ class DockerApi:
         # Stored pinned: the digest is what runs from now on, whatever the tag points to later.
         spec = dataclasses.replace(spec, image=resolved.pinned, allow_tag=False, labels=tuple(labels.items()))
         version = dataclasses.replace(version, spec=spec)
-        result = await self.api._write(request, lambda state: put_version(state, version))
+        result = await self.api.write(request, lambda state: put_version(state, version))
         provider.kick()
         return result.response(created_status=201, image=resolved.pinned, image_id=resolved.image_id,
                                tag=resolved.tag)
@@ -126,7 +124,7 @@ class DockerApi:
         provider = await provider_of(self.ctx)
         await provider.require_engine()
         name = request.match_info["name"]
-        body = await _json_body(request)
+        body = await read_json(request)
         n = body.get("replicas") if isinstance(body, dict) else None
         if isinstance(n, bool) or not isinstance(n, int):
             raise ValidationError([FieldError("replicas", f"expected an integer, got {n!r}")])
@@ -134,9 +132,7 @@ class DockerApi:
         if not isinstance(force, bool):
             raise ValidationError([FieldError("force", f"expected true or false, got {force!r}")])
         force = force or request.query.get("force", "false").lower() in ("", "1", "true", "yes", "on")
-        from proxy.providers.containers import set_replicas
-
-        result = await self.api._write(request, lambda state: set_replicas(state, name, n, force=force))
+        result = await self.api.write(request, lambda state: set_replicas(state, name, n, force=force))
         provider.kick()
         return result.response()
 
@@ -149,7 +145,7 @@ class DockerApi:
         if v is not None and v.spec.kind != "docker":
             raise ConflictError(f"version {name!r} is a {v.spec.kind} version; retire it with "
                                 f"DELETE /api/v1/versions/{name}")
-        result = await self.api._write(request, lambda s: delete_version(s, name))
+        result = await self.api.write(request, lambda s: delete_version(s, name))
         provider.kick()
         left = await provider.wait_removed(name, RETIRE_WAIT)
         return result.response(containers_left=left)
@@ -160,7 +156,7 @@ class DockerApi:
         raw = request.query.get("tail", "20")
         if not raw.isdigit() or not 1 <= int(raw) <= MAX_LOG_TAIL:
             raise ValidationError([FieldError("tail", f"expected a number between 1 and {MAX_LOG_TAIL}, got {raw!r}")])
-        return _json({"name": name, "containers": await provider.logs(name, int(raw))})
+        return json_reply({"name": name, "containers": await provider.logs(name, int(raw))})
 
 
 def routes(ctx: AdminContext) -> list[web.RouteDef]:

@@ -7,7 +7,8 @@
 - `GET /ui`: the status page (one static HTML file, proxy/admin/ui/index.html). Public: it holds no data
   and asks for the token itself.
 
-Rates need two points in time: every stats request records a sample, and rates compare against the
+Design rule: statistics are summed at request time, never kept here; only rates need state. Rates need
+two points in time: every stats request records a sample, and rates compare against the
 newest sample at least WINDOW seconds old (or the oldest one while fewer exist).
 """
 
@@ -24,7 +25,7 @@ from aiohttp import web
 from proxy.admin.auth import public
 from proxy.admin.context import AdminContext
 from proxy.table import RouteTable
-from proxy.telemetry.metrics import CONTENT_TYPE, METRICS_DIR_KEY, StatsSnapshot, VersionStats, aggregate, render
+from proxy.telemetry.metrics import CONTENT_TYPE, StatsSnapshot, VersionStats, aggregate, render
 
 UI_FILE = Path(__file__).parent / "ui" / "index.html"
 # Rates and p99 on the status page cover about this many seconds: steady enough to read, quick to react.
@@ -141,8 +142,7 @@ class Observe:
         self._page: bytes | None = None
 
     def snapshot(self) -> StatsSnapshot:
-        directory = self.ctx.extras.get(METRICS_DIR_KEY)
-        return aggregate(self.ctx.stats, Path(directory) if directory is not None else None)
+        return aggregate(self.ctx.stats, self.ctx.metrics_dir)
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = render(self.snapshot(), self.ctx.holder.table, self.ctx.health())
@@ -172,7 +172,6 @@ class Observe:
 
 def routes(ctx: AdminContext) -> list[web.RouteDef]:
     o = Observe(ctx)
-    ctx.extras["observe"] = o
 
     @public
     async def page(request: web.Request) -> web.Response:

@@ -1,4 +1,6 @@
-"""`turnout check FILE`: validate a route file offline, printing every error with its field path."""
+"""`turnout check FILE`: validate a route file offline, printing every error with its field path.
+
+Design rule: the same parser as the proxy (proxy.parse), so a file that checks is a file that applies."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """A small client for the admin API, used by the operator CLI.
 
-Standard library only (urllib), so `turnout split ...` starts in a fraction of a second. Environment
+Design rule: standard library only (urllib), so `turnout split ...` starts in a fraction of a second. Environment
 proxies are ignored on purpose: the admin API is a loopback/ops-network service, and an `http_proxy`
 meant for the internet must not see its bearer token.
 """

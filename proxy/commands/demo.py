@@ -2,7 +2,8 @@
 
 Starts the demo versions on 127.0.0.1:9101-9103, then `turnout serve` with routes/demo.yaml (sticky 90/10
 split between v1 and v2, client "acme" pinned to its own version, fallback v1), the proxy on
-127.0.0.1:8080 and the admin API on 127.0.0.1:8081. Ctrl-C stops everything it started.
+127.0.0.1:8080 and the admin API on 127.0.0.1:8081. Design rule: the demo is `turnout serve` with
+embedded defaults, nothing of its own; Ctrl-C stops everything it started.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ Try:
 Live status page: {admin_url}/ui (token in {token_file})
 Ctrl-C stops everything.
 """, flush=True)
+        # Not at module level, like proxy.commands.serve: the CLI's start stays fast.
         from proxy.supervisor.main import run as run_loop
         from proxy.supervisor.main import run_supervisor
 

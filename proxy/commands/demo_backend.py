@@ -1,5 +1,6 @@
 """A tiny demo version: answers every request with its version name and the client id it saw.
 
+Design rule: standard library and aiohttp only, no proxy code, like a real upstream.
 Run as `python -m proxy.commands.demo_backend --name v1 --port 9101`. `turnout demo` starts three of these.
 """
 

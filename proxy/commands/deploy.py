@@ -1,6 +1,6 @@
 """Docker versions from the command line: deploy, scale, retire and docker-versions.
 
-Each talks to a running `turnout serve` through its admin API (/api/v1/docker); the proxy's Docker
+Design rule: each talks to a running `turnout serve` through its admin API (/api/v1/docker); the proxy's Docker
 provider makes the containers. `deploy` and `scale` wait until the replicas pass their health checks and
 are recorded as the version's instances, showing progress; a version that never gets there is reported
 with its containers' last log lines and exits 1 (it is registered but has no instances, so it gets no

@@ -1,8 +1,9 @@
 """Operator commands that talk to a running proxy's admin API: status, split, pin, unpin, rollback,
 history, apply, versions.
 
-Exit status: 0 done (including "no change"), 1 the API refused (its field-path messages are printed),
-2 bad usage or an unreadable local file, 3 the admin API could not be reached.
+Design rule: one exit status per outcome, the same for every command: 0 done (including "no change"),
+1 the API refused (its field-path messages are printed), 2 bad usage or an unreadable local file, 3 the
+admin API could not be reached.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """`turnout canary start|status|pause|resume|abort` and `turnout drain`: progressive delivery through a
 running proxy's admin API.
 
-Exit status: 0 done (with --wait: promoted / drained), 1 the API refused or the rollout was rolled back,
+Design rule: the CLI only asks; the proxy's canary controller decides. Exit status: 0 done (with --wait:
+promoted / drained), 1 the API refused or the rollout was rolled back,
 2 bad usage, 3 the admin API could not be reached.
 """
 

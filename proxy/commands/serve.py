@@ -1,4 +1,7 @@
-"""`turnout serve`: run the proxy (and its admin API) from a store, optionally seeded by a route file."""
+"""`turnout serve`: run the proxy (and its admin API) from a store, optionally seeded by a route file.
+
+Design rule: this module turns command-line options into Settings (every field of proxy.settings has its
+option) and hands them to proxy.supervisor; it imports the supervisor only when a proxy starts."""
 
 from __future__ import annotations
 
@@ -154,6 +157,11 @@ restarts.""", formatter_class=argparse.RawDescriptionHelpFormatter)
     sub._choices_actions = [a for a in sub._choices_actions if a.dest != "_worker"]
 
 
+# proxy.supervisor is imported when a proxy starts, not at module level: every command line registers this
+# module, and loading the supervisor (aiohttp, uvloop, the data plane) makes `turnout --help` or
+# `turnout status` start in about 0.58 s instead of 0.13 s.
+
+
 def run(args: argparse.Namespace) -> int:
     from proxy.supervisor.main import run as run_loop
     from proxy.supervisor.main import run_supervisor
@@ -172,8 +180,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_worker(args: argparse.Namespace) -> int:
     from proxy.supervisor.main import run as run_loop
-    from proxy.supervisor.main import run_worker as worker_main
-    from proxy.supervisor.main import settings_from_json
+    from proxy.supervisor.process import settings_from_json
+    from proxy.supervisor.worker import run_worker as worker_main
 
     try:
         run_loop(worker_main(settings_from_json(args.settings_json), args.id, args.listen_fd, args.ready_fd))

@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
-from proxy.changes import Change
+from proxy.changes import Change, reachable
 from proxy.errors import ConflictError, StaleRevisionError
-from proxy.model import Route, State, Version
+from proxy.model import State, Version
 from proxy.store.base import Revision, Store
 
 # A scanner pulling a vulnerability database can take minutes; longer than this is a hung check.
@@ -34,6 +34,7 @@ RECORD_ATTEMPTS = 10
 GATE_ATTEMPTS = 10
 
 HealthMap = Mapping[str, Mapping[str, bool]]  # version -> endpoint -> healthy?
+HealthView = Callable[[], HealthMap]  # the data plane's health as it is now
 
 
 def version_ready(version: Version, health: HealthMap) -> str | None:
@@ -196,30 +197,6 @@ async def admit(store: Store, state: State, new_weights: Mapping[str, float], he
             await check_gate(store, version, actor=actor, routes=(route,), force=force)
 
 
-def _reachable(route: Route, among: set[str], pins: bool = True) -> set[str]:
-    """The versions of `among` that route `route` can send a request, or a mirrored copy, to.
-
-    A weight-0 version of the split counts on a route with an assignment cookie: the data plane honours
-    the cookie for it (that is what a drain keeps serving), and a client chooses its own cookie.
-    """
-    cookie = route.assignment_cookie is not None
-    names = {v for v, w in route.split if v in among and (w > 0 or cookie)}
-    names.update(v for v in route.fallback if v in among)
-    m = route.mirror
-    if m is not None and m.percent > 0 and m.version in among:
-        names.add(m.version)
-    if pins and route.pins and not among <= names:
-        # Pins may number 100,000: one pass over their values (about 2 ms), only when it can matter.
-        names.update(among.intersection(route.pins.values()))
-    return names
-
-
-def routes_serving(state: State, version: str) -> list[str]:
-    """Routes that can send `version` requests now (what scaling it to zero would cut off)."""
-    among = {version}
-    return [r.name for r in state.routes if _reachable(r, among)]
-
-
 def gaining(old: State, new: State) -> dict[str, tuple[str, ...]]:
     """Versions with a check command that can receive traffic on a route of `new` where they could not in
     `old` (weight from 0, a new pin target, fallback entry or mirror target, a new route), and those routes.
@@ -238,9 +215,9 @@ def gaining(old: State, new: State) -> dict[str, tuple[str, ...]]:
         # The same pins mapping (a split change keeps it) reaches the same versions before and after: no
         # pass over it. An equal one read back (a rollback) is scanned: comparing costs more than that.
         same_pins = before is not None and before.pins is r.pins
-        gained = _reachable(r, checked, pins=not same_pins)
+        gained = reachable(r, checked, pins=not same_pins)
         if gained and before is not None:
-            gained -= _reachable(before, gained)
+            gained -= reachable(before, gained)
         for name in sorted(gained):
             out.setdefault(name, []).append(r.name)
     return {name: tuple(routes) for name, routes in out.items()}

@@ -2,7 +2,11 @@
 
 Two roles are elected independently: `canary` (which replica steps rollouts) and `providers` (which replica
 starts, replaces and removes instances: local processes and Docker containers). Every replica serves
-traffic and answers the admin API either way; only the acting is single."""
+traffic and answers the admin API either way; only the acting is single.
+
+Design rule: an election never stops traffic. A replica that loses its lease stops acting at once (it
+trusts a lease only for LEASE_TRUST of its TTL) but removes nothing, and a store that is not etcd has one
+proxy, which always leads."""
 
 from __future__ import annotations
 
@@ -11,10 +15,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
+from urllib.parse import urlsplit
 
-if TYPE_CHECKING:
-    from proxy.store.base import Store
+import aetcd
+
+from proxy.store.base import Store
+from proxy.store.etcd import GRPC_OPTIONS
 
 log = logging.getLogger("turnout.leader")
 
@@ -90,10 +97,6 @@ class EtcdLeader(Leader):
         return time.monotonic() < self._valid_until
 
     async def start(self) -> None:
-        import aetcd
-
-        from proxy.store.etcd import GRPC_OPTIONS
-
         self._users += 1
         if self._users > 1:
             return
@@ -158,8 +161,6 @@ class EtcdLeader(Leader):
 
 def leader_for(store: Store, role: str) -> Leader:
     """An etcd store is shared by replicas, which elect one per role; any other store has a single proxy."""
-    from urllib.parse import urlsplit
-
     if not store.url.startswith("etcd://"):
         return AlwaysLeader()
     parts = urlsplit(store.url)

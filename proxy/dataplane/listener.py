@@ -21,6 +21,7 @@ from proxy.dataplane.plan import Plan
 from proxy.dataplane.pool import Backend, Endpoint
 from proxy.dataplane.upstream import UpstreamConnection
 from proxy.settings import Settings
+from proxy.supervisor.process import state_dir
 from proxy.table import RouteTable, TableHolder
 from proxy.telemetry.accesslog import AccessLog
 from proxy.telemetry.stats import Stats
@@ -257,10 +258,6 @@ async def start_dataplane(settings: Settings, holder: TableHolder, stats: Stats,
                           reuse_port: bool = False, sock: socket.socket | None = None) -> DataPlane:
     dp = DataPlane(settings, holder, stats)
     if settings.access_log:
-        from proxy.supervisor.main import (
-            state_dir,  # not at module level: proxy.supervisor.main imports this module lazily
-        )
-
         dp.access_log = AccessLog.open(settings, stats, state_dir=state_dir(settings))
     try:
         await dp.serve(reuse_port=reuse_port, sock=sock)

@@ -38,10 +38,9 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
-from proxy.changes import Change, set_instances
-from proxy.control.gates import routes_serving
+from proxy.changes import Change, set_instances, set_replicas
 from proxy.control.leader import FOLLOW_POLL, AlwaysLeader, Leader, leader_for
-from proxy.errors import ConflictError, FieldError, NotFoundError, TurnoutError, ValidationError
+from proxy.errors import ConflictError, NotFoundError, TurnoutError, ValidationError
 from proxy.model import State, Version
 from proxy.parse import DIGEST_RE
 from proxy.providers.engine import (
@@ -83,33 +82,6 @@ ACTOR = "docker-provider"
 RESYNC_INTERVAL = 15.0
 # Log lines kept from a replica that exited, shown by `turnout deploy` when a version never gets healthy.
 LOG_TAIL = 20
-
-
-# Pure state transitions
-
-
-def set_replicas(state: State, name: str, replicas: int, *, force: bool = False) -> Change:
-    """Scaling changes how many copies run, not what runs, so it is the one spec field that may change.
-
-    Zero replicas for a version that still receives traffic is refused like retiring it: its requests
-    would all fail. `force` is for the operator who means it.
-    """
-    v = state.versions.get(name)
-    if v is None:
-        raise NotFoundError(f"no version named {name!r}")
-    if v.spec.kind != "docker":
-        raise ConflictError(f"version {name!r} is a {v.spec.kind} version; only docker versions scale")
-    if replicas < 0 or replicas > 1000:
-        raise ValidationError([FieldError("replicas", f"expected an integer between 0 and 1000, got {replicas}")])
-    if v.spec.replicas == replicas:
-        return state, ""
-    serving = routes_serving(state, name) if replicas == 0 and not force else []
-    if serving:
-        raise ConflictError(f"version {name!r} receives traffic on route(s) {', '.join(serving)}: with 0 replicas "
-                            "those requests would fail (503); move its traffic first, or force")
-    spec = dataclasses.replace(v.spec, replicas=replicas)
-    versions = {**state.versions, name: dataclasses.replace(v, spec=spec)}
-    return dataclasses.replace(state, versions=versions), f"scale {name}: {v.spec.replicas} -> {replicas} replica(s)"
 
 
 # Health probes go straight to the replica over loopback.

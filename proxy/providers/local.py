@@ -1,5 +1,8 @@
 """Local-process versions (`command:` in a version spec): each replica is a process started by the proxy.
 
+Design rule: the store says what should run, the provider converges the processes toward it and records
+only what serves (through proxy.changes.set_instances).
+
 Each replica gets a free loopback port in its `PORT` environment variable. An instance is recorded in
 the state (a revision by actor `provider:local`) only once its port accepts connections, so the data
 plane never sees an endpoint that is still booting. A replica that exits is started again on the same

@@ -136,7 +136,7 @@ class AccessLog:
                 f'"retried":{"true" if retried else "false"},"fallback":{"true" if fallback else "false"},'
                 f'"client":{client_field}}}')
 
-    def _drain(self) -> None:
+    def _write_queued(self) -> None:
         q = self._queue
         lines: list[str] = []
         while True:
@@ -178,8 +178,8 @@ class AccessLog:
 
     def _run(self) -> None:
         while not self._stop.wait(FLUSH_INTERVAL):
-            self._drain()
-        self._drain()
+            self._write_queued()
+        self._write_queued()
 
     def close(self) -> None:
         """Write what is buffered and stop the writer (blocks briefly; use `aclose` on an event loop)."""

@@ -43,8 +43,6 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PUBLISH_INTERVAL = 0.5
 # A worker file not rewritten for this long belongs to a dead (or hung) worker: its gauges no longer count.
 STALE_AFTER = 5.0
-# AdminContext.extras key holding the directory workers publish into (None with a single process).
-METRICS_DIR_KEY = "metrics_dir"
 
 
 # -- snapshot ---------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from proxy.admin.app import create_app
 from proxy.admin.context import AdminContext
+from proxy.control.watcher import Watcher
 from proxy.settings import Settings
 from proxy.store.sqlite import SQLiteStore
 from proxy.table import RouteTable, TableHolder
@@ -94,10 +95,12 @@ def _no_ambient_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 async def admin(tmp_path: Path) -> AsyncIterator[Admin]:
     store = SQLiteStore(tmp_path / "state.db")
     health: dict[str, dict[str, bool]] = {}
-    ctx = AdminContext(settings=Settings(), store=store, holder=TableHolder(), stats=Stats(),
+    stats = Stats()
+    watcher = Watcher(store, TableHolder(), stats)
+    ctx = AdminContext(settings=Settings(), store=store, watcher=watcher, stats=stats,
                        health=lambda: health, tokens=dict(TOKENS))
     tables: list[RouteTable] = []
-    ctx.extras["on_table"] = [tables.append]
+    watcher.listeners.append(tables.append)
     runner = web.AppRunner(create_app(ctx), access_log=None)
     await runner.setup()
     sock = listening_socket()

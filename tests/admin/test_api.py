@@ -358,7 +358,7 @@ async def test_apply_body_limit_is_413(admin: Admin) -> None:
 
 # the write path and error mapping
 
-async def test_a_write_installs_the_table_here_and_calls_on_table(admin: Admin) -> None:
+async def test_a_write_is_installed_by_the_watcher_and_its_listeners_hear_it_once(admin: Admin) -> None:
     await admin.seed()
     assert [t.revision for t in admin.tables] == [1, 2, 3, 4]
     await admin.call("PUT", "/api/v1/routes/web/pins/acme", {"version": "v2"})

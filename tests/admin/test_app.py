@@ -12,6 +12,7 @@ from aiohttp import web
 
 from proxy.admin import app as admin_app
 from proxy.admin.context import AdminContext
+from proxy.control.watcher import Watcher
 from proxy.settings import Settings
 from proxy.store.sqlite import SQLiteStore
 from proxy.table import TableHolder
@@ -23,7 +24,9 @@ from tests.admin.conftest import ALICE, TOKENS, listening_socket
 async def url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
     monkeypatch.setattr(admin_app, "FEATURE_MODULES", ("tests.admin.fake_feature", "proxy.admin.not_written_yet"))
     store = SQLiteStore(tmp_path / "state.db")
-    ctx = AdminContext(settings=Settings(), store=store, holder=TableHolder(), stats=Stats(), tokens=dict(TOKENS))
+    stats = Stats()
+    ctx = AdminContext(settings=Settings(), store=store, watcher=Watcher(store, TableHolder(), stats), stats=stats,
+                       tokens=dict(TOKENS))
     runner = web.AppRunner(admin_app.create_app(ctx), access_log=None)
     await runner.setup()
     sock = listening_socket()

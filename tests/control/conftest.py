@@ -12,6 +12,7 @@ import pytest
 from proxy import changes
 from proxy.admin.context import AdminContext
 from proxy.control.canary import CanaryController
+from proxy.control.watcher import Watcher
 from proxy.model import Route, State, Version, VersionSpec
 from proxy.settings import Settings
 from proxy.store.sqlite import SQLiteStore
@@ -48,7 +49,7 @@ class World:
         return aggregate(self.stats, None)
 
     def controller(self) -> CanaryController:
-        return CanaryController(self.ctx, self.snapshot, clock=self.clock)
+        return CanaryController(self.store, self.stats, self.ctx.health, self.snapshot, clock=self.clock)
 
     def feed(self, version: str, n: int, *, status: int = 200, duration: float = 0.004,
              route: str = "web") -> None:
@@ -82,7 +83,8 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     store = SQLiteStore(path)
     stats = Stats()
     health: dict[str, dict[str, bool]] = {}
-    ctx = AdminContext(settings=Settings(), store=store, holder=TableHolder(), stats=stats, health=lambda: health)
+    ctx = AdminContext(settings=Settings(), store=store, watcher=Watcher(store, TableHolder(), stats), stats=stats,
+                       health=lambda: health)
     await seed(store, two_versions())
     w = World(path, store, ctx, stats, Clock(), health)
     yield w

@@ -10,8 +10,8 @@ from proxy.control.canary import (
     Analysis,
     CanaryConfig,
     Counters,
-    Limits,
     Rollout,
+    Thresholds,
     Window,
     analyse,
     describe,
@@ -25,7 +25,7 @@ from proxy.control.canary import (
 from proxy.errors import ValidationError
 from proxy.telemetry.stats import HIST_SLOTS, LATENCY_BUCKETS
 
-LIMITS = Limits(max_error_rate=0.01, max_p99_ratio=1.5, min_requests=100)
+LIMITS = Thresholds(max_error_rate=0.01, max_p99_ratio=1.5, min_requests=100)
 
 
 def hist(**slots: int) -> tuple[int, ...]:
@@ -130,7 +130,7 @@ def test_step_weights_keep_the_baselines_proportions() -> None:
 
 def test_parse_config_defaults_and_errors() -> None:
     cfg = parse_config({"to": "v2"}, "web")
-    assert cfg == CanaryConfig("web", "v2", (1.0, 5.0, 25.0, 50.0, 100.0), 60.0, Limits(0.01, 1.5, 200), None)
+    assert cfg == CanaryConfig("web", "v2", (1.0, 5.0, 25.0, 50.0, 100.0), 60.0, Thresholds(0.01, 1.5, 200), None)
     with pytest.raises(ValidationError) as e:
         parse_config({"to": "v2", "steps": [5, 1], "interval": 0, "min_requests": 1.5, "speed": 1,
                       "prometheus": "ftp://x"}, "web")
@@ -146,7 +146,7 @@ def test_parse_config_defaults_and_errors() -> None:
 
 def test_rollout_round_trips_through_json_and_describes_itself() -> None:
     a = Analysis("pass", Window(250, 1, 0.012), Window(4000, 3, 0.010), 0.004, 1.2, "fine", 5.0)
-    r = Rollout(CanaryConfig("web", "v2", (1.0, 5.0, 25.0, 50.0, 100.0), 0.2, Limits(0.01, 1.5, 200)),
+    r = Rollout(CanaryConfig("web", "v2", (1.0, 5.0, 25.0, 50.0, 100.0), 0.2, Thresholds(0.01, 1.5, 200)),
                 "running", (("v1", 100.0),), 2, (("v1", 75.0), ("v2", 25.0)), "alice", 1.0, 2.0,
                 "step 3", a, None)
     text = rollout_to_json(r)

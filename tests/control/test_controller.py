@@ -7,13 +7,13 @@ import dataclasses
 
 import pytest
 
-from proxy.control.canary import CanaryConfig, Limits, load_rollout
+from proxy.control.canary import CanaryConfig, Thresholds, load_rollout
 from proxy.errors import ConflictError
 from proxy.store.sqlite import SQLiteStore
 from tests.control.conftest import World
 
 CFG = CanaryConfig("web", "v2", (1.0, 5.0, 25.0, 50.0, 100.0), interval=10.0,
-                   limits=Limits(max_error_rate=0.01, max_p99_ratio=1.5, min_requests=20))
+                   limits=Thresholds(max_error_rate=0.01, max_p99_ratio=1.5, min_requests=20))
 
 
 async def canary_history(w: World) -> list[tuple[str, str]]:
@@ -230,11 +230,10 @@ async def test_controller_loop_runs_by_itself(world: World) -> None:
     import asyncio
     import time
 
-    ctl = type(world.controller())(world.ctx, world.snapshot, tick=0.02)
-    cfg = dataclasses.replace(CFG, steps=(50.0, 100.0), interval=0.1, limits=Limits(0.01, 1.5, 5))
+    ctl = type(world.controller())(world.store, world.stats, world.ctx.health, world.snapshot, tick=0.02)
+    cfg = dataclasses.replace(CFG, steps=(50.0, 100.0), interval=0.1, limits=Thresholds(0.01, 1.5, 5))
     await ctl.start()
     try:
-        assert world.ctx.extras["canary"] is ctl
         await ctl.start_rollout(cfg, actor="alice")
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -246,7 +245,6 @@ async def test_controller_loop_runs_by_itself(world: World) -> None:
             await asyncio.sleep(0.05)
     finally:
         await ctl.stop()
-    assert "canary" not in world.ctx.extras
     assert await world.split() == {"v1": 0.0, "v2": 100.0}
 
 
@@ -259,7 +257,8 @@ async def test_a_follower_replica_does_not_drive_rollouts(world: World) -> None:
 
     leader_ctl = world.controller()
     await leader_ctl.start_rollout(CFG, actor="alice")  # commands work on any replica
-    follower = type(leader_ctl)(world.ctx, world.snapshot, clock=world.clock, leader=Follower())
+    follower = type(leader_ctl)(world.store, world.stats, world.ctx.health, world.snapshot, clock=world.clock,
+                                leader=Follower())
     rev = (await world.store.current()).number
     world.feed("v2", 100)
     world.clock.advance(10.0)

@@ -25,11 +25,12 @@ from proxy.admin.app import create_app
 from proxy.admin.context import AdminContext
 from proxy.control.canary import CanaryController, load_rollout
 from proxy.control.canary.drain import load_drain
+from proxy.control.gates import HealthMap
+from proxy.control.watcher import Watcher
 from proxy.dataplane.listener import DataPlane, start_dataplane
 from proxy.model import HealthCheck, IdentitySource, Route, State, Version, VersionSpec
 from proxy.settings import Settings
 from proxy.store.sqlite import SQLiteStore
-from proxy.supervisor.main import Follower
 from proxy.table import TableHolder
 from proxy.telemetry.metrics import aggregate
 from proxy.telemetry.stats import Stats
@@ -131,18 +132,21 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     stats = Stats()
     holder = TableHolder()
     settings = Settings(listen=("127.0.0.1", 0), admin=("127.0.0.1", 0))
-    follower = Follower(store, holder, stats)
-    follower.install(await store.current())
+    watcher = Watcher(store, holder, stats)
+    watcher.receive(await store.current())
     dp = await start_dataplane(settings, holder, stats)
     dp.table_changed(holder.table)
-    follower.listeners.append(dp.table_changed)
-    follower.start()
-    ctx = AdminContext(settings=settings, store=store, holder=holder, stats=stats, health=dp.health_view,
+    watcher.listeners.append(dp.table_changed)
+    watcher.start()
+    ctx = AdminContext(settings=settings, store=store, watcher=watcher, stats=stats, health=dp.health_view,
                        tokens={TOKEN: "alice"})
-    ctx.extras["on_table"] = [follower.on_table]
     admin_runner, admin_port = await _serve(create_app(ctx))
-    controller = CanaryController(ctx, lambda: aggregate(stats, None), tick=0.05)
+    def health() -> HealthMap:  # through ctx: a test replaces ctx.health to make a version unready
+        return ctx.health()
+
+    controller = CanaryController(store, stats, health, lambda: aggregate(stats, None), tick=0.05)
     await controller.start()
+    ctx.canary = controller
     session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
     s = Stack(tmp_path, store, stats, dp, ctx, controller, f"http://127.0.0.1:{dp.port}",
               f"http://127.0.0.1:{admin_port}", v1, v2, session)
@@ -151,7 +155,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     finally:
         await session.close()
         await controller.stop()
-        await follower.stop()
+        await watcher.stop()
         await dp.shutdown(0.1)
         await admin_runner.cleanup()
         for r in runners:
@@ -295,8 +299,9 @@ async def test_drain_counts_old_sessions_from_its_start_and_releases_them_once_d
     # The test drives the drain tracker itself, on its own clock: ticks come exactly where it says.
     await stack.controller.stop()
     clock = Clock(time.time())
-    ctl = CanaryController(stack.ctx, lambda: aggregate(stack.stats, None), clock=clock)
-    stack.ctx.extras["canary"] = ctl
+    ctl = CanaryController(stack.store, stack.stats, stack.ctx.health, lambda: aggregate(stack.stats, None),
+                           clock=clock)
+    stack.ctx.canary = ctl
     old = []
     for i in range(5):
         status, body, tv = await stack.get(headers={"cookie": f"sid=old-{i}"})
@@ -320,7 +325,7 @@ async def test_drain_counts_old_sessions_from_its_start_and_releases_them_once_d
     d = await load_drain(stack.store, "web")
     assert d is not None and (d.status, d.old_requests) == ("drained", 5)
     # Released: sessions holding tv=v1 now follow the split to v2, and are told so in a new cookie.
-    await asyncio.sleep(0.2)  # the follower installs the release revision
+    await asyncio.sleep(0.2)  # the watcher installs the release revision
     assert await stack.split() == {"v2": 100.0}
     for cookie in old:
         assert await stack.get(headers={"cookie": cookie}) == (200, "v2", "v2")

@@ -7,13 +7,13 @@ from dataclasses import replace
 
 import pytest
 
-from proxy.control.canary import CanaryConfig, Limits
+from proxy.control.canary import CanaryConfig, Thresholds
 from proxy.control.gates import admit, check_gate, check_readiness, gaining, last_verdict, run_check, version_ready
 from proxy.errors import ConflictError
 from proxy.model import Mirror, Route, State, Version, VersionSpec
 from tests.control.conftest import EP2, World, seed, static, two_versions
 
-CFG = CanaryConfig("web", "v2", (50.0, 100.0), interval=10.0, limits=Limits(0.01, 1.5, 20))
+CFG = CanaryConfig("web", "v2", (50.0, 100.0), interval=10.0, limits=Thresholds(0.01, 1.5, 20))
 
 # A stand-in for an image scanner: prints what it was given, then its findings, and exits with `code`.
 def scanner(code: int) -> tuple[str, ...]:

@@ -11,8 +11,8 @@ from aiohttp import web
 
 from proxy.control.canary import (
     CanaryConfig,
-    Limits,
     PrometheusSource,
+    Thresholds,
     Window,
     load_rollout,
     parse_prometheus_value,
@@ -91,7 +91,8 @@ async def test_window_from_a_fake_prometheus(prom: FakePrometheus) -> None:
 
 
 async def test_rollout_decided_on_prometheus_numbers(world: World, prom: FakePrometheus) -> None:
-    cfg = CanaryConfig("web", "v2", (10.0, 100.0), interval=10.0, limits=Limits(0.01, 1.5, 100), prometheus=prom.url)
+    cfg = CanaryConfig("web", "v2", (10.0, 100.0), interval=10.0, limits=Thresholds(0.01, 1.5, 100),
+                       prometheus=prom.url)
     ctl = world.controller()
     await ctl.start_rollout(cfg, actor="alice")
     canary = prometheus_queries("web", ["v2"], 10)
@@ -109,7 +110,7 @@ async def test_rollout_decided_on_prometheus_numbers(world: World, prom: FakePro
 
 
 async def test_unreachable_prometheus_neither_steps_nor_rolls_back(world: World) -> None:
-    cfg = CanaryConfig("web", "v2", (10.0, 100.0), interval=10.0, limits=Limits(0.01, 1.5, 100),
+    cfg = CanaryConfig("web", "v2", (10.0, 100.0), interval=10.0, limits=Thresholds(0.01, 1.5, 100),
                        prometheus="http://127.0.0.1:9")
     ctl = world.controller()
     await ctl.start_rollout(cfg, actor="alice")

@@ -85,7 +85,7 @@ async def test_one_replica_drives_the_containers_and_a_successor_adopts_them(
         assert (await stores[0].current()).number == rev
 
         # The successor converges changes: scale to 3 through another replica's store.
-        from proxy.providers.containers import set_replicas
+        from proxy.changes import set_replicas
 
         await stores[0].update(lambda st: set_replicas(st, "v1", 3), actor="test", reason="scale")
         await until(lambda: _count(stores[1], "v1", 3), what="3 instances")

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from proxy.changes import put_version
+from proxy.changes import put_version, set_replicas
 from proxy.errors import ConflictError, NotFoundError, ValidationError
 from proxy.model import Route, State, Version, VersionSpec
 from proxy.parse import parse_version_body
-from proxy.providers.containers import DockerProvider, probe, set_replicas
+from proxy.providers.containers import DockerProvider, probe
 from proxy.providers.engine import (
     Engine,
     EngineUnavailableError,
@@ -165,7 +165,7 @@ async def test_admin_status_waits_for_the_first_pass_after_a_restart(
     store = SQLiteStore(tmp_path / "state.db")
     try:
         provider = DockerProvider(store, base_url=f"unix://{tmp_path}/none.sock", log=lambda m: None)
-        ctx: Any = SimpleNamespace(extras={"docker": provider}, store=store)
+        ctx: Any = SimpleNamespace(docker=provider, store=store)
         asking = asyncio.ensure_future(admin_docker.provider_of(ctx))
         await asyncio.sleep(0.3)
         assert not asking.done()
@@ -174,7 +174,7 @@ async def test_admin_status_waits_for_the_first_pass_after_a_restart(
         # A provider whose first pass never ends still answers after the bound, reporting "connecting".
         stuck = DockerProvider(store, base_url=f"unix://{tmp_path}/none.sock", log=lambda m: None)
         monkeypatch.setattr(admin_docker, "FIRST_PASS_WAIT", 0.2)
-        ctx.extras["docker"] = stuck
+        ctx.docker = stuck
         assert await asyncio.wait_for(admin_docker.provider_of(ctx), 2.0) is stuck
         assert stuck.engine_error == "connecting"
     finally:

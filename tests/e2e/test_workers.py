@@ -4,6 +4,7 @@ worker that dies is started again on its slot's socket (real processes, real soc
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .helpers import Turnout, backend, http, wait_until
+from .helpers import Turnout, backend, free_port, http, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -175,4 +176,33 @@ def test_sighup_to_a_single_process_proxy_is_ignored_not_fatal(tmp_path: Path) -
             for _ in range(10):
                 assert http("GET", t.url + "/")[0] == 200
             assert t.proc.poll() is None
+            assert t.stop() == 0
+
+
+def test_the_readiness_gate_sees_the_workers_health_without_their_metrics_files(tmp_path: Path) -> None:
+    """Workers tell the supervisor their endpoint health over their report pipe: the gate on a split does
+    not depend on the statistics files in the state directory (here made unwritable and gone)."""
+    with backend("v1") as port:
+        dead = free_port()  # nothing listens there: v2's only endpoint fails its health check
+        routes = tmp_path / "routes.yaml"
+        routes.write_text(f"""
+versions:
+  v1: {{endpoints: ["http://127.0.0.1:{port}"]}}
+  v2: {{endpoints: ["http://127.0.0.1:{dead}"], health: {{interval: 0.2, timeout: 0.2}}}}
+routes:
+  - name: web
+    split: {{v1: 100}}
+""")
+        t = Turnout(tmp_path, str(routes), "--workers", str(WORKERS))
+        with t:
+            def v2_down() -> bool:
+                v2 = t.api("GET", "/api/v1/health")[1]["versions"].get("v2")
+                return v2 is not None and (v2["healthy"], v2["total"]) == (0, 1)
+
+            wait_until(v2_down)
+            published = t.state_dir / "run" / f"metrics-{t.port}"
+            shutil.rmtree(published)
+            published.write_text("")  # a file where the directory was: nothing can be published any more
+            status, body = t.api("PATCH", "/api/v1/routes/web/split", {"v1": 50, "v2": 50})
+            assert status == 409, body
             assert t.stop() == 0

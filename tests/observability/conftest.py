@@ -16,10 +16,11 @@ from aiohttp import web
 
 from proxy.admin.app import create_app
 from proxy.admin.context import AdminContext
+from proxy.admin.observe import Observe
+from proxy.control.watcher import Watcher
 from proxy.settings import Settings
 from proxy.store.sqlite import SQLiteStore
 from proxy.table import TableHolder
-from proxy.telemetry.metrics import METRICS_DIR_KEY
 from proxy.telemetry.stats import Stats
 
 TOKEN = "observe-token-0123456789abcdef"
@@ -40,6 +41,17 @@ class Admin:
     ctx: AdminContext
     session: aiohttp.ClientSession
     health: dict[str, dict[str, bool]] = field(default_factory=dict)
+    app: web.Application | None = None
+
+    def observe(self) -> Observe:
+        """The Observe instance serving /api/v1/stats (its sampler holds the rate window)."""
+        assert self.app is not None
+        for r in self.app.router.routes():
+            if r.resource is not None and r.resource.canonical == "/api/v1/stats":
+                observe = getattr(r.handler, "__self__", None)
+                assert isinstance(observe, Observe)
+                return observe
+        raise LookupError("no /api/v1/stats route")
 
     async def call(self, method: str, path: str, body: Any = None, *, token: str | None = TOKEN,
                    headers: dict[str, str] | None = None) -> Reply:
@@ -85,15 +97,16 @@ async def start_admin(tmp_path: Path, settings: Settings, metrics_dir: Path | No
                       ) -> tuple[web.AppRunner, Admin, aiohttp.ClientSession, SQLiteStore]:
     store = SQLiteStore(tmp_path / "state.db")
     health: dict[str, dict[str, bool]] = {}
-    ctx = AdminContext(settings=settings, store=store, holder=TableHolder(), stats=Stats(),
-                       health=lambda: health, tokens=dict(TOKENS))
-    ctx.extras[METRICS_DIR_KEY] = metrics_dir
-    runner = web.AppRunner(create_app(ctx), access_log=None)
+    stats = Stats()
+    ctx = AdminContext(settings=settings, store=store, watcher=Watcher(store, TableHolder(), stats), stats=stats,
+                       health=lambda: health, tokens=dict(TOKENS), metrics_dir=metrics_dir)
+    app = create_app(ctx)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     sock = listening_socket()
     await web.SockSite(runner, sock).start()
     session = aiohttp.ClientSession()
-    return runner, Admin(f"http://127.0.0.1:{sock.getsockname()[1]}", ctx, session, health), session, store
+    return runner, Admin(f"http://127.0.0.1:{sock.getsockname()[1]}", ctx, session, health, app), session, store
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.admin.observe import Observe, Sampler
+from proxy.admin.observe import Sampler
 from proxy.settings import Settings
 from proxy.telemetry.metrics import WorkerPublisher, aggregate
 from proxy.telemetry.stats import Stats
@@ -35,7 +35,7 @@ async def test_metrics_is_public_and_reflects_state_health_and_traffic(admin: Ad
     assert v[("turnout_route_weight", frozenset({("route", "web"), ("version", "v2")}))] == 10
     assert v[("turnout_pins", frozenset({("route", "web")}))] == 1
     assert v[("turnout_endpoint_up", frozenset({("version", "v2"), ("endpoint", EP["v2"])}))] == 0
-    assert v[("turnout_state_applied_total", frozenset())] == 0  # installs are counted by the lead's follower
+    assert v[("turnout_state_applied_total", frozenset())] == 6  # every revision installed by the watcher
 
 
 async def test_metrics_needs_the_token_when_configured(tmp_path: Path) -> None:
@@ -96,7 +96,7 @@ async def test_stats_shape_before_any_rate(admin: Admin) -> None:
 
 async def test_stats_rates_error_ratio_and_p99_over_the_window(admin: Admin) -> None:
     await admin.seed()
-    observe: Observe = admin.ctx.extras["observe"]
+    observe = admin.observe()
     before = observe.snapshot()
     observe.sampler.samples.append(dataclasses.replace(before, time=time.time() - 5.0))
     traffic(admin.ctx.stats, "web", "v1", 99, duration=0.003)

@@ -1,7 +1,7 @@
 """Canary analysis: the numbers of a canary and its baseline over one window, and the verdict on them.
 
 Design rule: the decision is a pure function (`analyse`) of two windows of numbers (canary, baseline) over
-the requests since the last step, and the limits. Nothing here does I/O; the controller
+the requests since the last step, and the thresholds. Nothing here does I/O; the controller
 (proxy.control.canary.controller) gathers the numbers and applies the verdict.
 """
 
@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
+from proxy.telemetry.metrics import StatsSnapshot
 from proxy.telemetry.stats import HIST_SLOTS, LATENCY_BUCKETS
-
-if TYPE_CHECKING:
-    from proxy.telemetry.metrics import StatsSnapshot
 
 Verdict = Literal["pass", "fail", "wait"]
 
@@ -76,7 +74,7 @@ class Window:
 
 
 @dataclass(frozen=True, slots=True)
-class Limits:
+class Thresholds:
     max_error_rate: float = 0.01
     max_p99_ratio: float = 1.5
     min_requests: int = 200
@@ -104,7 +102,7 @@ def _ms(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds * 1000:.1f}ms"
 
 
-def analyse(canary: Window, baseline: Window, limits: Limits, now: float = 0.0) -> Analysis:
+def analyse(canary: Window, baseline: Window, limits: Thresholds, now: float = 0.0) -> Analysis:
     """Compare the canary with its baseline over the same window. Pure; the verdict's reason has the numbers.
 
     - fewer than min_requests canary requests: wait, unless the errors already seen exceed what

@@ -14,11 +14,9 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from proxy import changes
 from proxy.control import gates
-from proxy.control.canary import drain as drain_mod
 from proxy.control.canary.analysis import (
     Analysis,
     Counters,
@@ -28,6 +26,7 @@ from proxy.control.canary.analysis import (
     rollback_weights,
     step_weights,
 )
+from proxy.control.canary.drain import DrainTracker
 from proxy.control.canary.prometheus import PrometheusSource
 from proxy.control.canary.rollout import (
     ACTIVE,
@@ -41,10 +40,9 @@ from proxy.control.canary.rollout import (
 from proxy.control.leader import Leader, leader_for
 from proxy.errors import ConflictError, FieldError, NotFoundError, StoreUnavailableError, ValidationError
 from proxy.model import State
-
-if TYPE_CHECKING:
-    from proxy.admin.context import AdminContext
-    from proxy.telemetry.metrics import StatsSnapshot
+from proxy.store.base import Store
+from proxy.telemetry.metrics import StatsSnapshot
+from proxy.telemetry.stats import Stats
 
 log = logging.getLogger("turnout.canary")
 
@@ -61,24 +59,26 @@ class _Window:
     counters: dict[str, Counters]  # "canary" / "baseline" -> cumulative counters at the window's start
 
 
-StatsSource = Callable[[], "StatsSnapshot"]
+StatsSource = Callable[[], StatsSnapshot]
 
 
 class CanaryController:
     """Drives every rollout (and drain) in the store; started by `turnout serve` in the supervisor process."""
 
-    def __init__(self, ctx: AdminContext, stats_source: StatsSource, *, leader: Leader | None = None,
-                 clock: Callable[[], float] = time.time, tick: float | None = None) -> None:
-        self.ctx = ctx
-        self.store = ctx.store
+    def __init__(self, store: Store, stats: Stats, health: gates.HealthView, stats_source: StatsSource, *,
+                 leader: Leader | None = None, clock: Callable[[], float] = time.time,
+                 tick: float | None = None) -> None:
+        self.store = store
+        self.stats = stats  # this process's: the canary gauges live here
+        self.health = health
         self.stats_source = stats_source
-        self.leader = leader or leader_for(ctx.store, "canary")
+        self.leader = leader or leader_for(store, "canary")
         self.clock = clock
         self._tick = tick
         self._lock = asyncio.Lock()
         self._windows: dict[str, _Window] = {}
         self._task: asyncio.Task[None] | None = None
-        self.drains = drain_mod.DrainTracker(self)
+        self.drains = DrainTracker(store, stats_source, clock)
 
     def __repr__(self) -> str:
         state = "running" if self._task is not None and not self._task.done() else "stopped"
@@ -88,7 +88,6 @@ class CanaryController:
 
     async def start(self) -> None:
         await self.leader.start()
-        self.ctx.extras["canary"] = self
         self._task = asyncio.create_task(self._run(), name="turnout-canary")
 
     async def stop(self) -> None:
@@ -98,8 +97,6 @@ class CanaryController:
                 await self._task
             self._task = None
         await self.leader.stop()
-        if self.ctx.extras.get("canary") is self:
-            del self.ctx.extras["canary"]
 
     async def _run(self) -> None:
         while True:
@@ -148,7 +145,7 @@ class CanaryController:
         w = _Window(r.step, now, now + r.config.interval, self.snapshot(r))
         self._windows[r.config.route] = w
         # Also after a restart or a change of leader: the gauge lives in this process's Stats.
-        self.ctx.stats.canary_step(r.config.route, r.step + 1)
+        self.stats.canary_step(r.config.route, r.step + 1)
         return w
 
     async def _measure(self, r: Rollout, w: _Window, now: float) -> tuple[Window, Window]:
@@ -186,7 +183,7 @@ class CanaryController:
         except Exception as e:  # a monitoring outage must neither promote nor roll back
             return await self._save(replace(r, updated=now, message=f"cannot measure: {e}; waiting"))
         a = analyse(canary, baseline, cfg.limits, now)
-        self.ctx.stats.canary_analysis(cfg.route, "inconclusive" if a.verdict == "wait" else a.verdict)
+        self.stats.canary_analysis(cfg.route, "inconclusive" if a.verdict == "wait" else a.verdict)
         r = replace(r, analysis=a, updated=now)
         if a.verdict == "fail":
             return await self._roll_back(r, "rolled_back", f"analysis failed at {cfg.steps[r.step]:g}%: {a.reason}",
@@ -197,7 +194,7 @@ class CanaryController:
         if nxt >= len(cfg.steps) or cfg.steps[nxt] >= 100.0:
             return await self._promote(r, a, now)
         version = state.versions[cfg.canary]
-        why = gates.version_ready(version, self.ctx.health())
+        why = gates.version_ready(version, self.health())
         if why is not None:
             return await self._save(replace(r, message=f"analysis passed but not stepping: {why}"))
         return await self._set_step(r, nxt, f"analysis passed at {cfg.steps[r.step]:g}%: {a.reason}", now)
@@ -229,7 +226,7 @@ class CanaryController:
         reason = (f"canary {cfg.route}: promoted {cfg.canary} to 100% after {len(cfg.steps)} step(s); {a.reason}; "
                   f"{old} kept registered (weight 0) for fallback")
         r = replace(await self._apply(r, weights, reason), step=len(cfg.steps) - 1)
-        self.ctx.stats.canary_step(cfg.route, len(cfg.steps))
+        self.stats.canary_step(cfg.route, len(cfg.steps))
         return await self._finish(r, "promoted", reason, now)
 
     async def _roll_back(self, r: Rollout, status: Status, why: str, now: float) -> Rollout:
@@ -237,7 +234,7 @@ class CanaryController:
         weights = rollback_weights(dict(r.baselines), cfg.canary)
         reason = f"canary {cfg.route}: rolled back {cfg.canary} to 0%; {why}"
         r = await self._apply(r, weights, reason)
-        self.ctx.stats.canary_step(cfg.route, 0)
+        self.stats.canary_step(cfg.route, 0)
         return await self._finish(r, status, reason, now)
 
     async def _finish(self, r: Rollout, status: Status, message: str, now: float) -> Rollout:
@@ -254,7 +251,7 @@ class CanaryController:
         await self._refuse_active(cfg.route)
         state = (await self.store.current()).state
         plan_baselines(state, cfg)
-        gates.check_readiness(state, {cfg.canary: 1.0}, self.ctx.health(), force=force)
+        gates.check_readiness(state, {cfg.canary: 1.0}, self.health(), force=force)
         # The check command may run for minutes: outside the lock, so other rollouts keep moving meanwhile.
         verdict = await gates.check_gate(self.store, state.versions[cfg.canary], actor=actor, routes=(cfg.route,),
                                          force=force)

@@ -14,16 +14,15 @@ import os
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from proxy import changes
 from proxy.control import gates
+from proxy.control.canary.analysis import counters_of
 from proxy.errors import ConflictError, FieldError, NotFoundError, ValidationError
 from proxy.model import Route, State
-
-if TYPE_CHECKING:
-    from proxy.control.canary import CanaryController
-    from proxy.store.base import Store
+from proxy.store.base import Store
+from proxy.telemetry.metrics import StatsSnapshot
 
 DrainStatus = Literal["draining", "drained", "cancelled"]
 # Session traffic to the old version stays flat this long before it counts as drained. Long enough for a
@@ -154,10 +153,14 @@ async def cancel_drain(store: Store, route: str, *, actor: str, now: float) -> D
 
 
 class DrainTracker:
-    """The canary controller's helper for drains: remembers counters between its ticks."""
+    """The canary controller's helper for drains: remembers counters between its ticks. It needs the store,
+    the process's counters and the clock, not the controller (which owns it)."""
 
-    def __init__(self, controller: CanaryController) -> None:
-        self.controller = controller
+    def __init__(self, store: Store, stats_source: Callable[[], StatsSnapshot],
+                 clock: Callable[[], float]) -> None:
+        self.store = store
+        self.stats_source = stats_source
+        self.clock = clock
         # route -> (the drain as last observed, the old version's counter then). The stored record lags
         # behind (saves are throttled), so the live one is authoritative while the stored one is draining.
         self._live: dict[str, tuple[Drain, int]] = {}
@@ -167,17 +170,14 @@ class DrainTracker:
         return f"<DrainTracker [watching: {len(self._live)}]>"
 
     async def tick(self) -> list[Drain]:
-        from proxy.control.canary import counters_of
-
-        c = self.controller
-        store = c.store
-        now = c.clock()
+        store = self.store
+        now = self.clock()
         out: list[Drain] = []
         drains = await load_drains(store)
         if not any(d.status == "draining" for d in drains):
             self._live.clear()
             return drains
-        snap = c.stats_source()  # summing every worker's counters is the costly part: only when needed
+        snap = self.stats_source()  # summing every worker's counters is the costly part: only when needed
         state = (await store.current()).state
         for stored in drains:
             d = stored
@@ -209,7 +209,7 @@ class DrainTracker:
     async def _release(self, d: Drain, state: State) -> Drain:
         """A drained version leaves the split (weight 0 there already), so the assignment cookie stops
         holding sessions on it: they follow the split like new ones. One revision, with the drain's numbers."""
-        store = self.controller.store
+        store = self.store
         _, note = release(state, d)
         d = replace(d, message=f"{d.message}; {note}") if note else d
         summary = f"drain {d.route}: {d.old} drained into {d.new}"

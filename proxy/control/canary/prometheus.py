@@ -1,5 +1,8 @@
 """Where a rollout's numbers come from when it names a Prometheus server: the PromQL for each side of the
-comparison and the client that runs it."""
+comparison and the client that runs it.
+
+Design rule: a Prometheus window is the same Window as this proxy's counters give, so the verdict
+(proxy.control.canary.analysis) does not know where its numbers came from."""
 
 from __future__ import annotations
 

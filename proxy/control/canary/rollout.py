@@ -1,18 +1,19 @@
 """Rollout records: the config an operator starts a rollout with, where each rollout stands, and how both
-are kept in the store's meta (one key per route plus an index), so a restarted proxy resumes them."""
+are kept in the store's meta (one key per route plus an index), so a restarted proxy resumes them.
+
+Design rule: records are plain frozen data with a JSON form; a config is validated once, by parse_config,
+with errors that name the field."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from proxy.control.canary.analysis import Analysis, Limits, Window, _ms
+from proxy.control.canary.analysis import Analysis, Thresholds, Window, _ms
 from proxy.parse import Checker
-
-if TYPE_CHECKING:
-    from proxy.store.base import Store
+from proxy.store.base import Store
 
 Status = Literal["running", "paused", "promoted", "rolled_back", "aborted", "failed"]
 ACTIVE: tuple[Status, ...] = ("running", "paused")
@@ -26,7 +27,7 @@ class CanaryConfig:
     canary: str
     steps: tuple[float, ...] = DEFAULT_STEPS
     interval: float = 60.0
-    limits: Limits = field(default_factory=Limits)
+    limits: Thresholds = field(default_factory=Thresholds)
     prometheus: str | None = None
 
 
@@ -59,7 +60,7 @@ def parse_config(body: object, route: str) -> CanaryConfig:
         c.fail("prometheus", f"expected an http(s):// URL of a Prometheus server, got {prom!r}")
     c.raise_if_any()
     assert to is not None and interval is not None and mer is not None and mpr is not None and mr is not None
-    return CanaryConfig(route, to, tuple(steps), float(interval), Limits(float(mer), float(mpr), int(mr)), prom)
+    return CanaryConfig(route, to, tuple(steps), float(interval), Thresholds(float(mer), float(mpr), int(mr)), prom)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +95,7 @@ def rollout_from_json(text: str) -> Rollout:
     d = json.loads(text)
     cfg = d["config"]
     config = CanaryConfig(cfg["route"], cfg["canary"], tuple(cfg["steps"]), cfg["interval"],
-                          Limits(**cfg["limits"]), cfg["prometheus"])
+                          Thresholds(**cfg["limits"]), cfg["prometheus"])
     a = d.get("analysis")
     analysis = None if a is None else Analysis(a["verdict"], _window(a["canary"]), _window(a["baseline"]),
                                                a["error_rate"], a["p99_ratio"], a["reason"], a["time"])
