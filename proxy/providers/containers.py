@@ -19,7 +19,8 @@ the lease stops acting at once but never removes anything, so traffic is not dis
 A tag (only with allow_tag) is resolved once to a digest pin (see providers/engine.py) and the result is kept
 in the store's meta data, so every later replica runs the same image whatever the tag points to.
 
-This module holds the provider's loop (reconcile, probe, publish) and the state transition `set_replicas`;
+This module holds the provider's loop (reconcile, probe, publish); the replica count itself changes through
+`proxy.changes.set_replicas`, like every state change;
 the per-replica bookkeeping and reported status are in providers/replicas.py, the Docker event thread in
 providers/events.py, the SDK behind providers/engine.py.
 """
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import os
 import sys
@@ -69,7 +69,6 @@ from proxy.store.base import Store
 __all__ = [
     "LABEL_IMAGE", "LABEL_MANAGED", "LABEL_PORT", "LABEL_REPLICA", "LABEL_STATE", "LABEL_VERSION",
     "DockerProvider", "EngineUnavailableError", "ResolvedImage", "VersionStatus", "probe",
-    "set_replicas",
 ]
 
 T = TypeVar("T")
