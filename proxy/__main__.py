@@ -1,3 +1,5 @@
+"""`python -m proxy`: the same command line as `turnout`."""
+
 from proxy.cli import main
 
 raise SystemExit(main())

@@ -2,8 +2,9 @@
 `register(subparsers)` that adds its commands; each command's handler returns the exit status.
 
 Design rule: the command line starts fast: modules registered here import only what parsing options and
-talking to the admin API need; the supervisor and the data plane are imported by `serve` and `demo` when
-they run."""
+talking to the admin API need. A command that starts a proxy names its handler as "module:function"
+(proxy/commands/running.py), imported only when that command runs: the supervisor and the data plane are
+never loaded for `turnout --help` or `turnout status`."""
 
 from __future__ import annotations
 
@@ -79,8 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    func = args.func
+    if isinstance(func, str):  # "module:function": a handler whose module is loaded only to run it
+        module, _, name = func.partition(":")
+        func = getattr(importlib.import_module(module), name)
     try:
-        return int(args.func(args))
+        return int(func(args))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -13,7 +13,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from proxy.errors import TurnoutError, ValidationError
 from proxy.settings import Limits, Settings, Timeouts
 
 # What each limit and timeout flag sets; a field missing here still gets its flag (the flags are made
@@ -146,46 +145,12 @@ when its content changed since it was last applied, so live changes made through
 restarts.""", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--routes", metavar="FILE", help="route file (YAML) to seed or update the store")
     add_serve_options(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func="proxy.commands.running:serve")
 
     w = sub.add_parser("_worker")  # internal: one data-plane worker process; hidden from --help below
     w.add_argument("--id", required=True)
     w.add_argument("--settings-json", required=True)
     w.add_argument("--listen-fd", type=int, default=None)
     w.add_argument("--ready-fd", type=int, default=None)
-    w.set_defaults(func=run_worker)
+    w.set_defaults(func="proxy.commands.running:worker")
     sub._choices_actions = [a for a in sub._choices_actions if a.dest != "_worker"]
-
-
-# proxy.supervisor is imported when a proxy starts, not at module level: every command line registers this
-# module, and loading the supervisor (aiohttp, uvloop, the data plane) makes `turnout --help` or
-# `turnout status` start in about 0.58 s instead of 0.13 s.
-
-
-def run(args: argparse.Namespace) -> int:
-    from proxy.supervisor.main import run as run_loop
-    from proxy.supervisor.main import run_supervisor
-
-    settings = settings_from_args(args, args.routes)
-    try:
-        run_loop(run_supervisor(settings))
-    except ValidationError:
-        print("turnout: the route file is invalid and the store is empty: nothing to serve", file=sys.stderr)
-        return 1
-    except (OSError, TurnoutError) as e:
-        print(f"turnout: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def run_worker(args: argparse.Namespace) -> int:
-    from proxy.supervisor.main import run as run_loop
-    from proxy.supervisor.process import settings_from_json
-    from proxy.supervisor.worker import run_worker as worker_main
-
-    try:
-        run_loop(worker_main(settings_from_json(args.settings_json), args.id, args.listen_fd, args.ready_fd))
-    except TurnoutError as e:
-        print(f"turnout: {e}", file=sys.stderr)
-        return 1
-    return 0

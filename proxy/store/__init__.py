@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from proxy.store.base import GENESIS, Revision, RevisionInfo, Store
+from proxy.store.etcd import EtcdStore
 from proxy.store.sqlite import SQLiteStore, default_path
 
 __all__ = ["GENESIS", "Revision", "RevisionInfo", "SQLiteStore", "Store", "default_path", "open_store"]
@@ -15,7 +16,5 @@ def open_store(url: str | None) -> Store:
         path = url[len("sqlite://"):]
         return SQLiteStore(path or default_path())
     if url.startswith("etcd://"):
-        from proxy.store.etcd import EtcdStore  # aetcd/grpc load only when asked for
-
         return EtcdStore.from_url(url)
     raise ValueError(f"unknown store URL {url!r}: expected sqlite:///path or etcd://host:port/prefix")
