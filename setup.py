@@ -31,7 +31,6 @@ HOT_MODULES = [
     "proxy/dataplane/health.py",
     "proxy/table.py",
     "proxy/select.py",
-    "proxy/table.py",
 ]
 
 
