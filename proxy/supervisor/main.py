@@ -243,7 +243,8 @@ async def run_worker(settings: Settings, worker_id: str, listen_fd: int | None =
     holder = TableHolder(RouteTable(rev.state, rev.number))
     follower = Follower(store, holder, stats)
     sock = socket.socket(fileno=listen_fd) if listen_fd is not None else None
-    dataplane = await start_dataplane(settings, holder, stats, reuse_port=True, sock=sock)
+    dataplane = await start_dataplane(settings, holder, stats, reuse_port=True, sock=sock,
+                                     state_dir=state_dir(settings))
     follower.listeners.append(dataplane.table_changed)
     if ready_fd is not None:
         os.set_blocking(ready_fd, False)
@@ -323,7 +324,8 @@ class Supervisor:
         if s.workers <= 1:
             from proxy.dataplane.listener import start_dataplane
 
-            self.dataplane = await start_dataplane(s, self.holder, self.stats, sock=self._listener)
+            self.dataplane = await start_dataplane(s, self.holder, self.stats, sock=self._listener,
+                                                     state_dir=state_dir(s))
             self.follower.listeners.append(self.dataplane.table_changed)
         else:
             await self._spawn_workers()
