@@ -17,9 +17,9 @@ from typing import Final, cast
 
 from httptools import HttpParserError, HttpParserUpgrade
 
-from proxy.dataplane.dispatch import start, upstream_failed
-from proxy.dataplane.exchange import DISPATCHED, PARSED, Exchange, Refuse
-from proxy.dataplane.flow import BODY, HEAD, IDLE, P_BACKLOG, PIPELINE_SLICE, ClientFlow
+from proxy.dataplane.dispatch import upstream_failed
+from proxy.dataplane.exchange import DISPATCHED, Exchange, Refuse
+from proxy.dataplane.flow import BODY, HEAD, IDLE, P_BACKLOG, PIPELINE_SLICE, ClientFlow, Stop
 from proxy.dataplane.headers import (
     CONNECTION,
     CONTENT_LENGTH,
@@ -44,10 +44,6 @@ _LAST_CHUNK: Final = b"0\r\n\r\n"
 # Connection may not name these: Host is end-to-end and what the route was chosen by.
 _NEVER_HOP: Final = frozenset({b"host"})
 _METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
-
-
-class Stop(Exception):
-    """Raised from a parser callback after the refusal was already queued."""
 
 
 class ClientConnection(ClientFlow):
@@ -135,37 +131,6 @@ class ClientConnection(ClientFlow):
             self.eof = True
             return True
         return None
-
-    def _parse_error(self, e: HttpParserError) -> None:
-        ctx = e.__context__
-        if isinstance(ctx, Stop):
-            return
-        if isinstance(ctx, Refuse):
-            refuse = ctx
-        elif e.args == ("Invalid HTTP version",):  # llhttp's reason for HTTP/1.2, HTTP/3.0, HTTP/9.7, ...
-            refuse = Refuse(505, "bad_request")
-        else:
-            refuse = Refuse(400, "bad_request")
-        self._refuse_parsing(refuse)
-
-    def _refuse_parsing(self, refuse: Refuse) -> None:
-        """The byte stream is unusable from here: answer in order, then close."""
-        self.stopped = True
-        self.pause(P_BACKLOG)
-        ex = self.cur
-        self.cur = None
-        self.phase = IDLE
-        if ex is not None and ex.state >= DISPATCHED:
-            # The request was already being proxied (its body was bad or too large).
-            self.dp.stats.reject(refuse.reason)
-            self.abort_active(ex, refuse.status)
-            return
-        if ex is None or ex not in self.queue:
-            ex = Exchange(self, self.dp.plan)
-            self.queue.append(ex)
-        ex.refuse = refuse
-        ex.keep_alive = False
-        self._pump()
 
     def on_message_begin(self) -> None:
         plan = self.dp.plan
@@ -368,52 +333,8 @@ class ClientConnection(ClientFlow):
         if ex.mirror_body is not None and ex.route is not None:
             self.dp.mirror.send(ex, self.dp.backends)
 
-    def _pump(self) -> None:
-        if self.pumping:
-            return
-        self.pumping = True
-        try:
-            queue = self.queue
-            while queue and queue[0].state == PARSED and not self.closed:
-                self._start(queue[0])
-        finally:
-            self.pumping = False
-
-    def _start(self, ex: Exchange) -> None:
-        start(self.dp, ex)
-
     def upstream_failed(self, ex: Exchange, up: UpstreamSide | None, kind: str, before_response: bool) -> None:
         upstream_failed(self.dp, ex, up, kind, before_response)
-
-    def upstream_head(self, ex: Exchange, route: str) -> bytes:
-        """The request head as it goes upstream, before the version line (see dispatch.start)."""
-        fwd = ex.fwd
-        if fwd is None:
-            # The lines the proxy adds depend only on (peer, Host, route): a keep-alive client repeats them.
-            if ex.host_raw == self.tail_host and route == self.tail_route:
-                tail = self.tail
-            else:
-                tail = self.fwd_lines
-                if ex.host_raw is not None:
-                    tail += b"X-Forwarded-Host: " + ex.host_raw + _CRLF
-                self.tail = tail = tail + self.dp.route_header(route)
-                self.tail_host = ex.host_raw
-                self.tail_route = route
-            return b"".join([ex.method_b, b" ", ex.target, b" HTTP/1.1\r\n", *ex.lines, tail])
-        # Only ever set for trusted peers: their chain is extended, not replaced.
-        parts = [ex.method_b, b" ", ex.target, b" HTTP/1.1\r\n", *ex.lines]
-        ext = parts.extend
-        prior = fwd.get(b"x-forwarded-for")
-        peer = self.peer.encode()
-        ext((b"X-Forwarded-For: ", prior + b", " + peer if prior else peer, _CRLF,
-             b"X-Forwarded-Proto: ", fwd.get(b"x-forwarded-proto") or b"http", _CRLF))
-        host = fwd.get(b"x-forwarded-host") or ex.host_raw
-        if host is not None:
-            ext((b"X-Forwarded-Host: ", host, _CRLF))
-        if b"forwarded" in fwd:
-            ext((b"Forwarded: ", fwd[b"forwarded"], _CRLF))
-        parts.append(self.dp.route_header(route))
-        return b"".join(parts)
 
     def _rearm(self) -> None:
         if self.write_paused:
@@ -452,25 +373,3 @@ class ClientConnection(ClientFlow):
         elif not self.queue:
             self._close()
 
-    def close_if_idle(self) -> bool:
-        if not self.queue and self.phase == IDLE and self.tunnel_up is None:
-            self._close()
-            return True
-        return False
-
-    def _close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.stopped = True
-            if self.transport is not None:
-                self.transport.close()
-            for ex in self.queue:
-                up = ex.up
-                if up is not None and not ex.done():
-                    up.drop()
-                ex.abort()
-
-    def abort(self) -> None:
-        self._close()
-        if self.transport is not None:
-            self.transport.abort()

@@ -17,7 +17,6 @@ import asyncio
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from proxy.dataplane.plan import Plan
     from proxy.dataplane.pool import Endpoint, UpstreamSide
     from proxy.table import CompiledRoute
     from proxy.telemetry.stats import RejectReason
@@ -98,8 +97,9 @@ class Exchange:
     # Values of the headers routes and identities read (see proxy.dataplane.plan), lower-case names.
     wanted: dict[str, str] | None = None
 
-    def __init__(self, client: ClientSide, plan: Plan) -> None:
+    def __init__(self, client: ClientSide, plan: object) -> None:
         self.client = client
+        # The Plan (proxy.dataplane.plan) the head was parsed under; dispatch compares it by identity only.
         self.plan = plan
         # Forwarded header lines, formatted as they will be sent ("Name: value\r\n", name as received).
         self.lines: list[bytes] = []

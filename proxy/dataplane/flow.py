@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from proxy.dataplane.dispatch import log
-from proxy.dataplane.exchange import RESPONDING, ClientSide, Exchange, Refuse
+from proxy.dataplane.dispatch import log, start
+from proxy.dataplane.exchange import DISPATCHED, PARSED, RESPONDING, ClientSide, Exchange, Refuse
 from proxy.dataplane.headers import local_response
 
 if TYPE_CHECKING:
@@ -50,7 +50,12 @@ BODY: Final = 2
 # of extra pipelined requests is parsed beyond limits.max_pipelined before reading pauses.
 PIPELINE_SLICE: Final = 2048
 
+_CRLF: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
+
+
+class Stop(Exception):
+    """Raised from a parser callback after the refusal was already queued."""
 
 
 class ClientFlow(ClientSide):
@@ -103,7 +108,7 @@ class ClientFlow(ClientSide):
         self.peer = ""
         self.trusted = False
         self.fwd_lines = b""
-        # The proxy's own request lines for the last (Host, route) seen on this connection (see request_head).
+        # The proxy's own request lines for the last (Host, route) seen on this connection (see upstream_head).
         self.tail = b""
         self.tail_host: bytes | None = None
         self.tail_route: str | None = None
@@ -423,22 +428,104 @@ class ClientFlow(ClientSide):
             self._feed(b"")
 
 
+    # -- input errors, order and closing
+
+    def _parse_error(self, e: HttpParserError) -> None:
+        ctx = e.__context__
+        if isinstance(ctx, Stop):
+            return
+        if isinstance(ctx, Refuse):
+            refuse = ctx
+        elif e.args == ("Invalid HTTP version",):  # llhttp's reason for HTTP/1.2, HTTP/3.0, HTTP/9.7, ...
+            refuse = Refuse(505, "bad_request")
+        else:
+            refuse = Refuse(400, "bad_request")
+        self._refuse_parsing(refuse)
+
+    def _refuse_parsing(self, refuse: Refuse) -> None:
+        """The byte stream is unusable from here: answer in order, then close."""
+        self.stopped = True
+        self.pause(P_BACKLOG)
+        ex = self.cur
+        self.cur = None
+        self.phase = IDLE
+        if ex is not None and ex.state >= DISPATCHED:
+            # The request was already being proxied (its body was bad or too large).
+            self.dp.stats.reject(refuse.reason)
+            self.abort_active(ex, refuse.status)
+            return
+        if ex is None or ex not in self.queue:
+            ex = Exchange(self, self.dp.plan)
+            self.queue.append(ex)
+        ex.refuse = refuse
+        ex.keep_alive = False
+        self._pump()
+
+    def _pump(self) -> None:
+        if self.pumping:
+            return
+        self.pumping = True
+        try:
+            queue = self.queue
+            while queue and queue[0].state == PARSED and not self.closed:
+                start(self.dp, queue[0])
+        finally:
+            self.pumping = False
+
+    def upstream_head(self, ex: Exchange, route: str) -> bytes:
+        """The request head as it goes upstream, before the version line (see dispatch.start)."""
+        fwd = ex.fwd
+        if fwd is None:
+            # The lines the proxy adds depend only on (peer, Host, route): a keep-alive client repeats them.
+            if ex.host_raw == self.tail_host and route == self.tail_route:
+                tail = self.tail
+            else:
+                tail = self.fwd_lines
+                if ex.host_raw is not None:
+                    tail += b"X-Forwarded-Host: " + ex.host_raw + _CRLF
+                self.tail = tail = tail + self.dp.route_header(route)
+                self.tail_host = ex.host_raw
+                self.tail_route = route
+            return b"".join([ex.method_b, b" ", ex.target, b" HTTP/1.1\r\n", *ex.lines, tail])
+        # Only ever set for trusted peers: their chain is extended, not replaced.
+        parts = [ex.method_b, b" ", ex.target, b" HTTP/1.1\r\n", *ex.lines]
+        ext = parts.extend
+        prior = fwd.get(b"x-forwarded-for")
+        peer = self.peer.encode()
+        ext((b"X-Forwarded-For: ", prior + b", " + peer if prior else peer, _CRLF,
+             b"X-Forwarded-Proto: ", fwd.get(b"x-forwarded-proto") or b"http", _CRLF))
+        host = fwd.get(b"x-forwarded-host") or ex.host_raw
+        if host is not None:
+            ext((b"X-Forwarded-Host: ", host, _CRLF))
+        if b"forwarded" in fwd:
+            ext((b"Forwarded: ", fwd[b"forwarded"], _CRLF))
+        parts.append(self.dp.route_header(route))
+        return b"".join(parts)
+
+    def close_if_idle(self) -> bool:
+        if not self.queue and self.phase == IDLE and self.tunnel_up is None:
+            self._close()
+            return True
+        return False
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.stopped = True
+            if self.transport is not None:
+                self.transport.close()
+            for ex in self.queue:
+                up = ex.up
+                if up is not None and not ex.done():
+                    up.drop()
+                ex.abort()
+
+    def abort(self) -> None:
+        self._close()
+        if self.transport is not None:
+            self.transport.abort()
+
     # -- left to ClientConnection
 
     def _rearm(self) -> None:
-        raise NotImplementedError
-
-    def _pump(self) -> None:
-        raise NotImplementedError
-
-    def _close(self) -> None:
-        raise NotImplementedError
-
-    def abort(self) -> None:
-        raise NotImplementedError
-
-    def _parse_error(self, e: HttpParserError) -> None:
-        raise NotImplementedError
-
-    def _refuse_parsing(self, refuse: Refuse) -> None:
         raise NotImplementedError
