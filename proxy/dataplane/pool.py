@@ -2,8 +2,8 @@
 
 Design rule: choosing an endpoint and taking an idle connection are synchronous and allocation-free, so
 the request path never awaits when a pooled connection is ready. The pool owns taking and returning
-connections (take_idle, put_idle): the return rule is written once, here. Health flags are plain booleans that
-timers and checks flip; the request path only reads them.
+connections (take_idle, put_idle): the return rule is written once, here. Health flags are plain
+booleans that timers and checks flip through Endpoint's methods; the request path only reads them.
 """
 
 from __future__ import annotations
@@ -89,6 +89,40 @@ class Endpoint:
     def retire(self) -> None:
         """No longer in the table: its connections are not pooled again."""
         self.removed = True
+
+    # -- health (proxy.dataplane.health decides; these record)
+
+    def failed(self) -> int:
+        """One more consecutive failure; returns how many in a row."""
+        self.failures += 1
+        return self.failures
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.ejections = 0
+
+    def eject(self, readmit: asyncio.TimerHandle) -> None:
+        self.ejected = True
+        self.ejections += 1
+        self.readmit_handle = readmit
+        self.close_idle()
+
+    def readmit(self, failures: int) -> None:
+        self.readmit_handle = None
+        self.ejected = False
+        self.failures = failures
+
+    def cancel_readmit(self) -> None:
+        h = self.readmit_handle
+        if h is not None:
+            h.cancel()
+        self.readmit_handle = None
+
+    def checked(self, ok: bool) -> None:
+        """The result of an active check."""
+        if ok and not self.active_ok:
+            self.failures = 0
+        self.active_ok = ok
 
     def close_idle(self) -> None:
         idle, self.idle = self.idle, []
