@@ -51,6 +51,8 @@ class ClientConnection(ClientFlow):
         return (f"<ClientConnection {self.peer} [Requests: {len(self.queue)} queued | "
                 f"paused: {self.paused} | {'closed' if self.closed else 'open'}]>")
 
+    # -- asyncio.Protocol
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
@@ -131,6 +133,8 @@ class ClientConnection(ClientFlow):
             self.eof = True
             return True
         return None
+
+    # -- httptools callbacks
 
     def on_message_begin(self) -> None:
         plan = self.dp.plan
@@ -333,8 +337,12 @@ class ClientConnection(ClientFlow):
         if ex.mirror_body is not None and ex.route is not None:
             self.dp.mirror.send(ex, self.dp.backends)
 
+    # -- what the upstream side reports
+
     def upstream_failed(self, ex: Exchange, up: UpstreamSide | None, kind: str, before_response: bool) -> None:
         upstream_failed(self.dp, ex, up, kind, before_response)
+
+    # -- deadlines
 
     def _rearm(self) -> None:
         if self.write_paused:

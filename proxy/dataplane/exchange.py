@@ -5,6 +5,8 @@ Design rules:
   FINISHED, or ABORTED), moved only forward and only by the transition methods here. The request side's
   end (`request_complete`) is the one flag of its own: a response may start, and even end, before the
   request body did.
+- The other fields are the record the stages fill in, each its own part: the parser (downstream) the
+  request fields, dispatch the route, chain, version and endpoint, the upstream side the response fields.
 - This module knows no connection class. ClientSide (here) and UpstreamSide (proxy.dataplane.pool) are the
   concrete bases the client and upstream connections implement: each side calls the other only through
   their methods, so the modules above (upstream, dispatch, downstream) import downward only, and mypyc

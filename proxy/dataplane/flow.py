@@ -114,6 +114,8 @@ class ClientFlow(ClientSide):
         self.tail_route: str | None = None
         self.tunnel_up: UpstreamSide | None = None
 
+    # -- backpressure
+
     def pause_writing(self) -> None:
         self.write_paused = True
         self.pause(P_WRITE)
@@ -155,6 +157,8 @@ class ClientFlow(ClientSide):
         if not self.paused and self.transport is not None and not self.closed:
             self.transport.resume_reading()
             self._rearm()
+
+    # -- input, parsed in slices
 
     def _feed(self, data: bytes) -> None:
         if self.backlog:
@@ -246,6 +250,8 @@ class ClientFlow(ClientSide):
         if ex is not None and ex.head_deferred and ex.chunk_ok:
             self._send_held(ex)
 
+    # -- request bodies on their way upstream
+
     def _send_held(self, ex: Exchange) -> None:
         ex.head_deferred = False
         ex.chunk_ok = True
@@ -286,6 +292,8 @@ class ClientFlow(ClientSide):
                     self._send_held(ex)  # a first chunk too large to hold back is streamed
                 else:
                     self.pause(P_PENDING)
+
+    # -- in-order answers
 
     def response_complete(self, ex: Exchange) -> None:
         ex.answered()
@@ -351,6 +359,8 @@ class ClientFlow(ClientSide):
         if self.backlog and not self.feeding and not self.closed:
             self._feed(b"")
 
+    # -- upgrade tunnel
+
     def _upgraded(self, rest: bytes) -> None:
         ex = self.queue[-1] if self.queue else None
         if ex is None or ex.refuse is not None or ex.done() or not ex.upgrade:
@@ -391,6 +401,8 @@ class ClientFlow(ClientSide):
         self.tunnel_up = None
         self._close()
 
+    # -- what the upstream side and dispatch call
+
     def upstream_full(self) -> None:
         self.pause(P_UPSTREAM)
 
@@ -428,7 +440,7 @@ class ClientFlow(ClientSide):
             self._feed(b"")
 
 
-    # -- input errors, order and closing
+    # -- input errors, the queue, closing
 
     def _parse_error(self, e: HttpParserError) -> None:
         ctx = e.__context__
