@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, cast
 
 from proxy.dataplane.exchange import RESPONDING
-from proxy.dataplane.headers import CONTINUE, IDEMPOTENT, LazyHeaders
+from proxy.dataplane.headers import IDEMPOTENT, LazyHeaders
 from proxy.dataplane.upstream import UpstreamConnection
 from proxy.table import cookie_value, normalize_path
 
@@ -90,8 +90,8 @@ def start(dp: PlaneState, ex: Exchange) -> None:
         ex.fell_back = True
         ep = ex.endpoint
         assert ep is not None
-    if ex.expect and ex.http11 and not ex.request_complete:  # HTTP/1.0 clients never wait for a 100
-        ex.client.write(CONTINUE)
+    if ex.expect and not ex.request_complete:
+        ex.client.send_continue(ex)
     ex.attempts = 1
     conn = ep.take_idle()
     if conn is not None:

@@ -156,11 +156,15 @@ class ClientSide(asyncio.Protocol):
     def resume(self, reason: int) -> None:
         raise NotImplementedError
 
+    def send_continue(self, ex: Exchange) -> None:
+        """ex asked to be told to send its body (Expect: 100-continue), and a version was chosen."""
+        raise NotImplementedError
+
     def upstream_full(self) -> None:
         """The upstream's write buffer is full: stop reading the request body."""
         raise NotImplementedError
 
-    def upstream_drained(self) -> None:
+    def upstream_writable(self) -> None:
         raise NotImplementedError
 
     def upstream_head(self, ex: Exchange, route: str) -> bytes:

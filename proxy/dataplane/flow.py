@@ -23,7 +23,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from proxy.dataplane.dispatch import log, start
 from proxy.dataplane.exchange import DISPATCHED, PARSED, RESPONDING, ClientSide, Exchange, Refuse
-from proxy.dataplane.headers import local_response
+from proxy.dataplane.headers import CONTINUE, local_response
 
 if TYPE_CHECKING:
     import asyncio
@@ -403,10 +403,14 @@ class ClientFlow(ClientSide):
 
     # -- what the upstream side and dispatch call
 
+    def send_continue(self, ex: Exchange) -> None:
+        if ex.http11:  # HTTP/1.0 clients never wait for a 100
+            self.write(CONTINUE)
+
     def upstream_full(self) -> None:
         self.pause(P_UPSTREAM)
 
-    def upstream_drained(self) -> None:
+    def upstream_writable(self) -> None:
         self.resume(P_UPSTREAM)
 
     def send_head(self, ex: Exchange, conn: UpstreamSide) -> None:

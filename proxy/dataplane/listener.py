@@ -84,12 +84,12 @@ class DataPlane(PlaneState):
             # window in which their next request is answered with `Connection: close`; only those still
             # idle after it are closed. Busy clients thus move to another worker without an error.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopped.wait(), min(STOP_IDLE, grace))
+                await asyncio.wait_for(self.clients_gone.wait(), min(STOP_IDLE, grace))
             for c in list(self.conns):
                 cast(ClientConnection, c).close_if_idle()
         if self.conns:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopped.wait(), max(0.0, grace - (time.monotonic() - started)))
+                await asyncio.wait_for(self.clients_gone.wait(), max(0.0, grace - (time.monotonic() - started)))
         for c in list(self.conns):
             cast(ClientConnection, c).abort()
         if self._sweeper is not None:

@@ -54,7 +54,7 @@ class PlaneState:
         self.plan = Plan(holder.table)
         # A graceful stop is under way: answers say `Connection: close`, no connection is pooled again.
         self.stopping = False
-        self.stopped = asyncio.Event()  # set when stopping and the last client connection closed
+        self.clients_gone = asyncio.Event()  # set when stopping and the last client connection closed
         self.tasks: set[asyncio.Task[None]] = set()
         self.hosts: dict[bytes, str] = {}  # Host header value -> lower-case host without port
         self._version_lines: dict[str, bytes] = {}
@@ -72,7 +72,7 @@ class PlaneState:
         self.conns.discard(c)
         self.stats.connection("downstream", -1)
         if self.stopping and not self.conns:
-            self.stopped.set()
+            self.clients_gone.set()
 
     def version_header(self, version: str) -> bytes:
         line = self._version_lines.get(version)

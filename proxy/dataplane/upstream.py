@@ -115,7 +115,7 @@ class UpstreamConnection(UpstreamSide):
     def resume_writing(self) -> None:
         ex = self.ex
         if ex is not None:
-            ex.client.upstream_drained()
+            ex.client.upstream_writable()
 
     def data_received(self, data: bytes) -> None:
         ex = self.ex
