@@ -22,16 +22,20 @@ from setuptools import setup
 # Everything a proxied request runs through (and the table it routes with); nothing of the control plane.
 HOT_MODULES = [
     "proxy/dataplane/downstream.py",
+    "proxy/dataplane/flow.py",
+    "proxy/dataplane/exchange.py",
+    "proxy/dataplane/dispatch.py",
     "proxy/dataplane/upstream.py",
-    "proxy/dataplane/plan.py",
     "proxy/dataplane/pool.py",
+    "proxy/dataplane/plane.py",
+    "proxy/dataplane/plan.py",
     "proxy/dataplane/headers.py",
-    "proxy/telemetry/stats.py",
-    "proxy/dataplane/listener.py",
+    "proxy/dataplane/mirror.py",
     "proxy/dataplane/health.py",
+    "proxy/dataplane/listener.py",
+    "proxy/telemetry/stats.py",
     "proxy/table.py",
     "proxy/select.py",
-    "proxy/table.py",
 ]
 
 

@@ -84,7 +84,7 @@ async def run(n: int, profile: bool) -> float:
         u = UpstreamConnection(dp, ep)
         t = FakeTransport()
         u.connection_made(t)  # type: ignore[arg-type]
-        ep.idle.append(u)
+        assert ep.put_idle(u, dp.pool_size, False)
         ups[name] = (u, t)
     reqs = [b"GET / HTTP/1.1\r\nHost: bench\r\nX-Client-Id: c%d\r\n\r\n" % i for i in range(100)]
     by_ep = {id(u.endpoint): (u, t) for u, t in ups.values()}

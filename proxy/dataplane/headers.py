@@ -11,7 +11,14 @@ import ipaddress
 import re
 from collections.abc import Iterator, Mapping
 from http import HTTPStatus
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
+
+from httptools import HttpParserError, parse_url
+
+from proxy.dataplane.exchange import Refuse
+
+if TYPE_CHECKING:
+    from proxy.dataplane.exchange import Exchange
 
 # Classification of request header names, looked up once per header.
 FORWARD: Final = 0
@@ -165,3 +172,74 @@ def split_host(host: bytes) -> str:
         return h[: end + 1] if end > 0 else h
     i = h.rfind(":")
     return h[:i] if i >= 0 else h
+
+
+# A '%' not followed by two hex digits, or an encoded NUL: a path an upstream cannot decode, or (in C) truncates.
+_BAD_PCT: Final = re.compile(rb"%(?![0-9A-Fa-f]{2})|%00")
+
+
+# -- request validation (raises Refuse; the common case is validated inline in downstream)
+
+
+def request_target(ex: Exchange, target: bytes) -> None:
+    """Origin-form target -> ex.target, ex.path and ex.query (path and query as latin-1 text)."""
+    q = target.find(b"?")
+    if b"%" in target and _BAD_PCT.search(target, 0, q if q >= 0 else len(target)) is not None:
+        raise Refuse(400, "bad_request")  # the query is the application's to decode, as nginx leaves it
+    ex.target = target
+    if q >= 0:
+        ex.path = target[:q].decode("latin-1")
+        ex.query = target[q + 1:].decode("latin-1")
+    else:
+        ex.path = target.decode("latin-1")
+
+
+def validate_request(ex: Exchange, url: bytes, nhost: int, method: str, cl: int | None, max_body: int,
+                     hosts: dict[bytes, str]) -> None:
+    """The request line and framing headers of anything but the common case; raises Refuse."""
+    if method == "CONNECT":
+        raise Refuse(400, "bad_request")  # no open proxy
+    if nhost > 1 or (nhost == 0 and ex.http11):
+        raise Refuse(400, "bad_request")
+    if url[:1] == b"/" or (url == b"*" and method == "OPTIONS"):
+        target = url
+    else:
+        try:
+            # Untyped on purpose: httptools' stub declares every URL part as bytes/int, but absent parts
+            # are None, and compiled (mypyc) code checks declared attribute types at run time.
+            parsed: Any = parse_url(url)
+        except HttpParserError:
+            raise Refuse(400, "bad_request") from None
+        if parsed.schema not in (b"http", b"https") or not parsed.host:
+            raise Refuse(400, "bad_request")
+        authority = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
+        if ex.host_raw is None or split_host(authority) != split_host(ex.host_raw):
+            raise Refuse(400, "bad_request")  # absolute-form for another host: not an open proxy
+        target = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
+    request_target(ex, target)
+    host_raw = ex.host_raw
+    if host_raw is not None:
+        ex.host = host_of(hosts, host_raw)
+    if ex.upgrade and (ex.chunked or cl):
+        raise Refuse(400, "bad_request")
+    if ex.upgrade and ex.upgrade_value.strip().lower() != b"websocket":
+        # Only WebSocket is tunnelled: another protocol (h2c) would get a raw tunnel past routing and
+        # header rules. Proxied as a plain request without Upgrade; llhttp stops parsing at an upgrade,
+        # so the connection closes after the response.
+        ex.upgrade = False
+        ex.keep_alive = False
+    if cl is not None and cl > max_body:
+        raise Refuse(413, "too_large")
+
+
+def host_of(hosts: dict[bytes, str], host_raw: bytes) -> str:
+    """The lower-case host of a Host value, cached per value (a keep-alive client repeats it)."""
+    host = hosts.get(host_raw)
+    if host is not None:
+        return host
+    if not valid_host(host_raw):
+        raise Refuse(400, "bad_request")  # userinfo or garbage: routed as one host, read as another
+    if len(hosts) > 1000:  # bounded: Host values are client-controlled
+        hosts.clear()
+    host = hosts[host_raw] = split_host(host_raw)
+    return host

@@ -1,8 +1,9 @@
 """Endpoint health: active checks on an interval, passive ejection with exponential re-admission.
 
 Design rule: health is a pair of booleans on each Endpoint (active_ok, ejected) that checks and timers
-flip; the request path reads them and never waits for a check. New endpoints start healthy (optimistic)
-and their first check runs at once, so a dead one is found within one check timeout.
+flip through the Endpoint's methods; the request path reads them and never waits for a check. New
+endpoints start healthy (optimistic) and their first check runs at once, so a dead one is found within
+one check timeout.
 """
 
 from __future__ import annotations
@@ -36,26 +37,19 @@ class Health:
     # -- passive
 
     def failure(self, ep: Endpoint) -> None:
-        ep.failures += 1
-        if ep.failures >= self.eject_after and not ep.ejected:
+        if ep.failed() >= self.eject_after and not ep.ejected:
             self._eject(ep)
 
     def success(self, ep: Endpoint) -> None:
-        ep.failures = 0
-        ep.ejections = 0
+        ep.succeeded()
 
     def _eject(self, ep: Endpoint) -> None:
-        ep.ejected = True
-        ep.ejections += 1
-        delay = min(self.eject_base * 2 ** (ep.ejections - 1), self.eject_max)
-        ep.readmit_handle = asyncio.get_running_loop().call_later(delay, self._readmit, ep)
-        ep.close_idle()
+        delay = min(self.eject_base * 2 ** ep.ejections, self.eject_max)
+        ep.eject(asyncio.get_running_loop().call_later(delay, self._readmit, ep))
 
     def _readmit(self, ep: Endpoint) -> None:
-        ep.readmit_handle = None
-        ep.ejected = False
         # Probation: one more failure ejects again, for twice as long; a success clears the record.
-        ep.failures = self.eject_after - 1
+        ep.readmit(self.eject_after - 1)
 
     # -- active
 
@@ -67,19 +61,14 @@ class Health:
         task = self._tasks.pop(ep, None)
         if task is not None:
             task.cancel()
-        h = ep.readmit_handle
-        if h is not None:
-            h.cancel()
-        ep.readmit_handle = None
+        ep.cancel_readmit()
         ep.close_idle()
 
     async def _run(self, ep: Endpoint, check: HealthCheck) -> None:
         url = f"http://{ep.address}{check.path}"
         while True:
             ok = await self._check(url, check.timeout)
-            if ok and not ep.active_ok:
-                ep.failures = 0
-            ep.active_ok = ok
+            ep.checked(ok)
             await asyncio.sleep(check.interval)
 
     async def _check(self, url: str, timeout: float) -> bool:

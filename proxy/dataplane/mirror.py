@@ -11,21 +11,25 @@ import asyncio
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from proxy.dataplane.downstream import Exchange
-    from proxy.dataplane.listener import DataPlane
+    from proxy.dataplane.exchange import Exchange
+    from proxy.dataplane.pool import Backend
+    from proxy.settings import Settings
     from proxy.table import CompiledRoute
+    from proxy.telemetry.stats import Stats
 
 # Mirrored requests in flight per process; more are dropped so a hung mirror target costs bounded memory.
 MAX_IN_FLIGHT = 64
 
 
 class Mirrorer:
-    def __init__(self, dp: DataPlane) -> None:
-        self.dp = dp
+    def __init__(self, stats: Stats, settings: Settings) -> None:
+        self.stats = stats
+        self.body_limit = settings.limits.retry_buffer_bytes
+        self.timeout = settings.timeouts.upstream_response
         self.max_in_flight = MAX_IN_FLIGHT
         self.in_flight = 0
         # The same dict Stats.mirror fills: /metrics exports it as turnout_mirror_requests_total.
-        self.counts: dict[tuple[str, str, str], int] = dp.stats.mirrors
+        self.counts: dict[tuple[str, str, str], int] = stats.mirrors
         self._acc: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -33,9 +37,9 @@ class Mirrorer:
         return f"<Mirrorer [In flight: {self.in_flight}/{self.max_in_flight}]>"
 
     def _count(self, route: str, version: str, code: str) -> None:
-        self.dp.stats.mirror(route, version, code)
+        self.stats.mirror(route, version, code)
 
-    def consider(self, ex: Exchange, route: CompiledRoute) -> None:
+    def consider(self, ex: Exchange, route: CompiledRoute, backends: dict[str, Backend]) -> None:
         mirror = route.route.mirror
         if mirror is None or ex.upgrade:
             return
@@ -44,19 +48,19 @@ class Mirrorer:
         self._acc[route.name] = acc - 100.0 if take else acc
         if not take:
             return
-        if ex.cl is not None and ex.cl > self.dp.settings.limits.retry_buffer_bytes:
+        if ex.cl is not None and ex.cl > self.body_limit:
             self._count(route.name, mirror.version, "dropped")
             return
         ex.mirror_body = []
         if ex.request_complete:
-            self.send(ex)
+            self.send(ex, backends)
 
     def count_dropped(self, ex: Exchange) -> None:
         route = ex.route
         if route is not None and route.route.mirror is not None:
             self._count(route.name, route.route.mirror.version, "dropped")
 
-    def send(self, ex: Exchange) -> None:
+    def send(self, ex: Exchange, backends: dict[str, Backend]) -> None:
         body = ex.mirror_body
         ex.mirror_body = None
         route = ex.route
@@ -66,13 +70,13 @@ class Mirrorer:
         if self.in_flight >= self.max_in_flight:
             self._count(route.name, version, "dropped")
             return
-        backend = self.dp.backends.get(version)
+        backend = backends.get(version)
         ep = backend.pick() if backend is not None else None
         if ep is None:
             self._count(route.name, version, "error")
             return
-        data = b"".join([ex.head_common, self.dp.version_header(version), b"Connection: close\r\n", ex.head_tail,
-                         *body])
+        data = b"".join([ex.head_common, b"X-Turnout-Version: " + version.encode() + b"\r\n", b"Connection: close\r\n",
+                         ex.head_tail, *body])
         self.in_flight += 1
         task = asyncio.get_running_loop().create_task(self._run(route.name, version, ep.host, ep.port, data))
         self._tasks.add(task)
@@ -81,7 +85,7 @@ class Mirrorer:
     async def _run(self, route: str, version: str, host: str, port: int, data: bytes) -> None:
         code = "error"
         try:
-            async with asyncio.timeout(self.dp.settings.timeouts.upstream_response):
+            async with asyncio.timeout(self.timeout):
                 reader, writer = await asyncio.open_connection(host, port)
                 try:
                     writer.write(data)

@@ -1,18 +1,43 @@
 """Upstream endpoints of one version: keep-alive pools, health state and round-robin choice.
 
 Design rule: choosing an endpoint and taking an idle connection are synchronous and allocation-free, so
-the request path never awaits when a pooled connection is ready. Health flags are plain booleans that
-timers and checks flip; the request path only reads them.
+the request path never awaits when a pooled connection is ready. The pool owns taking and returning
+connections (take_idle, put_idle): the return rule is written once, here. Health flags are plain
+booleans that timers and checks flip through Endpoint's methods; the request path only reads them.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-if TYPE_CHECKING:
-    from proxy.dataplane.upstream import UpstreamConnection
+
+class UpstreamSide(asyncio.Protocol):
+    """A pooled upstream connection, as the pool, dispatch and the client side see it."""
+
+    transport: asyncio.Transport | None = None
+    closed: bool = False
+    served: int = 0  # responses completed on this connection; >0 means a reused connection
+
+    def reusable(self) -> bool:
+        raise NotImplementedError
+
+    def expect_response(self, deadline: float) -> None:
+        """The request is complete: the response must begin by `deadline`."""
+        raise NotImplementedError
+
+    def drop(self) -> None:
+        """Forget the exchange and abort the connection (its client gave up on it)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def pause_reading(self) -> None:
+        raise NotImplementedError
+
+    def resume_reading(self) -> None:
+        raise NotImplementedError
 
 
 class Endpoint:
@@ -28,7 +53,7 @@ class Endpoint:
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
         self.address = f"{self.host}:{self.port}"
-        self.idle: list[UpstreamConnection] = []  # LIFO: the most recently used connection is the warmest
+        self.idle: list[UpstreamSide] = []  # LIFO: the most recently used connection is the warmest
         # Optimistic start: a new endpoint serves until a check or passive ejection says otherwise.
         self.active_ok = True
         self.ejected = False
@@ -45,13 +70,59 @@ class Endpoint:
         state = "healthy" if self.healthy else ("ejected" if self.ejected else "failing")
         return f"<Endpoint {self.version} {self.url} [{state} | Connections: {len(self.idle)} idle]>"
 
-    def take_idle(self) -> UpstreamConnection | None:
+    def take_idle(self) -> UpstreamSide | None:
         idle = self.idle
         while idle:
             conn = idle.pop()
             if conn.reusable():
                 return conn
         return None
+
+    def put_idle(self, conn: UpstreamSide, pool_size: int, stopping: bool) -> bool:
+        """The one return-to-pool rule: False when conn may not serve again (the caller closes it)."""
+        if (conn.reusable() and not self.ejected and not self.removed and len(self.idle) < pool_size
+                and not stopping):
+            self.idle.append(conn)
+            return True
+        return False
+
+    def retire(self) -> None:
+        """No longer in the table: its connections are not pooled again."""
+        self.removed = True
+
+    # -- health (proxy.dataplane.health decides; these record)
+
+    def failed(self) -> int:
+        """One more consecutive failure; returns how many in a row."""
+        self.failures += 1
+        return self.failures
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.ejections = 0
+
+    def eject(self, readmit: asyncio.TimerHandle) -> None:
+        self.ejected = True
+        self.ejections += 1
+        self.readmit_handle = readmit
+        self.close_idle()
+
+    def readmit(self, failures: int) -> None:
+        self.readmit_handle = None
+        self.ejected = False
+        self.failures = failures
+
+    def cancel_readmit(self) -> None:
+        h = self.readmit_handle
+        if h is not None:
+            h.cancel()
+        self.readmit_handle = None
+
+    def checked(self, ok: bool) -> None:
+        """The result of an active check."""
+        if ok and not self.active_ok:
+            self.failures = 0
+        self.active_ok = ok
 
     def close_idle(self) -> None:
         idle, self.idle = self.idle, []

@@ -3,9 +3,10 @@
 Design rule: the response is re-framed from what the parser validated (never raw framing bytes) and
 written straight to the client's transport from the parser callbacks. Failures are reported to the
 client connection with whether any response byte had arrived, because that decides retry vs. abort.
-A connection goes back to its pool only after its response was read completely and not marked close, and
-only once the rest of the read that completed it was parsed: a byte past the end of a response is one nobody
-asked for, and the connection is closed instead (see _settle).
+A connection goes back to its pool (Endpoint.put_idle) only after its response was read completely and not
+marked close, and only once the rest of the read that completed it was parsed: a byte past the end of a
+response is one nobody asked for, and the connection is closed instead (see _settle). Only this class
+writes its fields: the client side starts an exchange on it with begin() and gives up with drop().
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from typing import TYPE_CHECKING, Final, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from proxy.dataplane.exchange import TUNNEL
 from proxy.dataplane.headers import RESPONSE_DROP, STATUS_LINES, connection_tokens, status_line
+from proxy.dataplane.pool import UpstreamSide
 
 if TYPE_CHECKING:
-    from proxy.dataplane.downstream import Exchange
-    from proxy.dataplane.listener import DataPlane
+    from proxy.dataplane.exchange import Exchange
+    from proxy.dataplane.plane import PlaneState
     from proxy.dataplane.pool import Endpoint
 
 # How the response body goes to the client.
@@ -36,8 +39,8 @@ _CRLF: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
-class UpstreamConnection(asyncio.Protocol):
-    def __init__(self, dp: DataPlane, endpoint: Endpoint) -> None:
+class UpstreamConnection(UpstreamSide):
+    def __init__(self, dp: PlaneState, endpoint: Endpoint) -> None:
         self.dp = dp
         self.now = dp.now
         self.endpoint = endpoint
@@ -85,7 +88,7 @@ class UpstreamConnection(asyncio.Protocol):
         ex = self.ex
         if ex is None:
             return
-        if ex.tunnel:
+        if ex.state == TUNNEL:
             self.ex = None
             ex.client.tunnel_closed()
             return
@@ -99,7 +102,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         ex = self.ex
-        if ex is not None and ex.tunnel:
+        if ex is not None and ex.state == TUNNEL:
             ex.client.tunnel_eof()
             return True  # half-close: keep sending what the client still writes
         return None
@@ -107,12 +110,12 @@ class UpstreamConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         ex = self.ex
         if ex is not None:
-            ex.client.pause(ex.client.P_UPSTREAM)
+            ex.client.upstream_full()
 
     def resume_writing(self) -> None:
         ex = self.ex
         if ex is not None:
-            ex.client.resume(ex.client.P_UPSTREAM)
+            ex.client.upstream_writable()
 
     def data_received(self, data: bytes) -> None:
         ex = self.ex
@@ -120,7 +123,7 @@ class UpstreamConnection(asyncio.Protocol):
             # Nothing was asked: an idle upstream talking is out of sync, so it cannot be reused.
             self.close()
             return
-        if ex.tunnel:
+        if ex.state == TUNNEL:
             ex.client.write_tunnel(data)
             return
         self.got_bytes = True
@@ -229,7 +232,7 @@ class UpstreamConnection(asyncio.Protocol):
             parts = [parts[0], *[ln for ln in lines if ln.split(b":", 1)[0].lower() not in tokens]]
         # An upgrade the upstream declined leaves the client's parser stopped at the upgrade, and an answer
         # that comes before the request body ended leaves unread body bytes: both close after.
-        close = (ex.close_after or not ex.keep_alive or self.dp.draining or not ex.request_complete
+        close = (ex.close_after or not ex.keep_alive or self.dp.stopping or not ex.request_complete
                  or (ex.upgrade and status != 101))
         if status == 101:
             mode = NONE
@@ -266,8 +269,7 @@ class UpstreamConnection(asyncio.Protocol):
                 parts.append(self.dp.cookie_header(cookie, ex.version))
         parts.append(_CRLF)
         self.mode = mode
-        ex.status = status
-        ex.response_started = True
+        ex.respond(status)
         self.out.append(b"".join(parts))
         if ex.head and mode == NONE and status != 204 and status != 304:
             # llhttp cannot know this answered a HEAD and would wait for Content-Length bytes; the head
@@ -343,14 +345,7 @@ class UpstreamConnection(asyncio.Protocol):
         # connection (on_message_begin, on_body). Only now may it serve another request, which reporting the
         # completion can start at once (a pipelined one).
         self.held = None
-        dp = self.dp
-        ep = self.endpoint
-        if (not self.closed and not ep.ejected and not ep.removed and len(ep.idle) < dp.pool_size
-                and not dp.draining):
-            ep.idle.append(self)
-            self.deadline = self.now() + dp.t_pool_idle
-        else:
-            self.close()
+        self.release()
         ex.client.response_complete(ex)
 
     def _fail(self, kind: str) -> None:
@@ -364,9 +359,36 @@ class UpstreamConnection(asyncio.Protocol):
         ex = self.ex
         if ex is None:
             return
-        ex.tunnel = True
+        ex.open_tunnel()
         self.deadline = 0.0
         ex.client.start_tunnel(ex, rest)
+
+    # -- what the client side and dispatch call
+
+    def begin(self, ex: Exchange) -> None:
+        """Serve ex next (a fresh connection, or one taken from the pool)."""
+        self.ex = ex
+        self.lines = []
+        self.special = []
+        self.got_bytes = self.informational = self.until_eof = False
+        self.in_head = True
+        self.head_size = 0
+        self.deadline = 0.0
+
+    def expect_response(self, deadline: float) -> None:
+        self.deadline = deadline
+
+    def drop(self) -> None:
+        self.ex = None
+        self.abort()
+
+    def release(self) -> None:
+        """Back to the pool when it may serve again, else closed."""
+        dp = self.dp
+        if self.endpoint.put_idle(self, dp.pool_size, dp.stopping):
+            self.deadline = self.now() + dp.t_pool_idle
+        else:
+            self.close()
 
     def reusable(self) -> bool:
         # `closed` is set both when we close and when the peer did (connection_lost).

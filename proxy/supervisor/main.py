@@ -83,7 +83,8 @@ class Supervisor:
             rev = await self.store.current()
         self.watcher.receive(rev)
         if self.workers is None:
-            self.dataplane = await start_dataplane(s, self.holder, self.stats, sock=self._listener)
+            self.dataplane = await start_dataplane(s, self.holder, self.stats, sock=self._listener,
+                                                   state_dir=state_dir(s))
             self.watcher.listeners.append(self.dataplane.table_changed)
         else:
             await self.workers.spawn()

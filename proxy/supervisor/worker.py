@@ -21,7 +21,7 @@ from proxy.control.watcher import Watcher
 from proxy.dataplane.listener import DataPlane, start_dataplane
 from proxy.settings import Settings
 from proxy.store import Store, open_store
-from proxy.supervisor.process import StopSignal, metrics_dir, store_url
+from proxy.supervisor.process import StopSignal, metrics_dir, state_dir, store_url
 from proxy.table import RouteTable, TableHolder
 from proxy.telemetry.metrics import WorkerPublisher
 from proxy.telemetry.stats import Stats
@@ -82,7 +82,8 @@ async def run_worker(settings: Settings, worker_id: str, listen_fd: int | None =
     holder = TableHolder(RouteTable(rev.state, rev.number))
     watcher = Watcher(store, holder, stats)
     sock = socket.socket(fileno=listen_fd) if listen_fd is not None else None
-    dataplane = await start_dataplane(settings, holder, stats, reuse_port=True, sock=sock)
+    dataplane = await start_dataplane(settings, holder, stats, reuse_port=True, sock=sock,
+                                      state_dir=state_dir(settings))
     watcher.listeners.append(dataplane.table_changed)
     if ready_fd is not None:
         os.set_blocking(ready_fd, False)

@@ -12,7 +12,7 @@ from proxy.changes import set_split
 from proxy.errors import StoreUnavailableError
 from proxy.store import SQLiteStore
 from tests.admin.conftest import ALICE, BOB, EP1, EP2, Admin
-from tests.admin.raw import raw_exchange
+from tests.raw import raw_exchange
 
 PROBLEM = "application/problem+json"
 

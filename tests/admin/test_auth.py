@@ -7,7 +7,7 @@ import pytest
 
 from proxy.admin.auth import authorize
 from tests.admin.conftest import ALICE, TOKENS, Admin
-from tests.admin.raw import raw_exchange
+from tests.raw import raw_exchange
 
 BYPASS_PATHS = [
     "//api/v1/state", "/api/v1/state/", "/API/v1/state", "/api/v1/%73tate", "/api/v1//state",

@@ -11,9 +11,20 @@ from dataclasses import dataclass, field
 from proxy.dataplane.downstream import ClientConnection
 from proxy.dataplane.listener import DataPlane, start_dataplane
 from proxy.model import HealthCheck, Match, Route, State, Version, VersionSpec
-from proxy.settings import Settings
+from proxy.settings import Limits, Settings, Timeouts
 from proxy.table import RouteTable, TableHolder
 from proxy.telemetry.stats import Stats
+
+# Long body timeout on purpose: a bound must not be "met" by the 408 that body_read_idle gives later.
+SLOW_BODY = Timeouts(header_read=2.0, keepalive_idle=5.0, upstream_connect=1.0, upstream_response=2.0,
+                     upstream_idle=2.0, body_read_idle=60.0)
+SMALL = Limits(max_header_bytes=4096, high_water=16 * 1024, low_water=4 * 1024)
+# Short client-side timeouts: a refusal shows before the test's own timeouts.
+FAST = Timeouts(header_read=0.5, keepalive_idle=5.0, upstream_connect=1.0, upstream_response=2.0,
+                upstream_idle=2.0, body_read_idle=1.0)
+
+# The start of a POST to the "app" host of slow_body_proxy and fast_proxy (conftest).
+POST = b"POST / HTTP/1.1\r\nHost: app\r\n"
 
 
 @dataclass

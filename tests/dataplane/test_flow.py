@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from proxy.dataplane.downstream import PIPELINE_SLICE
 from proxy.settings import Settings
-from tests.dataplane.helpers import Client, simple_route, start_proxy, table, version
+from tests.dataplane.helpers import (
+    FAST,
+    SMALL,
+    Client,
+    shrink_buffers,
+    simple_route,
+    start_proxy,
+    table,
+    version,
+)
+from tests.raw import raw_exchange, read_all
 
 MIN_REQUEST = len(b"GET /0 HTTP/1.1\r\nHost: a\r\n\r\n")
 
@@ -139,3 +150,71 @@ async def test_large_request_body_to_slow_upstream_pauses_client(upstreams) -> N
         gate.set()
         await p.dp.shutdown(0.5)
         srv.close()
+
+
+async def test_pipelined_local_answers_to_a_client_that_never_reads_stay_bounded(slow_body_proxy) -> None:  # type: ignore[no-untyped-def]
+    p, _ = slow_body_proxy
+    c = await Client.open(p.port)
+    try:
+        conn = await shrink_buffers(p, c)
+        req = b"GET / HTTP/1.1\r\nHost: no-such-route\r\n\r\n"  # 404, answered by the proxy itself
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            for _ in range(100):
+                c.writer.write(req * 200)
+                await asyncio.wait_for(c.writer.drain(), 0.5)
+        await asyncio.sleep(0.2)
+        # Bounded: the high-water mark plus the answers to at most max_pipelined parsed requests and a slice.
+        bound = SMALL.high_water + 64 * 1024
+        # Reading pauses at the bound; the connection stays open for the client to read its answers.
+        assert (conn.closed, conn.transport.get_write_buffer_size() <= bound) == (False, True)
+    finally:
+        c.close()
+
+
+async def test_pipelined_request_after_connection_close_is_never_forwarded(fast_proxy) -> None:  # type: ignore[no-untyped-def]
+    p, a = fast_proxy
+    out = await raw_exchange(p.port, b"GET /first HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"
+                                     b"GET /smuggled HTTP/1.1\r\nHost: app\r\n\r\n")
+    assert out.count(b"HTTP/1.1 ") == 1 and out.startswith(b"HTTP/1.1 200 ")
+    assert [r.target for r in a.traffic] == ["/first"]
+
+
+async def test_refused_websocket_upgrade_drops_the_bytes_sent_after_it(upstreams) -> None:  # type: ignore[no-untyped-def]
+    async def h(req, reader, writer):  # type: ignore[no-untyped-def]
+        return b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno"
+
+    a = await upstreams(h)
+    p = await start_proxy(table([version("v1", a)], [simple_route(("v1", 1.0))]))
+    try:
+        out = await raw_exchange(p.port, b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\n"
+                                         b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+                                         b"GET /smuggled HTTP/1.1\r\nHost: app\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 403 ") and b"Connection: close\r\n" in out
+        assert out.count(b"HTTP/1.1 ") == 1
+        assert [r.target for r in a.traffic] == ["/ws"]
+        assert b"smuggled" not in b"".join(a.partial)
+    finally:
+        await p.dp.shutdown(0.5)
+
+
+async def test_slow_response_reader_is_aborted_by_upstream_idle(upstreams) -> None:  # type: ignore[no-untyped-def]
+    big = b"x" * (4 * 1024 * 1024)
+
+    async def h(req, reader, writer):  # type: ignore[no-untyped-def]
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(big), big)
+
+    a = await upstreams(h)
+    p = await start_proxy(table([version("v1", a)], [simple_route(("v1", 1.0))]),
+                          Settings(listen=("127.0.0.1", 0), timeouts=FAST))
+    c = await Client.open(p.port)
+    try:
+        await shrink_buffers(p, c)
+        await c.send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+        await asyncio.sleep(FAST.upstream_idle + 0.6)  # never read: the proxy must give up on us
+        data, closed = await read_all(c.reader, 3)
+        assert closed and len(data) < len(big)
+        assert not p.dp.conns
+    finally:
+        c.close()
+        await p.dp.shutdown(0.5)

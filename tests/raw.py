@@ -1,4 +1,4 @@
-"""Small raw-socket helpers shared by the review tests."""
+"""Raw-socket HTTP/1.1 exchanges shared by the tests, for requests an HTTP client would normalise away."""
 
 from __future__ import annotations
 

@@ -1,0 +1,263 @@
+"""Dispatch: route match, client identity, version pick (pins, sticky split), spread to healthy split
+versions, the fallback chain, the retry rule, the mirror decision, and handing an exchange a connection.
+
+Design rule: everything here works on an Exchange and the shared PlaneState only, never on a client
+connection's protocol: it answers through ex.client (ClientSide) and knows no HTTP/1.x framing, so an
+HTTP/2 downstream can dispatch its streams with the same functions. Module-level functions on concrete
+types, so mypyc calls them natively.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Final, cast
+
+from proxy.dataplane.exchange import RESPONDING
+from proxy.dataplane.headers import IDEMPOTENT, LazyHeaders
+from proxy.dataplane.upstream import UpstreamConnection
+from proxy.table import cookie_value, normalize_path
+
+if TYPE_CHECKING:
+    from proxy.dataplane.exchange import Exchange
+    from proxy.dataplane.plane import PlaneState
+    from proxy.dataplane.pool import Endpoint, UpstreamSide
+    from proxy.telemetry.stats import UpstreamErrorKind
+
+_NO_HEADERS: Final[dict[str, str]] = {}  # never written to
+_ERROR_KIND: Final[dict[str, UpstreamErrorKind]] = {
+    "connect": "connect", "connect_timeout": "timeout", "timeout": "timeout", "reset": "reset",
+    "invalid_response": "invalid_response",
+}
+
+
+def start(dp: PlaneState, ex: Exchange) -> None:
+    """Route ex, pick its version and endpoint, and give it a connection (or answer it locally)."""
+    ex.dispatch()
+    if ex.refuse is not None:
+        dp.stats.reject(ex.refuse.reason)
+        ex.client.answer(ex, ex.refuse.status)
+        return
+    table = dp.holder.table
+    plan = dp.plan
+    if plan.table is not table:
+        plan = dp.use_plan(table)
+    hdrs: Mapping[str, str]
+    if ex.plan is plan and plan.exact:
+        hdrs = ex.wanted or _NO_HEADERS
+        # Routes match on the path the upstream will resolve (dot-segments, "//", %-encoded letters).
+        route = plan.single or table.match(ex.host, normalize_path(ex.path), hdrs)
+    else:  # parsed under another table: the headers it reads may not have been captured
+        hdrs = LazyHeaders(ex.lines)
+        route = table.match(ex.host, normalize_path(ex.path), hdrs)
+    if route is None:
+        dp.stats.reject("no_route")
+        if dp.access_log is not None:
+            log_local(dp, ex, "", 404)
+        ex.client.answer(ex, 404)
+        return
+    ex.route = route
+    cid = ex.client_id = route.client_id(hdrs, ex.query) if route.identity else None
+    cookie = route.assignment_cookie
+    v = cookie_value(hdrs.get("cookie"), cookie) if cookie is not None else None
+    if v is not None:
+        # A pin beats an older assignment cookie, which beats the sticky split.
+        ex.cookie_version = v
+        pick = route.pick_session(cid, v)
+    else:
+        pick = plan.pick(route, cid)
+    ex.chain = chain = pick[1]
+    ex.head_common = ex.client.upstream_head(ex, route.name)
+    if route.route.mirror is not None:
+        dp.mirror.consider(ex, route, dp.backends)
+    backend = dp.backends.get(chain[0])
+    ep = backend.pick() if backend is not None else None
+    if ep is not None:
+        ex.version = chain[0]
+        ex.endpoint = ep
+    else:
+        if next_version(dp, ex, 1) < 0 and spread(dp, ex) < 0:
+            dp.stats.reject("no_healthy_version")
+            # Counted under the version it was meant for: its error ratio shows what its clients saw.
+            ex.version = chain[0]
+            now = dp.now()
+            dp.stats.request(route.name, chain[0], 503, now - ex.t0, ex.body_bytes, 0)
+            if dp.access_log is not None:
+                log(dp, ex, 503, now, answered=False)
+            ex.client.answer(ex, 503)
+            return
+        dp.stats.fallback(route.name, chain[0], ex.version)
+        ex.fell_back = True
+        ep = ex.endpoint
+        assert ep is not None
+    if ex.expect and not ex.request_complete:
+        ex.client.send_continue(ex)
+    ex.attempts = 1
+    conn = ep.take_idle()
+    if conn is not None:
+        attach(dp, ex, conn)
+    else:
+        open_connection(dp, ep, ex)
+
+
+
+def next_version(dp: PlaneState, ex: Exchange, start: int) -> int:
+    backends = dp.backends
+    chain = ex.chain
+    for i in range(start, len(chain)):
+        b = backends.get(chain[i])
+        if b is not None:
+            ep = b.pick()
+            if ep is not None:
+                ex.idx = i
+                ex.version = chain[i]
+                ex.endpoint = ep
+                return i
+    return -1
+
+
+
+def spread(dp: PlaneState, ex: Exchange) -> int:
+    """No version of the chain can serve: another version of the split that can, weighted among those
+    (a pinned client keeps just its chain). It joins the chain, so a retry moves on from it. Returns its
+    index in the chain, or -1."""
+    route = ex.route
+    if route is None or route.pinned(ex.client_id):
+        return -1
+    backends = dp.backends
+    chain = ex.chain
+    usable = [False] * len(route.split_names)
+    found = False
+    for i, v in enumerate(route.split_names):
+        if v not in chain:
+            b = backends.get(v)
+            if b is not None and b.has_healthy():
+                usable[i] = found = True
+    if not found:
+        return -1
+    i = route.spread(usable, ex.client_id)
+    if i < 0:
+        return -1
+    v = route.split_names[i]
+    ep = backends[v].pick()
+    assert ep is not None
+    ex.chain = (*chain, v)
+    ex.idx = len(chain)
+    ex.version = v
+    ex.endpoint = ep
+    return ex.idx
+
+
+
+def connect(dp: PlaneState, ex: Exchange, fresh: bool = False) -> None:
+    ep = ex.endpoint
+    assert ep is not None
+    ex.attempts += 1
+    conn = None if fresh else ep.take_idle()
+    if conn is not None:
+        attach(dp, ex, conn)
+    else:
+        open_connection(dp, ep, ex)
+
+
+
+def open_connection(dp: PlaneState, ep: Endpoint, ex: Exchange) -> None:
+    task = dp.loop.create_task(_open(dp, ep, ex))
+    dp.tasks.add(task)
+    task.add_done_callback(dp.tasks.discard)
+
+
+
+async def _open(dp: PlaneState, ep: Endpoint, ex: Exchange) -> None:
+    try:
+        async with asyncio.timeout(dp.t_connect):
+            _, conn = await dp.loop.create_connection(lambda: UpstreamConnection(dp, ep), ep.host, ep.port)
+    except TimeoutError:
+        ex.client.upstream_failed(ex, None, "connect_timeout", True)
+    except OSError:
+        ex.client.upstream_failed(ex, None, "connect", True)
+    else:
+        attach(dp, ex, conn)
+
+
+
+def attach(dp: PlaneState, ex: Exchange, conn: UpstreamSide) -> None:
+    """ex gets connection conn (fresh or pooled); the client side sends what it has of the request."""
+    up = cast(UpstreamConnection, conn)
+    client = ex.client
+    if ex.done() or client.closed:
+        up.release()
+        return
+    ex.up = conn
+    up.begin(ex)
+    client.send_head(ex, conn)
+
+
+
+def upstream_failed(dp: PlaneState, ex: Exchange, conn: UpstreamSide | None, kind: str,
+                    before_response: bool) -> None:
+    if ex.done() or ex.client.closed:
+        return
+    ex.up = None
+    ep = ex.endpoint
+    route = ex.route
+    assert route is not None and ep is not None
+    connect_failed = kind == "connect" or kind == "connect_timeout"
+    if connect_failed or kind == "timeout":
+        # A hung endpoint may still pass its health check: its timeouts must eject it like 5xx do.
+        dp.health.failure(ep)
+    dp.stats.upstream_error(ex.version, _ERROR_KIND[kind], route=route.name)
+    if ex.state >= RESPONDING:
+        now = dp.now()
+        dp.stats.request(route.name, ex.version, ex.status, now - ex.t0, ex.body_bytes, ex.bytes_out)
+        if dp.access_log is not None:
+            log(dp, ex, ex.status, now)
+        ex.client.abort_active(ex, 502)
+        return
+    may_replay = not ex.sent_body or ex.replay is not None
+    # After a reset the upstream may have acted on the request: only idempotent methods are replayed
+    # (RFC 9110 9.2.2); a failed connect wrote nothing, so any method may move on.
+    if (connect_failed or (kind == "reset" and before_response and ex.method in IDEMPOTENT)) and may_replay:
+        if kind == "reset" and conn is not None and conn.served and not ex.retried_same:
+            # A pooled connection the upstream had just closed: one fresh try on the same endpoint.
+            ex.retried_same = True
+            ex.retried = True
+            ex.sent_body = False
+            dp.stats.retry(route.name)
+            connect(dp, ex, fresh=True)
+            return
+        failed = ex.version
+        if next_version(dp, ex, ex.idx + 1) >= 0 or spread(dp, ex) >= 0:
+            dp.stats.retry(route.name)
+            dp.stats.fallback(route.name, failed, ex.version)
+            ex.retried = ex.fell_back = True
+            ex.sent_body = False
+            connect(dp, ex)
+            return
+    status = 504 if kind == "timeout" or kind == "connect_timeout" else 502
+    now = dp.now()
+    dp.stats.request(route.name, ex.version, status, now - ex.t0, ex.body_bytes, 0)
+    if dp.access_log is not None:
+        log(dp, ex, status, now, answered=False)
+    ex.client.answer(ex, status)
+
+
+
+def log(dp: PlaneState, ex: Exchange, status: int, now: float, answered: bool = True) -> None:
+    log = dp.access_log
+    route = ex.route
+    if log is None or route is None:
+        return
+    ep = ex.endpoint
+    log.record(route.name, ex.version, ex.method, ex.target.decode("latin-1"), status, ex.body_bytes,
+               ex.bytes_out if answered else 0, now - ex.t0, ep.url if ep is not None and answered else "",
+               retried=ex.retried, fallback=ex.fell_back, client_id=ex.client_id)
+
+
+
+def log_local(dp: PlaneState, ex: Exchange, route: str, status: int) -> None:
+    """A request the proxy answered itself before choosing a version (404, 503)."""
+    log = dp.access_log
+    if log is not None:
+        log.record(route, "", ex.method, ex.target.decode("latin-1"), status, ex.body_bytes, 0,
+                   dp.now() - ex.t0, "", client_id=ex.client_id)

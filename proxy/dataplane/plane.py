@@ -1,0 +1,95 @@
+"""PlaneState: the per-process state every request of the data plane reads, and the header lines it caches.
+
+Design rule: read-mostly and owned here; the request path reads timeouts, limits and the route table from
+plain attributes (concrete class, so mypyc reads them at fixed offsets) and concatenates cached header
+lines instead of formatting them. The listener (DataPlane) extends it with listening, table changes and the
+graceful stop; nothing below the listener needs more than this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from proxy.dataplane.headers import TrustedPeers
+from proxy.dataplane.health import Health
+from proxy.dataplane.mirror import Mirrorer
+from proxy.dataplane.plan import Plan
+
+if TYPE_CHECKING:
+    from proxy.dataplane.exchange import ClientSide
+    from proxy.dataplane.pool import Backend, Endpoint, UpstreamSide
+    from proxy.settings import Settings
+    from proxy.table import RouteTable, TableHolder
+    from proxy.telemetry.accesslog import AccessLog
+    from proxy.telemetry.stats import Stats
+
+_CRLF = b"\r\n"
+
+
+class PlaneState:
+    def __init__(self, settings: Settings, holder: TableHolder, stats: Stats) -> None:
+        self.settings = settings
+        self.holder = holder
+        self.stats = stats
+        self.loop = asyncio.get_running_loop()
+        self.now = self.loop.time
+        t = settings.timeouts
+        self.t_header_read = t.header_read
+        self.t_keepalive = t.keepalive_idle
+        self.t_body_idle = t.body_read_idle
+        self.t_upstream_response = t.upstream_response
+        self.t_upstream_idle = t.upstream_idle
+        self.t_pool_idle = t.upstream_pool_idle
+        self.t_connect = t.upstream_connect
+        self.pool_size = settings.pool_size
+        self.trusted = TrustedPeers(settings.trusted_proxies)
+        self.conns: set[ClientSide] = set()
+        self.uconns: set[UpstreamSide] = set()
+        self.backends: dict[str, Backend] = {}
+        self.endpoints: dict[tuple[str, str], Endpoint] = {}
+        self.health = Health(settings.passive_eject_after)
+        self.mirror = Mirrorer(stats, settings)
+        self.mirror_counts = self.mirror.counts
+        self.plan = Plan(holder.table)
+        # A graceful stop is under way: answers say `Connection: close`, no connection is pooled again.
+        self.stopping = False
+        self.clients_gone = asyncio.Event()  # set when stopping and the last client connection closed
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.hosts: dict[bytes, str] = {}  # Host header value -> lower-case host without port
+        self._version_lines: dict[str, bytes] = {}
+        self._route_lines: dict[str, bytes] = {}
+        self._cookie_lines: dict[tuple[str, str], bytes] = {}
+        # One JSON line per finished request when settings.access_log is set (start_dataplane opens it).
+        self.access_log: AccessLog | None = None
+
+    def use_plan(self, table: RouteTable) -> Plan:
+        if self.plan.table is not table:
+            self.plan = Plan(table)
+        return self.plan
+
+    def client_closed(self, c: ClientSide) -> None:
+        self.conns.discard(c)
+        self.stats.connection("downstream", -1)
+        if self.stopping and not self.conns:
+            self.clients_gone.set()
+
+    def version_header(self, version: str) -> bytes:
+        line = self._version_lines.get(version)
+        if line is None:
+            line = self._version_lines[version] = b"X-Turnout-Version: " + version.encode() + _CRLF
+        return line
+
+    def cookie_header(self, cookie: str, version: str) -> bytes:
+        key = (cookie, version)
+        line = self._cookie_lines.get(key)
+        if line is None:
+            line = self._cookie_lines[key] = (f"Set-Cookie: {cookie}={version}; Path=/; HttpOnly; SameSite=Lax"
+                                              .encode() + _CRLF)
+        return line
+
+    def route_header(self, route: str) -> bytes:
+        line = self._route_lines.get(route)
+        if line is None:
+            line = self._route_lines[route] = b"X-Turnout-Route: " + route.encode() + _CRLF
+        return line
