@@ -44,7 +44,7 @@ def test_demo_runs_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
     assert "curl" in out
-    assert proc.returncode in (0, 130)
+    assert proc.returncode == 0  # Ctrl-C once serving is the graceful stop, not an interrupted command
     for _, port in DEMO_VERSIONS:
         assert not port_open(port), f"demo version on {port} still running"
     assert not port_open(listen) and not port_open(admin)
