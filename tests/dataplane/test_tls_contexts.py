@@ -91,7 +91,7 @@ async def proxy_for(*versions: Version) -> Proxy:
 
 async def until(cond: Callable[[], bool], timeout: float = 3.0) -> None:
     async with asyncio.timeout(timeout):
-        while not cond():
+        while not cond():  # noqa: ASYNC110 - polling state of the object under test
             await asyncio.sleep(0.01)
 
 
