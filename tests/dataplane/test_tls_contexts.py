@@ -276,3 +276,18 @@ async def test_one_context_per_spec_survives_a_table_rebuild_and_a_changed_spec_
         assert ep.removed is True
     finally:
         await p.dp.shutdown(0.5)
+
+
+async def test_a_version_whose_tls_files_are_gone_never_speaks_cleartext(tmp_path, certs: Certs, tls_upstreams) -> None:  # type: ignore[no-untyped-def]
+    # A stored revision loads without its files being checked again: its endpoints get no context.
+    up = await tls_upstreams(server_context(certs.server))
+    p = await proxy_for(https_version("v1", up, UpstreamTLS(ca=str(tmp_path / "gone.pem"))))
+    c = await Client.open(p.port)
+    try:
+        await until(lambda: not p.dp.health_view()["v1"][up.url])
+        r = await c.get("/x")
+        assert r.status == 503
+        assert up.accepts == 0
+    finally:
+        c.close()
+        await p.dp.shutdown(0.5)
