@@ -24,11 +24,22 @@ class HealthCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTLS:
+    """How a version's https:// endpoints are verified (files are paths as the proxy process sees them)."""
+
+    ca: str | None = None  # PEM CA bundle; None: the system's trust store
+    server_name: str | None = None  # SNI and the name the certificate must carry; None: the endpoint's host
+    verify: bool = True  # False only with the file's explicit insecure_skip_verify
+    client_cert: str | None = None  # PEM certificate presented to the upstream (mTLS), with client_key
+    client_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class VersionSpec:
     """Where a version's instances come from. Compared whole to refuse re-registration with changes."""
 
     kind: VersionKind
-    endpoints: tuple[str, ...] = ()  # static: the instances themselves, as http://host:port URLs
+    endpoints: tuple[str, ...] = ()  # static: the instances themselves, as http(s)://host:port URLs
     command: tuple[str, ...] = ()  # local: argv of a process; PORT is set in its environment
     image: str | None = None  # docker: repo@sha256:... (a tag only with allow_tag, then resolved)
     allow_tag: bool = False
@@ -39,6 +50,7 @@ class VersionSpec:
     health: HealthCheck = field(default_factory=HealthCheck)
     labels: tuple[tuple[str, str], ...] = ()
     check: tuple[str, ...] = ()  # gate command that must exit 0 before the version may get traffic
+    tls: UpstreamTLS | None = None  # static https:// endpoints only; None there means verified defaults
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from proxy.model import (
     VersionSpec,
 )
 from proxy.select import BUCKETS, smallest_routing_weight, unrouted
+from proxy.upstream_tls import parse_tls, tls_to_dict
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -35,7 +36,7 @@ HOST_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,
 
 VERSION_FIELDS = {
     "endpoints", "command", "image", "allow_tag", "replicas", "port", "env", "network", "health",
-    "labels", "check",
+    "labels", "check", "tls",
 }
 STORED_VERSION_FIELDS = VERSION_FIELDS | {"kind", "instances", "created"}
 ROUTE_FIELDS = {
@@ -145,20 +146,20 @@ def _join(path: str, key: str) -> str:
 # Versions
 
 def parse_endpoint(c: Checker, value: object, path: str) -> str | None:
-    s = c.string(value, path, what="an http://host:port URL")
+    s = c.string(value, path, what="an http(s)://host:port URL")
     if s is None:
         return None
     try:
         u = urlsplit(s)
         port = u.port
     except ValueError:
-        c.fail(path, f"expected an http://host:port URL, got {s!r}")
+        c.fail(path, f"expected an http(s)://host:port URL, got {s!r}")
         return None
-    if u.scheme != "http" or not u.hostname or port is None or u.path not in ("", "/") or u.query:
-        c.fail(path, f"expected an http://host:port URL (no path), got {s!r}")
+    if u.scheme not in ("http", "https") or not u.hostname or port is None or u.path not in ("", "/") or u.query:
+        c.fail(path, f"expected an http(s)://host:port URL (no path), got {s!r}")
         return None
     host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
-    return f"http://{host}:{port}"
+    return f"{u.scheme}://{host}:{port}"
 
 
 def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bool = False,
@@ -216,6 +217,17 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
                 health = HealthCheck(hp, float(iv), float(to))
     labels = c.string_pairs(d.get("labels", {}), _join(path, "labels")) or ()
     check = c.string_list(d["check"], _join(path, "check"), single_ok=True) if "check" in d else ()
+    tls = None
+    schemes = {e.partition(":")[0] for e in endpoints}
+    if len(schemes) > 1:
+        c.fail(_join(path, "endpoints"), "mixes http:// and https:// endpoints; one version speaks one of them")
+    if d.get("tls") is not None:
+        tls, tls_errors = parse_tls(d["tls"], _join(path, "tls"), stored=stored)
+        c.errors.extend(tls_errors)
+        if schemes != {"https"} and kind == "static" and endpoints:
+            c.fail(_join(path, "tls"), "applies to https:// endpoints; this version's are http://")
+        elif kind != "static":
+            c.fail(_join(path, "tls"), "applies to static https:// endpoints only")
     created = now
     instances = endpoints
     if stored:
@@ -229,7 +241,7 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
     spec = VersionSpec(
         kind=cast(Any, kind), endpoints=endpoints, command=command, image=image, allow_tag=allow_tag,
         replicas=replicas, port=None if port is None else int(port), env=env,
-        network=cast(Any, network), health=health, labels=labels, check=check or (),
+        network=cast(Any, network), health=health, labels=labels, check=check or (), tls=tls,
     )
     return Version(name=name, spec=spec, endpoints=instances, created=created)
 
@@ -258,6 +270,8 @@ def version_to_dict(v: Version) -> dict[str, Any]:
         d["labels"] = dict(s.labels)
     if s.check:
         d["check"] = list(s.check)
+    if s.tls is not None:
+        d["tls"] = tls_to_dict(s.tls)
     return d
 
 

@@ -82,7 +82,7 @@ def test_every_error_reported_at_once() -> None:
     doc = {"versions": {"v1": {"endpoints": ["ftp://x"]}, "bad name": {"endpoints": ["http://127.0.0.1:1"]}},
            "routes": [{"name": "r", "split": {"v9": 1}, "match": {"path_prefix": "api"}, "identity": [{"ip": "x"}]}]}
     errs = errors_of(doc)
-    assert "versions.v1.endpoints[0]: expected an http://host:port URL (no path), got 'ftp://x'" in errs
+    assert "versions.v1.endpoints[0]: expected an http(s)://host:port URL (no path), got 'ftp://x'" in errs
     assert "versions['bad name']: a version name is 1-63 letters, digits, '.', '_' or '-'" in errs
     assert "routes[0].split.v9: unknown version 'v9'" in errs
     assert "routes[0].match.path_prefix: expected a path starting with / (no query), got 'api'" in errs

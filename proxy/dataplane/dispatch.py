@@ -10,6 +10,7 @@ types, so mypyc calls them natively.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, cast
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 _NO_HEADERS: Final[dict[str, str]] = {}  # never written to
 _ERROR_KIND: Final[dict[str, UpstreamErrorKind]] = {
     "connect": "connect", "connect_timeout": "timeout", "timeout": "timeout", "reset": "reset",
-    "invalid_response": "invalid_response",
+    "invalid_response": "invalid_response", "tls": "tls",
 }
 
 
@@ -171,9 +172,19 @@ def open_connection(dp: PlaneState, ep: Endpoint, ex: Exchange) -> None:
 async def _open(dp: PlaneState, ep: Endpoint, ex: Exchange) -> None:
     try:
         async with asyncio.timeout(dp.t_connect):
-            _, conn = await dp.loop.create_connection(lambda: UpstreamConnection(dp, ep), ep.host, ep.port)
+            if not ep.https:
+                _, conn = await dp.loop.create_connection(lambda: UpstreamConnection(dp, ep), ep.host, ep.port)
+            elif ep.ssl is None:
+                raise ssl.SSLError("no TLS context for this version (its tls files could not be loaded)")
+            else:
+                # The handshake is part of the connect: its time counts against upstream_connect.
+                _, conn = await dp.loop.create_connection(lambda: UpstreamConnection(dp, ep), ep.host, ep.port,
+                                                          ssl=ep.ssl, server_hostname=ep.server_hostname)
     except TimeoutError:
         ex.client.upstream_failed(ex, None, "connect_timeout", True)
+    except ssl.SSLError:
+        # A failed verification or handshake: never retried without verification.
+        ex.client.upstream_failed(ex, None, "tls", True)
     except OSError:
         ex.client.upstream_failed(ex, None, "connect", True)
     else:
@@ -202,7 +213,7 @@ def upstream_failed(dp: PlaneState, ex: Exchange, conn: UpstreamSide | None, kin
     ep = ex.endpoint
     route = ex.route
     assert route is not None and ep is not None
-    connect_failed = kind == "connect" or kind == "connect_timeout"
+    connect_failed = kind == "connect" or kind == "connect_timeout" or kind == "tls"
     if connect_failed or kind == "timeout":
         # A hung endpoint may still pass its health check: its timeouts must eject it like 5xx do.
         dp.health.failure(ep)

@@ -9,6 +9,7 @@ one check timeout.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -65,19 +66,24 @@ class Health:
         ep.close_idle()
 
     async def _run(self, ep: Endpoint, check: HealthCheck) -> None:
-        url = f"http://{ep.address}{check.path}"
+        url = f"{'https' if ep.https else 'http'}://{ep.address}{check.path}"
         while True:
-            ok = await self._check(url, check.timeout)
+            # An https endpoint is checked with the context its requests use: a certificate the data plane
+            # would refuse fails the check. Without a context (unloadable files) it is never healthy.
+            ok = await self._check(url, check.timeout, ep.ssl, ep.server_hostname) \
+                if not ep.https or ep.ssl is not None else False
             ep.checked(ok)
             await asyncio.sleep(check.interval)
 
-    async def _check(self, url: str, timeout: float) -> bool:
+    async def _check(self, url: str, timeout: float, ctx: ssl.SSLContext | None = None,
+                     server_hostname: str | None = None) -> bool:
         if self._session is None:
             # force_close: a check must not hold a keep-alive slot the upstream counts against real traffic.
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
         try:
-            async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=timeout),
-                                         allow_redirects=False) as resp:
+            async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False,
+                                         ssl=ctx if ctx is not None else True,
+                                         server_hostname=server_hostname) as resp:
                 await resp.read()
                 return 200 <= resp.status < 400
         except (aiohttp.ClientError, TimeoutError, OSError):

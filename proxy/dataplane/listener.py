@@ -19,6 +19,7 @@ from typing import cast
 from proxy.dataplane.downstream import ClientConnection
 from proxy.dataplane.plane import PlaneState
 from proxy.dataplane.pool import Backend, Endpoint
+from proxy.dataplane.tls_contexts import UpstreamContexts
 from proxy.dataplane.upstream import UpstreamConnection
 from proxy.settings import Settings
 from proxy.table import RouteTable, TableHolder
@@ -40,6 +41,7 @@ class DataPlane(PlaneState):
         # Deadline resolution: a tenth of the shortest timeout, between 20 ms and 1 s.
         self.tick = max(0.02, min(1.0, fastest / 10))
         self._sweeper: asyncio.Task[None] | None = None
+        self.upstream_tls = UpstreamContexts()
 
     def __repr__(self) -> str:
         idle = sum(len(e.idle) for e in self.endpoints.values())
@@ -53,18 +55,26 @@ class DataPlane(PlaneState):
         old = self.endpoints
         new: dict[tuple[str, str], Endpoint] = {}
         backends: dict[str, Backend] = {}
+        contexts = self.upstream_tls.refresh(list(table.versions.values()))
         for name, version in table.versions.items():
             eps = []
+            ctx = contexts.get(name)
+            server_name = version.spec.tls.server_name if version.spec.tls is not None else None
             for url in dict.fromkeys(version.endpoints):
                 ep = old.get((name, url))
+                if ep is not None and ep.https and (ep.ssl is not ctx
+                                                    or ep.server_hostname != (server_name or ep.host)):
+                    # Same name and URL, other TLS settings (a version re-registered, a rotated file): its
+                    # pooled connections were verified under the old ones. Retired below, as removed.
+                    ep = None
                 if ep is None:
-                    ep = Endpoint(name, url)
+                    ep = Endpoint(name, url, ctx, server_name)
                 new[(name, url)] = ep
                 eps.append(ep)
                 self.health.watch(ep, version.spec.health)
             backends[name] = Backend(name, eps)
         for key, ep in old.items():
-            if key not in new:
+            if new.get(key) is not ep:
                 ep.retire()
                 self.health.forget(ep)
         self.endpoints = new

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from proxy.dataplane.exchange import Exchange
-    from proxy.dataplane.pool import Backend
+    from proxy.dataplane.pool import Backend, Endpoint
     from proxy.settings import Settings
     from proxy.table import CompiledRoute
     from proxy.telemetry.stats import Stats
@@ -78,15 +78,19 @@ class Mirrorer:
         data = b"".join([ex.head_common, b"X-Turnout-Version: " + version.encode() + b"\r\n", b"Connection: close\r\n",
                          ex.head_tail, *body])
         self.in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._run(route.name, version, ep.host, ep.port, data))
+        task = asyncio.get_running_loop().create_task(self._run(route.name, version, ep, data))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, route: str, version: str, host: str, port: int, data: bytes) -> None:
+    async def _run(self, route: str, version: str, ep: Endpoint, data: bytes) -> None:
         code = "error"
         try:
             async with asyncio.timeout(self.timeout):
-                reader, writer = await asyncio.open_connection(host, port)
+                if ep.https and ep.ssl is None:
+                    raise OSError("no TLS context for this version")
+                # Same TLS settings as the version's own requests: a copy is never sent in cleartext.
+                reader, writer = await asyncio.open_connection(ep.host, ep.port, ssl=ep.ssl,
+                                                               server_hostname=ep.server_hostname)
                 try:
                     writer.write(data)
                     line = await reader.readline()

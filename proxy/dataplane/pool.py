@@ -9,6 +9,7 @@ booleans that timers and checks flip through Endpoint's methods; the request pat
 from __future__ import annotations
 
 import asyncio
+import ssl
 from urllib.parse import urlsplit
 
 
@@ -42,16 +43,22 @@ class UpstreamSide(asyncio.Protocol):
 
 class Endpoint:
     __slots__ = (
-        "active_ok", "address", "ejected", "ejections", "failures", "host", "idle", "port", "readmit_handle",
-        "removed", "url", "version",
+        "active_ok", "address", "ejected", "ejections", "failures", "host", "https", "idle", "port",
+        "readmit_handle", "removed", "server_hostname", "ssl", "url", "version",
     )
 
-    def __init__(self, version: str, url: str) -> None:
+    def __init__(self, version: str, url: str, ssl_context: ssl.SSLContext | None = None,
+                 server_name: str | None = None) -> None:
         self.version = version
         self.url = url
         parts = urlsplit(url if "//" in url else "http://" + url)
         self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 80
+        self.https = parts.scheme == "https"
+        self.port = parts.port or (443 if self.https else 80)
+        # An https endpoint without a context (its files could not be loaded) fails every connect: it never
+        # falls back to cleartext or to an unverified connection.
+        self.ssl = ssl_context if self.https else None
+        self.server_hostname = (server_name or self.host) if self.https else None
         self.address = f"{self.host}:{self.port}"
         self.idle: list[UpstreamSide] = []  # LIFO: the most recently used connection is the warmest
         # Optimistic start: a new endpoint serves until a check or passive ejection says otherwise.

@@ -447,7 +447,7 @@ def families(snap: StatsSnapshot, table: RouteTable, health: Health) -> list[Met
     out += [reqs, dur, nbytes]
 
     out.append(_counter("turnout_upstream_errors", "Failed upstream attempts, by version and kind "
-                        "(connect, timeout, reset, invalid_response).", ["version", "kind"], snap.upstream_errors))
+                        "(connect, timeout, reset, invalid_response, tls).", ["version", "kind"], snap.upstream_errors))
     out.append(_counter("turnout_fallbacks", "Requests served by another version than the one chosen for them "
                         "(its fallback chain, or another version of the split) because it could not serve.",
                         ["route", "from_version", "to_version"], snap.fallbacks))

@@ -20,7 +20,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 # One count per bucket plus an overflow slot (> 10 s, only in the +Inf bucket).
 HIST_SLOTS = len(LATENCY_BUCKETS) + 1
 
-UpstreamErrorKind = Literal["connect", "timeout", "reset", "invalid_response"]
+UpstreamErrorKind = Literal["connect", "timeout", "reset", "invalid_response", "tls"]
 RejectReason = Literal["bad_request", "too_large", "timeout", "no_route", "no_healthy_version", "too_many_connections"]
 Side = Literal["downstream", "upstream"]
 CanaryResult = Literal["pass", "fail", "inconclusive"]
