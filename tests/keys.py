@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import hashlib
 import json
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
+
+from proxy.identities import PeerCert
 
 ISSUER = "https://id.example.test"
 AUDIENCE = "turnout"
@@ -130,3 +134,32 @@ def issue(ca: Issued, dirpath: Path, stem: str, cn: str, dns: tuple[str, ...] = 
     if names:
         b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return _write(dirpath, stem, b.sign(ca.key, hashes.SHA256()), key)
+
+
+async def handshake(pki: dict[str, Issued], client: str | None, verify: bool = True) -> PeerCert:
+    """One real TLS handshake against a local server asking for a client certificate; the PeerCert its side
+    of the connection shows (what the data plane's TLS listener hands to identity)."""
+    seen: asyncio.Future[PeerCert] = asyncio.get_running_loop().create_future()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(pki["server"].cert_file, pki["server"].key_file)
+    server_ctx.load_verify_locations(pki["ca"].cert_file)
+    server_ctx.verify_mode = ssl.CERT_OPTIONAL if verify else ssl.CERT_NONE
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        obj = writer.get_extra_info("ssl_object")
+        seen.set_result(PeerCert(obj.getpeercert() or {}, obj.getpeercert(binary_form=True) or b""))
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    ctx = ssl.create_default_context(cafile=pki["ca"].cert_file)
+    if client is not None:
+        ctx.load_cert_chain(pki[client].cert_file, pki[client].key_file)
+    try:
+        _, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+        peer = await asyncio.wait_for(seen, 5)
+        w.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    return peer

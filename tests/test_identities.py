@@ -3,9 +3,7 @@ client certificate gives, read from real TLS handshakes against a test-local ser
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import ssl
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +11,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from proxy.errors import ValidationError
-from proxy.identities import KeyFileError, PeerCert, cert_id, parse_api_keys
+from proxy.identities import KeyFileError, cert_id, parse_api_keys
 from proxy.model import ApiKeySource, IdentitySource, JwtSource
 from proxy.parse import parse_document, route_to_dict, state_from_stored, state_to_stored
-from tests.keys import Issued, api_key_line, ec_signer, ed_signer, issue, make_ca, rsa_signer, write_jwks
+from tests.keys import Issued, api_key_line, ec_signer, ed_signer, handshake, issue, make_ca, rsa_signer, write_jwks
 
 
 def doc(identity: list[Any], **route: Any) -> dict[str, Any]:
@@ -136,35 +134,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Issued]:
         "acme": issue(ca, d, "acme", "acme", dns=("acme.clients.test",), uris=("spiffe://test/acme",)),
         "bare": issue(ca, d, "bare", "bare-client"),
     }
-
-
-async def handshake(pki: dict[str, Issued], client: str | None, verify: bool = True) -> PeerCert:
-    """One real TLS handshake against a local server asking for a client certificate; the PeerCert its side
-    of the connection shows (what the data plane's TLS listener hands to identity)."""
-    seen: asyncio.Future[PeerCert] = asyncio.get_running_loop().create_future()
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(pki["server"].cert_file, pki["server"].key_file)
-    server_ctx.load_verify_locations(pki["ca"].cert_file)
-    server_ctx.verify_mode = ssl.CERT_OPTIONAL if verify else ssl.CERT_NONE
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        obj = writer.get_extra_info("ssl_object")
-        seen.set_result(PeerCert(obj.getpeercert() or {}, obj.getpeercert(binary_form=True) or b""))
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_ctx)
-    port = server.sockets[0].getsockname()[1]
-    ctx = ssl.create_default_context(cafile=pki["ca"].cert_file)
-    if client is not None:
-        ctx.load_cert_chain(pki[client].cert_file, pki[client].key_file)
-    try:
-        _, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
-        peer = await asyncio.wait_for(seen, 5)
-        w.close()
-    finally:
-        server.close()
-        await server.wait_closed()
-    return peer
 
 
 async def test_each_certificate_field_from_a_verified_handshake(pki: dict[str, Issued]) -> None:
