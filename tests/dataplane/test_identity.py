@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import jwt
 import pytest
 
 from proxy.dataplane.identity import Identity
@@ -66,6 +67,9 @@ def bearer(token: str) -> str:
     return f"Authorization: Bearer {token}\r\n"
 
 
+SECRET = "s3cret-" * 6
+
+
 def routes_doc(shared: Upstream, other: Upstream, dedicated: Upstream, jwks: Path, keys: Path) -> object:
     jwt_source = {"jwt": {"keys": str(jwks), "issuer": ISSUER, "audience": AUDIENCE}}
     api_source = {"api_key": {"header": "X-Api-Key", "keys": str(keys)}}
@@ -83,6 +87,9 @@ def routes_doc(shared: Upstream, other: Upstream, dedicated: Upstream, jwks: Pat
              "identity": [jwt_source, {"header": "X-Client-Id"}], "require_identity": True},
             {"name": "keyonly", "match": {"host": "keyonly"}, "split": {"shared": 1},
              "identity": [api_source], "require_identity": True},
+            {"name": "hs", "match": {"host": "hs"}, "split": {"shared": 1}, "pins": {"acme": "dedicated"},
+             "identity": [{"jwt": {"cookie": "session", "secret": str(keys.parent / "secret"), "claim": "org.id"}},
+                          {"header": "X-Client-Id"}]},
         ],
     }
 
@@ -96,6 +103,7 @@ async def world(upstreams, tmp_path: Path) -> AsyncIterator[World]:  # type: ign
     jwks = write_jwks(tmp_path / "jwks.json", *signers)
     keys = tmp_path / "api-keys.txt"
     keys.write_text(api_key_line("acme", "key-of-acme") + api_key_line("beta", "key-of-beta"))
+    (tmp_path / "secret").write_text(SECRET + "\n")
     state = parse_document(routes_doc(shared, other, dedicated, jwks, keys))
     p = await start_proxy(RouteTable(state, 1))
     yield World(p, shared, other, dedicated, signers, jwks, tmp_path)
@@ -135,6 +143,17 @@ async def test_an_invalid_token_makes_the_request_anonymous_and_is_counted(world
     assert [(q.header("x-turnout-client"), q.header("x-turnout-identity-source")) for q in world.shared.traffic] \
         == [(None, None)] * 3
     assert world.metrics() == [f'turnout_identity_rejected_total{{reason="{reason}",route="web",source="jwt"}} 3.0']
+
+
+async def test_hs256_with_a_secret_file_and_the_token_in_a_cookie(world: World) -> None:
+    exp = int(time.time()) + 60
+    good = jwt.encode({"org": {"id": "acme"}, "exp": exp}, SECRET, algorithm="HS256")
+    forged = jwt.encode({"org": {"id": "acme"}, "exp": exp}, "another-secret-" * 3, algorithm="HS256")
+    ok = await world.get("hs", f"Cookie: theme=dark; session={good}\r\n")
+    bad = await world.get("hs", f"Cookie: session={forged}\r\nX-Client-Id: acme\r\n")
+    assert [world.served_by(r) for r in (ok, bad)] == ["dedicated", "shared"]
+    assert world.dedicated.traffic[0].header("x-turnout-client") == "acme"
+    assert world.metrics() == ['turnout_identity_rejected_total{reason="signature",route="hs",source="jwt"} 1.0']
 
 
 async def test_api_key_table(world: World) -> None:
