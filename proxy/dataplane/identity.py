@@ -109,7 +109,10 @@ class Identity:
 
     def __init__(self, stats: Stats) -> None:
         self.stats = stats
-        self.files: dict[IdentitySource, KeyFile] = {}
+        # One Source per distinct configuration, kept for the process's life: a table swap (every pin change)
+        # finds its sources, key files and cached verdicts again, and the id() in a verdict's key is never
+        # reused by a source with another issuer, audience or key file.
+        self.sources: dict[IdentitySource, Source] = {}
         self.chains: dict[str, tuple[CompiledRoute, list[Source]]] = {}
         # (id(Source), token) -> (client id or None, reason, valid until (wall clock), keys generation)
         self.tokens: OrderedDict[tuple[int, str], tuple[str | None, str, float, int]] = OrderedDict()
@@ -120,12 +123,11 @@ class Identity:
             return entry[1]
         out = []
         for s in route.sources:
-            kf = None
-            if s.kind == "jwt" or s.kind == "api_key":
-                kf = self.files.get(s)
-                if kf is None:
-                    kf = self.files[s] = KeyFile(s)
-            out.append(Source(s, kf))
+            src = self.sources.get(s)
+            if src is None:
+                kf = KeyFile(s) if s.kind == "jwt" or s.kind == "api_key" else None
+                src = self.sources[s] = Source(s, kf)
+            out.append(src)
         self.chains[route.name] = (route, out)
         return out
 

@@ -4,6 +4,7 @@ API key table on disk, real upstreams recording what reached them, raw HTTP clie
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -282,3 +283,18 @@ def test_a_verified_certificate_without_the_field_is_anonymous_and_counted() -> 
     peer = PeerCert({"subject": ((("commonName", "acme"),),), "subjectAltName": (("DNS", "acme"),)}, b"der")
     assert Identity(stats).resolve(compiled, {"x-client-id": "acme"}, None, peer, 0.0) == ("", None)
     assert stats.identity_rejects == {("web", "client_cert", "missing_field"): 1}
+
+
+async def test_a_table_swap_keeps_key_files_and_verdicts(world: World) -> None:
+    token = world.signers[0].token("beta")
+    await world.get("app", bearer(token))
+    before = (len(world.proxy.dp.identity.sources), len(world.proxy.dp.identity.tokens))
+    state = world.proxy.holder.table.state
+    web = state.route("web")
+    assert web is not None
+    pinned = dataclasses.replace(web, pins={**web.pins, "beta": "dedicated"})
+    routes = tuple(pinned if r.name == "web" else r for r in state.routes)
+    world.proxy.set_table(RouteTable(dataclasses.replace(state, routes=routes), 2))
+    r = await world.get("app", bearer(token))
+    after = (len(world.proxy.dp.identity.sources), len(world.proxy.dp.identity.tokens))
+    assert (world.served_by(r), before, after) == ("dedicated", (3, 1), (3, 1))
