@@ -33,6 +33,7 @@ HOT_MODULES = [
     "proxy/dataplane/mirror.py",
     "proxy/dataplane/health.py",
     "proxy/dataplane/listener.py",
+    "proxy/dataplane/identity.py",
     "proxy/telemetry/stats.py",
     "proxy/table.py",
     "proxy/select.py",

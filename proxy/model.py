@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 VersionKind = Literal["static", "local", "docker"]
-IdentityKind = Literal["header", "cookie", "query"]
+IdentityKind = Literal["header", "cookie", "query", "client_cert", "jwt", "api_key"]
+# Sources whose id the proxy checked itself (a CA-verified certificate, a signed token, a key table).
+VERIFIED_KINDS = frozenset({"client_cert", "jwt", "api_key"})
+CertField = Literal["san_dns", "san_uri", "subject_cn", "fingerprint_sha256"]
 NetworkMode = Literal["bridge", "host"]
 
 
@@ -75,9 +78,38 @@ class Match:
 
 
 @dataclass(frozen=True, slots=True)
+class JwtSource:
+    """A bearer token in a header ("Bearer <token>") or a cookie, verified against a key file."""
+
+    header: str | None = "authorization"  # lower-case; None when the token is in `cookie`
+    cookie: str | None = None
+    claim: tuple[str, ...] = ("sub",)  # dotted path, split
+    keys: str | None = None  # JWKS file (asymmetric algorithms)
+    secret: str | None = None  # file holding the shared secret (HS* algorithms)
+    algorithms: tuple[str, ...] = ()
+    issuer: str | None = None
+    audience: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeySource:
+    header: str  # lower-case
+    keys: str  # file of lines "client-id sha256-hex-of-key"
+
+
+@dataclass(frozen=True, slots=True)
 class IdentitySource:
+    """`name`: the header, cookie or parameter (header/cookie/query), the certificate field (client_cert),
+    or the header the key or token is read from (api_key, jwt; "cookie" for a jwt in a cookie)."""
+
     kind: IdentityKind
     name: str
+    jwt: JwtSource | None = None
+    api_key: ApiKeySource | None = None
+
+    @property
+    def verified(self) -> bool:
+        return self.kind in VERIFIED_KINDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +132,10 @@ class Route:
     expose_version: bool = False
     # Drain support: name of a cookie recording the version a session was assigned (None: off).
     assignment_cookie: str | None = None
+    # Pins and the assignment cookie only for ids from verified sources (an unverified one stays sticky).
+    pins_require_verified: bool = False
+    # No verified id: 401, nothing goes upstream.
+    require_identity: bool = False
 
     @property
     def split_map(self) -> dict[str, float]:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from proxy.errors import FieldError, ValidationError
+from proxy.identities import parse_identity, source_to_dict
 from proxy.model import (
     HealthCheck,
     IdentitySource,
@@ -41,7 +42,7 @@ VERSION_FIELDS = {
 STORED_VERSION_FIELDS = VERSION_FIELDS | {"kind", "instances", "created"}
 ROUTE_FIELDS = {
     "name", "match", "identity", "split", "sticky", "pins", "fallback", "mirror", "expose_version",
-    "assignment_cookie",
+    "assignment_cookie", "pins_require_verified", "require_identity",
 }
 
 
@@ -340,23 +341,8 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
             match = Match(host.lower() if host else None, prefix or "/", hdrs or ())
     identity: list[IdentitySource] = []
     if "identity" in d:
-        ipath = _join(path, "identity")
-        if not isinstance(d["identity"], list):
-            c.fail(ipath, f"expected a list like [{{header: X-Client-Id}}, {{cookie: client_id}}], "
-                   f"got {_kind(d['identity'])}")
-        else:
-            for i, src in enumerate(d["identity"]):
-                sp = f"{ipath}[{i}]"
-                s = c.mapping(src, sp, {"header", "cookie", "query"})
-                if s is None:
-                    continue
-                if len(s) != 1:
-                    c.fail(sp, "expected exactly one of header, cookie or query")
-                    continue
-                ((k, v),) = s.items()
-                n = c.string(v, f"{sp}.{k}", TOKEN_RE, "a header, cookie or parameter name")
-                if n is not None:
-                    identity.append(IdentitySource(cast(Any, k), n.lower() if k == "header" else n))
+        identity, ierrors = parse_identity(d["identity"], _join(path, "identity"), check_files=not stored)
+        c.errors.extend(ierrors)
     split: list[tuple[str, float]] = []
     spath = _join(path, "split")
     sm = c.mapping(d.get("split"), spath)
@@ -421,12 +407,18 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
     cookie = None
     if d.get("assignment_cookie") is not None:
         cookie = c.string(d["assignment_cookie"], _join(path, "assignment_cookie"), TOKEN_RE, "a cookie name")
+    verified = c.boolean(d.get("pins_require_verified", False), _join(path, "pins_require_verified"))
+    required = c.boolean(d.get("require_identity", False), _join(path, "require_identity"))
+    if not any(s.verified for s in identity) and len(c.errors) == before:
+        for flag, on in (("pins_require_verified", verified), ("require_identity", required)):
+            if on:
+                c.fail(_join(path, flag), "needs a verified identity source (client_cert, jwt or api_key)")
     if len(c.errors) > before or name is None:
         return None
     return Route(
         name=name, match=match, identity=tuple(identity), split=tuple(split), sticky=bool(sticky),
         pins=pins, fallback=tuple(fallback), mirror=mirror, expose_version=bool(expose),
-        assignment_cookie=cookie,
+        assignment_cookie=cookie, pins_require_verified=bool(verified), require_identity=bool(required),
     )
 
 
@@ -439,7 +431,7 @@ def route_to_dict(r: Route, with_name: bool = True, with_pins: bool = True) -> d
         m["headers"] = dict(r.match.headers)
     d["match"] = m
     if r.identity:
-        d["identity"] = [{s.kind: s.name} for s in r.identity]
+        d["identity"] = [source_to_dict(s) for s in r.identity]
     d["split"] = {v: (int(w) if w == int(w) else w) for v, w in r.split}
     d["sticky"] = r.sticky
     if r.pins and with_pins:
@@ -452,6 +444,10 @@ def route_to_dict(r: Route, with_name: bool = True, with_pins: bool = True) -> d
         d["expose_version"] = True
     if r.assignment_cookie:
         d["assignment_cookie"] = r.assignment_cookie
+    if r.pins_require_verified:
+        d["pins_require_verified"] = True
+    if r.require_identity:
+        d["require_identity"] = True
     return d
 
 

@@ -43,8 +43,9 @@ PATCH_SHARE: Final = 8
 class CompiledRoute:
     __slots__ = (
         "_assignable", "_bounds", "_cycle", "_cycle_len", "_next", "_pins", "_shares", "_spread_current",
-        "_sticky_picks", "_weighted_picks", "assignment_cookie", "chains", "expose_version", "header_ids", "host",
-        "host_suffix", "identity", "match_headers", "name", "prefix", "prefix_dir", "route", "split_names",
+        "_sticky_picks", "_weighted_picks", "assignment_cookie", "chains", "challenge", "expose_version",
+        "header_ids", "host", "host_suffix", "identity", "match_headers", "name", "pins_verified", "prefix",
+        "prefix_dir", "require_identity", "route", "sources", "split_names", "verifying",
     )
 
     def __init__(self, route: Route, previous: CompiledRoute | None = None) -> None:
@@ -61,6 +62,12 @@ class CompiledRoute:
         self.identity = tuple((s.kind, s.name) for s in route.identity)
         # Only header identities are common enough to deserve their own fast path.
         self.header_ids = all(kind == "header" for kind, _ in self.identity)
+        # Verified sources (proxy.dataplane.identity) take the request path's one extra branch; others never.
+        self.sources = route.identity
+        self.verifying = any(s.verified for s in route.identity)
+        self.pins_verified = route.pins_require_verified
+        self.require_identity = route.require_identity
+        self.challenge = any(s.kind == "jwt" for s in route.identity)
         names = [v for v, _ in route.split]
         weights = [w for _, w in route.split]
         all_versions = set(names) | set(route.pins.values()) | set(route.fallback)
@@ -127,7 +134,7 @@ class CompiledRoute:
                 v = cookie_value(headers.get("cookie"), name)
                 if v:
                     return v
-            elif query:
+            elif kind == "query" and query:
                 for k, qv in parse_qsl(query, keep_blank_values=False):
                     if k == name and qv:
                         return qv
@@ -140,6 +147,12 @@ class CompiledRoute:
                 return pinned
             if self.route.sticky and self._cycle_len:
                 return self._sticky_picks[index_for_bucket(self._bounds, bucket_of(self.name, client_id))]
+        return self.pick_weighted()
+
+    def pick_unpinned(self, client_id: str | None) -> Pick:
+        """The sticky split for an id that may not use pins (pins_require_verified, unverified id)."""
+        if client_id is not None and self.route.sticky and self._cycle_len:
+            return self._sticky_picks[index_for_bucket(self._bounds, bucket_of(self.name, client_id))]
         return self.pick_weighted()
 
     def pick_weighted(self) -> Pick:

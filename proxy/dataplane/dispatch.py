@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Final, cast
 
 from proxy.dataplane.exchange import RESPONDING
 from proxy.dataplane.headers import IDEMPOTENT, LazyHeaders
+from proxy.dataplane.identity import identity_lines
 from proxy.dataplane.upstream import UpstreamConnection
 from proxy.table import cookie_value, normalize_path
 
@@ -58,17 +59,35 @@ def start(dp: PlaneState, ex: Exchange) -> None:
         ex.client.answer(ex, 404)
         return
     ex.route = route
-    cid = ex.client_id = route.client_id(hdrs, ex.query) if route.identity else None
+    pins = True
+    if route.verifying:
+        source, cid = dp.identity.resolve(route, hdrs, ex.query, ex.client.peer_cert, dp.now())
+        ex.client_id = cid
+        if source:
+            ex.id_source = source
+        elif route.require_identity:
+            dp.stats.reject("no_identity")
+            if dp.access_log is not None:
+                log_local(dp, ex, route.name, 401)
+            ex.client.answer(ex, 401)
+            return
+        else:
+            # An unverified id may still be sticky, but never a pin or an assignment (pins_require_verified).
+            pins = not route.pins_verified
+    else:
+        cid = ex.client_id = route.client_id(hdrs, ex.query) if route.identity else None
     cookie = route.assignment_cookie
-    v = cookie_value(hdrs.get("cookie"), cookie) if cookie is not None else None
+    v = cookie_value(hdrs.get("cookie"), cookie) if cookie is not None and pins else None
     if v is not None:
         # A pin beats an older assignment cookie, which beats the sticky split.
         ex.cookie_version = v
         pick = route.pick_session(cid, v)
     else:
-        pick = plan.pick(route, cid)
+        pick = plan.pick(route, cid) if pins else route.pick_unpinned(cid)
     ex.chain = chain = pick[1]
     ex.head_common = ex.client.upstream_head(ex, route.name)
+    if ex.id_source and cid is not None:
+        ex.head_common += identity_lines(ex.id_source, cid)
     if route.route.mirror is not None:
         dp.mirror.consider(ex, route, dp.backends)
     backend = dp.backends.get(chain[0])
@@ -123,7 +142,7 @@ def spread(dp: PlaneState, ex: Exchange) -> int:
     (a pinned client keeps just its chain). It joins the chain, so a retry moves on from it. Returns its
     index in the chain, or -1."""
     route = ex.route
-    if route is None or route.pinned(ex.client_id):
+    if route is None or (route.pinned(ex.client_id) and (ex.id_source != "" or not route.pins_verified)):
         return -1
     backends = dp.backends
     chain = ex.chain

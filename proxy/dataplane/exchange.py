@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from proxy.dataplane.pool import Endpoint, UpstreamSide
+    from proxy.identities import PeerCert
     from proxy.table import CompiledRoute
     from proxy.telemetry.stats import RejectReason
 
@@ -94,6 +95,8 @@ class Exchange:
     # high_water arrived, or the message ended).
     chunk_ok: bool = False
     client_id: str | None = None
+    # The verified source client_id came from ("client_cert", "jwt", "api_key"); "" when unverified or none.
+    id_source: str = ""
     retried: bool = False
     fell_back: bool = False
     # Values of the headers routes and identities read (see proxy.dataplane.plan), lower-case names.
@@ -146,6 +149,9 @@ class ClientSide(asyncio.Protocol):
     """What the upstream side and dispatch call on the client connection an exchange came from."""
 
     closed: bool = False
+    # The client certificate the TLS handshake verified; set by whoever makes TLS connections, None on
+    # cleartext ones (and on TLS ones without a certificate).
+    peer_cert: PeerCert | None = None
 
     def write(self, data: bytes) -> None:
         raise NotImplementedError

@@ -23,7 +23,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from proxy.dataplane.dispatch import log, start
 from proxy.dataplane.exchange import DISPATCHED, PARSED, RESPONDING, ClientSide, Exchange, Refuse
-from proxy.dataplane.headers import CONTINUE, local_response
+from proxy.dataplane.headers import BEARER_401, CONTINUE, local_response
 
 if TYPE_CHECKING:
     import asyncio
@@ -326,7 +326,9 @@ class ClientFlow(ClientSide):
                  or self.stopped)
         ex.respond(status)
         ex.answered()
-        self.write(local_response(status, close))
+        route = ex.route
+        self.write(BEARER_401[close] if status == 401 and route is not None and route.challenge
+                   else local_response(status, close))
         if close:
             self._close()
         else:

@@ -49,6 +49,8 @@ REQUEST_HEADER_KIND: Final[dict[bytes, int]] = {
     b"forwarded": FORWARDED,
     b"x-turnout-route": OURS,
     b"x-turnout-version": OURS,
+    b"x-turnout-client": OURS,
+    b"x-turnout-identity-source": OURS,
 }
 # Underscore spellings of the headers the proxy sets, trusts or strips: CGI/WSGI-style upstreams read
 # X_Forwarded_For as X-Forwarded-For (and Content_Length, Proxy_Connection ... likewise), so a client must not
@@ -85,17 +87,21 @@ def connection_tokens(value: bytes) -> set[bytes]:
     return {t.strip().lower() for t in value.split(b",") if t.strip()}
 
 
-def _local_response(status: int, close: bool) -> bytes:
+def _local_response(status: int, close: bool, extra: bytes = b"") -> bytes:
     body = HTTPStatus(status).phrase.lower().encode() + b"\n"
     conn = b"Connection: close\r\n" if close else b""
     return (status_line(status) + b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body)
-            + conn + b"Server: turnout\r\n\r\n" + body)
+            + conn + extra + b"Server: turnout\r\n\r\n" + body)
 
 
 # Short text responses the proxy answers itself, keyed by (status, close).
-LOCAL_STATUSES: Final = (400, 404, 408, 413, 414, 417, 431, 501, 502, 503, 504, 505)
+LOCAL_STATUSES: Final = (400, 401, 404, 408, 413, 414, 417, 431, 501, 502, 503, 504, 505)
 LOCAL_RESPONSES: Final[dict[tuple[int, bool], bytes]] = {
     (s, c): _local_response(s, c) for s in LOCAL_STATUSES for c in (True, False)
+}
+# 401 of a route with a jwt identity source (RFC 6750 3: the scheme the client should use).
+BEARER_401: Final[dict[bool, bytes]] = {
+    c: _local_response(401, c, b"WWW-Authenticate: Bearer\r\n") for c in (True, False)
 }
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 

@@ -30,8 +30,8 @@ class Plan:
         for r in table.routes:
             wanted.update(name for name, _ in r.match_headers)
             for kind, name in r.identity:
-                if kind == "header":
-                    wanted.add(name)
+                if kind == "header" or kind == "jwt" or kind == "api_key":
+                    wanted.add(name)  # a jwt in a cookie has name "cookie"
                 elif kind == "cookie":
                     wanted.add("cookie")
             if r.assignment_cookie is not None:

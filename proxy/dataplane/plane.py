@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from proxy.dataplane.headers import TrustedPeers
 from proxy.dataplane.health import Health
+from proxy.dataplane.identity import Identity
 from proxy.dataplane.mirror import Mirrorer
 from proxy.dataplane.plan import Plan
 
@@ -51,6 +52,7 @@ class PlaneState:
         self.health = Health(settings.passive_eject_after)
         self.mirror = Mirrorer(stats, settings)
         self.mirror_counts = self.mirror.counts
+        self.identity = Identity(stats)
         self.plan = Plan(holder.table)
         # A graceful stop is under way: answers say `Connection: close`, no connection is pooled again.
         self.stopping = False

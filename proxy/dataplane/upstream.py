@@ -265,7 +265,8 @@ class UpstreamConnection(UpstreamSide):
                 parts.append(self.dp.version_header(ex.version))
             cookie = route.assignment_cookie
             # A version standing in for an unhealthy one does not become the session's assignment.
-            if cookie is not None and route.route.sticky and ex.cookie_version != ex.version and not ex.fell_back:
+            if (cookie is not None and route.route.sticky and ex.cookie_version != ex.version and not ex.fell_back
+                    and (ex.id_source != "" or not route.pins_verified)):
                 parts.append(self.dp.cookie_header(cookie, ex.version))
         parts.append(_CRLF)
         self.mode = mode

@@ -109,6 +109,7 @@ class StatsSnapshot:
     canary_steps: Mapping[str, int]  # route -> current step (gauge)
     canary_results: Mapping[tuple[str, str], int]  # (route, result)
     workers: tuple[str, ...] = ()  # worker ids whose published files were summed
+    identity_rejected: Mapping[tuple[str, str, str], int] = field(default_factory=dict)  # (route, source, reason)
     stale_workers: tuple[str, ...] = ()  # ... of which these stopped publishing (dead or hung)
 
     def get(self, route: str, version: str) -> VersionStats:
@@ -135,6 +136,7 @@ class StatsSnapshot:
             canary_results=_minus(self.canary_results, older.canary_results),
             workers=self.workers,
             stale_workers=self.stale_workers,
+            identity_rejected=_minus(self.identity_rejected, older.identity_rejected),
         )
 
 
@@ -170,7 +172,7 @@ class _Sum:
         self.cells: dict[tuple[str, str], list[Any]] = {}  # [codes, dsum, bin, bout, hist, uerr]
         self.counters: dict[str, dict[Any, int]] = {
             "upstream_errors": {}, "fallbacks": {}, "retries": {}, "rejected": {}, "mirrors": {},
-            "canary_results": {},
+            "canary_results": {}, "identity_rejected": {},
         }
         self.scalars = {"applied": 0, "apply_errors": 0, "access_log_dropped": 0}
         self.connections: dict[str, int] = {"downstream": 0, "upstream": 0}
@@ -197,6 +199,7 @@ class _Sum:
         _add(c["rejected"], wire.get("rejected", {}).items())
         _add(c["mirrors"], (((x[0], x[1], str(x[2])), x[3]) for x in wire.get("mirrors", ())))
         _add(c["canary_results"], ((tuple(x[:-1]), x[-1]) for x in wire.get("canary_results", ())))
+        _add(c["identity_rejected"], ((tuple(x[:-1]), x[-1]) for x in wire.get("identity_rejected", ())))
         for k in self.scalars:
             self.scalars[k] += int(wire.get(k, 0))
         if gauges:
@@ -216,6 +219,7 @@ class _Sum:
             "rejected": dict(c["rejected"]),
             "mirrors": [[*k, n] for k, n in c["mirrors"].items()],
             "canary_results": [[*k, n] for k, n in c["canary_results"].items()],
+            "identity_rejected": [[*k, n] for k, n in c["identity_rejected"].items()],
             **self.scalars,
         }
 
@@ -232,7 +236,8 @@ class _Sum:
             retries=c["retries"], rejected=c["rejected"], connections=self.connections, mirrors=c["mirrors"],
             applied=self.scalars["applied"], apply_errors=self.scalars["apply_errors"],
             access_log_dropped=self.scalars["access_log_dropped"], canary_steps=self.canary_steps,
-            canary_results=c["canary_results"], workers=workers, stale_workers=stale)
+            canary_results=c["canary_results"], workers=workers, stale_workers=stale,
+            identity_rejected=c["identity_rejected"])
 
 
 def _add(into: dict[Any, int], items: Iterable[tuple[Any, int]]) -> None:
@@ -455,6 +460,9 @@ def families(snap: StatsSnapshot, table: RouteTable, health: Health) -> list[Met
     out.append(_counter("turnout_requests_rejected", "Requests refused before reaching any version, by reason "
                         "(no_healthy_version: also in turnout_requests_total, code 503).",
                         ["reason"], snap.rejected))
+    out.append(_counter("turnout_identity_rejected", "Requests whose credential for a verified identity source was "
+                        "present but failed (they go on anonymous), by route, source and reason.",
+                        ["route", "source", "reason"], snap.identity_rejected))
     out.append(_counter("turnout_mirror_requests", "Mirrored (shadow) requests, by route, version and status code "
                         "(error: no response; dropped: not sent, too many in flight).", ["route", "version", "code"],
                         snap.mirrors))

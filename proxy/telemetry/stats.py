@@ -21,7 +21,12 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 HIST_SLOTS = len(LATENCY_BUCKETS) + 1
 
 UpstreamErrorKind = Literal["connect", "timeout", "reset", "invalid_response", "tls"]
-RejectReason = Literal["bad_request", "too_large", "timeout", "no_route", "no_healthy_version", "too_many_connections"]
+RejectReason = Literal["bad_request", "too_large", "timeout", "no_route", "no_healthy_version", "too_many_connections",
+                       "no_identity"]
+IdentityRejectReason = Literal[
+    "malformed", "signature", "expired", "not_yet_valid", "issuer", "audience", "algorithm", "unknown_kid",
+    "missing_claim", "bad_claim", "unknown_key", "keys_unavailable", "missing_field",
+]
 Side = Literal["downstream", "upstream"]
 CanaryResult = Literal["pass", "fail", "inconclusive"]
 
@@ -50,6 +55,7 @@ class Stats:
         self.connections: dict[str, int] = {"downstream": 0, "upstream": 0}
         # (route, version, code as text: "200", or "error" / "dropped" when there was no response)
         self.mirrors: dict[tuple[str, str, str], int] = {}
+        self.identity_rejects: dict[tuple[str, str, str], int] = {}  # (route, source, reason)
         # Route tables installed / refused by this process (the lead increments these directly).
         self.applied = 0
         self.apply_errors = 0
@@ -101,6 +107,11 @@ class Stats:
     def reject(self, reason: RejectReason) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
+    def identity_rejected(self, route: str, source: str, reason: IdentityRejectReason) -> None:
+        """A credential for a verified source was present but failed: the request goes on anonymous."""
+        key = (route, source, reason)
+        self.identity_rejects[key] = self.identity_rejects.get(key, 0) + 1
+
     def connection(self, side: Side, delta: int) -> None:
         self.connections[side] += delta
 
@@ -142,6 +153,7 @@ class Stats:
             "rejected": dict(self.rejected),
             "connections": dict(self.connections),
             "mirrors": [[r, v, code, n] for (r, v, code), n in self.mirrors.items()],
+            "identity_rejected": [[*k, n] for k, n in self.identity_rejects.items()],
             "applied": self.applied,
             "apply_errors": self.apply_errors,
             "access_log_dropped": self.access_log_dropped,

@@ -50,6 +50,7 @@ async def live_metric_names(admin: Admin) -> set[str]:
     s.retry("web")
     s.reject("no_route")
     s.mirror("web", "v3", 200)
+    s.identity_rejected("web", "jwt", "expired")
     s.canary_step("web", 1)
     s.canary_analysis("web", "pass")
     s.connection("downstream", 1)
