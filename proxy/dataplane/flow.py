@@ -27,7 +27,9 @@ from proxy.dataplane.headers import CONTINUE, local_response
 
 if TYPE_CHECKING:
     import asyncio
+    from typing import Any
 
+    from proxy.dataplane.certs import TlsSession
     from proxy.dataplane.plane import PlaneState
     from proxy.dataplane.pool import UpstreamSide
 
@@ -108,6 +110,12 @@ class ClientFlow(ClientSide):
         self.peer = ""
         self.trusted = False
         self.fwd_lines = b""
+        # Set by ClientConnection.tls_made on a TLS listener's connections only.
+        self.proto = b"http"  # X-Forwarded-Proto when a trusted peer sent none
+        self.tls: TlsSession | None = None
+        # The client certificate the handshake verified against the listener's client_ca (ssl's getpeercert()
+        # dict), None without one: what identity sources read.
+        self.peer_cert: dict[str, Any] | None = None
         # The proxy's own request lines for the last (Host, route) seen on this connection (see upstream_head).
         self.tail = b""
         self.tail_host: bytes | None = None
@@ -509,7 +517,7 @@ class ClientFlow(ClientSide):
         prior = fwd.get(b"x-forwarded-for")
         peer = self.peer.encode()
         ext((b"X-Forwarded-For: ", prior + b", " + peer if prior else peer, _CRLF,
-             b"X-Forwarded-Proto: ", fwd.get(b"x-forwarded-proto") or b"http", _CRLF))
+             b"X-Forwarded-Proto: ", fwd.get(b"x-forwarded-proto") or self.proto, _CRLF))
         host = fwd.get(b"x-forwarded-host") or ex.host_raw
         if host is not None:
             ext((b"X-Forwarded-Host: ", host, _CRLF))
