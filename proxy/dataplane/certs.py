@@ -176,6 +176,9 @@ class ListenerTls:
             self._hosts[host] = i
         return i
 
+    def session(self, transport: Any) -> TlsSession:
+        return session_of(self, transport)
+
     def _sni(self, sslobj: Any, server_name: str | None, ctx: ssl.SSLContext) -> None:
         i = self.pick(server_name.lower() if server_name else None)
         if i:
@@ -222,6 +225,14 @@ def load_listeners(settings: Settings) -> list[ListenerTls | None]:
     if errors:
         raise ValidationError(errors)
     return out
+
+
+def session_of(listener: ListenerTls, transport: Any) -> TlsSession:
+    """The TlsSession of a connection whose handshake on `listener` just completed."""
+    sslobj = transport.get_extra_info("ssl_object")
+    served = getattr(sslobj, "turnout_cert", 0)
+    peer = sslobj.getpeercert() if sslobj is not None else None
+    return TlsSession(listener, served, peer or None)
 
 
 class TlsSession:

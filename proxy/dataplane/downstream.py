@@ -13,7 +13,7 @@ Backpressure, in-order answers and the tunnel are the base class's (proxy.datapl
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Final, cast
+from typing import Final, cast
 
 from httptools import HttpParserError, HttpParserUpgrade
 
@@ -38,9 +38,6 @@ from proxy.dataplane.headers import (
 )
 from proxy.dataplane.plan import WANTED
 from proxy.dataplane.pool import UpstreamSide
-
-if TYPE_CHECKING:
-    from proxy.dataplane.certs import TlsSession
 
 _CRLF: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
@@ -74,15 +71,8 @@ class ClientConnection(ClientFlow):
         self.dp.conns.add(self)
         self.dp.stats.connection("downstream", 1)
         self.deadline = self.now() + self.dp.t_header_read
-
-    def tls_made(self, transport: asyncio.BaseTransport, session: TlsSession) -> None:
-        """connection_made for a connection whose TLS handshake completed (proxy.dataplane.tls)."""
-        self.tls = session
-        self.peer_cert = session.peer_cert
-        self.proto = b"https"
-        self.connection_made(transport)
-        if not self.over_limit:
-            self.fwd_lines = b"X-Forwarded-For: " + self.peer.encode() + b"\r\nX-Forwarded-Proto: https\r\n"
+        if self.tls_listener is not None:
+            self.tls_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

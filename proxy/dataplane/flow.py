@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import asyncio
     from typing import Any
 
-    from proxy.dataplane.certs import TlsSession
+    from proxy.dataplane.certs import ListenerTls, TlsSession
     from proxy.dataplane.plane import PlaneState
     from proxy.dataplane.pool import UpstreamSide
 
@@ -110,7 +110,8 @@ class ClientFlow(ClientSide):
         self.peer = ""
         self.trusted = False
         self.fwd_lines = b""
-        # Set by ClientConnection.tls_made on a TLS listener's connections only.
+        # Set on a TLS listener's connections only (expect_tls, then tls_made once the handshake completed).
+        self.tls_listener: ListenerTls | None = None
         self.proto = b"http"  # X-Forwarded-Proto when a trusted peer sent none
         self.tls: TlsSession | None = None
         # The client certificate the handshake verified against the listener's client_ca (ssl's getpeercert()
@@ -121,6 +122,19 @@ class ClientFlow(ClientSide):
         self.tail_host: bytes | None = None
         self.tail_route: str | None = None
         self.tunnel_up: UpstreamSide | None = None
+
+    # -- TLS (proxy.dataplane.tls)
+
+    def expect_tls(self, listener: ListenerTls) -> None:
+        self.tls_listener = listener
+
+    def tls_made(self, transport: asyncio.Transport) -> None:
+        """The end of connection_made on a TLS connection: the handshake's outcome and https."""
+        assert self.tls_listener is not None
+        session = self.tls = self.tls_listener.session(transport)
+        self.peer_cert = session.peer_cert
+        self.proto = b"https"
+        self.fwd_lines = b"X-Forwarded-For: " + self.peer.encode() + b"\r\nX-Forwarded-Proto: https\r\n"
 
     # -- backpressure
 

@@ -21,7 +21,7 @@ from proxy.dataplane.certs import ListenerTls, load_listeners
 from proxy.dataplane.downstream import ClientConnection
 from proxy.dataplane.plane import PlaneState
 from proxy.dataplane.pool import Backend, Endpoint
-from proxy.dataplane.tls import TlsAccept, reload_all, watch_certificates
+from proxy.dataplane.tls import reload_all, tls_factory, watch_certificates
 from proxy.dataplane.upstream import UpstreamConnection
 from proxy.settings import Settings, listeners_of
 from proxy.table import RouteTable, TableHolder
@@ -40,7 +40,7 @@ def _log(msg: str) -> None:
 def _factory(dp: DataPlane, tls: ListenerTls | None) -> Callable[[], asyncio.BaseProtocol]:
     if tls is None:
         return lambda: ClientConnection(dp)
-    return lambda: cast(asyncio.BaseProtocol, TlsAccept(dp, tls))
+    return tls_factory(dp, tls)
 
 
 class DataPlane(PlaneState):

@@ -1,10 +1,10 @@
 """TLS termination on a listener: the handshake of each new connection, its failures, and certificate reload.
 
 Design rules:
-- The listener accepts TCP with TlsAccept, which runs the handshake (loop.start_tls, bounded by
-  timeouts.header_read) before any HTTP exists: a failed or slow handshake is counted by reason
-  (turnout_tls_handshake_errors_total{listener,reason}) and closed, and never reaches dispatch or an
-  upstream. Only a completed handshake makes a ClientConnection (ClientConnection.tls_made).
+- The handshake runs in the loop's SSLProtocol, bounded by timeouts.header_read, before any HTTP exists: a
+  failed or slow one is counted by reason (turnout_tls_handshake_errors_total{listener,reason}) and closed,
+  and never reaches dispatch or an upstream. Only a completed handshake calls the ClientConnection's
+  connection_made, which then reads its TlsSession (certificate served, client certificate).
 - Cleartext listeners never pass through here, so their path is unchanged.
 - Reload: every RELOAD_INTERVAL seconds (and on SIGHUP, via reload()) each TLS listener checks its files.
 """
@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from asyncio import sslproto
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
-from proxy.dataplane.certs import ListenerTls, TlsSession
+import uvloop
+
+from proxy.dataplane.certs import ListenerTls
 from proxy.dataplane.downstream import ClientConnection
 from proxy.dataplane.plane import PlaneState
+from proxy.telemetry.stats import Stats
 
 # How often certificate and key files are compared with the loaded ones.
 RELOAD_INTERVAL = 2.0
@@ -47,50 +51,35 @@ def reason_of(e: BaseException) -> str:
     return "closed"
 
 
-class TlsAccept:
-    """asyncio.Protocol of a TLS listener's accepted TCP connections until their handshake completed."""
+def _handshake_done(stats: Stats, listener: str, waiter: asyncio.Future[None]) -> None:
+    if waiter.cancelled():
+        stats.tls_handshake_error(listener, "closed")
+        return
+    e = waiter.exception()
+    if e is not None:
+        stats.tls_handshake_error(listener, reason_of(e))
 
-    def __init__(self, dp: PlaneState, tls: ListenerTls) -> None:
-        self.dp = dp
-        self.tls = tls
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        t = cast(asyncio.Transport, transport)
-        t.pause_reading()  # start_tls takes over reading; nothing may arrive here first
-        task = self.dp.loop.create_task(self._handshake(t))
-        self.dp.tasks.add(task)
-        task.add_done_callback(self.dp.tasks.discard)
+def tls_factory(dp: PlaneState, tls: ListenerTls) -> Callable[[], asyncio.BaseProtocol]:
+    """The protocol factory of a TLS listener: the loop's own SSLProtocol around a ClientConnection, made
+    here rather than by create_server(ssl=...) so that the handshake's outcome (the waiter) is seen. The
+    SSLProtocol calls the connection's connection_made only once the handshake completed."""
+    loop = dp.loop
+    # uvloop's SSLProtocol is what create_server(ssl=...) uses on uvloop (not in its type stubs).
+    ssl_protocol: Any = uvloop.loop.SSLProtocol if isinstance(loop, uvloop.Loop) else sslproto.SSLProtocol  # type: ignore[attr-defined]
+    stats, name, timeout = dp.stats, tls.name, dp.t_header_read
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass
+    def make() -> asyncio.BaseProtocol:
+        conn = ClientConnection(dp)
+        conn.expect_tls(tls)
+        waiter: asyncio.Future[None] = loop.create_future()
+        waiter.add_done_callback(lambda f: _handshake_done(stats, name, f))
+        # tls.context is read at each accept: a reloaded certificate serves the next handshake.
+        return cast(asyncio.BaseProtocol, ssl_protocol(
+            loop, conn, tls.context, waiter, server_side=True, call_connection_made=True,
+            ssl_handshake_timeout=timeout))
 
-    def data_received(self, data: bytes) -> None:
-        pass
-
-    def eof_received(self) -> bool | None:
-        return None
-
-    async def _handshake(self, transport: asyncio.Transport) -> None:
-        conn = ClientConnection(self.dp)
-        try:
-            tls_transport = await self.dp.loop.start_tls(transport, conn, self.tls.context, server_side=True,
-                                                         ssl_handshake_timeout=self.dp.t_header_read)
-        except asyncio.CancelledError:
-            transport.abort()
-            raise
-        except Exception as e:
-            self.dp.stats.tls_handshake_error(self.tls.name, reason_of(e))
-            transport.abort()
-            return
-        if tls_transport is None:  # the peer went away as the handshake ended
-            self.dp.stats.tls_handshake_error(self.tls.name, "closed")
-            return
-        sslobj = tls_transport.get_extra_info("ssl_object")
-        served = getattr(sslobj, "turnout_cert", 0)
-        peer = sslobj.getpeercert() if sslobj is not None else None
-        # uvloop schedules the first read of application data after this task resumes, so the connection
-        # is made before any request byte reaches it.
-        conn.tls_made(tls_transport, TlsSession(self.tls, served, peer or None))
+    return make
 
 
 def reload_all(tls: list[ListenerTls], log: Callable[[str], None]) -> None:
