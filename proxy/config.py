@@ -135,10 +135,12 @@ def _listeners(c: Checker, value: object, base_dir: str) -> tuple[Listener, ...]
             c.fail(f"{path}.name", f"{name!r} is also the name of listeners[{names[name]}]")
         if addr is not None and addr in addresses:
             c.fail(f"{path}.address", f"listeners[{addresses[addr]}] listens there too")
+        if name is not None:
+            names.setdefault(name, i)
+        if addr is not None:
+            addresses.setdefault(addr, i)
         if name is None or addr is None:
             continue
-        names[name] = i
-        addresses[addr] = i
         out.append(Listener(name=name, address=addr, tls=tls, protocols=protocols))
     return tuple(out)
 

@@ -186,9 +186,12 @@ class DataPlane(PlaneState):
 
 async def start_dataplane(settings: Settings, holder: TableHolder, stats: Stats, *,
                           reuse_port: bool = False, socks: Sequence[socket.socket] | None = None,
-                          state_dir: Path | None = None) -> DataPlane:
+                          state_dir: Path | None = None, sock: socket.socket | None = None) -> DataPlane:
     """`state_dir` holds the access log's hash key (default settings.state_dir); `socks` are the listeners'
-    bound sockets (one per listener, in order), else each listener binds its address."""
+    bound sockets (one per listener, in order; `sock`: the one listener's), else each listener binds its
+    address."""
+    if sock is not None:
+        socks = [sock]
     dp = DataPlane(settings, holder, stats)
     if settings.access_log:
         dp.access_log = AccessLog.open(settings, stats, state_dir=state_dir)
