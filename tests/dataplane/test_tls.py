@@ -126,7 +126,8 @@ async def test_a_trusted_peer_without_x_forwarded_proto_gets_https_and_its_own_c
         certs: Certs, proxy_of: Any, up: Upstream) -> None:
     p = await proxy_of(tls_listener(certs), trusted_proxies=("127.0.0.1",))
     c = await tls_open(p.port, client_ctx(certs), API)
-    assert (await c.get(host=API)).status == 200
+    # A chain from the trusted peer without its own X-Forwarded-Proto: the hop it came over is TLS.
+    assert (await c.get(host=API, extra="X-Forwarded-For: 10.0.0.1\r\n")).status == 200
     assert (await c.get(host=API, extra="X-Forwarded-Proto: wss\r\n")).status == 200
     c.close()
     assert [r.header("x-forwarded-proto") for r in up.traffic] == ["https", "wss"]
