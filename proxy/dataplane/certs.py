@@ -121,13 +121,12 @@ def _matches(pattern: str, host: str) -> bool:
 class ListenerTls:
     """The certificates of one TLS listener, the SNI choice among them and their reload."""
 
-    def __init__(self, listener: Listener, index: int, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, listener: Listener, index: int) -> None:
         assert listener.tls is not None
         self.listener = listener
         self.name = listener.name
         self.tls: TlsConfig = listener.tls
         self.path = f"listeners[{index}].tls"
-        self.log = log
         self.pairs: list[Pair] = []
         self.refused: dict[int, Signature] = {}  # pairs whose changed files did not load (reported once)
         self._hosts: dict[str, int] = {}  # host -> index of the certificate for it (-1: none)
@@ -139,6 +138,11 @@ class ListenerTls:
                 errors.extend(e.errors)
         if errors:
             raise ValidationError(errors)
+
+    def expired(self, now: datetime.datetime) -> list[str]:
+        """One line per certificate past its end date: served anyway (clients decide), but said at start."""
+        return [f"listener {self.name}: certificate {c.cert} expired on {p.not_after:%Y-%m-%d %H:%M} UTC"
+                for c, p in zip(self.tls.certificates, self.pairs, strict=True) if p.not_after < now]
 
     def _load(self, i: int, cert: Certificate) -> Pair:
         pair = load_pair(self.tls, self.listener.protocols, cert, f"{self.path}.certificates[{i}]", self._sni)

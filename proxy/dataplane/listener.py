@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import socket
 import sys
 import time
@@ -170,6 +171,10 @@ class DataPlane(PlaneState):
             raise
         self.server = self.servers[0]
         self.tls = [t for t in tls if t is not None]
+        now = datetime.datetime.now(datetime.UTC)
+        for t in self.tls:
+            for line in t.expired(now):
+                _log(line)
         if self.tls:
             self._cert_watch = self.loop.create_task(watch_certificates(self.tls, _log))
         self._sweeper = self.loop.create_task(self._sweep())

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from cryptography import x509
 
 from proxy.dataplane.downstream import ClientConnection
 from proxy.dataplane.tls import RELOAD_INTERVAL
@@ -264,3 +265,20 @@ async def test_a_required_client_certificate_refuses_a_client_without_one(certs:
     await asyncio.sleep(0.05)
     assert p.stats.tls_handshake_errors == {("public", "client_certificate"): 1}
     assert up.nothing_received
+
+
+async def test_an_expired_certificate_is_said_at_start_and_a_client_refusing_it_is_counted(
+        certs: Certs, proxy_of: Any, up: Upstream, capsys: pytest.CaptureFixture[str]) -> None:
+    p = await proxy_of(tls_listener(certs, certs.expired))
+    assert [ln for ln in capsys.readouterr().err.splitlines() if "expired" in ln] == [
+        f"turnout: listener public: certificate {certs.expired.cert} expired on "
+        f"{end_date(certs.expired.cert)} UTC"]
+    out = await s_client(p.port, "-servername", API, "-CAfile", str(certs.ca.path), "-verify_return_error")
+    assert "certificate has expired" in out
+    await asyncio.sleep(0.05)
+    assert p.stats.tls_handshake_errors == {("public", "client_alert"): 1}  # s_client says why it gave up
+    assert up.nothing_received
+
+
+def end_date(cert: Path) -> str:
+    return f"{x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc:%Y-%m-%d %H:%M}"

@@ -34,7 +34,7 @@ def without_listen(t: Turnout) -> Turnout:
 
 
 def curl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["curl", "-sS", "--max-time", "5", *args], capture_output=True, text=True, timeout=10)
+    return subprocess.run(["curl", "-sS", "--max-time", "5", *args], capture_output=True, text=True, timeout=10, check=False)
 
 
 def test_a_tls_listener_and_a_cleartext_one_from_the_config_file(tmp_path: Path) -> None:
@@ -110,7 +110,7 @@ def test_check_config_reports_every_error_with_its_field_path(tmp_path: Path) ->
                       "      certificates: [{cert: api.pem, key: api-key.pem}, {cert: nope.pem, key: api-key.pem}]\n"
                       "  - address: 127.0.0.1:8080\n    tls: {certificates: [{cert: api.pem, key: api.pem}]}\n")
     proc = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", str(config)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=30, check=False)
     assert proc.returncode == 1
     lines = proc.stderr.splitlines()
     assert lines[0] == f"{config}: listeners[0].tls.certificates[1].cert: file not found"
@@ -119,5 +119,5 @@ def test_check_config_reports_every_error_with_its_field_path(tmp_path: Path) ->
     config.write_text("listeners:\n  - address: 127.0.0.1:8443\n    tls:\n"
                       "      certificates: [{cert: api.pem, key: api-key.pem}]\nworkers: 2\n")
     proc = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", str(config)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=30, check=False)
     assert (proc.returncode, proc.stdout) == (0, f"{config}: OK (1 listener(s), 1 with TLS)\n")
