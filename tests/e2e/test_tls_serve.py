@@ -34,7 +34,8 @@ def without_listen(t: Turnout) -> Turnout:
 
 
 def curl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["curl", "-sS", "--max-time", "5", *args], capture_output=True, text=True, timeout=10, check=False)
+    return subprocess.run(["curl", "-sS", "--max-time", "5", *args], capture_output=True, text=True, timeout=10,
+                          check=False)
 
 
 def test_a_tls_listener_and_a_cleartext_one_from_the_config_file(tmp_path: Path) -> None:
@@ -96,7 +97,7 @@ def test_an_unreadable_key_is_one_line_naming_its_field_and_exit_1(tmp_path: Pat
                       "      certificates: [{cert: api.pem, key: missing-key.pem}]\n")
     proc = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--state-dir",
                            str(tmp_path / "state"), "--admin", f"127.0.0.1:{free_port()}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=30,
+                          cwd=ROOT, capture_output=True, text=True, timeout=30, check=False,
                           env={**os.environ, "TURNOUT_ADMIN_TOKEN": "t"})
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == ["turnout: listeners[0].tls.certificates[0].key: file not found"]
