@@ -282,3 +282,14 @@ async def test_an_expired_certificate_is_said_at_start_and_a_client_refusing_it_
 
 def end_date(cert: Path) -> str:
     return f"{x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc:%Y-%m-%d %H:%M}"
+
+
+async def test_reload_certificates_as_sighup_does_serves_the_new_pair_at_once(certs: Certs, proxy_of: Any) -> None:
+    p = await proxy_of(tls_listener(certs, certs.api))
+    fresh = certs.ca.issue("api-new", API)
+    os.replace(fresh.key, certs.api.key)
+    os.replace(fresh.cert, certs.api.cert)
+    p.dp.reload_certificates()
+    c = await tls_open(p.port, client_ctx(certs), API)
+    assert served_serial(c) == serial_of(certs.api.cert.read_bytes())
+    c.close()

@@ -5,6 +5,8 @@ unreadable key at start, and `turnout check --config` with field paths."""
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -13,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.tlscerts import ADMIN, API, CA
+from tests.tlscerts import ADMIN, API, CA, serial_of, serial_of_der
 
-from .helpers import ROOT, Turnout, backend, free_port
+from .helpers import ROOT, Turnout, backend, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -122,3 +124,29 @@ def test_check_config_reports_every_error_with_its_field_path(tmp_path: Path) ->
     proc = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", str(config)], cwd=ROOT,
                           capture_output=True, text=True, timeout=30, check=False)
     assert (proc.returncode, proc.stdout) == (0, f"{config}: OK (1 listener(s), 1 with TLS)\n")
+
+
+def test_sighup_to_a_single_process_tls_proxy_reloads_its_certificate(tmp_path: Path) -> None:
+    ca = CA(tmp_path)
+    pair = ca.issue("api", API)
+    with backend("v1") as port, Turnout(tmp_path, routes_file(tmp_path, port), "--tls-cert", str(pair.cert),
+                                        "--tls-key", str(pair.key), "--shutdown-grace", "1") as t:
+        assert t.proc is not None
+        fresh = ca.issue("api-new", API)
+        os.replace(fresh.key, pair.key)
+        os.replace(fresh.cert, pair.cert)
+        t.proc.send_signal(signal.SIGHUP)
+        want = serial_of(pair.cert.read_bytes())
+        got = wait_until(lambda: served_serial(t.port, ca) == want, timeout=5)
+        assert got is True
+        assert t.proc.poll() is None
+        assert t.stop() == 0
+
+
+def served_serial(port: int, ca: CA) -> int:
+    ctx = ssl.create_default_context(cafile=str(ca.path))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname=API) as s:
+        der = s.getpeercert(binary_form=True)
+    assert der is not None
+    return serial_of_der(der)
