@@ -6,7 +6,8 @@ Design rules:
   and never reaches dispatch or an upstream. Only a completed handshake calls the ClientConnection's
   connection_made, which then reads its TlsSession (certificate served, client certificate).
 - Cleartext listeners never pass through here, so their path is unchanged.
-- Reload: every RELOAD_INTERVAL seconds (and on SIGHUP, via reload()) each TLS listener checks its files.
+- Reload: every RELOAD_INTERVAL seconds (and on SIGHUP, via DataPlane.reload_certificates) each TLS listener
+  checks its files (proxy.dataplane.certs).
 """
 
 from __future__ import annotations
