@@ -1,13 +1,17 @@
 """The static configuration file (proxy.config): every field parsed, unknown keys and bad values refused
-with their field paths, all errors at once."""
+with their field paths, all errors at once; serve's flags override it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from proxy.cli import build_parser
+from proxy.commands.serve import settings_from_args
 from proxy.config import parse_config
 from proxy.errors import ValidationError
-from proxy.settings import Certificate, Listener, TlsConfig
+from proxy.settings import Certificate, Limits, Listener, Timeouts, TlsConfig
 
 
 def errors_of(text: str) -> list[str]:
@@ -120,3 +124,22 @@ trusted_proxies: [not-an-ip]
 
 def test_a_file_that_is_not_yaml_is_one_error() -> None:
     assert len(errors_of("listeners: [")) == 1
+
+
+def test_flags_override_the_file_field_by_field_and_listen_replaces_its_listeners(tmp_path: Path) -> None:
+    config = tmp_path / "turnout.yaml"
+    config.write_text("listeners:\n  - {name: a, address: 127.0.0.1:9001}\n  - {name: b, address: 127.0.0.1:9002}\n"
+                      "admin: 127.0.0.1:9100\nworkers: 3\nlimits: {max_headers: 10, max_pipelined: 4}\n"
+                      "timeouts: {header_read: 2, shutdown_grace: 1}\ntrusted_proxies: [10.0.0.1]\n")
+    parser = build_parser()
+    got = settings_from_args(parser.parse_args(["serve", "--config", str(config), "--max-headers", "20",
+                                                "--timeout-header-read", "3", "--workers", "2"]), None)
+    assert [li.name for li in got.listeners] == ["a", "b"]
+    assert got.listen == ("127.0.0.1", 9001)
+    assert (got.admin, got.workers, got.trusted_proxies) == (("127.0.0.1", 9100), 2, ("10.0.0.1",))
+    assert got.limits == Limits(max_headers=20, max_pipelined=4)
+    assert got.timeouts == Timeouts(header_read=3.0, shutdown_grace=1.0)
+    got = settings_from_args(parser.parse_args(["serve", "--config", str(config), "--listen", "127.0.0.1:9009"]),
+                             None)
+    assert (got.listeners, got.listen) == ((), ("127.0.0.1", 9009))
+    assert got.limits == Limits(max_headers=10, max_pipelined=4)
