@@ -236,16 +236,20 @@ def session_of(listener: ListenerTls, transport: Any) -> TlsSession:
     sslobj = transport.get_extra_info("ssl_object")
     served = getattr(sslobj, "turnout_cert", 0)
     peer = sslobj.getpeercert() if sslobj is not None else None
-    return TlsSession(listener, served, peer or None)
+    der = sslobj.getpeercert(binary_form=True) if peer else None
+    return TlsSession(listener, served, peer or None, der)
 
 
 class TlsSession:
-    """What a client connection knows of its handshake: the certificate it was served, and its peer's."""
+    """What a client connection knows of its handshake: the certificate it was served, and its peer's (verified
+    against the listener's client_ca: ssl's getpeercert() dict, and DER for fingerprints)."""
 
-    def __init__(self, listener: ListenerTls, served: int, peer_cert: dict[str, Any] | None) -> None:
+    def __init__(self, listener: ListenerTls, served: int, peer_cert: dict[str, Any] | None,
+                 peer_der: bytes | None = None) -> None:
         self.listener = listener
         self.served = served
         self.peer_cert = peer_cert
+        self.peer_der = peer_der
 
     def misdirected(self, host: str) -> bool:
         """Host names another certificate's domain than the one SNI chose: 421, so a client cannot reach a

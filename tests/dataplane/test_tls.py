@@ -244,6 +244,9 @@ async def test_a_verified_client_certificate_is_on_the_connection_and_none_witho
     conn = cast(ClientConnection, next(iter(p.dp.conns)))
     assert conn.peer_cert is not None
     assert conn.peer_cert["subject"] == ((("commonName", "acme"),),)
+    assert conn.tls is not None
+    assert conn.tls.peer_der is not None
+    assert serial_of_der(conn.tls.peer_der) == serial_of(certs.client.cert.read_bytes())
     c.close()
     await asyncio.sleep(0.05)
     c = await tls_open(p.port, client_ctx(certs), API)
