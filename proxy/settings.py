@@ -44,8 +44,31 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class Certificate:
+    cert: str  # PEM certificate chain file
+    key: str  # PEM private key file
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    # SNI picks the certificate whose names match the client's server name; the first is the default.
+    certificates: tuple[Certificate, ...]
+    client_ca: str | None = None  # ask for a client certificate and verify it against this CA file
+    client_cert: str = "optional"  # optional | required (only with client_ca)
+    min_version: str = "1.2"  # "1.2" or "1.3": TLS 1.0 and 1.1 are refused
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    address: tuple[str, int]
+    tls: TlsConfig | None = None  # None: cleartext
+    protocols: tuple[str, ...] = ("http/1.1",)  # offered by ALPN on a TLS listener
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
-    listen: tuple[str, int] = ("127.0.0.1", 8080)
+    listen: tuple[str, int] = ("127.0.0.1", 8080)  # the first listener's address
     admin: tuple[str, int] = ("127.0.0.1", 8081)
     workers: int = 1
     store: str | None = None  # sqlite:///path (default path when None) or etcd://host:port/prefix
@@ -60,3 +83,9 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
     state_dir: str | None = None  # where the admin token and default database live
+    # Every listener of the proxy; empty means one cleartext listener on `listen` (see listeners_of).
+    listeners: tuple[Listener, ...] = ()
+
+
+def listeners_of(settings: Settings) -> tuple[Listener, ...]:
+    return settings.listeners or (Listener("default", settings.listen),)

@@ -1,6 +1,8 @@
-"""`turnout check FILE`: validate a route file offline, printing every error with its field path.
+"""`turnout check FILE` / `turnout check --config FILE`: validate a route file or the static configuration
+file offline, printing every error with its field path.
 
-Design rule: the same parser as the proxy (proxy.parse), so a file that checks is a file that applies."""
+Design rule: the same parsers as the proxy (proxy.parse here; proxy.config and proxy.dataplane.certs for the
+configuration file, in proxy.commands.checkconfig), so a file that checks is a file that applies."""
 
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ from proxy.parse import parse_yaml
 
 def register(sub: Any) -> None:
     p = sub.add_parser("check", help="validate a route file", description=__doc__)
-    p.add_argument("file", help="route file (YAML)")
-    p.set_defaults(func=run)
+    p.add_argument("file", nargs="?", help="route file (YAML)")
+    p.add_argument("--config", metavar="FILE", help="static configuration file of `turnout serve --config`")
+    # Loaded only to run: checking a config file loads its certificates (ssl, cryptography), which the rest
+    # of the command line does not need (see proxy/cli.py).
+    p.set_defaults(func="proxy.commands.checkconfig:run")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from proxy.commands.demo import DEMO_VERSIONS
 from proxy.commands.serve import settings_from_args
+from proxy.dataplane.certs import load_listeners
 from proxy.errors import TurnoutError, ValidationError
 from proxy.supervisor.main import run as run_loop
 from proxy.supervisor.main import run_supervisor
@@ -29,6 +30,12 @@ from proxy.supervisor.worker import run_worker as worker_main
 def serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args, args.routes)
+    try:
+        load_listeners(settings)  # an unreadable certificate is one line before anything starts
+    except ValidationError as e:
+        for err in e.errors:
+            print(f"turnout: {err}", file=sys.stderr)
+        return 1
     try:
         run_loop(run_supervisor(settings))
     except ValidationError:

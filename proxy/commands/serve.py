@@ -13,7 +13,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from proxy.settings import Limits, Settings, Timeouts
+from proxy.config import LIMIT_MINIMUM, parse_config
+from proxy.errors import ValidationError
+from proxy.settings import Certificate, Limits, Listener, Settings, Timeouts, TlsConfig
 
 # What each limit and timeout flag sets; a field missing here still gets its flag (the flags are made
 # from the dataclasses' fields, so they cannot drift), with a plainer help text.
@@ -37,8 +39,6 @@ TIMEOUT_HELP = {
     "upstream_pool_idle": "an idle pooled upstream connection is closed after this",
     "body_read_idle": "no byte from the client while reading its body",
 }
-# A zero retry buffer is meaningful (never buffer a body for a retry); every other limit must be >= 1.
-LIMIT_MINIMUM = {"retry_buffer_bytes": 0}
 
 
 def host_port(text: str) -> tuple[str, int]:
@@ -51,38 +51,46 @@ def host_port(text: str) -> tuple[str, int]:
 
 def add_serve_options(p: argparse.ArgumentParser, *, listen: str = "127.0.0.1:8080",
                       admin: str = "127.0.0.1:8081") -> None:
-    p.add_argument("--listen", type=host_port, default=host_port(listen), metavar="HOST:PORT",
-                   help=f"proxy listener (default {listen})")
-    p.add_argument("--admin", type=host_port, default=host_port(admin), metavar="HOST:PORT",
+    # Options the config file can set default to None (unset), so a flag given overrides the file and the
+    # file overrides the built-in default (kept in default_listen / default_admin and the dataclasses).
+    p.set_defaults(default_listen=host_port(listen), default_admin=host_port(admin))
+    p.add_argument("--config", metavar="FILE", help="static configuration file (YAML): listeners, TLS, admin, "
+                   "workers, limits, timeouts, trusted_proxies, access_log; flags override it")
+    p.add_argument("--listen", type=host_port, default=None, metavar="HOST:PORT",
+                   help=f"one cleartext proxy listener instead of the file's (default {listen})")
+    p.add_argument("--tls-cert", metavar="FILE", help="with --tls-key: the --listen listener speaks TLS")
+    p.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert")
+    p.add_argument("--admin", type=host_port, default=None, metavar="HOST:PORT",
                    help=f"admin API listener (default {admin}; keep it on loopback)")
     p.add_argument("--store", metavar="URL", default=os.environ.get("TURNOUT_STORE"),
                    help="sqlite:///path (default: state.db in the state dir, see --state-dir)"
                    " or etcd://host:port/prefix")
-    p.add_argument("--workers", type=int, default=1, help="data-plane processes sharing the port (SO_REUSEPORT)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-plane processes sharing the port (SO_REUSEPORT; default 1)")
     p.add_argument("--admin-token-file", metavar="FILE", help="bearer tokens: one token, or lines NAME:TOKEN")
     p.add_argument("--metrics-auth", action="store_true", help="require the admin token on /metrics too")
-    p.add_argument("--trusted-proxy", action="append", default=[], metavar="IP/CIDR",
+    p.add_argument("--trusted-proxy", action="append", default=None, metavar="IP/CIDR",
                    help="peer whose X-Forwarded-* headers are kept (repeatable)")
     p.add_argument("--access-log", metavar="PATH|-", help="JSON access log (off by default)")
     p.add_argument("--log-client-ids", action="store_true", help="log raw client ids instead of salted hashes")
     # A grace of 0 is meaningful (stop at once); a timeout of 0 would refuse everything.
-    p.add_argument("--shutdown-grace", type=_seconds(zero_ok=True), default=Timeouts().shutdown_grace,
-                   metavar="SECONDS", help="on SIGTERM, in-flight requests may finish within this")
+    p.add_argument("--shutdown-grace", type=_seconds(zero_ok=True), default=None, metavar="SECONDS",
+                   help=f"on SIGTERM, in-flight requests may finish within this (default {Timeouts().shutdown_grace})")
     p.add_argument("--state-dir", metavar="DIR", default=os.environ.get("TURNOUT_STATE_DIR"),
                    help="admin token, default database and local-process records (default: $TURNOUT_STATE_DIR or "
                    "~/.local/state/turnout)")
     g = p.add_argument_group("limits", "per worker process; defaults are in proxy/settings.py")
     for f in dataclasses.fields(Limits):
         g.add_argument(_flag("", f.name), dest=f"limit_{f.name}", type=_whole(LIMIT_MINIMUM.get(f.name, 1)),
-                       default=getattr(Limits(), f.name), metavar="N",
-                       help=f"{LIMIT_HELP.get(f.name, f.name)} (default %(default)s)")
+                       default=None, metavar="N",
+                       help=f"{LIMIT_HELP.get(f.name, f.name)} (default {getattr(Limits(), f.name)})")
     g = p.add_argument_group("timeouts", "in seconds")
     for f in dataclasses.fields(Timeouts):
         if f.name == "shutdown_grace":  # has its own flag above
             continue
         g.add_argument(_flag("timeout-", f.name), dest=f"timeout_{f.name}", type=_seconds(zero_ok=False),
-                       default=getattr(Timeouts(), f.name), metavar="SECONDS",
-                       help=f"{TIMEOUT_HELP.get(f.name, f.name)} (default %(default)s)")
+                       default=None, metavar="SECONDS",
+                       help=f"{TIMEOUT_HELP.get(f.name, f.name)} (default {getattr(Timeouts(), f.name)})")
 
 
 def _flag(prefix: str, name: str) -> str:
@@ -117,23 +125,72 @@ def _seconds(zero_ok: bool) -> Callable[[str], float]:
     return parse
 
 
+def read_config(path: str) -> dict[str, Any]:
+    """The fields `--config FILE` sets, or SystemExit(1) with one line per error (field paths)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        print(f"turnout: {path}: {e.strerror or e}", file=sys.stderr)
+        raise SystemExit(1) from e
+    try:
+        return parse_config(text, os.path.dirname(os.path.abspath(path)))
+    except ValidationError as e:
+        for err in e.errors:
+            print(f"turnout: {path}: {err}", file=sys.stderr)
+        raise SystemExit(1) from e
+
+
+def _listeners(args: argparse.Namespace, file: dict[str, Any]) -> tuple[Listener, ...]:
+    tls_flags: tuple[str | None, str | None] = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    if (tls_flags[0] is None) != (tls_flags[1] is None):
+        print(f"turnout {args.command}: error: --tls-cert and --tls-key go together", file=sys.stderr)
+        raise SystemExit(2)
+    if args.listen is None and "listeners" in file:
+        if tls_flags[0] is not None:
+            print(f"turnout {args.command}: error: --tls-cert needs --listen when the config file has listeners "
+                  "(it makes that one listener TLS)", file=sys.stderr)
+            raise SystemExit(2)
+        return tuple(file["listeners"])
+    addr = args.listen or args.default_listen
+    if tls_flags[0] is None:
+        return ()  # one cleartext listener on `listen`: the default shape (settings.listeners_of)
+    cert, key = os.path.abspath(tls_flags[0]), os.path.abspath(tls_flags[1] or "")
+    tls = TlsConfig(certificates=(Certificate(cert, key),))
+    return (Listener("default", addr, tls=tls),)
+
+
 def settings_from_args(args: argparse.Namespace, routes: str | None) -> Settings:
-    if args.workers < 1:
+    config = getattr(args, "config", None)
+    file = read_config(config) if config else {}
+    workers = args.workers if args.workers is not None else file.get("workers", 1)
+    if workers < 1:
         raise SystemExit("turnout: --workers must be at least 1")
-    limits = Limits(**{f.name: getattr(args, f"limit_{f.name}") for f in dataclasses.fields(Limits)})
+    flimits, ftimeouts = file.get("limits", {}), file.get("timeouts", {})
+
+    def pick(flag: Any, from_file: Any, default: Any) -> Any:
+        return flag if flag is not None else from_file if from_file is not None else default
+
+    limits = Limits(**{f.name: pick(getattr(args, f"limit_{f.name}"), flimits.get(f.name), getattr(Limits(), f.name))
+                       for f in dataclasses.fields(Limits)})
     if limits.low_water > limits.high_water:
         print(f"turnout {args.command}: error: --low-water ({limits.low_water}) must not exceed --high-water "
               f"({limits.high_water})", file=sys.stderr)
         raise SystemExit(2)
-    timeouts = Timeouts(**{f.name: getattr(args, f"timeout_{f.name}") for f in dataclasses.fields(Timeouts)
-                           if f.name != "shutdown_grace"}, shutdown_grace=args.shutdown_grace)
+    timeouts = Timeouts(**{f.name: pick(getattr(args, f"timeout_{f.name}", None) if f.name != "shutdown_grace"
+                                        else args.shutdown_grace, ftimeouts.get(f.name), getattr(Timeouts(), f.name))
+                           for f in dataclasses.fields(Timeouts)})
+    listeners = _listeners(args, file)
+    listen = listeners[0].address if listeners else (args.listen or args.default_listen)
+    trusted = args.trusted_proxy if args.trusted_proxy is not None else file.get("trusted_proxies", ())
     return Settings(
-        listen=args.listen, admin=args.admin, workers=args.workers, store=args.store, routes=routes,
+        listen=listen, admin=pick(args.admin, file.get("admin"), args.default_admin), workers=workers,
+        store=args.store, routes=routes,
         admin_token_file=args.admin_token_file, metrics_auth=args.metrics_auth,
-        trusted_proxies=tuple(args.trusted_proxy), access_log=args.access_log,
+        trusted_proxies=tuple(trusted), access_log=pick(args.access_log, file.get("access_log"), None),
         access_log_client_ids=args.log_client_ids,
         limits=limits, timeouts=timeouts,
-        state_dir=args.state_dir,
+        state_dir=args.state_dir, listeners=listeners,
     )
 
 
@@ -150,7 +207,8 @@ restarts.""", formatter_class=argparse.RawDescriptionHelpFormatter)
     w = sub.add_parser("_worker")  # internal: one data-plane worker process; hidden from --help below
     w.add_argument("--id", required=True)
     w.add_argument("--settings-json", required=True)
-    w.add_argument("--listen-fd", type=int, default=None)
+    # One per listener, in the order of settings.listeners_of (a supervisor of the previous release passes one).
+    w.add_argument("--listen-fd", type=int, action="append", default=None)
     w.add_argument("--ready-fd", type=int, default=None)
     w.set_defaults(func="proxy.commands.running:worker")
     sub._choices_actions = [a for a in sub._choices_actions if a.dest != "_worker"]

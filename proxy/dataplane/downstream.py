@@ -71,6 +71,8 @@ class ClientConnection(ClientFlow):
         self.dp.conns.add(self)
         self.dp.stats.connection("downstream", 1)
         self.deadline = self.now() + self.dp.t_header_read
+        if self.tls_listener is not None:
+            self.tls_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -245,6 +247,10 @@ class ClientConnection(ClientFlow):
             except Refuse as r:
                 ex.refuse = r
                 ex.keep_alive = False
+        tls = self.tls
+        if tls is not None and ex.refuse is None and tls.misdirected(ex.host):
+            ex.refuse = Refuse(421, "misdirected")
+            ex.keep_alive = False
         if not ex.http11 and p.get_http_version() != "1.0":
             # llhttp also takes HTTP/0.9 (a request line without a version, too) and HTTP/2.0; neither can be
             # forwarded as HTTP/1.1.

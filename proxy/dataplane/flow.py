@@ -24,10 +24,12 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from proxy.dataplane.dispatch import log, start
 from proxy.dataplane.exchange import DISPATCHED, PARSED, RESPONDING, ClientSide, Exchange, Refuse
 from proxy.dataplane.headers import BEARER_401, CONTINUE, local_response
+from proxy.identities import PeerCert
 
 if TYPE_CHECKING:
     import asyncio
 
+    from proxy.dataplane.certs import ListenerTls, TlsSession
     from proxy.dataplane.plane import PlaneState
     from proxy.dataplane.pool import UpstreamSide
 
@@ -108,11 +110,32 @@ class ClientFlow(ClientSide):
         self.peer = ""
         self.trusted = False
         self.fwd_lines = b""
+        # Set on a TLS listener's connections only (expect_tls, then tls_made once the handshake completed).
+        self.tls_listener: ListenerTls | None = None
+        self.proto = b"http"  # X-Forwarded-Proto when a trusted peer sent none
+        self.tls: TlsSession | None = None
+        # The client certificate the handshake verified against the listener's client_ca, None without one:
+        # what the client_cert identity source reads (ClientSide.peer_cert).
+        self.peer_cert = None
         # The proxy's own request lines for the last (Host, route) seen on this connection (see upstream_head).
         self.tail = b""
         self.tail_host: bytes | None = None
         self.tail_route: str | None = None
         self.tunnel_up: UpstreamSide | None = None
+
+    # -- TLS (proxy.dataplane.tls)
+
+    def expect_tls(self, listener: ListenerTls) -> None:
+        self.tls_listener = listener
+
+    def tls_made(self, transport: asyncio.Transport) -> None:
+        """The end of connection_made on a TLS connection: the handshake's outcome and https."""
+        assert self.tls_listener is not None
+        session = self.tls = self.tls_listener.session(transport)
+        if session.peer_cert:  # an empty dict: a certificate that was not verified, no identity
+            self.peer_cert = PeerCert(session.peer_cert, session.peer_der or b"")
+        self.proto = b"https"
+        self.fwd_lines = b"X-Forwarded-For: " + self.peer.encode() + b"\r\nX-Forwarded-Proto: https\r\n"
 
     # -- backpressure
 
@@ -511,7 +534,7 @@ class ClientFlow(ClientSide):
         prior = fwd.get(b"x-forwarded-for")
         peer = self.peer.encode()
         ext((b"X-Forwarded-For: ", prior + b", " + peer if prior else peer, _CRLF,
-             b"X-Forwarded-Proto: ", fwd.get(b"x-forwarded-proto") or b"http", _CRLF))
+             b"X-Forwarded-Proto: ", fwd.get(b"x-forwarded-proto") or self.proto, _CRLF))
         host = fwd.get(b"x-forwarded-host") or ex.host_raw
         if host is not None:
             ext((b"X-Forwarded-Host: ", host, _CRLF))

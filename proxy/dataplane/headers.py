@@ -95,7 +95,7 @@ def _local_response(status: int, close: bool, extra: bytes = b"") -> bytes:
 
 
 # Short text responses the proxy answers itself, keyed by (status, close).
-LOCAL_STATUSES: Final = (400, 401, 404, 408, 413, 414, 417, 431, 501, 502, 503, 504, 505)
+LOCAL_STATUSES: Final = (400, 401, 404, 408, 413, 414, 417, 421, 431, 501, 502, 503, 504, 505)
 LOCAL_RESPONSES: Final[dict[tuple[int, bool], bytes]] = {
     (s, c): _local_response(s, c) for s in LOCAL_STATUSES for c in (True, False)
 }

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import socket
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import cast
 
+from proxy.dataplane.certs import ListenerTls, load_listeners
 from proxy.dataplane.downstream import ClientConnection
 from proxy.dataplane.plane import PlaneState
 from proxy.dataplane.pool import Backend, Endpoint
+from proxy.dataplane.tls import reload_all, tls_factory, watch_certificates
 from proxy.dataplane.tls_contexts import UpstreamContexts
 from proxy.dataplane.upstream import UpstreamConnection
-from proxy.settings import Settings
+from proxy.settings import Settings, listeners_of
 from proxy.table import RouteTable, TableHolder
 from proxy.telemetry.accesslog import AccessLog
 from proxy.telemetry.stats import Stats
@@ -31,10 +35,23 @@ from proxy.telemetry.stats import Stats
 STOP_IDLE = 1.0
 
 
+def _log(msg: str) -> None:
+    print(f"turnout: {msg}", file=sys.stderr, flush=True)
+
+
+def _factory(dp: DataPlane, tls: ListenerTls | None) -> Callable[[], asyncio.BaseProtocol]:
+    if tls is None:
+        return lambda: ClientConnection(dp)
+    return tls_factory(dp, tls)
+
+
 class DataPlane(PlaneState):
     def __init__(self, settings: Settings, holder: TableHolder, stats: Stats) -> None:
         super().__init__(settings, holder, stats)
-        self.server: asyncio.AbstractServer | None = None
+        self.server: asyncio.AbstractServer | None = None  # the first listener's
+        self.servers: list[asyncio.AbstractServer] = []  # one per listener (settings.listeners_of)
+        self.tls: list[ListenerTls] = []  # the TLS listeners' certificates
+        self._cert_watch: asyncio.Task[None] | None = None
         t = settings.timeouts
         fastest = min(t.header_read, t.keepalive_idle, t.body_read_idle, t.upstream_response, t.upstream_idle,
                       t.upstream_pool_idle)
@@ -85,8 +102,10 @@ class DataPlane(PlaneState):
 
     async def shutdown(self, grace: float) -> None:
         self.stopping = True
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
+        if self._cert_watch is not None:
+            self._cert_watch.cancel()
         started = time.monotonic()
         if self.conns:
             # A keep-alive connection idle right now may have a request on the wire: closing it at once would
@@ -137,32 +156,62 @@ class DataPlane(PlaneState):
                 if d and d <= now:
                     uc.on_deadline()
 
-    async def serve(self, *, reuse_port: bool, sock: socket.socket | None) -> None:
+    def reload_certificates(self) -> None:
+        """SIGHUP: look at every TLS listener's files now (they are also checked every few seconds)."""
+        reload_all(self.tls, _log)
+
+    async def serve(self, *, reuse_port: bool, socks: Sequence[socket.socket] | None) -> None:
+        """Listen on every listener: on `socks` (one per listener, in order) when given."""
         self.table_changed(self.holder.table)
-        if sock is not None:
-            self.server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=1024)
-        else:
-            host, port = self.settings.listen
-            self.server = await self.loop.create_server(lambda: ClientConnection(self), host, port,
-                                                        reuse_port=reuse_port or None, backlog=1024)
+        tls = load_listeners(self.settings)  # ValidationError with field paths when a pair does not load
+        try:
+            for i, listener in enumerate(listeners_of(self.settings)):
+                factory = _factory(self, tls[i])
+                server: asyncio.AbstractServer
+                if socks:
+                    server = await self.loop.create_server(factory, sock=socks[i], backlog=1024)
+                else:
+                    host, port = listener.address
+                    server = await self.loop.create_server(factory, host, port, reuse_port=reuse_port or None,
+                                                           backlog=1024)
+                self.servers.append(server)
+        except BaseException:
+            for server in self.servers:
+                server.close()
+            raise
+        self.server = self.servers[0]
+        self.tls = [t for t in tls if t is not None]
+        now = datetime.datetime.now(datetime.UTC)
+        for t in self.tls:
+            for line in t.expired(now):
+                _log(line)
+        if self.tls:
+            self._cert_watch = self.loop.create_task(watch_certificates(self.tls, _log))
         self._sweeper = self.loop.create_task(self._sweep())
 
     @property
     def port(self) -> int:
-        assert self.server is not None
-        sockets = self.server.sockets  # type: ignore[attr-defined]
-        return int(sockets[0].getsockname()[1])
+        return self.ports[0]
+
+    @property
+    def ports(self) -> list[int]:
+        """The port of each listener, in order."""
+        return [int(s.sockets[0].getsockname()[1]) for s in self.servers]  # type: ignore[attr-defined]
 
 
 async def start_dataplane(settings: Settings, holder: TableHolder, stats: Stats, *,
-                          reuse_port: bool = False, sock: socket.socket | None = None,
-                          state_dir: Path | None = None) -> DataPlane:
-    """`state_dir` holds the access log's hash key (default settings.state_dir)."""
+                          reuse_port: bool = False, socks: Sequence[socket.socket] | None = None,
+                          state_dir: Path | None = None, sock: socket.socket | None = None) -> DataPlane:
+    """`state_dir` holds the access log's hash key (default settings.state_dir); `socks` are the listeners'
+    bound sockets (one per listener, in order; `sock`: the one listener's), else each listener binds its
+    address."""
+    if sock is not None:
+        socks = [sock]
     dp = DataPlane(settings, holder, stats)
     if settings.access_log:
         dp.access_log = AccessLog.open(settings, stats, state_dir=state_dir)
     try:
-        await dp.serve(reuse_port=reuse_port, sock=sock)
+        await dp.serve(reuse_port=reuse_port, socks=socks)
     except BaseException:
         if dp.access_log is not None:
             await dp.access_log.aclose()

@@ -38,9 +38,18 @@ from proxy.control.watcher import Watcher
 from proxy.dataplane.listener import DataPlane, start_dataplane
 from proxy.providers.containers import DockerProvider
 from proxy.providers.local import LocalProvider
-from proxy.settings import Settings
+from proxy.settings import Settings, listeners_of
 from proxy.store import open_store
-from proxy.supervisor.process import StopSignal, hostport, listen_socket, log, metrics_dir, state_dir, store_url
+from proxy.supervisor.process import (
+    StopSignal,
+    hostport,
+    listen_socket,
+    listener_option,
+    log,
+    metrics_dir,
+    state_dir,
+    store_url,
+)
 from proxy.supervisor.seed import seed_from_file
 from proxy.supervisor.workers import Workers
 from proxy.table import TableHolder
@@ -65,7 +74,7 @@ class Supervisor:
         self.watcher = Watcher(self.store, self.holder, self.stats)
         self.dataplane: DataPlane | None = None  # with one worker
         self.workers = Workers(settings) if settings.workers > 1 else None
-        self._listener: socket.socket | None = None  # the data plane's, with one worker
+        self._listeners: list[socket.socket] = []  # the data plane's (one per listener), with one worker
         self._admin_sock: socket.socket | None = None
         self.admin_runner: web.AppRunner | None = None
         self.services: list[Service] = []  # started ones, stopped in reverse order
@@ -83,7 +92,7 @@ class Supervisor:
             rev = await self.store.current()
         self.watcher.receive(rev)
         if self.workers is None:
-            self.dataplane = await start_dataplane(s, self.holder, self.stats, sock=self._listener,
+            self.dataplane = await start_dataplane(s, self.holder, self.stats, socks=self._listeners,
                                                    state_dir=state_dir(s))
             self.watcher.listeners.append(self.dataplane.table_changed)
         else:
@@ -94,20 +103,25 @@ class Supervisor:
         # Installed with one worker too: SIGHUP's default action would kill the proxy on the spot.
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.restart_workers)
         await self._start_admin()
-        log(f"proxy listening on http://{hostport(s.listen)} ({s.workers} worker(s), data plane "
+        urls = ", ".join(f"{'https' if li.tls else 'http'}://{hostport(li.address)}" for li in listeners_of(s))
+        log(f"proxy listening on {urls} ({s.workers} worker(s), data plane "
             f"{data_plane_build()}); "
             f"admin API on http://{hostport(s.admin)}; store {self.store.url}; revision {rev.number}")
 
     def _bind(self) -> None:
         s = self.settings
         if self.workers is None:
-            self._listener = listen_socket(s.listen, "--listen")
+            for i, li in enumerate(listeners_of(s)):
+                self._listeners.append(listen_socket(li.address, listener_option(s, i)))
         else:
             self.workers.bind()
         self._admin_sock = listen_socket(s.admin, "--admin")
 
     def restart_workers(self) -> None:
         if self.workers is None:
+            if self.dataplane is not None and self.dataplane.tls:
+                self.dataplane.reload_certificates()
+                return
             log("SIGHUP ignored: a rolling restart replaces worker processes; this proxy runs one process "
                 "(start it with --workers 2 or more)")
             return
@@ -171,7 +185,7 @@ class Supervisor:
         await self.watcher.stop()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
-        for own in (self._listener, self._admin_sock):
+        for own in (*self._listeners, self._admin_sock):
             if own is not None:
                 own.close()
         await self.store.close()

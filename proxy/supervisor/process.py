@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from proxy.settings import Limits, Settings, Timeouts
+from proxy.settings import Certificate, Limits, Listener, Settings, Timeouts, TlsConfig
 from proxy.store.sqlite import default_path
 
 LISTEN_BACKLOG = 1024
@@ -45,6 +45,11 @@ def log(msg: str) -> None:
 
 def hostport(hp: tuple[str, int]) -> str:
     return f"[{hp[0]}]:{hp[1]}" if ":" in hp[0] else f"{hp[0]}:{hp[1]}"
+
+
+def listener_option(settings: Settings, index: int) -> str:
+    """Where listener `index` came from, for error messages: --listen or the config file's entry."""
+    return f"listeners[{index}]" if settings.listeners else "--listen"
 
 
 def listen_socket(address: tuple[str, int], option: str, *, reuse_port: bool = False,
@@ -78,7 +83,16 @@ def settings_from_json(text: str) -> Settings:
     d["trusted_proxies"] = tuple(d["trusted_proxies"])
     d["limits"] = Limits(**d["limits"])
     d["timeouts"] = Timeouts(**d["timeouts"])
+    d["listeners"] = tuple(_listener(li) for li in d.get("listeners", ()))
     return Settings(**d)
+
+
+def _listener(d: dict[str, Any]) -> Listener:
+    tls = d["tls"]
+    if tls is not None:
+        tls = TlsConfig(**{**tls, "certificates": tuple(Certificate(**c) for c in tls["certificates"])})
+    return Listener(name=d["name"], address=tuple(d["address"]), tls=tls,
+                    protocols=tuple(d["protocols"]))
 
 
 class StopSignal:

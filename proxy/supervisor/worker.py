@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable, Mapping
@@ -68,9 +69,10 @@ async def _follow_supervisor(store: Store, stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def run_worker(settings: Settings, worker_id: str, listen_fd: int | None = None,
+async def run_worker(settings: Settings, worker_id: str, listen_fds: list[int] | None = None,
                      ready_fd: int | None = None) -> None:
-    """Serve until SIGTERM (or the supervisor's end), with the slot's listening socket as `listen_fd` and a
+    """Serve until SIGTERM (or the supervisor's end), with the slot's listening sockets as `listen_fds` (one
+    per listener; SIGHUP reloads the TLS listeners' certificates) and a
     pipe `ready_fd` on which it writes `ready` once it serves, then `installed N` for the revision it serves
     and each one it routes with later (not stdout: that may carry the access log). `ready` stays a line of
     its own: a supervisor of the previous release reads only that line, and it starts the new release's
@@ -81,9 +83,11 @@ async def run_worker(settings: Settings, worker_id: str, listen_fd: int | None =
     rev = await store.current()
     holder = TableHolder(RouteTable(rev.state, rev.number))
     watcher = Watcher(store, holder, stats)
-    sock = socket.socket(fileno=listen_fd) if listen_fd is not None else None
-    dataplane = await start_dataplane(settings, holder, stats, reuse_port=True, sock=sock,
+    socks = [socket.socket(fileno=fd) for fd in listen_fds] if listen_fds else None
+    dataplane = await start_dataplane(settings, holder, stats, reuse_port=True, socks=socks,
                                       state_dir=state_dir(settings))
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, dataplane.reload_certificates)
     watcher.listeners.append(dataplane.table_changed)
     if ready_fd is not None:
         os.set_blocking(ready_fd, False)
@@ -108,7 +112,6 @@ async def run_worker(settings: Settings, worker_id: str, listen_fd: int | None =
     # Health is published too for a supervisor of the previous release (during SIGHUP), which reads it here.
     publisher = WorkerPublisher(stats, metrics_dir(settings), worker_id,
                                 extra=lambda: {"health": dataplane.health_view()})
-    loop = asyncio.get_running_loop()
     publisher_task = loop.create_task(publisher.run())
     health_task = loop.create_task(_report_health(dataplane, report))
     link = loop.create_task(_follow_supervisor(store, stopper.event))

@@ -19,8 +19,8 @@ import socket
 import sys
 import time
 
-from proxy.settings import Settings
-from proxy.supervisor.process import listen_socket, log, metrics_dir, settings_to_json
+from proxy.settings import Settings, listeners_of
+from proxy.supervisor.process import listen_socket, listener_option, log, metrics_dir, settings_to_json
 from proxy.table import RouteTable
 from proxy.telemetry.metrics import reset_directory, retire_published
 
@@ -43,7 +43,7 @@ class Workers:
         self.current: list[Process] = []  # the current worker of each slot
         self.retiring: set[Process] = set()  # replaced, stopping gracefully
         self.restarts = 0  # workers started again after they died
-        self._slots: list[socket.socket] = []
+        self._slots: list[list[socket.socket]] = []  # per slot, one socket per listener
         self._generation: list[int] = []
         self._keepers: list[asyncio.Task[None]] = []
         self._restarting: asyncio.Task[None] | None = None
@@ -68,11 +68,13 @@ class Workers:
         # listens: binding one first is the check. It is the kernel's own rule, so it also catches other
         # programs and overlapping addresses (0.0.0.0 against 127.0.0.1), which a lock file keyed by the
         # address would miss; what it leaves is two proxies starting within the same few microseconds.
-        listen_socket(s.listen, "--listen", listen=False).close()
+        addresses = [(li.address, listener_option(s, i)) for i, li in enumerate(listeners_of(s))]
+        for address, option in addresses:
+            listen_socket(address, option, listen=False).close()
         for _ in range(s.workers):
             # Not inheritable (uvloop's spawn does not close other descriptors): each worker gets only its
-            # own slot's socket through pass_fds, so the socket is gone once that worker closes it.
-            self._slots.append(listen_socket(s.listen, "--listen", reuse_port=True))
+            # own slot's sockets through pass_fds, so a socket is gone once that worker closes it.
+            self._slots.append([listen_socket(a, o, reuse_port=True) for a, o in addresses])
             self._generation.append(0)
 
     async def spawn(self) -> None:
@@ -93,13 +95,14 @@ class Workers:
         return str(slot) if g == 0 else f"{slot}-{g}"
 
     async def _start_worker(self, slot: int) -> Process:
-        fd = self._slots[slot].fileno()
+        fds = [sock.fileno() for sock in self._slots[slot]]
         ready_r, ready_w = os.pipe()
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "proxy", "_worker", "--id", self._worker_id(slot), "--listen-fd", str(fd),
+                sys.executable, "-m", "proxy", "_worker", "--id", self._worker_id(slot),
+                *(a for fd in fds for a in ("--listen-fd", str(fd))),
                 "--ready-fd", str(ready_w), "--settings-json", settings_to_json(self.settings),
-                stdin=asyncio.subprocess.PIPE, pass_fds=(fd, ready_w))
+                stdin=asyncio.subprocess.PIPE, pass_fds=(*fds, ready_w))
         except BaseException:
             os.close(ready_r)
             raise
@@ -291,8 +294,9 @@ class Workers:
         grace = self.settings.timeouts.shutdown_grace
         # Closed before the workers are told to stop: each closes its copy as its graceful stop begins, so the
         # socket is gone then and a new connection is refused at once, instead of waiting where no one accepts.
-        for sock in self._slots:
-            sock.close()
+        for socks in self._slots:
+            for sock in socks:
+                sock.close()
         procs = [*self.current, *self.retiring]
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):

@@ -111,6 +111,7 @@ class StatsSnapshot:
     workers: tuple[str, ...] = ()  # worker ids whose published files were summed
     identity_rejected: Mapping[tuple[str, str, str], int] = field(default_factory=dict)  # (route, source, reason)
     stale_workers: tuple[str, ...] = ()  # ... of which these stopped publishing (dead or hung)
+    tls_handshake_errors: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (listener, reason)
 
     def get(self, route: str, version: str) -> VersionStats:
         return self.cells.get((route, version), EMPTY_VERSION_STATS)
@@ -137,6 +138,7 @@ class StatsSnapshot:
             workers=self.workers,
             stale_workers=self.stale_workers,
             identity_rejected=_minus(self.identity_rejected, older.identity_rejected),
+            tls_handshake_errors=_minus(self.tls_handshake_errors, older.tls_handshake_errors),
         )
 
 
@@ -172,7 +174,7 @@ class _Sum:
         self.cells: dict[tuple[str, str], list[Any]] = {}  # [codes, dsum, bin, bout, hist, uerr]
         self.counters: dict[str, dict[Any, int]] = {
             "upstream_errors": {}, "fallbacks": {}, "retries": {}, "rejected": {}, "mirrors": {},
-            "canary_results": {}, "identity_rejected": {},
+            "canary_results": {}, "identity_rejected": {}, "tls_handshake_errors": {},
         }
         self.scalars = {"applied": 0, "apply_errors": 0, "access_log_dropped": 0}
         self.connections: dict[str, int] = {"downstream": 0, "upstream": 0}
@@ -200,6 +202,7 @@ class _Sum:
         _add(c["mirrors"], (((x[0], x[1], str(x[2])), x[3]) for x in wire.get("mirrors", ())))
         _add(c["canary_results"], ((tuple(x[:-1]), x[-1]) for x in wire.get("canary_results", ())))
         _add(c["identity_rejected"], ((tuple(x[:-1]), x[-1]) for x in wire.get("identity_rejected", ())))
+        _add(c["tls_handshake_errors"], ((tuple(x[:-1]), x[-1]) for x in wire.get("tls_handshake_errors", ())))
         for k in self.scalars:
             self.scalars[k] += int(wire.get(k, 0))
         if gauges:
@@ -220,6 +223,7 @@ class _Sum:
             "mirrors": [[*k, n] for k, n in c["mirrors"].items()],
             "canary_results": [[*k, n] for k, n in c["canary_results"].items()],
             "identity_rejected": [[*k, n] for k, n in c["identity_rejected"].items()],
+            "tls_handshake_errors": [[*k, n] for k, n in c["tls_handshake_errors"].items()],
             **self.scalars,
         }
 
@@ -237,7 +241,8 @@ class _Sum:
             applied=self.scalars["applied"], apply_errors=self.scalars["apply_errors"],
             access_log_dropped=self.scalars["access_log_dropped"], canary_steps=self.canary_steps,
             canary_results=c["canary_results"], workers=workers, stale_workers=stale,
-            identity_rejected=c["identity_rejected"])
+            identity_rejected=c["identity_rejected"],
+            tls_handshake_errors=c["tls_handshake_errors"])
 
 
 def _add(into: dict[Any, int], items: Iterable[tuple[Any, int]]) -> None:
@@ -466,6 +471,9 @@ def families(snap: StatsSnapshot, table: RouteTable, health: Health) -> list[Met
     out.append(_counter("turnout_mirror_requests", "Mirrored (shadow) requests, by route, version and status code "
                         "(error: no response; dropped: not sent, too many in flight).", ["route", "version", "code"],
                         snap.mirrors))
+    out.append(_counter("turnout_tls_handshake_errors", "TLS handshakes that failed, by listener and reason "
+                        "(protocol_version, client_certificate, timeout, not_tls, closed, ...); none reached "
+                        "an upstream.", ["listener", "reason"], snap.tls_handshake_errors))
     out.append(_counter("turnout_canary_analysis", "Canary analysis rounds, by route and result.",
                         ["route", "result"], snap.canary_results))
 

@@ -22,7 +22,7 @@ HIST_SLOTS = len(LATENCY_BUCKETS) + 1
 
 UpstreamErrorKind = Literal["connect", "timeout", "reset", "invalid_response", "tls"]
 RejectReason = Literal["bad_request", "too_large", "timeout", "no_route", "no_healthy_version", "too_many_connections",
-                       "no_identity"]
+                       "no_identity", "misdirected"]
 IdentityRejectReason = Literal[
     "malformed", "signature", "expired", "not_yet_valid", "issuer", "audience", "algorithm", "unknown_kid",
     "missing_claim", "bad_claim", "unknown_key", "keys_unavailable", "missing_field",
@@ -62,6 +62,7 @@ class Stats:
         self.access_log_dropped = 0
         self.canary_steps: dict[str, int] = {}
         self.canary_results: dict[tuple[str, str], int] = {}
+        self.tls_handshake_errors: dict[tuple[str, str], int] = {}  # (listener, reason)
 
     def __repr__(self) -> str:
         n = sum(sum(c.codes.values()) for vs in self.cells.values() for c in vs.values())
@@ -115,6 +116,10 @@ class Stats:
     def connection(self, side: Side, delta: int) -> None:
         self.connections[side] += delta
 
+    def tls_handshake_error(self, listener: str, reason: str) -> None:
+        key = (listener, reason)
+        self.tls_handshake_errors[key] = self.tls_handshake_errors.get(key, 0) + 1
+
     def mirror(self, route: str, version: str, code: int | str) -> None:
         """A mirrored (shadow) request finished with status `code`, or "error" / "dropped" without one."""
         key = (route, version, str(code))
@@ -159,4 +164,5 @@ class Stats:
             "access_log_dropped": self.access_log_dropped,
             "canary_steps": dict(self.canary_steps),
             "canary_results": [[r, res, n] for (r, res), n in self.canary_results.items()],
+            "tls_handshake_errors": [[li, r, n] for (li, r), n in self.tls_handshake_errors.items()],
         }
