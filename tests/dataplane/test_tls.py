@@ -18,7 +18,9 @@ from cryptography import x509
 
 from proxy.dataplane.downstream import ClientConnection
 from proxy.dataplane.tls import RELOAD_INTERVAL
+from proxy.parse import parse_document
 from proxy.settings import Certificate, Listener, Settings, Timeouts, TlsConfig
+from proxy.table import RouteTable
 from proxy.telemetry.metrics import aggregate, render
 from tests.dataplane.helpers import Client, Proxy, Upstream, read_response, simple_route, start_proxy, table, version
 from tests.tlscerts import ADMIN, API, CA, Pair, serial_of, serial_of_der
@@ -243,7 +245,7 @@ async def test_a_verified_client_certificate_is_on_the_connection_and_none_witho
     assert (await c.get(host=API)).status == 200
     conn = cast(ClientConnection, next(iter(p.dp.conns)))
     assert conn.peer_cert is not None
-    assert conn.peer_cert["subject"] == ((("commonName", "acme"),),)
+    assert conn.peer_cert.cert["subject"] == ((("commonName", "acme"),),)
     assert conn.tls is not None
     assert conn.tls.peer_der is not None
     assert serial_of_der(conn.tls.peer_der) == serial_of(certs.client.cert.read_bytes())
@@ -296,3 +298,34 @@ async def test_reload_certificates_as_sighup_does_serves_the_new_pair_at_once(ce
     c = await tls_open(p.port, client_ctx(certs), API)
     assert served_serial(c) == serial_of(certs.api.cert.read_bytes())
     c.close()
+
+
+async def test_mtls_client_acme_reaches_its_pin_and_a_forged_header_without_a_certificate_does_not(
+        certs: Certs, upstreams: Callable[..., asyncio.Future[Upstream]]) -> None:
+    """The whole chain over real handshakes: the listener verifies the client certificate against client_ca,
+    the client_cert source reads its CN, the pin sends acme to its dedicated version; the same client id in
+    a header, without a certificate, stays on the shared version (pins_require_verified)."""
+    shared, dedicated = await upstreams(name="shared"), await upstreams(name="dedicated")
+    state = parse_document({
+        "versions": {"shared": {"endpoints": [shared.url]}, "acme": {"endpoints": [dedicated.url]}},
+        "routes": [{"name": "api", "split": {"shared": 1}, "pins": {"acme": "acme"},
+                    "identity": [{"client_cert": "subject_cn"}, {"header": "X-Client-Id"}],
+                    "pins_require_verified": True}]})
+    listener = tls_listener(certs, client_ca=str(certs.ca.path), client_cert="optional")
+    p = await start_proxy(RouteTable(state, 1), Settings(listen=listener.address, listeners=(listener,)))
+    try:
+        with_cert = client_ctx(certs)
+        with_cert.load_cert_chain(str(certs.client.cert), str(certs.client.key))
+        c = await tls_open(p.port, with_cert, API)
+        assert (await c.get(host=API)).status == 200
+        c.close()
+        forged = await tls_open(p.port, client_ctx(certs), API)
+        await forged.send(f"GET / HTTP/1.1\r\nHost: {API}\r\nX-Client-Id: acme\r\n\r\n".encode())
+        assert (await read_response(forged.reader)).status == 200
+        forged.close()
+        # Proxied requests only (they carry X-Forwarded-Proto; active health checks do not).
+        proxied = {u.name: [(r.header("x-turnout-client"), r.header("x-forwarded-proto")) for r in u.requests
+                            if r.header("x-forwarded-proto")] for u in (shared, dedicated)}
+        assert proxied == {"shared": [(None, "https")], "dedicated": [("acme", "https")]}
+    finally:
+        await p.dp.shutdown(0.5)
