@@ -91,12 +91,13 @@ class WrkError(RuntimeError):
     pass
 
 
-async def run_wrk(port: int, seconds: float, work: Path, core: int | None, connections: int = 32) -> WrkResult:
+async def run_wrk(port: int, seconds: float, work: Path, core: int | None, connections: int = 32,
+                  scheme: str = "http") -> WrkResult:
     script = work / "bench.lua"
     if not script.exists():
         script.write_text(WRK_SCRIPT % {"n": TRAFFIC_CLIENTS})
     argv = pinned(["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "-s", str(script),
-                   f"http://127.0.0.1:{port}/"], core)
+                   f"{scheme}://127.0.0.1:{port}/"], core)
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.STDOUT)
     try:
