@@ -91,6 +91,19 @@ class WrkError(RuntimeError):
     pass
 
 
+async def run_tool(argv: list[str], timeout: float) -> tuple[int | None, str]:
+    """Run a load tool to its end (killed after `timeout` s): its exit status and its output, stderr included."""
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode, out.decode(errors="replace")
+
+
 async def run_wrk(port: int, seconds: float, work: Path, core: int | None, connections: int = 32,
                   scheme: str = "http") -> WrkResult:
     script = work / "bench.lua"
@@ -98,18 +111,10 @@ async def run_wrk(port: int, seconds: float, work: Path, core: int | None, conne
         script.write_text(WRK_SCRIPT % {"n": TRAFFIC_CLIENTS})
     argv = pinned(["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "-s", str(script),
                    f"{scheme}://127.0.0.1:{port}/"], core)
-    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), seconds + 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    text = out.decode(errors="replace")
+    returncode, text = await run_tool(argv, seconds + 30)
     m = re.search(r"^BENCH_JSON (\{.*\})$", text, re.M)
-    if proc.returncode != 0 or m is None:
-        raise WrkError(f"wrk exited {proc.returncode}: {text[-500:]}")
+    if returncode != 0 or m is None:
+        raise WrkError(f"wrk exited {returncode}: {text[-500:]}")
     d = json.loads(m.group(1))
     return WrkResult(requests=d["requests"], seconds=d["duration_us"] / 1e6,
                      socket_errors=d["connect"] + d["read"] + d["write"] + d["timeout"], non_2xx=d["status"],

@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 import benchmarks.peers as peers
-from benchmarks.load import WrkResult, run_wrk
+from benchmarks.load import WrkResult, run_tool, run_wrk
 from benchmarks.peers import Backends, Lab, Target
 from benchmarks.procs import Proc, Processes, StartError, cores, free_port, pinned, raise_nofile, wait_port
 
@@ -163,23 +163,15 @@ async def run_hey(port: int, seconds: float, core: int | None, connections: int 
     """hey with a new connection (and full TLS handshake) per request; its summary as a WrkResult."""
     argv = pinned(["hey", "-z", f"{max(1, round(seconds))}s", "-c", str(connections), "-disable-keepalive",
                    "-host", "bench", "-H", "X-Client-Id: c42", f"https://127.0.0.1:{port}/"], core)
-    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), seconds + 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    text = out.decode(errors="replace")
+    returncode, text = await run_tool(argv, seconds + 30)
     total = re.search(r"Total:\s+([\d.]+) secs", text)
     statuses = {int(c): int(n) for c, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", text)}
     _, _, error_part = text.partition("Error distribution:")
     errors = sum(int(n) for n in re.findall(r"^\s+\[(\d+)\]", error_part, re.M))
     p50 = re.search(r"50%+ in ([\d.]+) secs", text)
     p99 = re.search(r"99%+ in ([\d.]+) secs", text)
-    if proc.returncode != 0 or total is None:
-        raise RuntimeError(f"hey exited {proc.returncode}: {text[-500:]}")
+    if returncode != 0 or total is None:
+        raise RuntimeError(f"hey exited {returncode}: {text[-500:]}")
     ok = statuses.get(200, 0)
     return WrkResult(requests=sum(statuses.values()), seconds=float(total.group(1)), socket_errors=errors,
                      non_2xx=sum(statuses.values()) - ok, p50_ms=float(p50.group(1)) * 1000 if p50 else 0.0,
