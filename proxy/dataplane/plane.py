@@ -46,6 +46,9 @@ class PlaneState:
         self.pool_size = settings.pool_size
         self.trusted = TrustedPeers(settings.trusted_proxies)
         self.conns: set[ClientSide] = set()
+        # TLS connections accepted whose handshake has not ended: they hold a socket and memory too, so they
+        # count against max_connections with the connections above (proxy.dataplane.tls).
+        self.handshaking = 0
         self.uconns: set[UpstreamSide] = set()
         self.backends: dict[str, Backend] = {}
         self.endpoints: dict[tuple[str, str], Endpoint] = {}

@@ -23,7 +23,6 @@ import uvloop
 from proxy.dataplane.certs import ListenerTls
 from proxy.dataplane.downstream import ClientConnection
 from proxy.dataplane.plane import PlaneState
-from proxy.telemetry.stats import Stats
 
 # How often certificate and key files are compared with the loaded ones.
 RELOAD_INTERVAL = 2.0
@@ -52,7 +51,17 @@ def reason_of(e: BaseException) -> str:
     return "closed"
 
 
-def _handshake_done(stats: Stats, listener: str, waiter: asyncio.Future[None]) -> None:
+class _Refused(asyncio.Protocol):
+    """A TLS connection over max_connections: closed before any handshake (a 503 cannot be sent without
+    one), counted like a refused cleartext connection."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+def _handshake_done(dp: PlaneState, listener: str, waiter: asyncio.Future[None]) -> None:
+    dp.handshaking -= 1
+    stats = dp.stats
     if waiter.cancelled():
         stats.tls_handshake_error(listener, "closed")
         return
@@ -68,13 +77,18 @@ def tls_factory(dp: PlaneState, tls: ListenerTls) -> Callable[[], asyncio.BasePr
     loop = dp.loop
     # uvloop's SSLProtocol is what create_server(ssl=...) uses on uvloop (not in its type stubs).
     ssl_protocol: Any = uvloop.loop.SSLProtocol if isinstance(loop, uvloop.Loop) else sslproto.SSLProtocol  # type: ignore[attr-defined]
-    stats, name, timeout = dp.stats, tls.name, dp.t_header_read
+    name, timeout = tls.name, dp.t_header_read
+    max_connections = dp.settings.limits.max_connections
 
     def make() -> asyncio.BaseProtocol:
+        if len(dp.conns) + dp.handshaking >= max_connections:
+            dp.stats.reject("too_many_connections")
+            return _Refused()
         conn = ClientConnection(dp)
         conn.expect_tls(tls)
         waiter: asyncio.Future[None] = loop.create_future()
-        waiter.add_done_callback(lambda f: _handshake_done(stats, name, f))
+        dp.handshaking += 1
+        waiter.add_done_callback(lambda f: _handshake_done(dp, name, f))
         # tls.context is read at each accept: a reloaded certificate serves the next handshake.
         return cast(asyncio.BaseProtocol, ssl_protocol(
             loop, conn, tls.context, waiter, server_side=True, call_connection_made=True,

@@ -19,7 +19,7 @@ from cryptography import x509
 from proxy.dataplane.downstream import ClientConnection
 from proxy.dataplane.tls import RELOAD_INTERVAL
 from proxy.parse import parse_document
-from proxy.settings import Certificate, Listener, Settings, Timeouts, TlsConfig
+from proxy.settings import Certificate, Limits, Listener, Settings, Timeouts, TlsConfig
 from proxy.table import RouteTable
 from proxy.telemetry.metrics import aggregate, render
 from tests.dataplane.helpers import Client, Proxy, Upstream, read_response, simple_route, start_proxy, table, version
@@ -329,3 +329,33 @@ async def test_mtls_client_acme_reaches_its_pin_and_a_forged_header_without_a_ce
         assert proxied == {"shared": [(None, "https")], "dedicated": [("acme", "https")]}
     finally:
         await p.dp.shutdown(0.5)
+
+
+async def test_connections_still_in_their_handshake_count_against_max_connections(certs: Certs, proxy_of: Any,
+                                                                                   up: Upstream) -> None:
+    p = await proxy_of(tls_listener(certs), limits=Limits(max_connections=2))
+    # Two clients that connect and never start their handshake hold both places.
+    idle = [await asyncio.open_connection("127.0.0.1", p.port) for _ in range(2)]
+    await asyncio.sleep(0.1)
+    assert p.dp.handshaking == 2
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await tls_open(p.port, client_ctx(certs), API)
+    assert p.stats.rejected == {"too_many_connections": 1}
+    assert up.nothing_received
+    for _, w in idle:
+        w.close()
+    await asyncio.sleep(0.2)
+    assert p.dp.handshaking == 0  # a handshake that ends by the client leaving frees its place
+    c = await tls_open(p.port, client_ctx(certs), API)
+    assert (await c.get(host=API)).status == 200
+    c.close()
+
+
+async def test_connections_closed_before_any_handshake_leave_no_place_taken(certs: Certs, proxy_of: Any) -> None:
+    p = await proxy_of(tls_listener(certs))
+    for _ in range(20):
+        _, w = await asyncio.open_connection("127.0.0.1", p.port)
+        w.transport.abort()
+    await asyncio.sleep(0.3)
+    assert p.dp.handshaking == 0
+    assert p.stats.tls_handshake_errors == {("public", "closed"): 20}
