@@ -205,3 +205,18 @@ class ClientSide(asyncio.Protocol):
 
     def tunnel_closed(self) -> None:
         raise NotImplementedError
+
+    # -- the structured response: used when the two sides do not both speak HTTP/1.x (an HTTP/2 client,
+    # or an HTTP/2 upstream). An HTTP/1.x upstream answering an HTTP/1.x client keeps writing bytes.
+
+    def response_start(self, ex: Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """The response head: lower-case names, hop-by-hop headers removed. The client adds its own
+        framing and the proxy's headers (version header, assignment cookie)."""
+        raise NotImplementedError
+
+    def response_data(self, ex: Exchange, data: bytes) -> None:
+        raise NotImplementedError
+
+    def response_end(self, ex: Exchange, trailers: list[tuple[bytes, bytes]]) -> None:
+        """The response ended (`trailers` may be empty); the upstream side then calls response_complete."""
+        raise NotImplementedError

@@ -19,6 +19,17 @@ class UpstreamSide(asyncio.Protocol):
     transport: asyncio.Transport | None = None
     closed: bool = False
     served: int = 0  # responses completed on this connection; >0 means a reused connection
+    # An HTTP/2 upstream stream: the client side hands it the request through start_request/request_data
+    # instead of writing HTTP/1.x bytes to `transport`.
+    structured: bool = False
+
+    def start_request(self, end: bool) -> None:
+        """Send the head of the exchange this stream was begun with (method, target, host and the
+        forwarded lines, ex.lines); `end`: the request has no body."""
+        raise NotImplementedError
+
+    def request_data(self, data: bytes, end: bool) -> None:
+        raise NotImplementedError
 
     def reusable(self) -> bool:
         raise NotImplementedError
