@@ -17,11 +17,14 @@ from proxy.admin.auth import actor_of
 from proxy.admin.context import AdminContext
 from proxy.admin.problem import BadRequestError
 from proxy.control.canary import CanaryController, Rollout, counters_of, describe, drain, load_rollout, parse_config
+from proxy.control.canary.rollout import ACTIVE
 from proxy.errors import FieldError, NotFoundError, ValidationError
 from proxy.parse import Checker
 from proxy.telemetry.metrics import aggregate
 
 PREFIX = "/api/v1"
+# How far back in a route's history the revision that ended a rollout is looked for.
+ENDED_BY_SEARCH = 50
 
 
 def rollout_view(r: Rollout) -> dict[str, Any]:
@@ -80,6 +83,7 @@ class CanaryApi:
             web.post(f"{p}/canary/{{route}}/pause", self.pause),
             web.post(f"{p}/canary/{{route}}/resume", self.resume),
             web.post(f"{p}/canary/{{route}}/abort", self.abort),
+            web.post(f"{p}/canary/{{route}}/promote", self.promote),
             web.get(f"{p}/drains", self.list_drains),
             web.get(f"{p}/drains/{{route}}", self.get_drain),
             web.post(f"{p}/drains/{{route}}", self.start_drain),
@@ -91,7 +95,18 @@ class CanaryApi:
     async def list_rollouts(self, request: web.Request) -> web.Response:
         rollouts = await self.controller().rollouts()
         driven = self.ctx.canary is not None
-        return _json({"driven": driven, "rollouts": [rollout_view(r) for r in rollouts]})
+        views = [rollout_view(r) | {"ended_by": await self._ended_by(r)} for r in rollouts]
+        return _json({"driven": driven, "rollouts": views})
+
+    async def _ended_by(self, r: Rollout) -> int | None:
+        """The revision that ended a finished rollout: its last split change carries the rollout's final
+        message as its reason (None while running, or when it ended without one, e.g. its route was deleted)."""
+        if r.status in ACTIVE:
+            return None
+        for info in await self.ctx.store.history(route=r.config.route, limit=ENDED_BY_SEARCH):
+            if info.reason == r.message and info.time <= r.updated + 1.0:
+                return info.number
+        return None
 
     async def get_rollout(self, request: web.Request) -> web.Response:
         route = request.match_info["route"]
@@ -118,12 +133,23 @@ class CanaryApi:
         return _json(rollout_view(await self.controller().abort(request.match_info["route"],
                                                                 actor=actor_of(request))))
 
+    async def promote(self, request: web.Request) -> web.Response:
+        return _json(rollout_view(await self.controller().promote(request.match_info["route"],
+                                                                  actor=actor_of(request))))
+
     # drains
 
     async def list_drains(self, request: web.Request) -> web.Response:
-        now = self.controller().clock()
-        return _json({"drains": [{**asdict(d), "text": drain.summary(d, now)}
-                                 for d in await drain.load_drains(self.ctx.store)]})
+        ctl = self.controller()
+        now = ctl.clock()
+        out = []
+        for stored in await drain.load_drains(self.ctx.store):
+            live = ctl.drains.live(stored.route)
+            d = live if live is not None and live.started == stored.started and stored.status == "draining" else stored
+            # history: (time, old-session requests so far), one point per tick of this process's controller
+            out.append({**asdict(d), "text": drain.summary(d, now), **drain.timing(d, now),
+                        "history": [list(p) for p in ctl.drains.history(d.route)]})
+        return _json({"drains": out})
 
     async def get_drain(self, request: web.Request) -> web.Response:
         route = request.match_info["route"]

@@ -5,7 +5,7 @@
     PUT    /api/v1/docker/versions/{name}       deploy: resolve the image, register the version (201)
     POST   /api/v1/docker/versions/{name}/scale {"replicas": N}
     DELETE /api/v1/docker/versions/{name}       retire: refused (409) while a route references it
-    GET    /api/v1/docker/versions/{name}/logs  ?tail=N: recent log lines per container
+    GET    /api/v1/docker/versions/{name}/logs  ?tail=N[&replica=I]: recent log lines per container (or of one)
 
 Design rule: registering is all a deploy does here: the provider sees the new revision and starts the containers, and
 the CLI follows their progress with GET. So a docker version registered any other way (a route file,
@@ -156,7 +156,12 @@ class DockerApi:
         raw = request.query.get("tail", "20")
         if not raw.isdigit() or not 1 <= int(raw) <= MAX_LOG_TAIL:
             raise ValidationError([FieldError("tail", f"expected a number between 1 and {MAX_LOG_TAIL}, got {raw!r}")])
-        return json_reply({"name": name, "containers": await provider.logs(name, int(raw))})
+        replica = request.query.get("replica")
+        if replica is not None and not replica.isdigit():
+            raise ValidationError([FieldError("replica", f"expected a replica number (0, 1, ...), got {replica!r}")])
+        which = None if replica is None else int(replica)
+        return json_reply({"name": name, "replica": which,
+                           "containers": await provider.logs(name, int(raw), replica=which)})
 
 
 def routes(ctx: AdminContext) -> list[web.RouteDef]:

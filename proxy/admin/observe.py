@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.admin import cockpit
 from proxy.admin.auth import public
 from proxy.admin.context import AdminContext
 from proxy.table import RouteTable
@@ -125,6 +126,7 @@ def stats_view(now: StatsSnapshot, base: StatsSnapshot | None, table: RouteTable
             "fallbacks_rps": None if recent is None or seconds <= 0 else round(
                 sum(n for (rt, _, _), n in recent.fallbacks.items() if rt == route.name) / seconds, 3),
             "versions": rows,
+            **cockpit.route_extras(now, recent, route.name, seconds, {v["name"]: v["requests"] for v in rows}),
         })
     stale = len(now.stale_workers)
     return {
@@ -132,6 +134,7 @@ def stats_view(now: StatsSnapshot, base: StatsSnapshot | None, table: RouteTable
         "revision": table.revision, "versions": versions, "routes": routes,
         "connections": dict(now.connections), "workers": {"live": len(now.workers) - stale, "stale": stale},
         "rejected": dict(now.rejected), "applied": now.applied, "apply_errors": now.apply_errors,
+        "unrouted": cockpit.unrouted(now, recent),
     }
 
 

@@ -66,7 +66,7 @@ def start(dp: PlaneState, ex: Exchange) -> None:
         if source:
             ex.id_source = source
         elif route.require_identity:
-            dp.stats.reject("no_identity")
+            dp.stats.reject("no_identity", route.name)
             if dp.access_log is not None:
                 log_local(dp, ex, route.name, 401)
             ex.client.answer(ex, 401)
@@ -97,7 +97,7 @@ def start(dp: PlaneState, ex: Exchange) -> None:
         ex.endpoint = ep
     else:
         if next_version(dp, ex, 1) < 0 and spread(dp, ex) < 0:
-            dp.stats.reject("no_healthy_version")
+            dp.stats.reject("no_healthy_version", route.name)
             # Counted under the version it was meant for: its error ratio shows what its clients saw.
             ex.version = chain[0]
             now = dp.now()

@@ -378,8 +378,9 @@ class ClientConnection(ClientFlow):
                 self.write(local_response(408, True))
                 self._close()
         elif self.phase == BODY:
-            self.dp.stats.reject("timeout")
             ex = self.cur
+            route = ex.route if ex is not None else None
+            self.dp.stats.reject("timeout", route.name if route is not None else "")
             if ex is not None and ex.state >= DISPATCHED:
                 self.abort_active(ex, 408)
             else:

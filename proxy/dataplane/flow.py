@@ -492,7 +492,7 @@ class ClientFlow(ClientSide):
         self.phase = IDLE
         if ex is not None and ex.state >= DISPATCHED:
             # The request was already being proxied (its body was bad or too large).
-            self.dp.stats.reject(refuse.reason)
+            self.dp.stats.reject(refuse.reason, ex.route.name if ex.route is not None else "")
             self.abort_active(ex, refuse.status)
             return
         if ex is None or ex not in self.queue:

@@ -248,17 +248,18 @@ class DockerProvider:
             self.kick()
             await asyncio.sleep(0.1)
 
-    async def logs(self, name: str, tail: int = LOG_TAIL) -> dict[str, list[str]]:
-        """Recent log lines per container of `name` (kept lines for containers that already exited)."""
+    async def logs(self, name: str, tail: int = LOG_TAIL, replica: int | None = None) -> dict[str, list[str]]:
+        """Recent log lines per container of `name` (kept lines for containers that already exited);
+        only replica number `replica`'s when given."""
         out: dict[str, list[str]] = {}
         if not self._acting:
             listed = await self._blocking(self.engine.list_managed, self.state_id)
             for c in sorted(listed, key=lambda c: c.replica):
-                if c.version == name:
+                if c.version == name and replica in (None, c.replica):
                     out[c.name] = list(await self._blocking(self.engine.logs, c.id, tail))
             return out
         for r in sorted(self._replicas.values(), key=lambda r: r.replica):
-            if r.version != name:
+            if r.version != name or replica not in (None, r.replica):
                 continue
             if r.container is not None:
                 try:

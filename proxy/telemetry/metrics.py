@@ -112,6 +112,7 @@ class StatsSnapshot:
     identity_rejected: Mapping[tuple[str, str, str], int] = field(default_factory=dict)  # (route, source, reason)
     stale_workers: tuple[str, ...] = ()  # ... of which these stopped publishing (dead or hung)
     tls_handshake_errors: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (listener, reason)
+    answers: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (route or "", reason): rejected per route
 
     def get(self, route: str, version: str) -> VersionStats:
         return self.cells.get((route, version), EMPTY_VERSION_STATS)
@@ -139,6 +140,7 @@ class StatsSnapshot:
             stale_workers=self.stale_workers,
             identity_rejected=_minus(self.identity_rejected, older.identity_rejected),
             tls_handshake_errors=_minus(self.tls_handshake_errors, older.tls_handshake_errors),
+            answers=_minus(self.answers, older.answers),
         )
 
 
@@ -174,7 +176,7 @@ class _Sum:
         self.cells: dict[tuple[str, str], list[Any]] = {}  # [codes, dsum, bin, bout, hist, uerr]
         self.counters: dict[str, dict[Any, int]] = {
             "upstream_errors": {}, "fallbacks": {}, "retries": {}, "rejected": {}, "mirrors": {},
-            "canary_results": {}, "identity_rejected": {}, "tls_handshake_errors": {},
+            "canary_results": {}, "identity_rejected": {}, "tls_handshake_errors": {}, "answers": {},
         }
         self.scalars = {"applied": 0, "apply_errors": 0, "access_log_dropped": 0}
         self.connections: dict[str, int] = {"downstream": 0, "upstream": 0}
@@ -203,6 +205,7 @@ class _Sum:
         _add(c["canary_results"], ((tuple(x[:-1]), x[-1]) for x in wire.get("canary_results", ())))
         _add(c["identity_rejected"], ((tuple(x[:-1]), x[-1]) for x in wire.get("identity_rejected", ())))
         _add(c["tls_handshake_errors"], ((tuple(x[:-1]), x[-1]) for x in wire.get("tls_handshake_errors", ())))
+        _add(c["answers"], ((tuple(x[:-1]), x[-1]) for x in wire.get("answers", ())))
         for k in self.scalars:
             self.scalars[k] += int(wire.get(k, 0))
         if gauges:
@@ -224,6 +227,7 @@ class _Sum:
             "canary_results": [[*k, n] for k, n in c["canary_results"].items()],
             "identity_rejected": [[*k, n] for k, n in c["identity_rejected"].items()],
             "tls_handshake_errors": [[*k, n] for k, n in c["tls_handshake_errors"].items()],
+            "answers": [[*k, n] for k, n in c["answers"].items()],
             **self.scalars,
         }
 
@@ -242,7 +246,7 @@ class _Sum:
             access_log_dropped=self.scalars["access_log_dropped"], canary_steps=self.canary_steps,
             canary_results=c["canary_results"], workers=workers, stale_workers=stale,
             identity_rejected=c["identity_rejected"],
-            tls_handshake_errors=c["tls_handshake_errors"])
+            tls_handshake_errors=c["tls_handshake_errors"], answers=c["answers"])
 
 
 def _add(into: dict[Any, int], items: Iterable[tuple[Any, int]]) -> None:

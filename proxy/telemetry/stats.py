@@ -52,6 +52,8 @@ class Stats:
         self.fallbacks: dict[tuple[str, str, str], int] = {}
         self.retries: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
+        # (route, reason) of the same refusals: route "" when refused before a route matched (no_route, bad input)
+        self.answers: dict[tuple[str, str], int] = {}
         self.connections: dict[str, int] = {"downstream": 0, "upstream": 0}
         # (route, version, code as text: "200", or "error" / "dropped" when there was no response)
         self.mirrors: dict[tuple[str, str, str], int] = {}
@@ -105,8 +107,11 @@ class Stats:
     def retry(self, route: str) -> None:
         self.retries[route] = self.retries.get(route, 0) + 1
 
-    def reject(self, reason: RejectReason) -> None:
+    def reject(self, reason: RejectReason, route: str = "") -> None:
+        """The proxy answered a request itself; `route` when one had matched (the status page adds them up)."""
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        key = (route, reason)
+        self.answers[key] = self.answers.get(key, 0) + 1
 
     def identity_rejected(self, route: str, source: str, reason: IdentityRejectReason) -> None:
         """A credential for a verified source was present but failed: the request goes on anonymous."""
@@ -156,6 +161,7 @@ class Stats:
             "fallbacks": [[r, a, b, n] for (r, a, b), n in self.fallbacks.items()],
             "retries": dict(self.retries),
             "rejected": dict(self.rejected),
+            "answers": [[r, reason, n] for (r, reason), n in self.answers.items()],
             "connections": dict(self.connections),
             "mirrors": [[r, v, code, n] for (r, v, code), n in self.mirrors.items()],
             "identity_rejected": [[*k, n] for k, n in self.identity_rejects.items()],

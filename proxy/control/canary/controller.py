@@ -301,6 +301,18 @@ class CanaryController:
             r = await self._command(route, ACTIVE)
             return await self._roll_back(r, "aborted", f"aborted by {actor}", self.clock())
 
+    async def promote(self, route: str, *, actor: str) -> Rollout:
+        """Skip the remaining steps: the canary gets 100% now, without waiting for another analysis."""
+        async with self._lock:
+            r = await self._command(route, ACTIVE)
+            cfg = r.config
+            reason = (f"canary {cfg.route}: promoted {cfg.canary} to 100% by {actor} at step {r.step + 1}/"
+                      f"{len(cfg.steps)} ({cfg.steps[r.step]:g}%), skipping the remaining steps")
+            r = replace(await self._apply(r, step_weights(dict(r.baselines), cfg.canary, 100.0), reason),
+                        step=len(cfg.steps) - 1)
+            self.stats.canary_step(cfg.route, len(cfg.steps))
+            return await self._finish(r, "promoted", reason, self.clock())
+
     async def rollouts(self) -> list[Rollout]:
         return await load_rollouts(self.store)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
@@ -33,6 +34,8 @@ INDEX_KEY = "drain/index"
 SAVE_EVERY = 1.0
 # Counters belong to one process: a drain's start-time baseline is only used by the process that took it.
 PROCESS = f"{socket.gethostname()}:{os.getpid()}"
+# The status page's chart of old-session requests: one point per tick (about a second), the last 10 minutes.
+HISTORY_POINTS = 600
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +168,8 @@ class DrainTracker:
         # behind (saves are throttled), so the live one is authoritative while the stored one is draining.
         self._live: dict[str, tuple[Drain, int]] = {}
         self._saved: dict[str, float] = {}
+        # route -> (time, old-session requests so far) per tick while draining: in memory, for the status page
+        self._points: dict[str, deque[tuple[float, int]]] = {}
 
     def __repr__(self) -> str:
         return f"<DrainTracker [watching: {len(self._live)}]>"
@@ -197,6 +202,7 @@ class DrainTracker:
                 d, previous = live
             nd = observe(d, count, previous, now)
             self._live[d.route] = (nd, count)
+            self._record(nd, now)
             if nd.status == "drained":
                 nd = await self._release(nd, state)
                 await save_drain(store, nd)
@@ -205,6 +211,21 @@ class DrainTracker:
                 await save_drain(store, nd)
             out.append(nd)
         return out
+
+    def _record(self, d: Drain, now: float) -> None:
+        points = self._points.get(d.route)
+        if points is None or (points and points[0][0] < d.started):  # a new drain on the route starts afresh
+            points = self._points[d.route] = deque(maxlen=HISTORY_POINTS)
+        points.append((round(now, 3), d.old_requests))
+
+    def history(self, route: str) -> list[tuple[float, int]]:
+        """(time, old-session requests so far) of the route's drain, one per tick this process observed it."""
+        return list(self._points.get(route, ()))
+
+    def live(self, route: str) -> Drain | None:
+        """The drain as last observed (the stored record lags up to SAVE_EVERY behind)."""
+        live = self._live.get(route)
+        return None if live is None else live[0]
 
     async def _release(self, d: Drain, state: State) -> Drain:
         """A drained version leaves the split (weight 0 there already), so the assignment cookie stops
@@ -245,6 +266,14 @@ def summary(d: Drain, now: float) -> str:
         return (f"{d.route}: draining {d.old} -> {d.new}  {d.old_requests} old-session request(s) so far, "
                 f"idle {idle:.0f}s of {d.quiet:g}s")
     return f"{d.route}: {d.status} {d.old} -> {d.new}  {d.message}"
+
+
+def timing(d: Drain, now: float) -> dict[str, float | None]:
+    """Seconds since the old version last served a session request, and of the quiet period left."""
+    if d.status != "draining":
+        return {"idle": None, "quiet_left": None}
+    idle = max(0.0, now - d.last_seen)
+    return {"idle": round(idle, 3), "quiet_left": round(max(0.0, d.quiet - idle), 3)}
 
 
 def drain_to_dict(d: Drain) -> Mapping[str, object]:
