@@ -266,9 +266,9 @@ class DockerProvider:
                     lines = await self._blocking(self.engine.logs, r.container.id, tail)
                 except TurnoutError:
                     lines = r.last_logs
-                out[r.container.name] = list(lines)
+                out[r.container.name] = list(lines)[-tail:]  # kept lines are bounded by the tail asked for too
             elif r.last_logs:
-                out[f"{name} replica {r.replica} (exited)"] = list(r.last_logs)
+                out[f"{name} replica {r.replica} (exited)"] = list(r.last_logs)[-tail:]
         return out
 
     @property
