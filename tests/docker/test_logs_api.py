@@ -79,4 +79,4 @@ async def test_log_tail_of_one_replica(api: tuple[str, SQLiteStore, DockerProvid
     status, both = await _get(f"{url}/api/v1/docker/versions/bad/logs?tail=2")
     assert (status, len(both["containers"]), both["replica"]) == (200, 2, None)
     status, bad = await _get(f"{url}/api/v1/docker/versions/bad/logs?replica=one")
-    assert (status, bad["errors"][0]["path"]) == (400, "replica")
+    assert (status, bad["errors"][0]["path"]) == (422, "replica")
