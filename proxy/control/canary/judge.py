@@ -47,7 +47,8 @@ class Bound:
     def resolve(self, baseline: float | None) -> float | None:
         if not self.relative:
             return self.offset
-        return None if baseline is None else self.factor * baseline + self.offset
+        # Rounded: 0.01 + 0.05 shown as 0.060000000000000005 helps no one reading the bound.
+        return None if baseline is None else round(self.factor * baseline + self.offset, 9)
 
 
 def _amount(number: str, unit: str | None, metric: MetricName) -> float | None:
