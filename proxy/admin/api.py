@@ -47,6 +47,7 @@ from proxy.parse import (
     state_to_stored,
     version_to_dict,
 )
+from proxy.revdiff import diff_states, diff_to_json, render_diff
 from proxy.store.base import Revision, RevisionInfo
 
 PREFIX = "/api/v1"
@@ -85,6 +86,7 @@ class Api:
             web.post(f"{p}/routes/{{name}}/rollback", self.rollback),
             web.get(f"{p}/revisions", self.list_revisions),
             web.get(f"{p}/revisions/{{number}}", self.get_revision),
+            web.get(f"{p}/revisions/{{a}}/diff/{{b}}", self.diff_revisions),
             web.post(f"{p}/apply", self.apply),
         ]
 
@@ -159,6 +161,13 @@ class Api:
         number = _int_param(request.match_info["number"], "number", 0, 0, None)
         rev = await self.ctx.store.get(number)
         return json_reply({**_info_view(rev.info), **state_to_stored(rev.state)}, rev.number)
+
+    async def diff_revisions(self, request: web.Request) -> web.Response:
+        a = await self.ctx.store.get(_int_param(request.match_info["a"], "a", 0, 0, None))
+        b = await self.ctx.store.get(_int_param(request.match_info["b"], "b", 0, 0, None))
+        d = diff_states(a.state, b.state)
+        return json_reply({"from": _info_view(a.info), "to": _info_view(b.info), **diff_to_json(d),
+                           "text": render_diff(d)})
 
     # writes
 

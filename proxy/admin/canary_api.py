@@ -27,10 +27,27 @@ PREFIX = "/api/v1"
 ENDED_BY_SEARCH = 50
 
 
-def rollout_view(r: Rollout) -> dict[str, Any]:
+def _metrics_view(a: dict[str, Any] | None) -> None:
+    # The API names a metric's resolved bounds as the rule syntax does: "pass" and "fail".
+    for m in (a or {}).get("metrics", ()):
+        m["pass"] = m.pop("pass_at")
+        m["fail"] = m.pop("fail_above")
+
+
+def rollout_view(r: Rollout, next_analysis: float | None = None) -> dict[str, Any]:
     d = asdict(r)
     d["percent"] = r.percent
     d["text"] = describe(r)
+    cfg = d["config"]
+    cfg["checks"] = [{"metric": c.metric, "pass": c.pass_rule, "fail": c.fail_rule} for c in r.config.checks]
+    cfg["min_requests"] = r.config.limits.min_requests
+    _metrics_view(d["analysis"])
+    for a in d["analyses"]:
+        _metrics_view(a)
+    d["next_analysis"] = next_analysis if r.status == "running" else None
+    done = r.status == "promoted"
+    d["steps"] = [{"percent": p, "state": "done" if done or i < r.step else ("current" if i == r.step else "next")}
+                  for i, p in enumerate(r.config.steps)]
     return d
 
 
@@ -92,10 +109,14 @@ class CanaryApi:
 
     # rollouts
 
+    def view(self, r: Rollout) -> dict[str, Any]:
+        ctl = self.ctx.canary
+        return rollout_view(r, None if ctl is None else ctl.next_analysis(r.config.route))
+
     async def list_rollouts(self, request: web.Request) -> web.Response:
         rollouts = await self.controller().rollouts()
         driven = self.ctx.canary is not None
-        views = [rollout_view(r) | {"ended_by": await self._ended_by(r)} for r in rollouts]
+        views = [self.view(r) | {"ended_by": await self._ended_by(r)} for r in rollouts]
         return _json({"driven": driven, "rollouts": views})
 
     async def _ended_by(self, r: Rollout) -> int | None:
@@ -113,13 +134,13 @@ class CanaryApi:
         r = await load_rollout(self.ctx.store, route)
         if r is None:
             raise NotFoundError(f"no rollout on route {route!r}")
-        return _json(rollout_view(r))
+        return _json(self.view(r))
 
     async def start(self, request: web.Request) -> web.Response:
         body = await _body(request)
         cfg = parse_config(body, request.match_info["route"])
         r = await self.controller().start_rollout(cfg, actor=actor_of(request), force=_force(body, request))
-        return _json(rollout_view(r), status=201)
+        return _json(self.view(r), status=201)
 
     async def pause(self, request: web.Request) -> web.Response:
         return _json(rollout_view(await self.controller().pause(request.match_info["route"],
@@ -134,8 +155,9 @@ class CanaryApi:
                                                                 actor=actor_of(request))))
 
     async def promote(self, request: web.Request) -> web.Response:
-        return _json(rollout_view(await self.controller().promote(request.match_info["route"],
-                                                                  actor=actor_of(request))))
+        body = await _body(request)
+        return _json(rollout_view(await self.controller().promote(request.match_info["route"], actor=actor_of(request),
+                                                                  force=_force(body, request))))
 
     # drains
 

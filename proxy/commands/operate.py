@@ -79,6 +79,7 @@ def register(sub: Any) -> None:
                        description="List revisions, newest first, optionally only those that changed ROUTE.")
     p.add_argument("route", nargs="?")
     p.add_argument("--limit", type=int, default=20, metavar="N", help="at most N revisions (default 20)")
+    p.add_argument("--diff", action="store_true", help="under each revision, what it changed (as `turnout diff`)")
     _common(p)
     p.set_defaults(func=_entry(cmd_history))
 
@@ -248,7 +249,12 @@ def cmd_history(args: argparse.Namespace, client: AdminClient) -> int:
     if args.route:
         query["route"] = args.route
     data = client.get(API + "/revisions", query).data
+    with_diff = getattr(args, "diff", False)
+    diffs = history_diffs(client, [r["revision"] for r in data["revisions"]]) if with_diff else {}
     if args.json:
+        if with_diff:
+            for r in data["revisions"]:
+                r["diff"] = diffs.get(r["revision"])
         print(json.dumps(data, indent=2))
         return 0
     rows = [[str(r["revision"]), _time(r["time"]), r["actor"] or "-", r["summary"], r["reason"]]
@@ -256,8 +262,34 @@ def cmd_history(args: argparse.Namespace, client: AdminClient) -> int:
     if not rows:
         print("no revisions" + (f" changed route {args.route}" if args.route else ""))
         return 0
-    print(_table(["REV", "TIME (UTC)", "ACTOR", "SUMMARY", "REASON"], rows))
+    if not with_diff:
+        print(_table(["REV", "TIME (UTC)", "ACTOR", "SUMMARY", "REASON"], rows))
+        return 0
+    header, *lines = _table(["REV", "TIME (UTC)", "ACTOR", "SUMMARY", "REASON"], rows).splitlines()
+    print(header)
+    for r, line in zip(data["revisions"], lines, strict=True):
+        print(line)
+        diff = diffs.get(r["revision"])
+        if diff is not None:
+            text = diff["text"] if isinstance(diff, dict) else diff
+            print("\n".join("    " + printable(d) for d in text.splitlines()))
     return 0
+
+
+def history_diffs(client: AdminClient, numbers: list[int]) -> dict[int, Any]:
+    """Each revision's diff from the one before it (the API's JSON; its "text" is the table); a compacted
+    revision gets the problem's detail as a string instead."""
+    out: dict[int, Any] = {}
+    for n in numbers:
+        if n < 1:
+            continue
+        try:
+            out[n] = client.get(_path("revisions", str(n - 1), "diff", str(n))).data
+        except ProblemError as e:
+            if e.status != 404:
+                raise
+            out[n] = f"no diff: {e.problem.get('detail') or e}"
+    return out
 
 
 def cmd_versions(args: argparse.Namespace, client: AdminClient) -> int:

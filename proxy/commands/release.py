@@ -28,6 +28,8 @@ START_TIMEOUT = 330.0
 # --wait polls the API this often at most; a rollout's own interval is usually much longer.
 POLL_MAX = 1.0
 FINAL_OK = ("promoted", "drained")
+# `--wait` on a rollout the judge paused: not a failure, but someone has to decide.
+PAUSED_INCONCLUSIVE = 4
 FINAL_BAD = ("rolled_back", "aborted", "failed", "cancelled")
 
 Command = Callable[[argparse.Namespace, AdminClient], int]
@@ -43,6 +45,16 @@ def duration(text: str) -> float:
     if m is None:
         raise argparse.ArgumentTypeError(f"expected a duration like 60s, 2m or 500ms, got {text!r}")
     return float(m.group(1)) * UNITS[m.group(2)]
+
+
+def check_rule(text: str) -> tuple[str, str, str]:
+    """'p99<=1.2x baseline' -> ("p99", "pass", "1.2x baseline"); 'p99>2x baseline' -> (..., "fail", ...).
+    The bound itself is checked by the API, which names the field."""
+    for op, side in (("<=", "pass"), (">", "fail")):
+        metric, found, bound = text.partition(op)
+        if found and metric.strip() and bound.strip():
+            return metric.strip(), side, bound.strip()
+    raise argparse.ArgumentTypeError(f"expected METRIC<=BOUND or METRIC>BOUND, got {text!r}")
 
 
 def steps(text: str) -> list[float]:
@@ -82,8 +94,15 @@ def register(sub: Any) -> None:
     p.add_argument("--min-requests", type=int, metavar="N",
                    help="canary requests needed since the last step before deciding (default 200)")
     p.add_argument("--prometheus", metavar="URL", help="read the numbers from this Prometheus server instead")
+    p.add_argument("--check", action="append", type=check_rule, metavar="RULE", dest="checks",
+                   help="a judge rule, repeatable: METRIC<=BOUND passes, METRIC>BOUND fails, both for one metric: "
+                   "between them is inconclusive (pauses). METRIC: error_rate, p50, p90, p99; BOUND: 1%%, 250ms, "
+                   "1.2x baseline, baseline + 0.5%%. Replaces --max-error-rate/--max-p99-ratio")
+    p.add_argument("--sample-wait", type=int, metavar="N",
+                   help="intervals a step waits for --min-requests before it is inconclusive (default 3)")
     p.add_argument("--force", action="store_true", help="skip the readiness and check-command gates")
-    p.add_argument("--wait", action="store_true", help="follow the rollout live until it ends")
+    p.add_argument("--wait", action="store_true", help="follow the rollout live until it ends (or pauses "
+                   "inconclusive: exit 4)")
     _common(p)
     p.set_defaults(func=_entry(cmd_start))
 
@@ -94,7 +113,8 @@ def register(sub: Any) -> None:
 
     for action, text in (("pause", "stop stepping (traffic stays where it is)"),
                          ("resume", "continue a paused rollout from its current step"),
-                         ("abort", "roll back now: the canary to 0%%, the baselines restored")):
+                         ("abort", "roll back now: the canary to 0%%, the baselines restored"),
+                         ("promote", "skip the remaining steps: the canary to 100%% now")):
         p = csub.add_parser(action, help=text)
         p.add_argument("route")
         p.add_argument("--wait", action="store_true", help=argparse.SUPPRESS)
@@ -160,10 +180,16 @@ def _show(args: argparse.Namespace, data: Any) -> None:
 
 def cmd_start(args: argparse.Namespace, client: AdminClient) -> int:
     body: dict[str, Any] = {"to": args.to}
-    for key in ("steps", "interval", "max_error_rate", "max_p99_ratio", "min_requests", "prometheus"):
+    for key in ("steps", "interval", "max_error_rate", "max_p99_ratio", "min_requests", "prometheus",
+                "sample_wait"):
         value = getattr(args, key)
         if value is not None:
             body[key] = value
+    if args.checks:
+        rules: dict[str, dict[str, str]] = {}
+        for metric, side, bound in args.checks:
+            rules.setdefault(metric, {"metric": metric})[side] = bound
+        body["checks"] = list(rules.values())
     if args.force:
         body["force"] = True
     client.timeout = START_TIMEOUT
@@ -246,6 +272,8 @@ def follow(client: AdminClient, path: str, interval: float, as_json: bool,
         status = data.get("status")
         if status in FINAL_OK:
             return 0
+        if status == "paused" and data.get("pause_cause") == "inconclusive":
+            return PAUSED_INCONCLUSIVE
         if status in FINAL_BAD:
             return 1
         time.sleep(period)

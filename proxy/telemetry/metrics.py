@@ -113,6 +113,10 @@ class StatsSnapshot:
     stale_workers: tuple[str, ...] = ()  # ... of which these stopped publishing (dead or hung)
     tls_handshake_errors: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (listener, reason)
     answers: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (route or "", reason): rejected per route
+    canary_outcomes: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (route, outcome)
+    canary_aborts: Mapping[str, int] = field(default_factory=dict)  # route
+    canary_weights: Mapping[str, float] = field(default_factory=dict)  # route -> percent (gauge)
+    check_failed: Mapping[str, int] = field(default_factory=dict)  # version -> 0/1 (gauge)
 
     def get(self, route: str, version: str) -> VersionStats:
         return self.cells.get((route, version), EMPTY_VERSION_STATS)
@@ -141,6 +145,9 @@ class StatsSnapshot:
             identity_rejected=_minus(self.identity_rejected, older.identity_rejected),
             tls_handshake_errors=_minus(self.tls_handshake_errors, older.tls_handshake_errors),
             answers=_minus(self.answers, older.answers),
+            canary_outcomes=_minus(self.canary_outcomes, older.canary_outcomes),
+            canary_aborts=_minus(self.canary_aborts, older.canary_aborts),
+            canary_weights=self.canary_weights, check_failed=self.check_failed,
         )
 
 
@@ -176,11 +183,13 @@ class _Sum:
         self.cells: dict[tuple[str, str], list[Any]] = {}  # [codes, dsum, bin, bout, hist, uerr]
         self.counters: dict[str, dict[Any, int]] = {
             "upstream_errors": {}, "fallbacks": {}, "retries": {}, "rejected": {}, "mirrors": {},
-            "canary_results": {}, "identity_rejected": {}, "tls_handshake_errors": {}, "answers": {},
+            "canary_results": {}, "identity_rejected": {}, "tls_handshake_errors": {},
+            "canary_outcomes": {}, "canary_aborts": {}, "answers": {},
         }
         self.scalars = {"applied": 0, "apply_errors": 0, "access_log_dropped": 0}
         self.connections: dict[str, int] = {"downstream": 0, "upstream": 0}
         self.canary_steps: dict[str, int] = {}
+        self.gauges: dict[str, dict[str, Any]] = {"canary_weights": {}, "check_failed": {}}
 
     def add(self, wire: Mapping[str, Any], gauges: bool = True) -> None:
         for r, v, codes, dsum, bin_, bout, hist, uerr in wire.get("cells", ()):
@@ -206,12 +215,16 @@ class _Sum:
         _add(c["identity_rejected"], ((tuple(x[:-1]), x[-1]) for x in wire.get("identity_rejected", ())))
         _add(c["tls_handshake_errors"], ((tuple(x[:-1]), x[-1]) for x in wire.get("tls_handshake_errors", ())))
         _add(c["answers"], ((tuple(x[:-1]), x[-1]) for x in wire.get("answers", ())))
+        _add(c["canary_outcomes"], ((tuple(x[:-1]), x[-1]) for x in wire.get("canary_outcomes", ())))
+        _add(c["canary_aborts"], wire.get("canary_aborts", {}).items())
         for k in self.scalars:
             self.scalars[k] += int(wire.get(k, 0))
         if gauges:
             for side, n in wire.get("connections", {}).items():
                 self.connections[side] = self.connections.get(side, 0) + n
             self.canary_steps.update(wire.get("canary_steps", {}))
+            for name, g in self.gauges.items():
+                g.update(wire.get(name, {}))
 
     def wire(self) -> dict[str, Any]:
         """Counters only (the base a restarted worker continues from)."""
@@ -228,6 +241,8 @@ class _Sum:
             "identity_rejected": [[*k, n] for k, n in c["identity_rejected"].items()],
             "tls_handshake_errors": [[*k, n] for k, n in c["tls_handshake_errors"].items()],
             "answers": [[*k, n] for k, n in c["answers"].items()],
+            "canary_outcomes": [[*k, n] for k, n in c["canary_outcomes"].items()],
+            "canary_aborts": dict(c["canary_aborts"]),
             **self.scalars,
         }
 
@@ -246,7 +261,9 @@ class _Sum:
             access_log_dropped=self.scalars["access_log_dropped"], canary_steps=self.canary_steps,
             canary_results=c["canary_results"], workers=workers, stale_workers=stale,
             identity_rejected=c["identity_rejected"],
-            tls_handshake_errors=c["tls_handshake_errors"], answers=c["answers"])
+            tls_handshake_errors=c["tls_handshake_errors"], canary_outcomes=c["canary_outcomes"],
+            canary_aborts=c["canary_aborts"], canary_weights=self.gauges["canary_weights"],
+            check_failed=self.gauges["check_failed"], answers=c["answers"])
 
 
 def _add(into: dict[Any, int], items: Iterable[tuple[Any, int]]) -> None:
@@ -401,6 +418,8 @@ class WorkerPublisher:
             merged = acc.wire()
             merged["connections"] = wire["connections"]
             merged["canary_steps"] = wire["canary_steps"]
+            for name in ("canary_weights", "check_failed"):
+                merged[name] = wire.get(name, {})
             wire = merged
         extra = self.extra() if self.extra is not None else {}
         doc = {"worker": self.worker_id, "time": time.time(), "pid": os.getpid(), "ppid": os.getppid(),
@@ -480,6 +499,10 @@ def families(snap: StatsSnapshot, table: RouteTable, health: Health) -> list[Met
                         "an upstream.", ["listener", "reason"], snap.tls_handshake_errors))
     out.append(_counter("turnout_canary_analysis", "Canary analysis rounds, by route and result.",
                         ["route", "result"], snap.canary_results))
+    out.append(_counter("turnout_canary_steps", "Canary steps judged, by route and outcome (pass, fail, "
+                        "inconclusive: the rollout paused).", ["route", "outcome"], snap.canary_outcomes))
+    out.append(_counter("turnout_canary_aborts", "Canary rollouts rolled back (a failed analysis or an operator's "
+                        "abort), by route.", ["route"], snap.canary_aborts))
 
     weight = GaugeMetricFamily("turnout_route_weight", "Configured split weight of a version in a route "
                                "(share = weight / sum of the route's weights).", labels=["route", "version"])
@@ -513,6 +536,15 @@ def families(snap: StatsSnapshot, table: RouteTable, health: Health) -> list[Met
     for route, step in sorted(snap.canary_steps.items()):
         steps.add_metric([route], step)
     out.append(steps)
+    for name, doc, label, values in (
+            ("turnout_canary_weight", "The canary's share of a route in percent, as its rollout set it.", "route",
+             snap.canary_weights),
+            ("turnout_version_check_failed", "1 while a version that receives traffic failed its last check "
+             "(re-check), else 0.", "version", snap.check_failed)):
+        fam = GaugeMetricFamily(name, doc, labels=[label])
+        for key, value in sorted(values.items()):
+            fam.add_metric([key], value)
+        out.append(fam)
 
     out.append(GaugeMetricFamily("turnout_state_revision", "Revision of the route table being served.",
                                  value=table.revision))

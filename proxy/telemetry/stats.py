@@ -64,6 +64,11 @@ class Stats:
         self.access_log_dropped = 0
         self.canary_steps: dict[str, int] = {}
         self.canary_results: dict[tuple[str, str], int] = {}
+        # The canary judge and the re-checks (control plane, supervisor process only).
+        self.canary_outcomes: dict[tuple[str, str], int] = {}  # (route, outcome): finished steps
+        self.canary_aborts: dict[str, int] = {}  # route: rollouts rolled back (failed analysis or aborted)
+        self.canary_weights: dict[str, float] = {}  # route -> the canary's share in percent (gauge)
+        self.check_failed: dict[str, int] = {}  # version -> 1 while flagged by a failed re-check (gauge)
         self.tls_handshake_errors: dict[tuple[str, str], int] = {}  # (listener, reason)
 
     def __repr__(self) -> str:
@@ -139,6 +144,19 @@ class Stats:
         key = (route, result)
         self.canary_results[key] = self.canary_results.get(key, 0) + 1
 
+    def canary_step_outcome(self, route: str, outcome: CanaryResult) -> None:
+        key = (route, outcome)
+        self.canary_outcomes[key] = self.canary_outcomes.get(key, 0) + 1
+
+    def canary_abort(self, route: str) -> None:
+        self.canary_aborts[route] = self.canary_aborts.get(route, 0) + 1
+
+    def canary_weight(self, route: str, percent: float) -> None:
+        self.canary_weights[route] = percent
+
+    def version_check(self, version: str, failed: bool) -> None:
+        self.check_failed[version] = 1 if failed else 0
+
     # -- read side ----------------------------------------------------------------------------------
 
     @property
@@ -170,5 +188,9 @@ class Stats:
             "access_log_dropped": self.access_log_dropped,
             "canary_steps": dict(self.canary_steps),
             "canary_results": [[r, res, n] for (r, res), n in self.canary_results.items()],
+            "canary_outcomes": [[r, res, n] for (r, res), n in self.canary_outcomes.items()],
+            "canary_aborts": dict(self.canary_aborts),
+            "canary_weights": dict(self.canary_weights),
+            "check_failed": dict(self.check_failed),
             "tls_handshake_errors": [[li, r, n] for (li, r), n in self.tls_handshake_errors.items()],
         }

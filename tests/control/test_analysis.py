@@ -135,8 +135,8 @@ def test_parse_config_defaults_and_errors() -> None:
         parse_config({"to": "v2", "steps": [5, 1], "interval": 0, "min_requests": 1.5, "speed": 1,
                       "prometheus": "ftp://x"}, "web")
     assert [str(x) for x in e.value.errors] == [
-        "speed: unknown field (expected one of: force, interval, max_error_rate, max_p99_ratio, min_requests, "
-        "prometheus, steps, to)",
+        "speed: unknown field (expected one of: checks, force, interval, max_error_rate, max_p99_ratio, "
+        "min_requests, prometheus, sample_wait, steps, to)",
         "steps[1]: steps must increase, got 1 after 5",
         "interval: expected a number between 0.01 and 86400, got 0",
         "min_requests: expected an integer, got a number",

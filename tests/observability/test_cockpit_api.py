@@ -26,8 +26,8 @@ async def test_promote_skips_the_remaining_steps_and_the_listing_names_the_endin
 
     r = await admin.call("POST", "/api/v1/canary/api/promote")
     assert (r.status, r.body["status"], r.body["percent"]) == (200, "promoted", 100.0), r.body
-    assert r.body["message"] == ("canary api: promoted v2 to 100% by ops at step 1/3 (1%), skipping the remaining "
-                                 "steps")
+    assert r.body["message"] == ("canary api: promoted v2 to 100% by ops at step 1/3; v1 kept registered (weight 0) "
+                                 "for fallback")
     assert (await admin.call("GET", "/api/v1/routes/api")).body["split"] == {"v1": 0, "v2": 100}
     newest = (await admin.call("GET", "/api/v1/revisions?limit=1")).body["revisions"][0]
     assert (newest["revision"], newest["actor"]) == (8, "canary")

@@ -11,10 +11,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from proxy.control.canary.judge import MetricResult, Rule, Side, combined, describe_results, judge
 from proxy.telemetry.metrics import StatsSnapshot
 from proxy.telemetry.stats import HIST_SLOTS, LATENCY_BUCKETS
 
-Verdict = Literal["pass", "fail", "wait"]
+# wait: the step's sample is still short and the window keeps growing (not an outcome); inconclusive: the
+# step ended and the judge is not sure (too few requests after sample_wait intervals, or a metric between
+# its pass and fail bounds), so the rollout pauses.
+Verdict = Literal["pass", "fail", "wait", "inconclusive"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +67,17 @@ class Window:
     requests: int
     errors: int
     p99: float | None  # seconds; None without requests
+    p50: float | None = None
+    p90: float | None = None
 
     @classmethod
     def of(cls, c: Counters) -> Window:
-        return cls(c.requests, c.errors, histogram_quantile(c.latency, 0.99))
+        return cls(c.requests, c.errors, histogram_quantile(c.latency, 0.99), histogram_quantile(c.latency, 0.5),
+                   histogram_quantile(c.latency, 0.9))
+
+    @property
+    def side(self) -> Side:
+        return Side(self.requests, self.error_rate, (self.p50, self.p90, self.p99))
 
     @property
     def error_rate(self) -> float | None:
@@ -89,6 +100,15 @@ class Analysis:
     p99_ratio: float | None
     reason: str
     time: float = 0.0
+    step: int = 0  # index of the step judged (set by the controller)
+    percent: float = 0.0  # the canary's share during that step
+    metrics: tuple[MetricResult, ...] = ()  # one per rule, in the rules' order
+
+
+def legacy_rules(limits: Thresholds) -> tuple[Rule, ...]:
+    """The rules today's flat thresholds mean, to show per metric what `analyse` decided on them."""
+    return (Rule("error_rate", f"{limits.max_error_rate:g}", None),
+            Rule("p99", f"{limits.max_p99_ratio:g}x baseline", None))
 
 
 # Fewer requests than this on either side and "p99" is the single slowest request: not compared.
@@ -102,8 +122,13 @@ def _ms(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds * 1000:.1f}ms"
 
 
-def analyse(canary: Window, baseline: Window, limits: Thresholds, now: float = 0.0) -> Analysis:
+def analyse(canary: Window, baseline: Window, limits: Thresholds, now: float = 0.0,
+            rules: Sequence[Rule] = ()) -> Analysis:
     """Compare the canary with its baseline over the same window. Pure; the verdict's reason has the numbers.
+
+    With `rules` (a rollout's `checks`) the judge decides (proxy.control.canary.judge): fewer than
+    min_requests canary requests wait; else any rule failing fails, any rule inconclusive (between its pass
+    and fail bounds) is inconclusive, otherwise pass. Without rules, the flat thresholds decide:
 
     - fewer than min_requests canary requests: wait, unless the errors already seen exceed what
       max_error_rate allows over min_requests (then the rate can only end up breached: fail now);
@@ -113,6 +138,9 @@ def analyse(canary: Window, baseline: Window, limits: Thresholds, now: float = 0
       would roll back a healthy version. Nor when the difference is under P99_NOISE_FLOOR;
     - otherwise pass.
     """
+    if rules:
+        return _judged(canary, baseline, limits, now, rules)
+    metrics = judge(legacy_rules(limits), canary.side, baseline.side)
     rate = canary.error_rate
     ratio = None
     if canary.p99 is not None and baseline.p99:
@@ -120,7 +148,7 @@ def analyse(canary: Window, baseline: Window, limits: Thresholds, now: float = 0
     few = min(canary.requests, baseline.requests) < P99_MIN_SAMPLES
 
     def result(verdict: Verdict, reason: str) -> Analysis:
-        return Analysis(verdict, canary, baseline, rate, ratio, reason, now)
+        return Analysis(verdict, canary, baseline, rate, ratio, reason, now, metrics=metrics)
 
     errors = f"{canary.errors}/{canary.requests}"
     if canary.requests < limits.min_requests:
@@ -144,6 +172,19 @@ def analyse(canary: Window, baseline: Window, limits: Thresholds, now: float = 0
             return result("pass", f"{text}; {p99}, but within {_ms(P99_NOISE_FLOOR)} of it")
         return result("fail", f"{p99} > max {limits.max_p99_ratio:g}x ({text})")
     return result("pass", f"{text}; {p99} <= {limits.max_p99_ratio:g}x")
+
+
+def _judged(canary: Window, baseline: Window, limits: Thresholds, now: float, rules: Sequence[Rule]) -> Analysis:
+    rate = canary.error_rate
+    ratio = canary.p99 / baseline.p99 if canary.p99 is not None and baseline.p99 else None
+    metrics = judge(rules, canary.side, baseline.side)
+    if canary.requests < limits.min_requests:
+        reason = (f"{canary.requests} of {limits.min_requests} requests needed "
+                  f"({canary.errors}/{canary.requests} errors)")
+        return Analysis("wait", canary, baseline, rate, ratio, reason, now, metrics=metrics)
+    verdict: Verdict = combined(metrics)
+    return Analysis(verdict, canary, baseline, rate, ratio, describe_results(metrics), now,
+                    metrics=metrics)
 
 
 def step_weights(baselines: Mapping[str, float], canary: str, percent: float) -> dict[str, float]:

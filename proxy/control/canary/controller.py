@@ -30,6 +30,7 @@ from proxy.control.canary.drain import DrainTracker
 from proxy.control.canary.prometheus import PrometheusSource
 from proxy.control.canary.rollout import (
     ACTIVE,
+    MAX_ANALYSES,
     CanaryConfig,
     Rollout,
     Status,
@@ -57,6 +58,7 @@ class _Window:
     started: float
     next_at: float
     counters: dict[str, Counters]  # "canary" / "baseline" -> cumulative counters at the window's start
+    waits: int = 0  # analyses of this step that found the sample short
 
 
 StatsSource = Callable[[], StatsSnapshot]
@@ -146,7 +148,13 @@ class CanaryController:
         self._windows[r.config.route] = w
         # Also after a restart or a change of leader: the gauge lives in this process's Stats.
         self.stats.canary_step(r.config.route, r.step + 1)
+        self.stats.canary_weight(r.config.route, r.config.steps[r.step])
         return w
+
+    def next_analysis(self, route: str) -> float | None:
+        """When this process judges the route's running step next (None: not driving it)."""
+        w = self._windows.get(route)
+        return None if w is None else w.next_at
 
     async def _measure(self, r: Rollout, w: _Window, now: float) -> tuple[Window, Window]:
         if r.config.prometheus:
@@ -168,7 +176,7 @@ class CanaryController:
             return await self._finish(r, "failed", f"{what} no longer exists; rollout stopped", now)
         split = dict(route.split)
         if any(abs(split.get(v, 0.0) - w) > 1e-6 for v, w in r.weights):
-            return await self._save(replace(r, status="paused", updated=now,
+            return await self._save(replace(r, status="paused", updated=now, pause_cause="split_changed",
                                             message="the route's split was changed outside the rollout; paused "
                                                     "(resume to continue from the current step, abort to roll back)"))
         w = self._windows.get(cfg.route)
@@ -182,14 +190,24 @@ class CanaryController:
             canary, baseline = await self._measure(r, w, now)
         except Exception as e:  # a monitoring outage must neither promote nor roll back
             return await self._save(replace(r, updated=now, message=f"cannot measure: {e}; waiting"))
-        a = analyse(canary, baseline, cfg.limits, now)
-        self.stats.canary_analysis(cfg.route, "inconclusive" if a.verdict == "wait" else a.verdict)
+        pct = cfg.steps[r.step]
+        a = replace(analyse(canary, baseline, cfg.limits, now, cfg.checks), step=r.step, percent=pct)
+        if a.verdict == "wait":
+            w.waits += 1
+            if w.waits >= cfg.sample_wait:
+                a = replace(a, verdict="inconclusive", reason=f"too few requests to judge after {w.waits} "
+                                                              f"interval(s): {a.reason}")
+        # Rounds (the older turnout_canary_analysis_total): a round that neither passed nor failed is inconclusive.
+        self.stats.canary_analysis(cfg.route, a.verdict if a.verdict in ("pass", "fail") else "inconclusive")
         r = replace(r, analysis=a, updated=now)
-        if a.verdict == "fail":
-            return await self._roll_back(r, "rolled_back", f"analysis failed at {cfg.steps[r.step]:g}%: {a.reason}",
-                                         now)
         if a.verdict == "wait":
             return await self._save(replace(r, message=f"waiting: {a.reason}"))
+        self.stats.canary_step_outcome(cfg.route, a.verdict)
+        r = replace(r, analyses=(*r.analyses, a)[-MAX_ANALYSES:])
+        if a.verdict == "fail":
+            return await self._roll_back(r, "rolled_back", f"analysis failed at {pct:g}%: {a.reason}", now)
+        if a.verdict == "inconclusive":
+            return await self._inconclusive(r, a, now)
         nxt = r.step + 1
         if nxt >= len(cfg.steps) or cfg.steps[nxt] >= 100.0:
             return await self._promote(r, a, now)
@@ -207,6 +225,17 @@ class CanaryController:
         merged = dict(r.weights) | dict(weights)
         return replace(r, weights=tuple((v, merged[v]) for v in sorted(merged)))
 
+    async def _inconclusive(self, r: Rollout, a: Analysis, now: float) -> Rollout:
+        """Not sure: neither forward nor back. Pause, say why, and leave an event in the route's history."""
+        cfg = r.config
+        why = f"canary {cfg.route}: {cfg.canary} inconclusive at {a.percent:g}% (step {r.step + 1}/{len(cfg.steps)})"
+        self._windows.pop(cfg.route, None)
+        r = await self._save(replace(r, status="paused", pause_cause="inconclusive", updated=now,
+                                     message=f"{why}; paused: {a.reason} (resume to judge the step again, promote "
+                                             "or abort)"))
+        await gates.record(self.store, actor=ACTOR, summary=f"{why}; paused", reason=a.reason, routes=(cfg.route,))
+        return r
+
     async def _set_step(self, r: Rollout, step: int, why: str, now: float) -> Rollout:
         cfg = r.config
         pct = cfg.steps[step]
@@ -219,14 +248,16 @@ class CanaryController:
         self._new_window(r, now)
         return r
 
-    async def _promote(self, r: Rollout, a: Analysis, now: float) -> Rollout:
+    async def _promote(self, r: Rollout, a: Analysis | str, now: float) -> Rollout:
         cfg = r.config
         weights = step_weights(dict(r.baselines), cfg.canary, 100.0)
         old = ", ".join(v for v, _ in r.baselines)
-        reason = (f"canary {cfg.route}: promoted {cfg.canary} to 100% after {len(cfg.steps)} step(s); {a.reason}; "
+        why = a if isinstance(a, str) else f"after {len(cfg.steps)} step(s); {a.reason}"
+        reason = (f"canary {cfg.route}: promoted {cfg.canary} to 100% {why}; "
                   f"{old} kept registered (weight 0) for fallback")
         r = replace(await self._apply(r, weights, reason), step=len(cfg.steps) - 1)
         self.stats.canary_step(cfg.route, len(cfg.steps))
+        self.stats.canary_weight(cfg.route, 100.0)
         return await self._finish(r, "promoted", reason, now)
 
     async def _roll_back(self, r: Rollout, status: Status, why: str, now: float) -> Rollout:
@@ -235,6 +266,8 @@ class CanaryController:
         reason = f"canary {cfg.route}: rolled back {cfg.canary} to 0%; {why}"
         r = await self._apply(r, weights, reason)
         self.stats.canary_step(cfg.route, 0)
+        self.stats.canary_weight(cfg.route, 0.0)
+        self.stats.canary_abort(cfg.route)
         return await self._finish(r, status, reason, now)
 
     async def _finish(self, r: Rollout, status: Status, message: str, now: float) -> Rollout:
@@ -282,7 +315,8 @@ class CanaryController:
         async with self._lock:
             r = await self._command(route, ("running",))
             self._windows.pop(route, None)
-            return await self._save(replace(r, status="paused", updated=self.clock(), message=f"paused by {actor}"))
+            return await self._save(replace(r, status="paused", updated=self.clock(), pause_cause="operator",
+                                            message=f"paused by {actor}"))
 
     async def resume(self, route: str, *, actor: str) -> Rollout:
         async with self._lock:
@@ -294,24 +328,20 @@ class CanaryController:
             weights = tuple((v, split.get(v, 0.0)) for v, _ in r.weights)
             self._windows.pop(route, None)
             return await self._save(replace(r, status="running", weights=weights, updated=self.clock(),
-                                            message=f"resumed by {actor}"))
+                                            pause_cause=None, message=f"resumed by {actor}"))
+
+    async def promote(self, route: str, *, actor: str, force: bool = False) -> Rollout:
+        """Skip the remaining steps: the canary to 100% now (readiness still applies unless forced)."""
+        async with self._lock:
+            r = await self._command(route, ACTIVE)
+            state = (await self.store.current()).state
+            gates.check_readiness(state, {r.config.canary: 1.0}, self.health(), force=force)
+            return await self._promote(r, f"by {actor} at step {r.step + 1}/{len(r.config.steps)}", self.clock())
 
     async def abort(self, route: str, *, actor: str) -> Rollout:
         async with self._lock:
             r = await self._command(route, ACTIVE)
             return await self._roll_back(r, "aborted", f"aborted by {actor}", self.clock())
-
-    async def promote(self, route: str, *, actor: str) -> Rollout:
-        """Skip the remaining steps: the canary gets 100% now, without waiting for another analysis."""
-        async with self._lock:
-            r = await self._command(route, ACTIVE)
-            cfg = r.config
-            reason = (f"canary {cfg.route}: promoted {cfg.canary} to 100% by {actor} at step {r.step + 1}/"
-                      f"{len(cfg.steps)} ({cfg.steps[r.step]:g}%), skipping the remaining steps")
-            r = replace(await self._apply(r, step_weights(dict(r.baselines), cfg.canary, 100.0), reason),
-                        step=len(cfg.steps) - 1)
-            self.stats.canary_step(cfg.route, len(cfg.steps))
-            return await self._finish(r, "promoted", reason, self.clock())
 
     async def rollouts(self) -> list[Rollout]:
         return await load_rollouts(self.store)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from proxy.control.canary.analysis import Analysis, Thresholds, Window, _ms
+from proxy.control.canary.judge import MetricResult, Rule, parse_rules
 from proxy.parse import Checker
 from proxy.store.base import Store
 
@@ -19,6 +20,12 @@ Status = Literal["running", "paused", "promoted", "rolled_back", "aborted", "fai
 ACTIVE: tuple[Status, ...] = ("running", "paused")
 
 DEFAULT_STEPS = (1.0, 5.0, 25.0, 50.0, 100.0)
+# Intervals a step waits for its minimum sample before the judge calls it inconclusive and pauses: a canary
+# that gets almost no traffic is not judged healthy (or failing) on a handful of requests.
+DEFAULT_SAMPLE_WAIT = 3
+# Finished steps' analyses kept in a rollout's record (the status page's chart over the steps).
+MAX_ANALYSES = 50
+PauseCause = Literal["operator", "inconclusive", "split_changed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,13 +36,15 @@ class CanaryConfig:
     interval: float = 60.0
     limits: Thresholds = field(default_factory=Thresholds)
     prometheus: str | None = None
+    checks: tuple[Rule, ...] = ()  # the judge's rules; () = the flat limits decide (as before rules existed)
+    sample_wait: int = DEFAULT_SAMPLE_WAIT
 
 
 def parse_config(body: object, route: str) -> CanaryConfig:
     """An API body ({"to": ..., "steps": [...], "interval": s, ...}) -> config; errors name the field."""
     c = Checker()
     d = c.mapping(body, "", {"to", "steps", "interval", "max_error_rate", "max_p99_ratio", "min_requests",
-                             "prometheus", "force"})
+                             "prometheus", "force", "checks", "sample_wait"})
     if d is None:
         c.raise_if_any()
         raise AssertionError
@@ -55,12 +64,16 @@ def parse_config(body: object, route: str) -> CanaryConfig:
     mer = c.number(d.get("max_error_rate", 0.01), "max_error_rate", 0, 1)
     mpr = c.number(d.get("max_p99_ratio", 1.5), "max_p99_ratio", 1)
     mr = c.number(d.get("min_requests", 200), "min_requests", 1, integer=True)
+    checks = parse_rules(c, d["checks"], "checks") if d.get("checks") is not None else ()
+    sample_wait = c.number(d.get("sample_wait", DEFAULT_SAMPLE_WAIT), "sample_wait", 1, 1000, integer=True)
     prom = d.get("prometheus")
     if prom is not None and (not isinstance(prom, str) or not prom.startswith(("http://", "https://"))):
         c.fail("prometheus", f"expected an http(s):// URL of a Prometheus server, got {prom!r}")
     c.raise_if_any()
     assert to is not None and interval is not None and mer is not None and mpr is not None and mr is not None
-    return CanaryConfig(route, to, tuple(steps), float(interval), Thresholds(float(mer), float(mpr), int(mr)), prom)
+    assert sample_wait is not None
+    return CanaryConfig(route, to, tuple(steps), float(interval), Thresholds(float(mer), float(mpr), int(mr)), prom,
+                        checks, int(sample_wait))
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +89,8 @@ class Rollout:
     message: str = ""
     analysis: Analysis | None = None
     check: str | None = None  # the check command's verdict summary, when the version has one
+    pause_cause: PauseCause | None = None  # why a paused rollout is paused
+    analyses: tuple[Analysis, ...] = ()  # each finished step's analysis, oldest first (at most MAX_ANALYSES)
 
     @property
     def percent(self) -> float:
@@ -88,20 +103,27 @@ def rollout_to_json(r: Rollout) -> str:
 
 
 def _window(d: Mapping[str, Any]) -> Window:
-    return Window(int(d["requests"]), int(d["errors"]), d["p99"])
+    return Window(int(d["requests"]), int(d["errors"]), d["p99"], d.get("p50"), d.get("p90"))
+
+
+def _analysis(a: Mapping[str, Any]) -> Analysis:
+    return Analysis(a["verdict"], _window(a["canary"]), _window(a["baseline"]), a["error_rate"], a["p99_ratio"],
+                    a["reason"], a["time"], a.get("step", 0), a.get("percent", 0.0),
+                    tuple(MetricResult(**m) for m in a.get("metrics", ())))
 
 
 def rollout_from_json(text: str) -> Rollout:
     d = json.loads(text)
     cfg = d["config"]
     config = CanaryConfig(cfg["route"], cfg["canary"], tuple(cfg["steps"]), cfg["interval"],
-                          Thresholds(**cfg["limits"]), cfg["prometheus"])
+                          Thresholds(**cfg["limits"]), cfg["prometheus"],
+                          tuple(Rule(**r) for r in cfg.get("checks", ())), cfg.get("sample_wait", DEFAULT_SAMPLE_WAIT))
     a = d.get("analysis")
-    analysis = None if a is None else Analysis(a["verdict"], _window(a["canary"]), _window(a["baseline"]),
-                                               a["error_rate"], a["p99_ratio"], a["reason"], a["time"])
+    analysis = None if a is None else _analysis(a)
     return Rollout(config, d["status"], tuple((v, w) for v, w in d["baselines"]), d["step"],
                    tuple((v, w) for v, w in d["weights"]), d["actor"], d["started"], d["updated"],
-                   d.get("message", ""), analysis, d.get("check"))
+                   d.get("message", ""), analysis, d.get("check"), d.get("pause_cause"),
+                   tuple(_analysis(x) for x in d.get("analyses", ())))
 
 
 def _key(route: str) -> str:
@@ -148,6 +170,9 @@ def describe(r: Rollout, width: int = 20) -> str:
         lines.append(f"  last analysis: {a.verdict}  canary {a.canary.requests} req, error rate {rate}, "
                      f"p99 {_ms(a.canary.p99)}  baseline {a.baseline.requests} req, p99 {_ms(a.baseline.p99)}  "
                      f"p99 ratio {ratio}")
+        for m in a.metrics:
+            note = f" ({m.note})" if m.note else ""
+            lines.append(f"    {m.outcome:<12} {m.rule}{note}")
     if r.check:
         lines.append(f"  {r.check}")
     if r.message:
