@@ -176,6 +176,9 @@ def quantile(hist_counts: Iterable[int], q: float) -> float:
     return LATENCY_BUCKETS[-1]
 
 
+KEYED_COUNTERS = ("canary_results", "identity_rejected", "tls_handshake_errors", "answers", "canary_outcomes")
+
+
 class _Sum:
     """Accumulates Stats.snapshot() wire dicts."""
 
@@ -211,11 +214,8 @@ class _Sum:
         _add(c["retries"], wire.get("retries", {}).items())
         _add(c["rejected"], wire.get("rejected", {}).items())
         _add(c["mirrors"], (((x[0], x[1], str(x[2])), x[3]) for x in wire.get("mirrors", ())))
-        _add(c["canary_results"], ((tuple(x[:-1]), x[-1]) for x in wire.get("canary_results", ())))
-        _add(c["identity_rejected"], ((tuple(x[:-1]), x[-1]) for x in wire.get("identity_rejected", ())))
-        _add(c["tls_handshake_errors"], ((tuple(x[:-1]), x[-1]) for x in wire.get("tls_handshake_errors", ())))
-        _add(c["answers"], ((tuple(x[:-1]), x[-1]) for x in wire.get("answers", ())))
-        _add(c["canary_outcomes"], ((tuple(x[:-1]), x[-1]) for x in wire.get("canary_outcomes", ())))
+        for key in KEYED_COUNTERS:
+            _add(c[key], ((tuple(x[:-1]), x[-1]) for x in wire.get(key, ())))
         _add(c["canary_aborts"], wire.get("canary_aborts", {}).items())
         for k in self.scalars:
             self.scalars[k] += int(wire.get(k, 0))
@@ -237,11 +237,7 @@ class _Sum:
             "retries": dict(c["retries"]),
             "rejected": dict(c["rejected"]),
             "mirrors": [[*k, n] for k, n in c["mirrors"].items()],
-            "canary_results": [[*k, n] for k, n in c["canary_results"].items()],
-            "identity_rejected": [[*k, n] for k, n in c["identity_rejected"].items()],
-            "tls_handshake_errors": [[*k, n] for k, n in c["tls_handshake_errors"].items()],
-            "answers": [[*k, n] for k, n in c["answers"].items()],
-            "canary_outcomes": [[*k, n] for k, n in c["canary_outcomes"].items()],
+            **{key: [[*k, n] for k, n in c[key].items()] for key in KEYED_COUNTERS},
             "canary_aborts": dict(c["canary_aborts"]),
             **self.scalars,
         }
