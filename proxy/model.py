@@ -128,7 +128,9 @@ class Route:
     sticky: bool = True
     pins: Mapping[str, str] = field(default_factory=dict)
     fallback: tuple[str, ...] = ()
-    mirror: Mirror | None = None
+    # Copies of a sample of the requests: one draw per request decides for all of them (a request drawn at
+    # p goes to every mirror whose percent is above p), so mirrors of equal percent see the same requests.
+    mirrors: tuple[Mirror, ...] = ()
     expose_version: bool = False
     # Drain support: name of a cookie recording the version a session was assigned (None: off).
     assignment_cookie: str | None = None
@@ -138,13 +140,17 @@ class Route:
     require_identity: bool = False
 
     @property
+    def mirror(self) -> Mirror | None:
+        """The first mirror (what readers written for one mirror per route show)."""
+        return self.mirrors[0] if self.mirrors else None
+
+    @property
     def split_map(self) -> dict[str, float]:
         return dict(self.split)
 
     def referenced_versions(self) -> set[str]:
         names = {v for v, _ in self.split} | set(self.pins.values()) | set(self.fallback)
-        if self.mirror is not None:
-            names.add(self.mirror.version)
+        names.update(m.version for m in self.mirrors)
         return names
 
 

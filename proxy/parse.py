@@ -41,7 +41,7 @@ VERSION_FIELDS = {
 }
 STORED_VERSION_FIELDS = VERSION_FIELDS | {"kind", "instances", "created"}
 ROUTE_FIELDS = {
-    "name", "match", "identity", "split", "sticky", "pins", "fallback", "mirror", "expose_version",
+    "name", "match", "identity", "split", "sticky", "pins", "fallback", "mirror", "mirrors", "expose_version",
     "assignment_cookie", "pins_require_verified", "require_identity",
 }
 
@@ -394,15 +394,28 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
                     c.fail(fp, f"version {v!r} is already in the chain (a fallback chain may not loop)")
                     continue
                 fallback.append(v)
-    mirror = None
-    if d.get("mirror") is not None:
-        mp = _join(path, "mirror")
-        mm = c.mapping(d["mirror"], mp, {"version", "percent"})
-        if mm is not None:
+    mirrors: list[Mirror] = []
+    if d.get("mirror") is not None and d.get("mirrors") is not None:
+        c.fail(_join(path, "mirrors"), "give either mirror (one) or mirrors (a list), not both")
+    elif d.get("mirror") is not None or d.get("mirrors") is not None:
+        one = d.get("mirror") is not None
+        items = [(_join(path, "mirror"), d["mirror"])] if one else []
+        if not one:
+            ml = d["mirrors"]
+            if not isinstance(ml, list):
+                c.fail(_join(path, "mirrors"), f"expected a list of {{version, percent}}, got {_kind(ml)}")
+            else:
+                items = [(f"{_join(path, 'mirrors')}[{i}]", m) for i, m in enumerate(ml)]
+        for mp, raw in items:
+            mm = c.mapping(raw, mp, {"version", "percent"})
+            if mm is None:
+                continue
             mv = known(mm.get("version"), f"{mp}.version")
             pct = c.number(mm.get("percent", 100), f"{mp}.percent", 0, 100)
-            if mv is not None and pct is not None:
-                mirror = Mirror(mv, float(pct))
+            if mv is not None and any(m.version == mv for m in mirrors):
+                c.fail(f"{mp}.version", f"version {mv!r} is already a mirror of this route")
+            elif mv is not None and pct is not None:
+                mirrors.append(Mirror(mv, float(pct)))
     expose = c.boolean(d.get("expose_version", False), _join(path, "expose_version"))
     cookie = None
     if d.get("assignment_cookie") is not None:
@@ -417,7 +430,7 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
         return None
     return Route(
         name=name, match=match, identity=tuple(identity), split=tuple(split), sticky=bool(sticky),
-        pins=pins, fallback=tuple(fallback), mirror=mirror, expose_version=bool(expose),
+        pins=pins, fallback=tuple(fallback), mirrors=tuple(mirrors), expose_version=bool(expose),
         assignment_cookie=cookie, pins_require_verified=bool(verified), require_identity=bool(required),
     )
 
@@ -438,8 +451,10 @@ def route_to_dict(r: Route, with_name: bool = True, with_pins: bool = True) -> d
         d["pins"] = dict(r.pins)
     if r.fallback:
         d["fallback"] = list(r.fallback)
-    if r.mirror:
-        d["mirror"] = {"version": r.mirror.version, "percent": r.mirror.percent}
+    if len(r.mirrors) == 1:  # the one-mirror form, as route files wrote it before several were possible
+        d["mirror"] = {"version": r.mirrors[0].version, "percent": r.mirrors[0].percent}
+    elif r.mirrors:
+        d["mirrors"] = [{"version": m.version, "percent": m.percent} for m in r.mirrors]
     if r.expose_version:
         d["expose_version"] = True
     if r.assignment_cookie:
