@@ -17,6 +17,7 @@ IdentityKind = Literal["header", "cookie", "query", "client_cert", "jwt", "api_k
 VERIFIED_KINDS = frozenset({"client_cert", "jwt", "api_key"})
 CertField = Literal["san_dns", "san_uri", "subject_cn", "fingerprint_sha256"]
 NetworkMode = Literal["bridge", "host"]
+CheckFailAction = Literal["flag", "shift"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,9 @@ class VersionSpec:
     labels: tuple[tuple[str, str], ...] = ()
     check: tuple[str, ...] = ()  # gate command that must exit 0 before the version may get traffic
     tls: UpstreamTLS | None = None  # static https:// endpoints only; None there means verified defaults
+    # A re-check failing while the version receives traffic: "flag" it only, or also "shift" its traffic to
+    # each route's fallback (proxy.control.rechecks).
+    on_check_fail: CheckFailAction = "flag"
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ HOST_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,
 
 VERSION_FIELDS = {
     "endpoints", "command", "image", "allow_tag", "replicas", "port", "env", "network", "health",
-    "labels", "check", "tls",
+    "labels", "check", "tls", "on_check_fail",
 }
 STORED_VERSION_FIELDS = VERSION_FIELDS | {"kind", "instances", "created"}
 ROUTE_FIELDS = {
@@ -218,6 +218,11 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
                 health = HealthCheck(hp, float(iv), float(to))
     labels = c.string_pairs(d.get("labels", {}), _join(path, "labels")) or ()
     check = c.string_list(d["check"], _join(path, "check"), single_ok=True) if "check" in d else ()
+    on_fail = d.get("on_check_fail", "flag")
+    if on_fail not in ("flag", "shift"):
+        c.fail(_join(path, "on_check_fail"), f"expected flag or shift, got {on_fail!r}")
+    elif on_fail == "shift" and not check:
+        c.fail(_join(path, "on_check_fail"), "needs a check command (check)")
     tls = None
     schemes = {e.partition(":")[0] for e in endpoints}
     if len(schemes) > 1:
@@ -243,6 +248,7 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
         kind=cast(Any, kind), endpoints=endpoints, command=command, image=image, allow_tag=allow_tag,
         replicas=replicas, port=None if port is None else int(port), env=env,
         network=cast(Any, network), health=health, labels=labels, check=check or (), tls=tls,
+        on_check_fail=cast(Any, on_fail),
     )
     return Version(name=name, spec=spec, endpoints=instances, created=created)
 
@@ -271,6 +277,8 @@ def version_to_dict(v: Version) -> dict[str, Any]:
         d["labels"] = dict(s.labels)
     if s.check:
         d["check"] = list(s.check)
+    if s.on_check_fail != "flag":
+        d["on_check_fail"] = s.on_check_fail
     if s.tls is not None:
         d["tls"] = tls_to_dict(s.tls)
     return d

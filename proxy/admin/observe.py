@@ -24,6 +24,7 @@ from aiohttp import web
 
 from proxy.admin.auth import public
 from proxy.admin.context import AdminContext
+from proxy.control.rechecks import check_views
 from proxy.table import RouteTable
 from proxy.telemetry.metrics import CONTENT_TYPE, StatsSnapshot, VersionStats, aggregate, render
 
@@ -154,7 +155,11 @@ class Observe:
     async def stats(self, request: web.Request) -> web.Response:
         now = self.snapshot()
         base = self.sampler.add(now)
-        view = stats_view(now, base, self.ctx.holder.table, self.ctx.health())
+        table = self.ctx.holder.table
+        view = stats_view(now, base, table, self.ctx.health())
+        checks = await check_views(self.ctx.store, table.state, self.ctx.settings.check_interval)
+        for v in view["versions"]:
+            v["check"] = checks.get(v["name"])
         return web.json_response(view, headers={"Cache-Control": "no-store"})
 
     async def page(self, request: web.Request) -> web.Response:

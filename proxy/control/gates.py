@@ -84,6 +84,9 @@ class CheckVerdict:
     output: str  # tail of stdout+stderr
     duration: float
     time: float
+    # A failed re-check of a version that receives traffic (proxy.control.rechecks): it gains no more
+    # weight or pins until a check passes again.
+    flagged: bool = False
 
     @property
     def summary(self) -> str:
@@ -223,6 +226,41 @@ def gaining(old: State, new: State) -> dict[str, tuple[str, ...]]:
     return {name: tuple(routes) for name, routes in out.items()}
 
 
+async def flagged_versions(store: Store, state: State) -> set[str]:
+    """Versions of `state` whose last re-check failed while they received traffic (one meta read per
+    version with a check command; states without any cost nothing)."""
+    out = set()
+    for name, v in state.versions.items():
+        if v.spec.check:
+            verdict = await last_verdict(store, name)
+            if verdict is not None and verdict.flagged:
+                out.add(name)
+    return out
+
+
+def rising(old: State, new: State, names: set[str]) -> dict[str, tuple[str, ...]]:
+    """Of `names`, those whose traffic grows on a route of `new`: weight up, more pins, or newly reachable.
+
+    What a flagged version may not get (on top of `gaining`, which only sees versions newly let in)."""
+    out: dict[str, list[str]] = {}
+    for r in new.routes:
+        before = old.route(r.name)
+        if before is r:
+            continue
+        weights_before = {} if before is None else dict(before.split)
+        pins_changed = before is None or before.pins is not r.pins
+        for name in names:
+            up = dict(r.split).get(name, 0.0) > weights_before.get(name, 0.0)
+            if not up and pins_changed and r.pins:
+                now = sum(1 for v in r.pins.values() if v == name)
+                up = now > (0 if before is None else sum(1 for v in before.pins.values() if v == name))
+            if not up:
+                up = bool(reachable(r, {name})) and (before is None or not reachable(before, {name}))
+            if up:
+                out.setdefault(name, []).append(r.name)
+    return {name: tuple(routes) for name, routes in out.items()}
+
+
 class _Ungated(Exception):
     """Raised out of a state transition that would let a version in whose check has not been asked yet."""
 
@@ -238,13 +276,18 @@ async def gated_update(store: Store, change: Callable[[State], Change], *, actor
     """
     admitted: set[str] = set()
     need: dict[str, tuple[Version, tuple[str, ...]]] = {}  # what the last try would have let in unchecked
+    flagged = await flagged_versions(store, (await store.current()).state)
 
     def guarded(state: State) -> Change:
         new, summary = change(state)
         need.clear()
         if summary and new is not state:
-            for name, routes in gaining(state, new).items():
-                if name not in admitted:
+            found = gaining(state, new)
+            if flagged:
+                for name, routes in rising(state, new, flagged - admitted).items():
+                    found[name] = tuple(sorted(set(found.get(name, ())) | set(routes)))
+            for name, routes in found.items():
+                if name not in admitted and name in new.versions:
                     need[name] = (new.versions[name], routes)
         if need:
             raise _Ungated

@@ -213,6 +213,9 @@ class CanaryController:
             return await self._promote(r, a, now)
         version = state.versions[cfg.canary]
         why = gates.version_ready(version, self.health())
+        flagged = await gates.last_verdict(self.store, cfg.canary)
+        if why is None and flagged is not None and flagged.flagged:
+            why = f"version {cfg.canary!r} is flagged by a failed re-check ({flagged.summary})"
         if why is not None:
             return await self._save(replace(r, message=f"analysis passed but not stepping: {why}"))
         return await self._set_step(r, nxt, f"analysis passed at {cfg.steps[r.step]:g}%: {a.reason}", now)
