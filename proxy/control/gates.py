@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from proxy.changes import Change, reachable
 from proxy.errors import ConflictError, StaleRevisionError
@@ -181,6 +181,8 @@ async def check_gate(store: Store, version: Version, *, actor: str, routes: tupl
     if prior is not None and prior.ok:
         return prior
     v = await run_check(version, timeout)
+    if not v.ok and prior is not None and prior.flagged:
+        v = replace(v, flagged=True)  # still failing: still flagged (only a pass unflags)
     await store.set_meta(_meta_key(version.name), json.dumps(asdict(v)))
     await record(store, actor=actor, summary=v.summary, reason=v.output, routes=routes)
     if not v.ok and not force:

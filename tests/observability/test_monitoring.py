@@ -54,6 +54,10 @@ async def live_metric_names(admin: Admin) -> set[str]:
     s.tls_handshake_error("public", "protocol_version")
     s.canary_step("web", 1)
     s.canary_analysis("web", "pass")
+    s.canary_step_outcome("web", "inconclusive")
+    s.canary_abort("web")
+    s.canary_weight("web", 5.0)
+    s.version_check("v2", True)
     s.connection("downstream", 1)
     s.applied += 1
     s.apply_errors += 1
@@ -79,7 +83,7 @@ async def test_every_metric_used_by_dashboard_and_alerts_is_exported(admin: Admi
             "turnout_fallbacks_total", "turnout_endpoint_up", "turnout_state_revision"} <= used_dashboard
     # The error-ratio alert judges a version by the traffic of the others, not by the weights.
     assert {"turnout_requests_total", "turnout_route_healthy_versions",
-            "turnout_fallbacks_total", "turnout_state_apply_errors_total"} <= used_alerts
+            "turnout_fallbacks_total", "turnout_state_apply_errors_total", "turnout_version_check_failed"} <= used_alerts
 
 
 def test_rules_file_structure() -> None:
@@ -106,7 +110,7 @@ def test_rules_file_structure() -> None:
     assert used_records <= recorded
     assert alerts == ["TurnoutVersionErrorRatioAboveBaseline", "TurnoutRouteNoHealthyVersion",
                       "TurnoutFallbacksHappening", "TurnoutStateApplyErrors", "TurnoutWorkerStale",
-                      "TurnoutAccessLogDropping"]
+                      "TurnoutAccessLogDropping", "TurnoutVersionCheckFailed"]
 
 
 def test_dashboard_structure() -> None:
