@@ -57,7 +57,8 @@ async def test_cli_check_version_and_versions(cli: Cli, admin: Admin, tmp_path: 
     await seed(admin, bad)
     ok = await cli("check-version", "v2")
     assert ok.code == 0
-    assert re.fullmatch(r"check v2: passed \(exit 0, \d+\.\ds\): clean  at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\n", ok.out)
+    assert re.fullmatch(r"check v2: passed \(exit 0, \d+\.\ds\): clean  at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\n",
+                        ok.out)
     bad.touch()
     failed = await cli("check-version", "v2")
     assert failed.code == 1

@@ -83,7 +83,8 @@ async def test_every_metric_used_by_dashboard_and_alerts_is_exported(admin: Admi
             "turnout_fallbacks_total", "turnout_endpoint_up", "turnout_state_revision"} <= used_dashboard
     # The error-ratio alert judges a version by the traffic of the others, not by the weights.
     assert {"turnout_requests_total", "turnout_route_healthy_versions",
-            "turnout_fallbacks_total", "turnout_state_apply_errors_total", "turnout_version_check_failed"} <= used_alerts
+            "turnout_fallbacks_total", "turnout_state_apply_errors_total",
+            "turnout_version_check_failed"} <= used_alerts
 
 
 def test_rules_file_structure() -> None:
