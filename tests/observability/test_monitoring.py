@@ -56,7 +56,7 @@ async def live_metric_names(admin: Admin) -> set[str]:
     s.canary_analysis("web", "pass")
     s.canary_step_outcome("web", "inconclusive")
     s.canary_abort("web")
-    s.canary_weight("web", 5.0)
+    s.canary_weight("web", "v2", 5.0)
     s.version_check("v2", True)
     s.connection("downstream", 1)
     s.applied += 1
