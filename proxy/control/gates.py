@@ -228,18 +228,6 @@ def gaining(old: State, new: State) -> dict[str, tuple[str, ...]]:
     return {name: tuple(routes) for name, routes in out.items()}
 
 
-async def flagged_versions(store: Store, state: State) -> set[str]:
-    """Versions of `state` whose last re-check failed while they received traffic (one meta read per
-    version with a check command; states without any cost nothing)."""
-    out = set()
-    for name, v in state.versions.items():
-        if v.spec.check:
-            verdict = await last_verdict(store, name)
-            if verdict is not None and verdict.flagged:
-                out.add(name)
-    return out
-
-
 def rising(old: State, new: State, names: set[str]) -> dict[str, tuple[str, ...]]:
     """Of `names`, those whose traffic grows on a route of `new`: weight up, more pins, or newly reachable.
 
@@ -278,15 +266,24 @@ async def gated_update(store: Store, change: Callable[[State], Change], *, actor
     """
     admitted: set[str] = set()
     need: dict[str, tuple[Version, tuple[str, ...]]] = {}  # what the last try would have let in unchecked
-    flagged = await flagged_versions(store, (await store.current()).state)
+    # Checked versions -> flagged by a failed re-check? Read from meta the first time a change meets them
+    # (a try is stopped for it), so writes to states without checked versions read nothing more.
+    flags: dict[str, bool] = {}
+    unread: list[str] = []
 
     def guarded(state: State) -> Change:
         new, summary = change(state)
         need.clear()
+        unread.clear()
         if summary and new is not state:
             found = gaining(state, new)
+            checked = [name for name, v in new.versions.items() if v.spec.check]
+            unread.extend(name for name in checked if name not in flags)
+            if unread:
+                raise _Ungated
+            flagged = {name for name in checked if flags[name]} - admitted
             if flagged:
-                for name, routes in rising(state, new, flagged - admitted).items():
+                for name, routes in rising(state, new, flagged).items():
                     found[name] = tuple(sorted(set(found.get(name, ())) | set(routes)))
             for name, routes in found.items():
                 if name not in admitted and name in new.versions:
@@ -300,6 +297,9 @@ async def gated_update(store: Store, change: Callable[[State], Change], *, actor
             return await store.update(guarded, actor=actor, reason=reason, expected=expected)
         except _Ungated:
             pass
+        for name in unread:
+            verdict = await last_verdict(store, name)
+            flags[name] = verdict is not None and verdict.flagged
         ran = False
         for name, (version, routes) in need.items():
             prior = await last_verdict(store, name)
