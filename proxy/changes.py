@@ -186,9 +186,7 @@ def reachable(route: Route, among: set[str], pins: bool = True) -> set[str]:
     cookie = route.assignment_cookie is not None
     names = {v for v, w in route.split if v in among and (w > 0 or cookie)}
     names.update(v for v in route.fallback if v in among)
-    m = route.mirror
-    if m is not None and m.percent > 0 and m.version in among:
-        names.add(m.version)
+    names.update(m.version for m in route.mirrors if m.percent > 0 and m.version in among)
     if pins and route.pins and not among <= names:
         # Pins may number 100,000: one pass over their values (about 2 ms), only when it can matter.
         names.update(among.intersection(route.pins.values()))

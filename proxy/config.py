@@ -20,7 +20,8 @@ from proxy.errors import FieldError, ValidationError
 from proxy.parse import Checker
 from proxy.settings import Certificate, Limits, Listener, Timeouts, TlsConfig
 
-TOP_FIELDS = {"listeners", "admin", "workers", "limits", "timeouts", "trusted_proxies", "access_log"}
+TOP_FIELDS = {"listeners", "admin", "workers", "limits", "timeouts", "trusted_proxies", "access_log",
+              "check_interval"}
 LISTENER_FIELDS = {"name", "address", "tls", "protocols"}
 TLS_FIELDS = {"certificates", "client_ca", "client_cert", "min_version"}
 CERT_FIELDS = {"cert", "key"}
@@ -83,6 +84,10 @@ def parse_config(text: str, base_dir: str = ".") -> dict[str, Any]:
                 c.fail(f"trusted_proxies[{i}]", f"expected an IP address or CIDR, got {p!r}")
         if peers is not None:
             out["trusted_proxies"] = peers
+    if "check_interval" in top:
+        n = c.number(top["check_interval"], "check_interval", 1, 365 * 86400)
+        if n is not None:
+            out["check_interval"] = float(n)
     if "access_log" in top:
         log = top["access_log"]
         if log is None:

@@ -17,6 +17,7 @@ IdentityKind = Literal["header", "cookie", "query", "client_cert", "jwt", "api_k
 VERIFIED_KINDS = frozenset({"client_cert", "jwt", "api_key"})
 CertField = Literal["san_dns", "san_uri", "subject_cn", "fingerprint_sha256"]
 NetworkMode = Literal["bridge", "host"]
+CheckFailAction = Literal["flag", "shift"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,9 @@ class VersionSpec:
     labels: tuple[tuple[str, str], ...] = ()
     check: tuple[str, ...] = ()  # gate command that must exit 0 before the version may get traffic
     tls: UpstreamTLS | None = None  # static https:// endpoints only; None there means verified defaults
+    # A re-check failing while the version receives traffic: "flag" it only, or also "shift" its traffic to
+    # each route's fallback (proxy.control.rechecks).
+    on_check_fail: CheckFailAction = "flag"
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +132,9 @@ class Route:
     sticky: bool = True
     pins: Mapping[str, str] = field(default_factory=dict)
     fallback: tuple[str, ...] = ()
-    mirror: Mirror | None = None
+    # Copies of a sample of the requests: one draw per request decides for all of them (a request drawn at
+    # p goes to every mirror whose percent is above p), so mirrors of equal percent see the same requests.
+    mirrors: tuple[Mirror, ...] = ()
     expose_version: bool = False
     # Drain support: name of a cookie recording the version a session was assigned (None: off).
     assignment_cookie: str | None = None
@@ -138,13 +144,17 @@ class Route:
     require_identity: bool = False
 
     @property
+    def mirror(self) -> Mirror | None:
+        """The first mirror (what readers written for one mirror per route show)."""
+        return self.mirrors[0] if self.mirrors else None
+
+    @property
     def split_map(self) -> dict[str, float]:
         return dict(self.split)
 
     def referenced_versions(self) -> set[str]:
         names = {v for v, _ in self.split} | set(self.pins.values()) | set(self.fallback)
-        if self.mirror is not None:
-            names.add(self.mirror.version)
+        names.update(m.version for m in self.mirrors)
         return names
 
 

@@ -37,11 +37,11 @@ HOST_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,
 
 VERSION_FIELDS = {
     "endpoints", "command", "image", "allow_tag", "replicas", "port", "env", "network", "health",
-    "labels", "check", "tls",
+    "labels", "check", "tls", "on_check_fail",
 }
 STORED_VERSION_FIELDS = VERSION_FIELDS | {"kind", "instances", "created"}
 ROUTE_FIELDS = {
-    "name", "match", "identity", "split", "sticky", "pins", "fallback", "mirror", "expose_version",
+    "name", "match", "identity", "split", "sticky", "pins", "fallback", "mirror", "mirrors", "expose_version",
     "assignment_cookie", "pins_require_verified", "require_identity",
 }
 
@@ -218,6 +218,11 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
                 health = HealthCheck(hp, float(iv), float(to))
     labels = c.string_pairs(d.get("labels", {}), _join(path, "labels")) or ()
     check = c.string_list(d["check"], _join(path, "check"), single_ok=True) if "check" in d else ()
+    on_fail = d.get("on_check_fail", "flag")
+    if on_fail not in ("flag", "shift"):
+        c.fail(_join(path, "on_check_fail"), f"expected flag or shift, got {on_fail!r}")
+    elif on_fail == "shift" and not check:
+        c.fail(_join(path, "on_check_fail"), "needs a check command (check)")
     tls = None
     schemes = {e.partition(":")[0] for e in endpoints}
     if len(schemes) > 1:
@@ -243,6 +248,7 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
         kind=cast(Any, kind), endpoints=endpoints, command=command, image=image, allow_tag=allow_tag,
         replicas=replicas, port=None if port is None else int(port), env=env,
         network=cast(Any, network), health=health, labels=labels, check=check or (), tls=tls,
+        on_check_fail=cast(Any, on_fail),
     )
     return Version(name=name, spec=spec, endpoints=instances, created=created)
 
@@ -271,6 +277,8 @@ def version_to_dict(v: Version) -> dict[str, Any]:
         d["labels"] = dict(s.labels)
     if s.check:
         d["check"] = list(s.check)
+    if s.on_check_fail != "flag":
+        d["on_check_fail"] = s.on_check_fail
     if s.tls is not None:
         d["tls"] = tls_to_dict(s.tls)
     return d
@@ -394,15 +402,28 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
                     c.fail(fp, f"version {v!r} is already in the chain (a fallback chain may not loop)")
                     continue
                 fallback.append(v)
-    mirror = None
-    if d.get("mirror") is not None:
-        mp = _join(path, "mirror")
-        mm = c.mapping(d["mirror"], mp, {"version", "percent"})
-        if mm is not None:
+    mirrors: list[Mirror] = []
+    if d.get("mirror") is not None and d.get("mirrors") is not None:
+        c.fail(_join(path, "mirrors"), "give either mirror (one) or mirrors (a list), not both")
+    elif d.get("mirror") is not None or d.get("mirrors") is not None:
+        one = d.get("mirror") is not None
+        items = [(_join(path, "mirror"), d["mirror"])] if one else []
+        if not one:
+            ml = d["mirrors"]
+            if not isinstance(ml, list):
+                c.fail(_join(path, "mirrors"), f"expected a list of {{version, percent}}, got {_kind(ml)}")
+            else:
+                items = [(f"{_join(path, 'mirrors')}[{i}]", m) for i, m in enumerate(ml)]
+        for mp, raw in items:
+            mm = c.mapping(raw, mp, {"version", "percent"})
+            if mm is None:
+                continue
             mv = known(mm.get("version"), f"{mp}.version")
             pct = c.number(mm.get("percent", 100), f"{mp}.percent", 0, 100)
-            if mv is not None and pct is not None:
-                mirror = Mirror(mv, float(pct))
+            if mv is not None and any(m.version == mv for m in mirrors):
+                c.fail(f"{mp}.version", f"version {mv!r} is already a mirror of this route")
+            elif mv is not None and pct is not None:
+                mirrors.append(Mirror(mv, float(pct)))
     expose = c.boolean(d.get("expose_version", False), _join(path, "expose_version"))
     cookie = None
     if d.get("assignment_cookie") is not None:
@@ -417,7 +438,7 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
         return None
     return Route(
         name=name, match=match, identity=tuple(identity), split=tuple(split), sticky=bool(sticky),
-        pins=pins, fallback=tuple(fallback), mirror=mirror, expose_version=bool(expose),
+        pins=pins, fallback=tuple(fallback), mirrors=tuple(mirrors), expose_version=bool(expose),
         assignment_cookie=cookie, pins_require_verified=bool(verified), require_identity=bool(required),
     )
 
@@ -438,8 +459,10 @@ def route_to_dict(r: Route, with_name: bool = True, with_pins: bool = True) -> d
         d["pins"] = dict(r.pins)
     if r.fallback:
         d["fallback"] = list(r.fallback)
-    if r.mirror:
-        d["mirror"] = {"version": r.mirror.version, "percent": r.mirror.percent}
+    if len(r.mirrors) == 1:  # the one-mirror form, as route files wrote it before several were possible
+        d["mirror"] = {"version": r.mirrors[0].version, "percent": r.mirrors[0].percent}
+    elif r.mirrors:
+        d["mirrors"] = [{"version": m.version, "percent": m.percent} for m in r.mirrors]
     if r.expose_version:
         d["expose_version"] = True
     if r.assignment_cookie:

@@ -85,6 +85,9 @@ class Settings:
     state_dir: str | None = None  # where the admin token and default database live
     # Every listener of the proxy; empty means one cleartext listener on `listen` (see listeners_of).
     listeners: tuple[Listener, ...] = ()
+    # Live versions' check commands run again this often (seconds): a scanner's database grows, so a pass
+    # from last week says little about today. A day is what image scanners' feeds update in.
+    check_interval: float = 86400.0
 
 
 def listeners_of(settings: Settings) -> tuple[Listener, ...]:

@@ -31,7 +31,7 @@ def test_weights_pins_and_fields_of_a_changed_route() -> None:
     after = dataclasses.replace(
         BASE, routes=(dataclasses.replace(
             web, split=(("v1", 95.0), ("v2", 5.0)), pins={"a": "v2", "c": "v2"}, fallback=("v1", "v2"),
-            mirror=Mirror("v2", 10.0), sticky=False, match=Match(host="shop.example.com")),))
+            mirrors=(Mirror("v2", 10.0),), sticky=False, match=Match(host="shop.example.com")),))
     j = diff_to_json(diff_states(BASE, after))
     assert j["versions"] == []
     [r] = j["routes"]

@@ -33,7 +33,7 @@ from proxy.changes import (
     set_split,
     unpin,
 )
-from proxy.control import gates
+from proxy.control import gates, rechecks
 from proxy.errors import FieldError, NotFoundError, StaleRevisionError, TurnoutError, ValidationError
 from proxy.model import State, Version
 from proxy.parse import (
@@ -126,7 +126,8 @@ class Api:
 
     async def list_versions(self, request: web.Request) -> web.Response:
         rev = await self.ctx.store.current()
-        versions = [_version_view(v, rev.state) for v in rev.state.versions.values()]
+        checks = await rechecks.check_views(self.ctx.store, rev.state, self.ctx.settings.check_interval)
+        versions = [{**_version_view(v, rev.state), "check": checks.get(v.name)} for v in rev.state.versions.values()]
         return json_reply({"revision": rev.number, "versions": versions}, rev.number)
 
     async def get_version(self, request: web.Request) -> web.Response:
@@ -135,7 +136,8 @@ class Api:
         v = rev.state.versions.get(name)
         if v is None:
             raise NotFoundError(f"no version named {name!r}")
-        return json_reply(_version_view(v, rev.state), rev.number)
+        checks = await rechecks.check_views(self.ctx.store, rev.state, self.ctx.settings.check_interval)
+        return json_reply({**_version_view(v, rev.state), "check": checks.get(name)}, rev.number)
 
     async def get_route(self, request: web.Request) -> web.Response:
         rev = await self.ctx.store.current()

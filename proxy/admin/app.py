@@ -19,7 +19,8 @@ from proxy.admin.problem import error_middleware
 CTX_KEY = web.AppKey("turnout.admin.ctx", AdminContext)
 
 # Each provides `routes(ctx) -> list[web.RouteDef]`; a module that does not exist (yet) is skipped.
-FEATURE_MODULES = ("proxy.admin.observe", "proxy.admin.canary_api", "proxy.admin.docker_api")
+FEATURE_MODULES = ("proxy.admin.observe", "proxy.admin.canary_api", "proxy.admin.docker_api",
+                   "proxy.admin.check_api")
 
 # Largest admin request body: a route file with tens of thousands of pins fits; a runaway upload does not.
 MAX_BODY = 16 * 1024 * 1024

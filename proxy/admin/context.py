@@ -14,6 +14,7 @@ from pathlib import Path
 
 from proxy.control.canary.controller import CanaryController
 from proxy.control.gates import HealthView
+from proxy.control.rechecks import Rechecker
 from proxy.control.watcher import Watcher
 from proxy.providers.containers import DockerProvider
 from proxy.settings import Settings
@@ -35,6 +36,8 @@ class AdminContext:
     tokens: Mapping[str, str] = field(default_factory=dict)
     # The process's canary controller, when it runs one (the admin API then sends commands to it).
     canary: CanaryController | None = None
+    # The process's re-check schedule, when it runs one (`check-version` then goes through it).
+    rechecks: Rechecker | None = None
     # The running Docker provider, when the supervisor started one.
     docker: DockerProvider | None = None
     # The directory worker processes publish their statistics into (None with a single process).

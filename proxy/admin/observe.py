@@ -25,6 +25,7 @@ from aiohttp import web
 from proxy.admin import cockpit
 from proxy.admin.auth import public
 from proxy.admin.context import AdminContext
+from proxy.control.rechecks import check_views
 from proxy.table import RouteTable
 from proxy.telemetry.metrics import CONTENT_TYPE, StatsSnapshot, VersionStats, aggregate, render
 
@@ -100,8 +101,8 @@ def stats_view(now: StatsSnapshot, base: StatsSnapshot | None, table: RouteTable
         names = [v for v, _ in route.split]
         names += [v for v in route.fallback if v not in names]
         names += sorted({v for v in route.pins.values()} - set(names))
-        if route.mirror is not None and route.mirror.version not in names:
-            names.append(route.mirror.version)
+        names += [m.version for m in route.mirrors if m.version not in names]
+        mirrored = {m.version for m in route.mirrors}
         names += sorted(set(now.versions_of(route.name)) - set(names))
         weights = route.split_map
         rows = []
@@ -110,7 +111,7 @@ def stats_view(now: StatsSnapshot, base: StatsSnapshot | None, table: RouteTable
             w = weights.get(name, 0.0)
             row.update(name=name, weight=w, share=(w / total_weight if total_weight else 0.0),
                        fallback=name in route.fallback,
-                       mirror=route.mirror is not None and route.mirror.version == name,
+                       mirror=name in mirrored,
                        pinned=sum(1 for pv in route.pins.values() if pv == name), known=name in known)
             rows.append(row)
         m = route.match
@@ -122,6 +123,7 @@ def stats_view(now: StatsSnapshot, base: StatsSnapshot | None, table: RouteTable
             "pins": len(route.pins), "fallback": list(route.fallback),
             "mirror": None if route.mirror is None else {"version": route.mirror.version,
                                                          "percent": route.mirror.percent},
+            "mirrors": [{"version": m.version, "percent": m.percent} for m in route.mirrors],
             "rps": None if recent is None else round(sum(v["rps"] or 0.0 for v in rows), 3),
             "fallbacks_rps": None if recent is None or seconds <= 0 else round(
                 sum(n for (rt, _, _), n in recent.fallbacks.items() if rt == route.name) / seconds, 3),
@@ -156,7 +158,11 @@ class Observe:
     async def stats(self, request: web.Request) -> web.Response:
         now = self.snapshot()
         base = self.sampler.add(now)
-        view = stats_view(now, base, self.ctx.holder.table, self.ctx.health())
+        table = self.ctx.holder.table
+        view = stats_view(now, base, table, self.ctx.health())
+        checks = await check_views(self.ctx.store, table.state, self.ctx.settings.check_interval)
+        for v in view["versions"]:
+            v["check"] = checks.get(v["name"])
         return web.json_response(view, headers={"Cache-Control": "no-store"})
 
     async def page(self, request: web.Request) -> web.Response:

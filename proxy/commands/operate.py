@@ -316,12 +316,21 @@ def cmd_versions(args: argparse.Namespace, client: AdminClient) -> int:
             replicas = f"{h.get('healthy', 0)}/{h.get('total', len(v['instances']))}"
         instances = ", ".join(v["instances"]) or "-"
         rows.append([v["name"], v["kind"], replicas, instances, _time(v["created"]) if v["created"] else "-",
-                     ", ".join(v["routes"]) or "-", source])
+                     ", ".join(v["routes"]) or "-", _check_cell(v.get("check")), source])
     if not rows:
         print(f"no versions (revision {data['revision']})")
         return 0
-    print(_table(["VERSION", "KIND", "HEALTHY", "INSTANCES", "CREATED (UTC)", "ROUTES", "IMAGE / COMMAND"], rows))
+    print(_table(["VERSION", "KIND", "HEALTHY", "INSTANCES", "CREATED (UTC)", "ROUTES", "CHECK (UTC)",
+                  "IMAGE / COMMAND"], rows))
     return 0
+
+
+def _check_cell(check: dict[str, Any] | None) -> str:
+    """The last check's result and time: `passed 2026-12-01 10:00:00`, `FLAGGED ...` for a live failure."""
+    if not check:
+        return "-"
+    verdict = "FLAGGED" if check.get("flagged") else ("passed" if check.get("ok") else "failed")
+    return f"{verdict} {_time(check['time'])}"
 
 
 def cmd_status(args: argparse.Namespace, client: AdminClient) -> int:

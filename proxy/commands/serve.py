@@ -73,6 +73,9 @@ def add_serve_options(p: argparse.ArgumentParser, *, listen: str = "127.0.0.1:80
                    help="peer whose X-Forwarded-* headers are kept (repeatable)")
     p.add_argument("--access-log", metavar="PATH|-", help="JSON access log (off by default)")
     p.add_argument("--log-client-ids", action="store_true", help="log raw client ids instead of salted hashes")
+    p.add_argument("--check-interval", type=_seconds(zero_ok=False), default=None, metavar="SECONDS",
+                   help="re-run the check command of every version that receives traffic this often "
+                   "(default 86400: a day)")
     # A grace of 0 is meaningful (stop at once); a timeout of 0 would refuse everything.
     p.add_argument("--shutdown-grace", type=_seconds(zero_ok=True), default=None, metavar="SECONDS",
                    help=f"on SIGTERM, in-flight requests may finish within this (default {Timeouts().shutdown_grace})")
@@ -189,6 +192,7 @@ def settings_from_args(args: argparse.Namespace, routes: str | None) -> Settings
         admin_token_file=args.admin_token_file, metrics_auth=args.metrics_auth,
         trusted_proxies=tuple(trusted), access_log=pick(args.access_log, file.get("access_log"), None),
         access_log_client_ids=args.log_client_ids,
+        check_interval=pick(getattr(args, "check_interval", None), file.get("check_interval"), 86400.0),
         limits=limits, timeouts=timeouts,
         state_dir=args.state_dir, listeners=listeners,
     )

@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from proxy.changes import Change, reachable
 from proxy.errors import ConflictError, StaleRevisionError
@@ -84,6 +84,9 @@ class CheckVerdict:
     output: str  # tail of stdout+stderr
     duration: float
     time: float
+    # A failed re-check of a version that receives traffic (proxy.control.rechecks): it gains no more
+    # weight or pins until a check passes again.
+    flagged: bool = False
 
     @property
     def summary(self) -> str:
@@ -178,6 +181,8 @@ async def check_gate(store: Store, version: Version, *, actor: str, routes: tupl
     if prior is not None and prior.ok:
         return prior
     v = await run_check(version, timeout)
+    if not v.ok and prior is not None and prior.flagged:
+        v = replace(v, flagged=True)  # still failing: still flagged (only a pass unflags)
     await store.set_meta(_meta_key(version.name), json.dumps(asdict(v)))
     await record(store, actor=actor, summary=v.summary, reason=v.output, routes=routes)
     if not v.ok and not force:
@@ -223,6 +228,29 @@ def gaining(old: State, new: State) -> dict[str, tuple[str, ...]]:
     return {name: tuple(routes) for name, routes in out.items()}
 
 
+def rising(old: State, new: State, names: set[str]) -> dict[str, tuple[str, ...]]:
+    """Of `names`, those whose traffic grows on a route of `new`: weight up, more pins, or newly reachable.
+
+    What a flagged version may not get (on top of `gaining`, which only sees versions newly let in)."""
+    out: dict[str, list[str]] = {}
+    for r in new.routes:
+        before = old.route(r.name)
+        if before is r:
+            continue
+        weights_before = {} if before is None else dict(before.split)
+        pins_changed = before is None or before.pins is not r.pins
+        for name in names:
+            up = dict(r.split).get(name, 0.0) > weights_before.get(name, 0.0)
+            if not up and pins_changed and r.pins:
+                now = sum(1 for v in r.pins.values() if v == name)
+                up = now > (0 if before is None else sum(1 for v in before.pins.values() if v == name))
+            if not up:
+                up = bool(reachable(r, {name})) and (before is None or not reachable(before, {name}))
+            if up:
+                out.setdefault(name, []).append(r.name)
+    return {name: tuple(routes) for name, routes in out.items()}
+
+
 class _Ungated(Exception):
     """Raised out of a state transition that would let a version in whose check has not been asked yet."""
 
@@ -238,13 +266,27 @@ async def gated_update(store: Store, change: Callable[[State], Change], *, actor
     """
     admitted: set[str] = set()
     need: dict[str, tuple[Version, tuple[str, ...]]] = {}  # what the last try would have let in unchecked
+    # Checked versions -> flagged by a failed re-check? Read from meta the first time a change meets them
+    # (a try is stopped for it), so writes to states without checked versions read nothing more.
+    flags: dict[str, bool] = {}
+    unread: list[str] = []
 
     def guarded(state: State) -> Change:
         new, summary = change(state)
         need.clear()
+        unread.clear()
         if summary and new is not state:
-            for name, routes in gaining(state, new).items():
-                if name not in admitted:
+            found = gaining(state, new)
+            checked = [name for name, v in new.versions.items() if v.spec.check]
+            unread.extend(name for name in checked if name not in flags)
+            if unread:
+                raise _Ungated
+            flagged = {name for name in checked if flags[name]} - admitted
+            if flagged:
+                for name, routes in rising(state, new, flagged).items():
+                    found[name] = tuple(sorted(set(found.get(name, ())) | set(routes)))
+            for name, routes in found.items():
+                if name not in admitted and name in new.versions:
                     need[name] = (new.versions[name], routes)
         if need:
             raise _Ungated
@@ -255,6 +297,9 @@ async def gated_update(store: Store, change: Callable[[State], Change], *, actor
             return await store.update(guarded, actor=actor, reason=reason, expected=expected)
         except _Ungated:
             pass
+        for name in unread:
+            verdict = await last_verdict(store, name)
+            flags[name] = verdict is not None and verdict.flagged
         ran = False
         for name, (version, routes) in need.items():
             prior = await last_verdict(store, name)

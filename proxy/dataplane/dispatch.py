@@ -88,7 +88,7 @@ def start(dp: PlaneState, ex: Exchange) -> None:
     ex.head_common = ex.client.upstream_head(ex, route.name)
     if ex.id_source and cid is not None:
         ex.head_common += identity_lines(ex.id_source, cid)
-    if route.route.mirror is not None:
+    if route.route.mirrors:
         dp.mirror.consider(ex, route, dp.backends)
     backend = dp.backends.get(chain[0])
     ep = backend.pick() if backend is not None else None

@@ -73,6 +73,7 @@ class Exchange:
     replay_size: int = 0
     mirror_body: list[bytes] | None = None
     mirror_size: int = 0
+    mirror_to: tuple[str, ...] = ()  # the versions this request's copy goes to (one draw decided them all)
     sent_body: bool = False
     attempts: int = 0
     retried_same: bool = False

@@ -1,8 +1,13 @@
-"""Traffic mirroring: a share of a route's requests is copied to another version, its answer discarded.
+"""Traffic mirroring: a share of a route's requests is copied to other versions, their answers discarded.
 
-Design rule: the client never waits for, or sees, a mirrored request. Copies are chosen by a per-route
-accumulator (exact shares, no random numbers), run as separate tasks on fresh connections, bounded in
-number; a copy that does not fit (too many in flight, body over the limit) is dropped and counted.
+Design rule: the client never waits for, or sees, a mirrored request. One draw per request decides for
+every mirror of the route: the request drawn at u (in [0, 100)) is copied to each mirror whose percent is
+above u, so mirrors with equal percents see exactly the same requests, and one with a larger percent sees
+those and more. The draw is the per-route request counter's point of the base-2 van der Corput sequence:
+uniform over [0, 100) and evenly spread (any run of n requests is within about log2(n) of the exact
+share), with no random numbers, so a test can count. Copies run as separate tasks on fresh connections,
+bounded in number; a copy that does not fit (too many in flight, body over the limit) is dropped and
+counted per mirror.
 """
 
 from __future__ import annotations
@@ -21,6 +26,19 @@ if TYPE_CHECKING:
 MAX_IN_FLIGHT = 64
 
 
+def draw(n: int) -> float:
+    """The n-th point (n >= 0) of the base-2 van der Corput sequence, scaled to [0, 100): n's bits mirrored
+    behind the binary point. 0, 50, 25, 75, 12.5, 62.5, ..."""
+    x = 0.0
+    f = 50.0
+    while n:
+        if n & 1:
+            x += f
+        n >>= 1
+        f *= 0.5
+    return x
+
+
 class Mirrorer:
     def __init__(self, stats: Stats, settings: Settings) -> None:
         self.stats = stats
@@ -30,7 +48,7 @@ class Mirrorer:
         self.in_flight = 0
         # The same dict Stats.mirror fills: /metrics exports it as turnout_mirror_requests_total.
         self.counts: dict[tuple[str, str, str], int] = stats.mirrors
-        self._acc: dict[str, float] = {}
+        self._drawn: dict[str, int] = {}  # route -> requests drawn for
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
@@ -40,47 +58,51 @@ class Mirrorer:
         self.stats.mirror(route, version, code)
 
     def consider(self, ex: Exchange, route: CompiledRoute, backends: dict[str, Backend]) -> None:
-        mirror = route.route.mirror
-        if mirror is None or ex.upgrade:
+        mirrors = route.route.mirrors
+        if not mirrors or ex.upgrade:
             return
-        acc = self._acc.get(route.name, 0.0) + mirror.percent
-        take = acc >= 100.0
-        self._acc[route.name] = acc - 100.0 if take else acc
-        if not take:
+        n = self._drawn.get(route.name, 0)
+        self._drawn[route.name] = n + 1
+        u = draw(n)
+        targets = tuple(m.version for m in mirrors if u < m.percent)
+        if not targets:
             return
         if ex.cl is not None and ex.cl > self.body_limit:
-            self._count(route.name, mirror.version, "dropped")
+            for version in targets:
+                self._count(route.name, version, "dropped")
             return
+        ex.mirror_to = targets
         ex.mirror_body = []
         if ex.request_complete:
             self.send(ex, backends)
 
     def count_dropped(self, ex: Exchange) -> None:
         route = ex.route
-        if route is not None and route.route.mirror is not None:
-            self._count(route.name, route.route.mirror.version, "dropped")
+        if route is not None:
+            for version in ex.mirror_to:
+                self._count(route.name, version, "dropped")
 
     def send(self, ex: Exchange, backends: dict[str, Backend]) -> None:
         body = ex.mirror_body
         ex.mirror_body = None
         route = ex.route
-        if body is None or route is None or route.route.mirror is None:
+        if body is None or route is None:
             return
-        version = route.route.mirror.version
-        if self.in_flight >= self.max_in_flight:
-            self._count(route.name, version, "dropped")
-            return
-        backend = backends.get(version)
-        ep = backend.pick() if backend is not None else None
-        if ep is None:
-            self._count(route.name, version, "error")
-            return
-        data = b"".join([ex.head_common, b"X-Turnout-Version: " + version.encode() + b"\r\n", b"Connection: close\r\n",
-                         ex.head_tail, *body])
-        self.in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._run(route.name, version, ep, data))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        for version in ex.mirror_to:
+            if self.in_flight >= self.max_in_flight:
+                self._count(route.name, version, "dropped")
+                continue
+            backend = backends.get(version)
+            ep = backend.pick() if backend is not None else None
+            if ep is None:
+                self._count(route.name, version, "error")
+                continue
+            data = b"".join([ex.head_common, b"X-Turnout-Version: " + version.encode() + b"\r\n",
+                             b"Connection: close\r\n", ex.head_tail, *body])
+            self.in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._run(route.name, version, ep, data))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _run(self, route: str, version: str, ep: Endpoint, data: bytes) -> None:
         code = "error"

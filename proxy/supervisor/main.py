@@ -34,6 +34,7 @@ from proxy.admin.context import AdminContext
 from proxy.admin.tokens import TOKEN_FILE_NAME
 from proxy.control.canary.controller import CanaryController
 from proxy.control.leader import leader_for
+from proxy.control.rechecks import Rechecker
 from proxy.control.watcher import Watcher
 from proxy.dataplane.listener import DataPlane, start_dataplane
 from proxy.providers.containers import DockerProvider
@@ -149,6 +150,7 @@ class Supervisor:
         # once, not fatal, so `turnout deploy` works against any running proxy.
         docker = DockerProvider(self.store, leader=providers)
         canary = CanaryController(self.store, self.stats, self.health_view, self._stats_source(directory))
+        rechecks = Rechecker(self.store, self.stats, interval=s.check_interval)
         ctx = AdminContext(settings=s, store=self.store, watcher=self.watcher, stats=self.stats,
                            health=self.health_view, tokens=tokens, docker=docker, metrics_dir=directory)
         self.ctx = ctx
@@ -156,7 +158,8 @@ class Supervisor:
         await self.admin_runner.setup()
         assert self._admin_sock is not None
         await web.SockSite(self.admin_runner, self._admin_sock).start()
-        services: list[Service] = [LocalProvider(self.store, leader=providers, state_dir=sdir), canary, docker]
+        services: list[Service] = [LocalProvider(self.store, leader=providers, state_dir=sdir), canary, rechecks,
+                                   docker]
         for svc in services:
             try:
                 await svc.start()
@@ -165,6 +168,7 @@ class Supervisor:
                 log(f"{type(svc).__name__} did not start: {e}")
         # The admin API drives rollouts through the controller once it runs (a fallback one until then).
         ctx.canary = canary if canary in self.services else None
+        ctx.rechecks = rechecks if rechecks in self.services else None
 
     def _stats_source(self, directory: Path | None) -> Callable[[], StatsSnapshot]:
         return lambda: aggregate(self.stats, directory)

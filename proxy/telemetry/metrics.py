@@ -21,7 +21,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,7 +115,7 @@ class StatsSnapshot:
     answers: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (route or "", reason): rejected per route
     canary_outcomes: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (route, outcome)
     canary_aborts: Mapping[str, int] = field(default_factory=dict)  # route
-    canary_weights: Mapping[str, float] = field(default_factory=dict)  # route -> percent (gauge)
+    canary_weights: Mapping[str, Sequence[Any]] = field(default_factory=dict)  # route -> [version, percent]
     check_failed: Mapping[str, int] = field(default_factory=dict)  # version -> 0/1 (gauge)
 
     def get(self, route: str, version: str) -> VersionStats:
@@ -532,15 +532,15 @@ def families(snap: StatsSnapshot, table: RouteTable, health: Health) -> list[Met
     for route, step in sorted(snap.canary_steps.items()):
         steps.add_metric([route], step)
     out.append(steps)
-    for name, doc, label, values in (
-            ("turnout_canary_weight", "The canary's share of a route in percent, as its rollout set it.", "route",
-             snap.canary_weights),
-            ("turnout_version_check_failed", "1 while a version that receives traffic failed its last check "
-             "(re-check), else 0.", "version", snap.check_failed)):
-        fam = GaugeMetricFamily(name, doc, labels=[label])
-        for key, value in sorted(values.items()):
-            fam.add_metric([key], value)
-        out.append(fam)
+    cw = GaugeMetricFamily("turnout_canary_weight", "The canary's share of a route in percent, as its rollout set "
+                           "it (version: the canary).", labels=["route", "version"])
+    for route, (version, pct) in sorted(snap.canary_weights.items()):
+        cw.add_metric([route, version], pct)
+    failed = GaugeMetricFamily("turnout_version_check_failed", "1 while a version that receives traffic failed its "
+                               "last check (re-check), else 0.", labels=["version"])
+    for version, flag in sorted(snap.check_failed.items()):
+        failed.add_metric([version], flag)
+    out += [cw, failed]
 
     out.append(GaugeMetricFamily("turnout_state_revision", "Revision of the route table being served.",
                                  value=table.revision))

@@ -67,7 +67,7 @@ class Stats:
         # The canary judge and the re-checks (control plane, supervisor process only).
         self.canary_outcomes: dict[tuple[str, str], int] = {}  # (route, outcome): finished steps
         self.canary_aborts: dict[str, int] = {}  # route: rollouts rolled back (failed analysis or aborted)
-        self.canary_weights: dict[str, float] = {}  # route -> the canary's share in percent (gauge)
+        self.canary_weights: dict[str, list[Any]] = {}  # route -> [canary version, its share in percent] (gauge)
         self.check_failed: dict[str, int] = {}  # version -> 1 while flagged by a failed re-check (gauge)
         self.tls_handshake_errors: dict[tuple[str, str], int] = {}  # (listener, reason)
 
@@ -151,8 +151,8 @@ class Stats:
     def canary_abort(self, route: str) -> None:
         self.canary_aborts[route] = self.canary_aborts.get(route, 0) + 1
 
-    def canary_weight(self, route: str, percent: float) -> None:
-        self.canary_weights[route] = percent
+    def canary_weight(self, route: str, version: str, percent: float) -> None:
+        self.canary_weights[route] = [version, percent]
 
     def version_check(self, version: str, failed: bool) -> None:
         self.check_failed[version] = 1 if failed else 0

@@ -133,11 +133,11 @@ async def test_versions_command(cli: Cli, routes_file: Path) -> None:
     await cli("apply", str(routes_file))
     r = await cli("versions")
     lines = r.out.splitlines()
-    assert lines[0].split() == ["VERSION", "KIND", "HEALTHY", "INSTANCES", "CREATED", "(UTC)", "ROUTES", "IMAGE", "/",
-                                "COMMAND"]
-    # This test's proxy reports no health yet: 0 of the version's 1 instance is known healthy.
+    assert lines[0].split() == ["VERSION", "KIND", "HEALTHY", "INSTANCES", "CREATED", "(UTC)", "ROUTES", "CHECK",
+                                "(UTC)", "IMAGE", "/", "COMMAND"]
+    # This test's proxy reports no health yet: 0 of the version's 1 instance is known healthy; no checks.
     assert [line.split()[:4] + line.split()[6:] for line in lines[1:]] == [
-        ["v1", "static", "0/1", EP1, "web"], ["v2", "static", "0/1", EP2, "-"]]
+        ["v1", "static", "0/1", EP1, "web", "-"], ["v2", "static", "0/1", EP2, "-", "-"]]
     data = json.loads((await cli("versions", "--json")).out)
     assert [v["name"] for v in data["versions"]] == ["v1", "v2"]
 

@@ -135,7 +135,7 @@ def test_gaining_names_every_way_a_checked_version_gets_traffic() -> None:
     assert gaining(old, with_web(split=(("v1", 100.0), ("v4", 1.0)))) == {"v4": ("web",)}
     assert gaining(old, with_web(pins={"bob": "v4"})) == {"v4": ("web",)}
     assert gaining(old, with_web(fallback=("v1", "v4"))) == {"v4": ("web",)}
-    assert gaining(old, with_web(mirror=Mirror("v4", 10.0))) == {"v4": ("web",)}
+    assert gaining(old, with_web(mirrors=(Mirror("v4", 10.0),))) == {"v4": ("web",)}
     # With an assignment cookie a weight-0 version is served to whoever sends its name in the cookie.
     assert gaining(old, with_web(split=(("v1", 100.0), ("v4", 0.0)), assignment_cookie="tv")) == {"v4": ("web",)}
     both = replace(old, routes=(web, Route("api", split=(("v4", 1.0),))))

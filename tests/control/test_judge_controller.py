@@ -49,7 +49,7 @@ async def test_a_metric_between_its_bounds_pauses_with_an_event_and_no_traffic_c
         "canary", "canary web: v2 inconclusive at 50% (step 2/3); paused", ("web",))
     assert event.info.reason.startswith("inconclusive error_rate 3.00% between")
     assert world.stats.canary_outcomes == {("web", "pass"): 1, ("web", "inconclusive"): 1}
-    assert world.stats.canary_weights == {"web": 50.0}
+    assert world.stats.canary_weights == {"web": ["v2", 50.0]}
     # Each finished step's analysis is kept for the chart; the API names the bounds pass/fail.
     view = rollout_view(r)
     assert [(a["step"], a["percent"], a["verdict"]) for a in view["analyses"]] == [
@@ -101,7 +101,7 @@ async def test_relative_latency_fails_and_counts_an_abort(world: World) -> None:
     assert r is not None and r.status == "rolled_back"
     assert r.analysis is not None and [m.outcome for m in r.analysis.metrics] == ["pass", "fail"]
     assert r.message.startswith("canary web: rolled back v2 to 0%; analysis failed at 10%: pass error_rate 0.00% ok")
-    assert (world.stats.canary_aborts, world.stats.canary_weights) == ({"web": 1}, {"web": 0.0})
+    assert (world.stats.canary_aborts, world.stats.canary_weights) == ({"web": 1}, {"web": ["v2", 0.0]})
     assert world.stats.canary_outcomes == {("web", "fail"): 1}
 
 

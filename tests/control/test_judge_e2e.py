@@ -47,7 +47,7 @@ async def test_a_canary_between_pass_and_fail_pauses_inconclusive(stack: Stack) 
     async with aiohttp.ClientSession() as s, s.get(f"{stack.admin_url}/metrics") as r:
         text = await r.text()
     assert 'turnout_canary_steps_total{outcome="inconclusive",route="web"} 1.0' in text.splitlines()
-    assert 'turnout_canary_weight{route="web"} 20.0' in text.splitlines()
+    assert 'turnout_canary_weight{route="web",version="v2"} 20.0' in text.splitlines()
     # Abort: rolled back, counted.
     code, out, _ = await stack.cli("canary", "abort", "web", "--json")
     assert (code, json.loads(out)["status"]) == (0, "aborted")

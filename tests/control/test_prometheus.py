@@ -64,6 +64,8 @@ def test_queries() -> None:
                   '(sum(increase(turnout_fallbacks_total{route="web",from_version=~"v1|v1\\\\.2"}[60s])) '
                   'or vector(0))',
         "p99": f"histogram_quantile(0.99, sum by (le) (rate(turnout_request_duration_seconds_bucket{{{sel}}}[60s])))",
+        "p50": f"histogram_quantile(0.5, sum by (le) (rate(turnout_request_duration_seconds_bucket{{{sel}}}[60s])))",
+        "p90": f"histogram_quantile(0.9, sum by (le) (rate(turnout_request_duration_seconds_bucket{{{sel}}}[60s])))",
     }
     # never below one second
     assert prometheus_queries("web", ["v2"], 0.2)["requests"].count("[1s]))") == 2
@@ -82,10 +84,10 @@ def test_parse_values() -> None:
 
 async def test_window_from_a_fake_prometheus(prom: FakePrometheus) -> None:
     q = prometheus_queries("web", ["v2"], 10)
-    prom.answers = {q["requests"]: "250", q["errors"]: "5", q["p99"]: "0.042"}
+    prom.answers = {q["requests"]: "250", q["errors"]: "5", q["p99"]: "0.042", q["p50"]: "0.01"}
     w = await PrometheusSource(prom.url).window("web", ["v2"], 10)
-    assert w == Window(250, 5, 0.042)
-    assert prom.seen == [q["requests"], q["errors"], q["p99"]]
+    assert w == Window(250, 5, 0.042, 0.01, None)
+    assert prom.seen == [q["requests"], q["errors"], q["p99"], q["p50"], q["p90"]]
     # No series at all (a version with no traffic yet): zero requests, no p99.
     assert await PrometheusSource(prom.url).window("web", ["v9"], 10) == Window(0, 0, None)
 

@@ -291,7 +291,7 @@ async def test_mirror_copies_share_and_is_bounded_when_target_hangs(upstreams) -
 
     a = await upstreams(name="a")
     m = await upstreams(hanging, name="m")
-    t = table([version("v1", a), version("vm", m)], [simple_route(("v1", 1.0), mirror=Mirror("vm", 50.0))])
+    t = table([version("v1", a), version("vm", m)], [simple_route(("v1", 1.0), mirrors=(Mirror("vm", 50.0),))])
     p = await proxy_for(t)
     p.dp.mirror.max_in_flight = 3
     try:

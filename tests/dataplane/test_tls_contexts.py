@@ -245,7 +245,7 @@ async def test_a_mirror_to_an_https_version_goes_over_tls(certs: Certs, tls_upst
     plain = await upstreams(name="a")
     v1 = Version("v1", VersionSpec(kind="static", endpoints=(plain.url,)), (plain.url,))
     v2 = https_version("v2", up, UpstreamTLS(ca=certs.ca))
-    p = await start_proxy(table([v1, v2], [simple_route(("v1", 1.0), mirror=Mirror("v2", 100.0))]))
+    p = await start_proxy(table([v1, v2], [simple_route(("v1", 1.0), mirrors=(Mirror("v2", 100.0),))]))
     c = await Client.open(p.port)
     try:
         r = await c.get("/copy")

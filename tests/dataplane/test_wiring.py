@@ -80,7 +80,7 @@ async def test_access_log_off_by_default(upstreams) -> None:  # type: ignore[no-
 async def test_mirror_outcomes_reach_stats(upstreams) -> None:  # type: ignore[no-untyped-def]
     a, m = await upstreams(name="a"), await upstreams(name="m")
     p = await start_proxy(table([version("v1", a), version("vm", m)],
-                                [simple_route(("v1", 1.0), mirror=Mirror("vm", 100.0))]))
+                                [simple_route(("v1", 1.0), mirrors=(Mirror("vm", 100.0),))]))
     try:
         c = await Client.open(p.port)
         for _ in range(2):

@@ -20,6 +20,7 @@ from tests.observability.conftest import Admin, traffic
 
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
+RELEASE_DASHBOARD = MONITORING / "grafana-release-dashboard.json"
 ALERTS = MONITORING / "alerts.yaml"
 # turnout_* metric names; recording-rule names (turnout:...) and label names after `{` are not matched.
 METRIC_RE = re.compile(r"(?<![\w:])turnout_[a-z0-9_]+\b")
@@ -27,8 +28,8 @@ RECORD_RE = re.compile(r"(?<![\w:])turnout:[a-z0-9_:]+")
 DURATION_RE = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
 
 
-def dashboard_exprs() -> list[str]:
-    dash = json.loads(DASHBOARD.read_text())
+def dashboard_exprs(path: Path = DASHBOARD) -> list[str]:
+    dash = json.loads(path.read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
     exprs += [a["expr"] for a in dash["annotations"]["list"] if "expr" in a]
     exprs += [v["definition"] for v in dash["templating"]["list"] if v["type"] == "query"]
@@ -54,6 +55,10 @@ async def live_metric_names(admin: Admin) -> set[str]:
     s.tls_handshake_error("public", "protocol_version")
     s.canary_step("web", 1)
     s.canary_analysis("web", "pass")
+    s.canary_step_outcome("web", "inconclusive")
+    s.canary_abort("web")
+    s.canary_weight("web", "v2", 5.0)
+    s.version_check("v2", True)
     s.connection("downstream", 1)
     s.applied += 1
     s.apply_errors += 1
@@ -71,6 +76,12 @@ async def live_metric_names(admin: Admin) -> set[str]:
 async def test_every_metric_used_by_dashboard_and_alerts_is_exported(admin: Admin) -> None:
     live = await live_metric_names(admin)
     used_dashboard = {m for e in dashboard_exprs() for m in METRIC_RE.findall(e)}
+    used_release = {m for e in dashboard_exprs(RELEASE_DASHBOARD) for m in METRIC_RE.findall(e)}
+    assert used_release - live == set()
+    # The release dashboard: canary vs baseline traffic and latency, the rollout's gauges and the judge.
+    assert {"turnout_requests_total", "turnout_request_duration_seconds_bucket", "turnout_canary_weight",
+            "turnout_canary_step", "turnout_canary_steps_total", "turnout_canary_aborts_total",
+            "turnout_version_check_failed"} <= used_release
     used_alerts = {m for r in rules() for m in METRIC_RE.findall(r["expr"])}
     assert used_dashboard - live == set()
     assert used_alerts - live == set()
@@ -79,7 +90,8 @@ async def test_every_metric_used_by_dashboard_and_alerts_is_exported(admin: Admi
             "turnout_fallbacks_total", "turnout_endpoint_up", "turnout_state_revision"} <= used_dashboard
     # The error-ratio alert judges a version by the traffic of the others, not by the weights.
     assert {"turnout_requests_total", "turnout_route_healthy_versions",
-            "turnout_fallbacks_total", "turnout_state_apply_errors_total"} <= used_alerts
+            "turnout_fallbacks_total", "turnout_state_apply_errors_total",
+            "turnout_version_check_failed"} <= used_alerts
 
 
 def test_rules_file_structure() -> None:
@@ -106,7 +118,7 @@ def test_rules_file_structure() -> None:
     assert used_records <= recorded
     assert alerts == ["TurnoutVersionErrorRatioAboveBaseline", "TurnoutRouteNoHealthyVersion",
                       "TurnoutFallbacksHappening", "TurnoutStateApplyErrors", "TurnoutWorkerStale",
-                      "TurnoutAccessLogDropping"]
+                      "TurnoutAccessLogDropping", "TurnoutVersionCheckFailed"]
 
 
 def test_dashboard_structure() -> None:
@@ -119,6 +131,26 @@ def test_dashboard_structure() -> None:
         assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         assert p["targets"] and all(t["expr"] for t in p["targets"])
     assert [v["name"] for v in dash["templating"]["list"]] == ["datasource", "instance", "route"]
+
+
+def test_release_dashboard_structure() -> None:
+    dash = json.loads(RELEASE_DASHBOARD.read_text())
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    assert dash["uid"] != json.loads(DASHBOARD.read_text())["uid"]
+    for p in dash["panels"]:
+        if p["type"] != "row":
+            assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+            assert p["targets"] and all(t["expr"] for t in p["targets"])
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert list(variables) == ["datasource", "instance", "route", "canary"]
+    # One route at a time, and its canary: the version its rollout reports on turnout_canary_weight.
+    assert (variables["route"]["multi"], variables["canary"]["multi"]) == (False, False)
+    assert variables["canary"]["definition"] == 'label_values(turnout_canary_weight{route="$route"}, version)'
+    side_by_side = {p["title"]: [t["legendFormat"] for t in p["targets"]] for p in dash["panels"] if p["type"] != "row"}
+    for title in ("Request rate", "5xx ratio", "p50 latency", "p99 latency"):
+        assert side_by_side[title] == ["canary $canary", "baseline"]
+    assert [a["name"] for a in dash["annotations"]["list"]][1:] == ["State revisions", "Canary steps"]
 
 
 def test_split_panels_are_per_route() -> None:
@@ -174,10 +206,12 @@ def test_promtool_checks_and_unit_tests_the_rules() -> None:
     assert unit.returncode == 0, unit.stdout + unit.stderr
 
 
-def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dashboard", [DASHBOARD, RELEASE_DASHBOARD], ids=["overview", "release"])
+def test_promtool_parses_every_dashboard_query(tmp_path: Path, dashboard: Path) -> None:
     tool = promtool()
-    exprs = [e.replace("$__rate_interval", "5m").replace("$route", ".*").replace("$instance", ".*")
-             for e in dashboard_exprs() if not e.startswith("label_values(")]
+    exprs = [e.replace("$__rate_interval", "5m").replace("$__range", "1h").replace("$route", ".*")
+             .replace("$instance", ".*").replace("$canary", "v2")
+             for e in dashboard_exprs(dashboard) if not e.startswith("label_values(")]
     doc = {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:expr_{i}", "expr": e}
                                                       for i, e in enumerate(exprs)]}]}
     path = tmp_path / "dashboard-rules.yaml"

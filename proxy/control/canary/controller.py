@@ -148,7 +148,7 @@ class CanaryController:
         self._windows[r.config.route] = w
         # Also after a restart or a change of leader: the gauge lives in this process's Stats.
         self.stats.canary_step(r.config.route, r.step + 1)
-        self.stats.canary_weight(r.config.route, r.config.steps[r.step])
+        self.stats.canary_weight(r.config.route, r.config.canary, r.config.steps[r.step])
         return w
 
     def next_analysis(self, route: str) -> float | None:
@@ -213,6 +213,9 @@ class CanaryController:
             return await self._promote(r, a, now)
         version = state.versions[cfg.canary]
         why = gates.version_ready(version, self.health())
+        flagged = await gates.last_verdict(self.store, cfg.canary)
+        if why is None and flagged is not None and flagged.flagged:
+            why = f"version {cfg.canary!r} is flagged by a failed re-check ({flagged.summary})"
         if why is not None:
             return await self._save(replace(r, message=f"analysis passed but not stepping: {why}"))
         return await self._set_step(r, nxt, f"analysis passed at {cfg.steps[r.step]:g}%: {a.reason}", now)
@@ -257,7 +260,7 @@ class CanaryController:
                   f"{old} kept registered (weight 0) for fallback")
         r = replace(await self._apply(r, weights, reason), step=len(cfg.steps) - 1)
         self.stats.canary_step(cfg.route, len(cfg.steps))
-        self.stats.canary_weight(cfg.route, 100.0)
+        self.stats.canary_weight(cfg.route, cfg.canary, 100.0)
         return await self._finish(r, "promoted", reason, now)
 
     async def _roll_back(self, r: Rollout, status: Status, why: str, now: float) -> Rollout:
@@ -266,7 +269,7 @@ class CanaryController:
         reason = f"canary {cfg.route}: rolled back {cfg.canary} to 0%; {why}"
         r = await self._apply(r, weights, reason)
         self.stats.canary_step(cfg.route, 0)
-        self.stats.canary_weight(cfg.route, 0.0)
+        self.stats.canary_weight(cfg.route, cfg.canary, 0.0)
         self.stats.canary_abort(cfg.route)
         return await self._finish(r, status, reason, now)
 

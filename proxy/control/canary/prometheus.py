@@ -28,7 +28,7 @@ def _prom_regex(names: Iterable[str]) -> str:
 
 
 def prometheus_queries(route: str, versions: Iterable[str], seconds: float) -> dict[str, str]:
-    """PromQL for one side of the comparison over the last `seconds`: requests, errors and p99.
+    """PromQL for one side of the comparison over the last `seconds`: requests, errors, p99 (p50, p90).
 
     Errors as proxy.control.canary.analysis.counters_of counts them: 5xx answers plus requests moved away down the
     route's fallback chain (also counted as requests of the version), both on this route only.
@@ -42,6 +42,9 @@ def prometheus_queries(route: str, versions: Iterable[str], seconds: float) -> d
         "errors": f'(sum(increase({PROM_REQUESTS}{{{sel},code=~"5.."}}{rng})) or vector(0))'
                   f" + (sum(increase({PROM_FALLBACKS}{{{fsel}}}{rng})) or vector(0))",
         "p99": f"histogram_quantile(0.99, sum by (le) (rate({PROM_DURATION_BUCKET}{{{sel}}}{rng})))",
+        # For the judge's rules on other quantiles (proxy.control.canary.judge).
+        "p50": f"histogram_quantile(0.5, sum by (le) (rate({PROM_DURATION_BUCKET}{{{sel}}}{rng})))",
+        "p90": f"histogram_quantile(0.9, sum by (le) (rate({PROM_DURATION_BUCKET}{{{sel}}}{rng})))",
     }
 
 
@@ -79,4 +82,5 @@ class PrometheusSource:
             for name, q in queries.items():
                 async with session.get(f"{self.url}/api/v1/query", params={"query": q}) as resp:
                     values[name] = parse_prometheus_value(await resp.json(content_type=None))
-        return Window(round(values["requests"] or 0), round(values["errors"] or 0), values["p99"])
+        return Window(round(values["requests"] or 0), round(values["errors"] or 0), values["p99"], values["p50"],
+                      values["p90"])
