@@ -59,7 +59,7 @@ async def test_mirrored_answers_are_counted_per_version_and_code() -> None:
     main = await Upstream(name="v1").start()
     shadow = await Upstream(handler=_fail, name="v2").start()
     t = table([version("v1", main), version("v2", shadow)],
-              [simple_route(("v1", 1.0), name="web", mirror=Mirror("v2", 100.0))])
+              [simple_route(("v1", 1.0), name="web", mirrors=(Mirror("v2", 100.0),))])
     p = await start_proxy(t)
     try:
         base = aggregate(p.stats, None)
