@@ -54,6 +54,10 @@ class VersionSpec:
     labels: tuple[tuple[str, str], ...] = ()
     check: tuple[str, ...] = ()  # gate command that must exit 0 before the version may get traffic
     tls: UpstreamTLS | None = None  # static https:// endpoints only; None there means verified defaults
+    # Zones (proxy.zones): static: (endpoint URL, zone) for the endpoints given with one; local: at most one,
+    # where its processes run (none: the proxy's); docker: the zones (engines) replicas are spread over.
+    endpoint_zones: tuple[tuple[str, str], ...] = ()
+    zones: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,8 @@ class Version:
     # Current instances. For static versions this is spec.endpoints; providers update it for the others.
     endpoints: tuple[str, ...]
     created: float = 0.0
+    # (endpoint URL, zone) of the current instances whose zone is known (static: spec.endpoint_zones).
+    zones: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +142,8 @@ class Route:
     pins_require_verified: bool = False
     # No verified id: 401, nothing goes upstream.
     require_identity: bool = False
+    # Endpoints of the chosen version in the proxy's own zone first (proxy.zones); False: round robin over all.
+    zone_affinity: bool = True
 
     @property
     def split_map(self) -> dict[str, float]:

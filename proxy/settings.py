@@ -85,6 +85,10 @@ class Settings:
     state_dir: str | None = None  # where the admin token and default database live
     # Every listener of the proxy; empty means one cleartext listener on `listen` (see listeners_of).
     listeners: tuple[Listener, ...] = ()
+    # The zone this replica runs in (proxy.zones): endpoints there first. None: zones play no part.
+    zone: str | None = None
+    # Docker engines, one per zone: (zone, engine URL like unix:///run/a.sock); empty: the default engine.
+    docker_engines: tuple[tuple[str, str], ...] = ()
 
 
 def listeners_of(settings: Settings) -> tuple[Listener, ...]:

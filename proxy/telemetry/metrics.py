@@ -112,6 +112,7 @@ class StatsSnapshot:
     identity_rejected: Mapping[tuple[str, str, str], int] = field(default_factory=dict)  # (route, source, reason)
     stale_workers: tuple[str, ...] = ()  # ... of which these stopped publishing (dead or hung)
     tls_handshake_errors: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (listener, reason)
+    zone_requests: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (version, endpoint zone)
 
     def get(self, route: str, version: str) -> VersionStats:
         return self.cells.get((route, version), EMPTY_VERSION_STATS)
@@ -139,6 +140,7 @@ class StatsSnapshot:
             stale_workers=self.stale_workers,
             identity_rejected=_minus(self.identity_rejected, older.identity_rejected),
             tls_handshake_errors=_minus(self.tls_handshake_errors, older.tls_handshake_errors),
+            zone_requests=_minus(self.zone_requests, older.zone_requests),
         )
 
 
@@ -174,7 +176,7 @@ class _Sum:
         self.cells: dict[tuple[str, str], list[Any]] = {}  # [codes, dsum, bin, bout, hist, uerr]
         self.counters: dict[str, dict[Any, int]] = {
             "upstream_errors": {}, "fallbacks": {}, "retries": {}, "rejected": {}, "mirrors": {},
-            "canary_results": {}, "identity_rejected": {}, "tls_handshake_errors": {},
+            "canary_results": {}, "identity_rejected": {}, "tls_handshake_errors": {}, "zone_requests": {},
         }
         self.scalars = {"applied": 0, "apply_errors": 0, "access_log_dropped": 0}
         self.connections: dict[str, int] = {"downstream": 0, "upstream": 0}
@@ -203,6 +205,7 @@ class _Sum:
         _add(c["canary_results"], ((tuple(x[:-1]), x[-1]) for x in wire.get("canary_results", ())))
         _add(c["identity_rejected"], ((tuple(x[:-1]), x[-1]) for x in wire.get("identity_rejected", ())))
         _add(c["tls_handshake_errors"], ((tuple(x[:-1]), x[-1]) for x in wire.get("tls_handshake_errors", ())))
+        _add(c["zone_requests"], ((tuple(x[:-1]), x[-1]) for x in wire.get("zone_requests", ())))
         for k in self.scalars:
             self.scalars[k] += int(wire.get(k, 0))
         if gauges:
@@ -224,6 +227,7 @@ class _Sum:
             "canary_results": [[*k, n] for k, n in c["canary_results"].items()],
             "identity_rejected": [[*k, n] for k, n in c["identity_rejected"].items()],
             "tls_handshake_errors": [[*k, n] for k, n in c["tls_handshake_errors"].items()],
+            "zone_requests": [[*k, n] for k, n in c["zone_requests"].items()],
             **self.scalars,
         }
 
@@ -242,7 +246,7 @@ class _Sum:
             access_log_dropped=self.scalars["access_log_dropped"], canary_steps=self.canary_steps,
             canary_results=c["canary_results"], workers=workers, stale_workers=stale,
             identity_rejected=c["identity_rejected"],
-            tls_handshake_errors=c["tls_handshake_errors"])
+            tls_handshake_errors=c["tls_handshake_errors"], zone_requests=c["zone_requests"])
 
 
 def _add(into: dict[Any, int], items: Iterable[tuple[Any, int]]) -> None:
@@ -474,6 +478,8 @@ def families(snap: StatsSnapshot, table: RouteTable, health: Health) -> list[Met
     out.append(_counter("turnout_tls_handshake_errors", "TLS handshakes that failed, by listener and reason "
                         "(protocol_version, client_certificate, timeout, not_tls, closed, ...); none reached "
                         "an upstream.", ["listener", "reason"], snap.tls_handshake_errors))
+    out.append(_counter("turnout_upstream_requests", "Upstream attempts to endpoints of a known zone, by version "
+                        "and the endpoint's zone.", ["version", "zone"], snap.zone_requests))
     out.append(_counter("turnout_canary_analysis", "Canary analysis rounds, by route and result.",
                         ["route", "result"], snap.canary_results))
 
@@ -492,11 +498,13 @@ def families(snap: StatsSnapshot, table: RouteTable, health: Health) -> list[Met
         healthy.add_metric([r.name], sum(1 for v in serving if _version_healthy(table, health, v)))
     out += [weight, pins, healthy]
 
-    up = GaugeMetricFamily("turnout_endpoint_up", "1 when the endpoint is considered healthy, else 0.",
-                           labels=["version", "endpoint"])
+    up = GaugeMetricFamily("turnout_endpoint_up", "1 when the endpoint is considered healthy, else 0 (zone: "
+                           "where it runs, \"\" when unknown).", labels=["version", "endpoint", "zone"])
     for version in sorted(health):
+        v = table.versions.get(version)
+        zones = dict(v.zones) if v is not None else {}
         for endpoint, ok in sorted(health[version].items()):
-            up.add_metric([version, endpoint], 1.0 if ok else 0.0)
+            up.add_metric([version, endpoint, zones.get(endpoint, "")], 1.0 if ok else 0.0)
     out.append(up)
 
     conns = GaugeMetricFamily("turnout_connections", "Open connections, downstream (clients) and upstream.",

@@ -63,6 +63,7 @@ class Stats:
         self.canary_steps: dict[str, int] = {}
         self.canary_results: dict[tuple[str, str], int] = {}
         self.tls_handshake_errors: dict[tuple[str, str], int] = {}  # (listener, reason)
+        self.zone_requests: dict[str, dict[str, int]] = {}  # version -> zone of the endpoint -> attempts
 
     def __repr__(self) -> str:
         n = sum(sum(c.codes.values()) for vs in self.cells.values() for c in vs.values())
@@ -97,6 +98,14 @@ class Stats:
             except KeyError:
                 c = self._cell(route, version)
             c.upstream_errors += 1
+
+    def zone_request(self, version: str, zone: str) -> None:
+        """An upstream attempt to an endpoint of known zone (zones only: endpoints never become labels)."""
+        try:
+            by_zone = self.zone_requests[version]
+        except KeyError:
+            by_zone = self.zone_requests[version] = {}
+        by_zone[zone] = by_zone.get(zone, 0) + 1
 
     def fallback(self, route: str, from_version: str, to_version: str) -> None:
         key = (route, from_version, to_version)
@@ -165,4 +174,5 @@ class Stats:
             "canary_steps": dict(self.canary_steps),
             "canary_results": [[r, res, n] for (r, res), n in self.canary_results.items()],
             "tls_handshake_errors": [[li, r, n] for (li, r), n in self.tls_handshake_errors.items()],
+            "zone_requests": [[v, z, n] for v, zs in self.zone_requests.items() for z, n in zs.items()],
         }
