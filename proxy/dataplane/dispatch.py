@@ -261,6 +261,16 @@ def upstream_failed(dp: PlaneState, ex: Exchange, conn: UpstreamSide | None, kin
             dp.stats.retry(route.name)
             connect(dp, ex, fresh=True)
             return
+        b = dp.backends.get(ex.version) if connect_failed else None
+        other = b.pick_other(ep, route.route.zone_affinity) if b is not None else None
+        if other is not None:
+            # Zones: another endpoint of the same version first (proxy.dataplane.pool.Backend.pick_other).
+            ex.endpoint = other
+            ex.retried = True
+            ex.sent_body = False
+            dp.stats.retry(route.name)
+            connect(dp, ex)
+            return
         failed = ex.version
         if next_version(dp, ex, ex.idx + 1) >= 0 or spread(dp, ex) >= 0:
             dp.stats.retry(route.name)

@@ -179,9 +179,8 @@ class Backend:
         self.stale = True  # the cycle must be (re)built before the next zone-aware pick
         self._cycle: list[Endpoint] = []
         self._at = 0
-        if self.zoned:
-            for e in endpoints:
-                e.owner = self
+        for e in endpoints:
+            e.owner = self if self.zoned else None
 
     def __repr__(self) -> str:
         healthy = sum(1 for e in self.endpoints if e.healthy)
@@ -211,6 +210,30 @@ class Backend:
             ep = eps[i]
             i += 1
             if ep.active_ok and not ep.ejected:
+                self._next = i
+                return ep
+        return None
+
+    def pick_other(self, failed: Endpoint, affinity: bool) -> Endpoint | None:
+        """After a failed connect to `failed`, another endpoint of this version to try: healthy and without a
+        failure since its last success, by the zone rule first, then any zone. Zone-aware backends only (a
+        lost zone must not fail requests before its checks notice); None otherwise, and then the fallback
+        chain moves on as without zones."""
+        if not self.zoned:
+            return None
+        for _ in range(len(self._cycle) if affinity else 0):
+            ep = self.pick(True)
+            if ep is not None and ep is not failed and ep.failures == 0:
+                return ep
+        eps = self.endpoints
+        n = len(eps)
+        i = self._next
+        for _ in range(n):
+            if i >= n:
+                i = 0
+            ep = eps[i]
+            i += 1
+            if ep is not failed and ep.failures == 0 and ep.active_ok and not ep.ejected:
                 self._next = i
                 return ep
         return None
