@@ -156,7 +156,8 @@ class Supervisor:
         await self.admin_runner.setup()
         assert self._admin_sock is not None
         await web.SockSite(self.admin_runner, self._admin_sock).start()
-        services: list[Service] = [LocalProvider(self.store, leader=providers, state_dir=sdir), canary, docker]
+        services: list[Service] = [LocalProvider(self.store, leader=providers, state_dir=sdir,
+                                                     zone=self.settings.zone), canary, docker]
         for svc in services:
             try:
                 await svc.start()
