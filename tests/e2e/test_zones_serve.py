@@ -33,7 +33,7 @@ class Servers:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 if self.path != "/healthz":
                     with lock:
                         counts[name] += 1
