@@ -90,6 +90,12 @@ def endpoint_weights(zones: Sequence[str], healthy: Sequence[bool], local: str |
     return [w // g for w in weights] if g else weights
 
 
+def slot_zones(replicas: int, zones: Sequence[str]) -> list[str]:
+    """The zone of each replica slot: slot i in zones[i % len(zones)], so scaling up or down by one moves no
+    other replica, and the counts are spread_replicas'. Empty without zones."""
+    return [zones[i % len(zones)] for i in range(replicas)] if zones else []
+
+
 def spread_replicas(replicas: int, zones: Sequence[str]) -> dict[str, int]:
     """How many replicas each zone runs: as even as possible, the remainder to the first zones listed."""
     if not zones:

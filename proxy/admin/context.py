@@ -16,6 +16,7 @@ from proxy.control.canary.controller import CanaryController
 from proxy.control.gates import HealthView
 from proxy.control.watcher import Watcher
 from proxy.providers.containers import DockerProvider
+from proxy.providers.docker_zones import DockerZones
 from proxy.settings import Settings
 from proxy.store.base import Store
 from proxy.table import TableHolder
@@ -35,8 +36,8 @@ class AdminContext:
     tokens: Mapping[str, str] = field(default_factory=dict)
     # The process's canary controller, when it runs one (the admin API then sends commands to it).
     canary: CanaryController | None = None
-    # The running Docker provider, when the supervisor started one.
-    docker: DockerProvider | None = None
+    # The running Docker provider, when the supervisor started one (one engine per zone: DockerZones).
+    docker: DockerProvider | DockerZones | None = None
     # The directory worker processes publish their statistics into (None with a single process).
     metrics_dir: Path | None = None
 

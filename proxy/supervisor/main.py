@@ -37,6 +37,7 @@ from proxy.control.leader import leader_for
 from proxy.control.watcher import Watcher
 from proxy.dataplane.listener import DataPlane, start_dataplane
 from proxy.providers.containers import DockerProvider
+from proxy.providers.docker_zones import DockerZones
 from proxy.providers.local import LocalProvider
 from proxy.settings import Settings, listeners_of
 from proxy.store import open_store
@@ -147,7 +148,8 @@ class Supervisor:
         providers = leader_for(self.store, "providers")
         # Always on: with no docker versions it only watches the store, and an absent engine is reported
         # once, not fatal, so `turnout deploy` works against any running proxy.
-        docker = DockerProvider(self.store, leader=providers)
+        docker = DockerZones(self.store, s.docker_engines, leader=providers) if s.docker_engines else \
+            DockerProvider(self.store, leader=providers)
         canary = CanaryController(self.store, self.stats, self.health_view, self._stats_source(directory))
         ctx = AdminContext(settings=s, store=self.store, watcher=self.watcher, stats=self.stats,
                            health=self.health_view, tokens=tokens, docker=docker, metrics_dir=directory)
