@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -27,10 +29,12 @@ from tests.dataplane.helpers import Client, start_proxy
 
 from .conftest import Images, _require_engine
 from .engine import Dockerd
+from .helpers import free_port, http, wait_until
 
 pytestmark = pytest.mark.docker
 
 A, B = "eu-1a", "eu-1b"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def until(check: Callable[[], Awaitable[Any]], timeout: float = 30.0, what: str = "condition") -> Any:
@@ -193,3 +197,41 @@ async def test_replicas_spread_over_two_engines_stay_spread_and_survive_an_engin
         assert containers(second_engine) == on_b
     finally:
         await proxy.dp.shutdown(0.5)
+
+
+@pytest.mark.slow
+def test_serve_with_two_engines_deploys_spread_and_versions_shows_replicas_per_zone(
+        tmp_path: Path, images: Images, clean_engine: Dockerd, second_engine: Dockerd) -> None:
+    config = tmp_path / "turnout.yaml"
+    config.write_text(f"zone: {A}\ndocker:\n  engines: {{{A}: '{clean_engine.url}', {B}: '{second_engine.url}'}}\n")
+    port, admin = free_port(), free_port()
+    env = {**os.environ, "TURNOUT_ADMIN_TOKEN": "t", "TURNOUT_ADMIN": f"http://127.0.0.1:{admin}"}
+    log = open(tmp_path / "serve.log", "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--listen",
+                             f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--state-dir",
+                             str(tmp_path / "state"), "--store", f"sqlite://{tmp_path}/state.db"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "proxy", *args], cwd=ROOT, env=env, text=True,
+                              capture_output=True, timeout=90, check=False)
+
+    try:
+        wait_until(lambda: http("GET", f"http://127.0.0.1:{admin}/readyz")[0] == 200, what="readyz")
+        r = cli("deploy", "v1", "--image", images.v1, "--replicas", "4", "--zones", f"{A},eu-1c", "--network",
+                "host", "--health-interval", "0.2")
+        assert (r.returncode, r.stderr.strip().splitlines()[-1]) == (
+            1, f"  zones[1]: no Docker engine for zone 'eu-1c' (this proxy's docker.engines: {A}, {B})")
+        r = cli("deploy", "v1", "--image", images.v1, "--replicas", "4", "--zones", f"{A},{B}", "--network",
+                "host", "--health-interval", "0.2")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "v1: 4/4 healthy" in r.stdout
+        assert (len(containers(clean_engine)), len(containers(second_engine))) == (2, 2)
+        r = cli("versions")
+        assert r.returncode == 0, r.stdout + r.stderr
+        row = next(ln for ln in r.stdout.splitlines() if ln.startswith("v1 "))
+        assert f"4/4 ({A} 2/2, {B} 2/2)" in row
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
