@@ -38,8 +38,6 @@ def zone_view(v: Version, health: Mapping[str, bool] | None, local: str | None, 
         if health is not None and good:
             row["healthy"] += 1
         row["share"] += w / total if total else 0.0
-    for row in rows.values():
-        row["share"] = round(row["share"], 6)
     leaving = None
     measured = None
     if local is not None:
@@ -50,4 +48,6 @@ def zone_view(v: Version, health: Mapping[str, bool] | None, local: str | None, 
             if sum(counts.values()):
                 measured = round(sum(n for z, n in counts.items() if z != local) / sum(counts.values()), 6)
                 break
+    for row in rows.values():
+        row["share"] = round(row["share"], 6)
     return {"zones": [rows[z] for z in sorted(rows)], "leaving": leaving, "leaving_measured": measured}
