@@ -57,14 +57,17 @@ def delete_version(state: State, name: str) -> Change:
     return dataclasses.replace(state, versions=versions), f"retire version {name}"
 
 
-def set_instances(state: State, name: str, endpoints: tuple[str, ...]) -> Change:
-    """Providers report where a version's instances are; the spec stays as registered."""
+def set_instances(state: State, name: str, endpoints: tuple[str, ...],
+                  zones: tuple[tuple[str, str], ...] | None = None) -> Change:
+    """Providers report where a version's instances are (and, `zones`, in which zone each runs: (URL,
+    zone) pairs; None keeps the zones recorded); the spec stays as registered."""
     v = state.versions.get(name)
     if v is None:
         raise NotFoundError(f"no version named {name!r}")
-    if v.endpoints == endpoints:
+    zones = v.zones if zones is None else zones
+    if v.endpoints == endpoints and v.zones == zones:
         return state, ""
-    versions = {**state.versions, name: dataclasses.replace(v, endpoints=endpoints)}
+    versions = {**state.versions, name: dataclasses.replace(v, endpoints=endpoints, zones=zones)}
     return dataclasses.replace(state, versions=versions), f"{name}: {len(endpoints)} instance(s)"
 
 

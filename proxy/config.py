@@ -18,10 +18,11 @@ import yaml
 
 from proxy.errors import FieldError, ValidationError
 from proxy.parse import Checker
+from proxy.placement import check_zone
 from proxy.settings import Certificate, Limits, Listener, Timeouts, TlsConfig
 
-TOP_FIELDS = {"listeners", "admin", "workers", "limits", "timeouts", "trusted_proxies", "access_log",
-              "check_interval"}
+TOP_FIELDS = {"listeners", "admin", "workers", "limits", "timeouts", "trusted_proxies", "access_log", "zone",
+              "docker", "check_interval"}
 LISTENER_FIELDS = {"name", "address", "tls", "protocols"}
 TLS_FIELDS = {"certificates", "client_ca", "client_cert", "min_version"}
 CERT_FIELDS = {"cert", "key"}
@@ -88,6 +89,14 @@ def parse_config(text: str, base_dir: str = ".") -> dict[str, Any]:
         n = c.number(top["check_interval"], "check_interval", 1, 365 * 86400)
         if n is not None:
             out["check_interval"] = float(n)
+    if "zone" in top:
+        zone = check_zone(top["zone"], "zone", c.errors)
+        if zone is not None:
+            out["zone"] = zone
+    if "docker" in top:
+        engines = _engines(c, top["docker"])
+        if engines is not None:
+            out["docker_engines"] = engines
     if "access_log" in top:
         log = top["access_log"]
         if log is None:
@@ -98,6 +107,31 @@ def parse_config(text: str, base_dir: str = ".") -> dict[str, Any]:
                 out["access_log"] = path if path == "-" else os.path.join(base_dir, path)
     c.raise_if_any()
     return out
+
+
+def _engines(c: Checker, value: object) -> tuple[tuple[str, str], ...] | None:
+    """`docker: {engines: {ZONE: URL, ...}}`: one Docker engine per zone."""
+    m = c.mapping(value, "docker", {"engines"})
+    if m is None or "engines" not in m:
+        if m is not None:
+            c.fail("docker.engines", "required (a mapping of zone to engine URL, like eu-1a: unix:///run/a.sock)")
+        return None
+    engines = c.mapping(m["engines"], "docker.engines")
+    if engines is None:
+        return None
+    out = []
+    for zone, url in engines.items():
+        path = f"docker.engines.{zone}"
+        if check_zone(zone, path, c.errors) is None:
+            continue
+        text = c.string(url, path, what="an engine URL (unix:///path, tcp://host:port)")
+        if text is not None and not text.startswith(("unix://", "tcp://", "ssh://", "http://", "https://")):
+            c.fail(path, f"expected an engine URL (unix:///path, tcp://host:port), got {text!r}")
+        elif text is not None:
+            out.append((zone, text))
+    if not out and not c.errors:
+        c.fail("docker.engines", "expected at least one zone: engine URL")
+    return tuple(out)
 
 
 def _address(c: Checker, value: object, path: str) -> tuple[str, int] | None:

@@ -58,6 +58,10 @@ class VersionSpec:
     # A re-check failing while the version receives traffic: "flag" it only, or also "shift" its traffic to
     # each route's fallback (proxy.control.rechecks).
     on_check_fail: CheckFailAction = "flag"
+    # Zones (proxy.zones): static: (endpoint URL, zone) for the endpoints given with one; local: at most one,
+    # where its processes run (none: the proxy's); docker: the zones (engines) replicas are spread over.
+    endpoint_zones: tuple[tuple[str, str], ...] = ()
+    zones: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,8 @@ class Version:
     # Current instances. For static versions this is spec.endpoints; providers update it for the others.
     endpoints: tuple[str, ...]
     created: float = 0.0
+    # (endpoint URL, zone) of the current instances whose zone is known (static: spec.endpoint_zones).
+    zones: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +148,8 @@ class Route:
     pins_require_verified: bool = False
     # No verified id: 401, nothing goes upstream.
     require_identity: bool = False
+    # Endpoints of the chosen version in the proxy's own zone first (proxy.zones); False: round robin over all.
+    zone_affinity: bool = True
 
     @property
     def mirror(self) -> Mirror | None:

@@ -27,6 +27,7 @@ from proxy.model import (
     Version,
     VersionSpec,
 )
+from proxy.placement import endpoint_item, endpoints_out, stored_zones, version_zones, zone_fields_out
 from proxy.select import BUCKETS, smallest_routing_weight, unrouted
 from proxy.upstream_tls import parse_tls, tls_to_dict
 
@@ -37,12 +38,12 @@ HOST_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,
 
 VERSION_FIELDS = {
     "endpoints", "command", "image", "allow_tag", "replicas", "port", "env", "network", "health",
-    "labels", "check", "tls", "on_check_fail",
+    "labels", "check", "tls", "on_check_fail", "zone", "zones",
 }
-STORED_VERSION_FIELDS = VERSION_FIELDS | {"kind", "instances", "created"}
+STORED_VERSION_FIELDS = VERSION_FIELDS | {"kind", "instances", "created", "instance_zones"}
 ROUTE_FIELDS = {
     "name", "match", "identity", "split", "sticky", "pins", "fallback", "mirror", "mirrors", "expose_version",
-    "assignment_cookie", "pins_require_verified", "require_identity",
+    "assignment_cookie", "pins_require_verified", "require_identity", "zone_affinity",
 }
 
 
@@ -178,6 +179,7 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
         return None
     kind = {"endpoints": "static", "command": "local", "image": "docker"}[sources[0]]
     endpoints: tuple[str, ...] = ()
+    endpoint_zones: list[tuple[str, str]] = []
     command: tuple[str, ...] = ()
     image: str | None = None
     if kind == "static":
@@ -185,7 +187,8 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
         if not isinstance(raw, list) or not raw:
             c.fail(_join(path, "endpoints"), "expected a non-empty list of http://host:port URLs")
         else:
-            eps = [parse_endpoint(c, e, f"{path}.endpoints[{i}]") for i, e in enumerate(raw)]
+            eps = [endpoint_item(e, f"{path}.endpoints[{i}]", lambda u, p: parse_endpoint(c, u, p), c.errors,
+                                 endpoint_zones) for i, e in enumerate(raw)]
             endpoints = tuple(e for e in eps if e is not None)
     elif kind == "local":
         command = c.string_list(d["command"], _join(path, "command"), single_ok=True) or ()
@@ -234,14 +237,17 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
             c.fail(_join(path, "tls"), "applies to https:// endpoints; this version's are http://")
         elif kind != "static":
             c.fail(_join(path, "tls"), "applies to static https:// endpoints only")
+    zones = version_zones(d, kind, path, c.errors)
     created = now
     instances = endpoints
+    instance_zones = tuple(endpoint_zones)
     if stored:
         created = float(d.get("created", 0.0))
         if kind != "static":
             raw_inst = d.get("instances", [])
             inst = [parse_endpoint(c, e, f"{path}.instances[{i}]") for i, e in enumerate(raw_inst)]
             instances = tuple(e for e in inst if e is not None)
+            instance_zones = stored_zones(d.get("instance_zones"), _join(path, "instance_zones"), c.errors)
     if len(c.errors) > before:
         return None
     spec = VersionSpec(
@@ -249,15 +255,16 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
         replicas=replicas, port=None if port is None else int(port), env=env,
         network=cast(Any, network), health=health, labels=labels, check=check or (), tls=tls,
         on_check_fail=cast(Any, on_fail),
+        endpoint_zones=tuple(endpoint_zones), zones=zones,
     )
-    return Version(name=name, spec=spec, endpoints=instances, created=created)
+    return Version(name=name, spec=spec, endpoints=instances, created=created, zones=instance_zones)
 
 
 def version_to_dict(v: Version) -> dict[str, Any]:
     s = v.spec
     d: dict[str, Any] = {}
     if s.kind == "static":
-        d["endpoints"] = list(s.endpoints)
+        d["endpoints"] = endpoints_out(s)
     elif s.kind == "local":
         d["command"] = list(s.command)
     else:
@@ -281,6 +288,7 @@ def version_to_dict(v: Version) -> dict[str, Any]:
         d["on_check_fail"] = s.on_check_fail
     if s.tls is not None:
         d["tls"] = tls_to_dict(s.tls)
+    zone_fields_out(v, d, stored=False)
     return d
 
 
@@ -290,6 +298,7 @@ def version_to_stored(v: Version) -> dict[str, Any]:
     d["created"] = v.created
     if v.spec.kind != "static":
         d["instances"] = list(v.endpoints)
+    zone_fields_out(v, d, stored=True)
     return d
 
 
@@ -430,6 +439,7 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
         cookie = c.string(d["assignment_cookie"], _join(path, "assignment_cookie"), TOKEN_RE, "a cookie name")
     verified = c.boolean(d.get("pins_require_verified", False), _join(path, "pins_require_verified"))
     required = c.boolean(d.get("require_identity", False), _join(path, "require_identity"))
+    affinity = c.boolean(d.get("zone_affinity", True), _join(path, "zone_affinity"))
     if not any(s.verified for s in identity) and len(c.errors) == before:
         for flag, on in (("pins_require_verified", verified), ("require_identity", required)):
             if on:
@@ -440,6 +450,7 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
         name=name, match=match, identity=tuple(identity), split=tuple(split), sticky=bool(sticky),
         pins=pins, fallback=tuple(fallback), mirrors=tuple(mirrors), expose_version=bool(expose),
         assignment_cookie=cookie, pins_require_verified=bool(verified), require_identity=bool(required),
+        zone_affinity=affinity is not False,
     )
 
 
@@ -471,6 +482,8 @@ def route_to_dict(r: Route, with_name: bool = True, with_pins: bool = True) -> d
         d["pins_require_verified"] = True
     if r.require_identity:
         d["require_identity"] = True
+    if not r.zone_affinity:
+        d["zone_affinity"] = False
     return d
 
 

@@ -88,6 +88,10 @@ class Settings:
     # Live versions' check commands run again this often (seconds): a scanner's database grows, so a pass
     # from last week says little about today. A day is what image scanners' feeds update in.
     check_interval: float = 86400.0
+    # The zone this replica runs in (proxy.zones): endpoints there first. None: zones play no part.
+    zone: str | None = None
+    # Docker engines, one per zone: (zone, engine URL like unix:///run/a.sock); empty: the default engine.
+    docker_engines: tuple[tuple[str, str], ...] = ()
 
 
 def listeners_of(settings: Settings) -> tuple[Listener, ...]:

@@ -3,7 +3,9 @@
 Runs the benchmark route (sticky 90/10 by X-Client-Id, 10,000 pins, 100 client ids of which 10 pinned)
 through ClientConnection/UpstreamConnection callbacks and reports microseconds per request.
 
-    .venv/bin/python -m benchmarks.profile.hotpath [-n 200000] [--profile]
+    .venv/bin/python -m benchmarks.profile.hotpath [-n 200000] [--profile] [--zone]
+
+--zone: the proxy runs in zone "a" and every endpoint is in zone "a" (the zone-aware pick, proxy.zones).
 """
 
 from __future__ import annotations
@@ -61,19 +63,20 @@ class FakeTransport:
         return True
 
 
-def bench_table() -> RouteTable:
+def bench_table(zone: str | None = None) -> RouteTable:
     pins = {f"c{i}": "v2" for i in range(10)}
     for i in range(10, 10_000):
         pins[f"p{i:06d}"] = "v1" if i % 2 else "v2"
-    versions = {n: Version(name=n, spec=VersionSpec(kind="static", endpoints=(u,)), endpoints=(u,))
+    versions = {n: Version(name=n, spec=VersionSpec(kind="static", endpoints=(u,)), endpoints=(u,),
+                           zones=((u, zone),) if zone else ())
                 for n, u in (("v1", "http://127.0.0.1:9001"), ("v2", "http://127.0.0.1:9002"))}
     route = Route(name="bench", match=Match(path_prefix="/"), identity=(IdentitySource("header", "x-client-id"),),
                   split=(("v1", 90.0), ("v2", 10.0)), sticky=True, pins=pins, fallback=("v1",))
     return RouteTable(State(versions=versions, routes=(route,)), 1)
 
 
-async def run(n: int, profile: bool) -> float:
-    dp = DataPlane(Settings(), TableHolder(bench_table()), Stats())
+async def run(n: int, profile: bool, zone: str | None = None) -> float:
+    dp = DataPlane(Settings(zone=zone), TableHolder(bench_table(zone)), Stats())
     dp.table_changed(dp.holder.table)
     client = ClientConnection(dp)
     ct = FakeTransport()
@@ -119,10 +122,11 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=200_000)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--zone", action="store_true", help="zone-aware: proxy and endpoints in zone a")
     args = ap.parse_args()
     results = []
     for _ in range(1 if args.profile else args.repeat):
-        results.append(uvloop.run(run(args.n, args.profile)))
+        results.append(uvloop.run(run(args.n, args.profile, "a" if args.zone else None)))
     results.sort()
     print(f"us/request (incl. harness): min {results[0]:.2f} median {results[len(results) // 2]:.2f} "
           f"over {len(results)} runs of {args.n}")

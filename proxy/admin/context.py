@@ -17,6 +17,7 @@ from proxy.control.gates import HealthView
 from proxy.control.rechecks import Rechecker
 from proxy.control.watcher import Watcher
 from proxy.providers.containers import DockerProvider
+from proxy.providers.docker_zones import DockerZones
 from proxy.settings import Settings
 from proxy.store.base import Store
 from proxy.table import TableHolder
@@ -38,8 +39,8 @@ class AdminContext:
     canary: CanaryController | None = None
     # The process's re-check schedule, when it runs one (`check-version` then goes through it).
     rechecks: Rechecker | None = None
-    # The running Docker provider, when the supervisor started one.
-    docker: DockerProvider | None = None
+    # The running Docker provider, when the supervisor started one (one engine per zone: DockerZones).
+    docker: DockerProvider | DockerZones | None = None
     # The directory worker processes publish their statistics into (None with a single process).
     metrics_dir: Path | None = None
 

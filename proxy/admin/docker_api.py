@@ -26,6 +26,7 @@ from proxy.changes import delete_version, put_version, set_replicas
 from proxy.errors import ConflictError, FieldError, NotFoundError, TurnoutError, ValidationError
 from proxy.parse import parse_version_body
 from proxy.providers.containers import DockerProvider
+from proxy.providers.docker_zones import DockerZones
 
 P = "/api/v1/docker"
 # How long a retire waits for the containers to be removed before answering (they still go afterwards).
@@ -38,8 +39,8 @@ class ProviderMissingError(TurnoutError):
     status_hint = 503
 
 
-async def provider_of(ctx: AdminContext) -> DockerProvider:
-    provider = ctx.docker or DockerProvider.for_store(ctx.store)
+async def provider_of(ctx: AdminContext) -> DockerProvider | DockerZones:
+    provider = ctx.docker or DockerZones.for_store(ctx.store) or DockerProvider.for_store(ctx.store)
     if provider is None:
         raise ProviderMissingError("the Docker provider is not running in this proxy (start `turnout serve` with "
                                    "TURNOUT_DOCKER=1, or with a docker version in its route file)")
@@ -55,6 +56,7 @@ def version_status_view(s: Any) -> dict[str, Any]:
     d["routes"] = list(s.routes)
     d["instances"] = list(s.instances)
     d["replicas"] = [{**r, "last_logs": list(r["last_logs"])} for r in d["replicas"]]
+    d["zones"] = [{"zone": z, "healthy": h, "desired": n} for z, h, n in s.zones]
     return d
 
 
@@ -108,7 +110,7 @@ class DockerApi:
             raise ValidationError([FieldError("port", "required with network bridge: the port the container "
                                               "listens on (published on 127.0.0.1)")])
         assert spec.image is not None
-        resolved = await provider.resolve_image(spec.image)
+        resolved = await provider.resolve_image(spec.image, spec.zones)
         labels = dict(spec.labels)
         if resolved.tag is not None:
             labels["turnout.tag"] = resolved.tag

@@ -25,6 +25,7 @@ from aiohttp import web
 from proxy.admin import cockpit
 from proxy.admin.auth import public
 from proxy.admin.context import AdminContext
+from proxy.admin.zone_view import zone_view
 from proxy.control.rechecks import check_views
 from proxy.table import RouteTable
 from proxy.telemetry.metrics import CONTENT_TYPE, StatsSnapshot, VersionStats, aggregate, render
@@ -83,7 +84,7 @@ def _version_view(total: VersionStats, recent: VersionStats | None, seconds: flo
 
 
 def stats_view(now: StatsSnapshot, base: StatsSnapshot | None, table: RouteTable,
-               health: Mapping[str, Mapping[str, bool]]) -> dict[str, Any]:
+               health: Mapping[str, Mapping[str, bool]], zone: str | None = None) -> dict[str, Any]:
     recent = now.since(base) if base is not None else None
     seconds = now.time - base.time if base is not None else 0.0
     # One colour per version across the whole page: versions in order of registration.
@@ -93,7 +94,7 @@ def stats_view(now: StatsSnapshot, base: StatsSnapshot | None, table: RouteTable
         eps = health.get(v.name)
         healthy = None if eps is None else sum(1 for ep in v.endpoints if eps.get(ep))
         versions.append({"name": v.name, "kind": v.spec.kind, "color": i, "endpoints": len(v.endpoints),
-                         "healthy": healthy})
+                         "healthy": healthy, "zones": zone_view(v, eps, zone, now, recent)})
     known = {v["name"] for v in versions}
     routes = []
     for route in table.state.routes:
@@ -133,7 +134,7 @@ def stats_view(now: StatsSnapshot, base: StatsSnapshot | None, table: RouteTable
     stale = len(now.stale_workers)
     return {
         "time": now.time, "window": round(seconds, 3) if base is not None else None,
-        "revision": table.revision, "versions": versions, "routes": routes,
+        "revision": table.revision, "zone": zone, "versions": versions, "routes": routes,
         "connections": dict(now.connections), "workers": {"live": len(now.workers) - stale, "stale": stale},
         "rejected": dict(now.rejected), "applied": now.applied, "apply_errors": now.apply_errors,
         "unrouted": cockpit.unrouted(now, recent),
@@ -159,7 +160,7 @@ class Observe:
         now = self.snapshot()
         base = self.sampler.add(now)
         table = self.ctx.holder.table
-        view = stats_view(now, base, table, self.ctx.health())
+        view = stats_view(now, base, table, self.ctx.health(), self.ctx.settings.zone)
         checks = await check_views(self.ctx.store, table.state, self.ctx.settings.check_interval)
         for v in view["versions"]:
             v["check"] = checks.get(v["name"])

@@ -34,6 +34,8 @@ def register(sub: Any) -> None:
                    help="repo@sha256:<digest or image ID>; a tag only with --allow-tag (resolved once)")
     p.add_argument("--allow-tag", action="store_true", help="accept a tag and pin the image it names now")
     p.add_argument("--replicas", type=int, default=1, metavar="N", help="containers to run (default 1)")
+    p.add_argument("--zones", metavar="Z1,Z2,...", help="spread the replicas evenly over these zones (one Docker "
+                   "engine each: docker.engines in the static config)")
     p.add_argument("--port", type=int, metavar="P", help="the container's listening port (network bridge)")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable (repeatable)")
     p.add_argument("--network", choices=("bridge", "host"), default="bridge",
@@ -92,6 +94,8 @@ def cmd_deploy(args: argparse.Namespace, client: AdminClient) -> int:
         body["allow_tag"] = True
     if args.port is not None:
         body["port"] = args.port
+    if args.zones:
+        body["zones"] = [z.strip() for z in args.zones.split(",") if z.strip()]
     env = _env_pairs(args.env)
     if env:
         body["env"] = env

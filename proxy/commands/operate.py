@@ -311,6 +311,8 @@ def cmd_versions(args: argparse.Namespace, client: AdminClient) -> int:
         if d is not None:
             source = d.get("image_id") or d.get("image") or ""
             replicas = f"{d.get('healthy', 0)}/{d.get('desired', 0)}"
+            if d.get("zones"):
+                replicas += " (" + ", ".join(f"{z['zone']} {z['healthy']}/{z['desired']}" for z in d["zones"]) + ")"
         else:
             source = v["spec"].get("image") or " ".join(v["spec"].get("command", [])) or ""
             replicas = f"{h.get('healthy', 0)}/{h.get('total', len(v['instances']))}"

@@ -15,6 +15,7 @@ from typing import Any
 
 from proxy.config import LIMIT_MINIMUM, parse_config
 from proxy.errors import ValidationError
+from proxy.placement import ZONE_RE, ZONE_WHAT
 from proxy.settings import Certificate, Limits, Listener, Settings, Timeouts, TlsConfig
 
 # What each limit and timeout flag sets; a field missing here still gets its flag (the flags are made
@@ -76,6 +77,8 @@ def add_serve_options(p: argparse.ArgumentParser, *, listen: str = "127.0.0.1:80
     p.add_argument("--check-interval", type=_seconds(zero_ok=False), default=None, metavar="SECONDS",
                    help="re-run the check command of every version that receives traffic this often "
                    "(default 86400: a day)")
+    p.add_argument("--zone", type=_zone, default=None, metavar="ZONE",
+                   help="the zone this proxy runs in: endpoints of the chosen version there are used first")
     # A grace of 0 is meaningful (stop at once); a timeout of 0 would refuse everything.
     p.add_argument("--shutdown-grace", type=_seconds(zero_ok=True), default=None, metavar="SECONDS",
                    help=f"on SIGTERM, in-flight requests may finish within this (default {Timeouts().shutdown_grace})")
@@ -94,6 +97,12 @@ def add_serve_options(p: argparse.ArgumentParser, *, listen: str = "127.0.0.1:80
         g.add_argument(_flag("timeout-", f.name), dest=f"timeout_{f.name}", type=_seconds(zero_ok=False),
                        default=None, metavar="SECONDS",
                        help=f"{TIMEOUT_HELP.get(f.name, f.name)} (default {getattr(Timeouts(), f.name)})")
+
+
+def _zone(text: str) -> str:
+    if not ZONE_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected {ZONE_WHAT}, got {text!r}")
+    return text
 
 
 def _flag(prefix: str, name: str) -> str:
@@ -195,6 +204,8 @@ def settings_from_args(args: argparse.Namespace, routes: str | None) -> Settings
         check_interval=pick(getattr(args, "check_interval", None), file.get("check_interval"), 86400.0),
         limits=limits, timeouts=timeouts,
         state_dir=args.state_dir, listeners=listeners,
+        zone=pick(getattr(args, "zone", None), file.get("zone"), None),
+        docker_engines=file.get("docker_engines", ()),
     )
 
 

@@ -91,7 +91,7 @@ def start(dp: PlaneState, ex: Exchange) -> None:
     if route.route.mirrors:
         dp.mirror.consider(ex, route, dp.backends)
     backend = dp.backends.get(chain[0])
-    ep = backend.pick() if backend is not None else None
+    ep = backend.pick(route.route.zone_affinity) if backend is not None else None
     if ep is not None:
         ex.version = chain[0]
         ex.endpoint = ep
@@ -124,10 +124,12 @@ def start(dp: PlaneState, ex: Exchange) -> None:
 def next_version(dp: PlaneState, ex: Exchange, start: int) -> int:
     backends = dp.backends
     chain = ex.chain
+    route = ex.route
+    affinity = route is None or route.route.zone_affinity
     for i in range(start, len(chain)):
         b = backends.get(chain[i])
         if b is not None:
-            ep = b.pick()
+            ep = b.pick(affinity)
             if ep is not None:
                 ex.idx = i
                 ex.version = chain[i]
@@ -159,7 +161,7 @@ def spread(dp: PlaneState, ex: Exchange) -> int:
     if i < 0:
         return -1
     v = route.split_names[i]
-    ep = backends[v].pick()
+    ep = backends[v].pick(route.route.zone_affinity)
     assert ep is not None
     ex.chain = (*chain, v)
     ex.idx = len(chain)
@@ -219,6 +221,9 @@ def attach(dp: PlaneState, ex: Exchange, conn: UpstreamSide) -> None:
         up.release()
         return
     ex.up = conn
+    ep = ex.endpoint
+    if ep is not None and ep.zone:
+        dp.stats.zone_request(ex.version, ep.zone)
     up.begin(ex)
     client.send_head(ex, conn)
 
@@ -255,6 +260,16 @@ def upstream_failed(dp: PlaneState, ex: Exchange, conn: UpstreamSide | None, kin
             ex.sent_body = False
             dp.stats.retry(route.name)
             connect(dp, ex, fresh=True)
+            return
+        b = dp.backends.get(ex.version) if connect_failed else None
+        other = b.pick_other(ep, route.route.zone_affinity) if b is not None else None
+        if other is not None:
+            # Zones: another endpoint of the same version first (proxy.dataplane.pool.Backend.pick_other).
+            ex.endpoint = other
+            ex.retried = True
+            ex.sent_body = False
+            dp.stats.retry(route.name)
+            connect(dp, ex)
             return
         failed = ex.version
         if next_version(dp, ex, ex.idx + 1) >= 0 or spread(dp, ex) >= 0:

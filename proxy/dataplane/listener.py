@@ -77,6 +77,7 @@ class DataPlane(PlaneState):
             eps = []
             ctx = contexts.get(name)
             server_name = version.spec.tls.server_name if version.spec.tls is not None else None
+            zones = dict(version.zones)
             for url in dict.fromkeys(version.endpoints):
                 ep = old.get((name, url))
                 if ep is not None and ep.https and (ep.ssl is not ctx
@@ -86,10 +87,11 @@ class DataPlane(PlaneState):
                     ep = None
                 if ep is None:
                     ep = Endpoint(name, url, ctx, server_name)
+                ep.zone = zones.get(url, "")
                 new[(name, url)] = ep
                 eps.append(ep)
                 self.health.watch(ep, version.spec.health)
-            backends[name] = Backend(name, eps)
+            backends[name] = Backend(name, eps, self.settings.zone)
         for key, ep in old.items():
             if new.get(key) is not ep:
                 ep.retire()

@@ -4,6 +4,8 @@ Design rule: choosing an endpoint and taking an idle connection are synchronous 
 the request path never awaits when a pooled connection is ready. The pool owns taking and returning
 connections (take_idle, put_idle): the return rule is written once, here. Health flags are plain
 booleans that timers and checks flip through Endpoint's methods; the request path only reads them.
+Zone-aware choice (proxy.zones) is a precomputed cycle of endpoints, rebuilt on the first pick after an
+endpoint's health changed; without a proxy zone, or without endpoint zones, the pick is the plain one.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from __future__ import annotations
 import asyncio
 import ssl
 from urllib.parse import urlsplit
+
+from proxy.select import smooth_cycle
+from proxy.zones import endpoint_weights
 
 
 class UpstreamSide(asyncio.Protocol):
@@ -54,8 +59,8 @@ class UpstreamSide(asyncio.Protocol):
 
 class Endpoint:
     __slots__ = (
-        "active_ok", "address", "ejected", "ejections", "failures", "host", "https", "idle", "port",
-        "readmit_handle", "removed", "server_hostname", "ssl", "url", "version",
+        "active_ok", "address", "ejected", "ejections", "failures", "host", "https", "idle", "owner", "port",
+        "readmit_handle", "removed", "server_hostname", "ssl", "url", "version", "zone",
     )
 
     def __init__(self, version: str, url: str, ssl_context: ssl.SSLContext | None = None,
@@ -79,6 +84,8 @@ class Endpoint:
         self.ejections = 0  # consecutive ejections; doubles the next ejection's length
         self.readmit_handle: asyncio.TimerHandle | None = None
         self.removed = False  # no longer in the table: its connections are not pooled again
+        self.zone = ""  # "" unknown (a plain URL); set from the version's zones on each table change
+        self.owner: Backend | None = None  # the zone-aware backend to tell when this one's health changes
 
     @property
     def healthy(self) -> bool:
@@ -124,11 +131,13 @@ class Endpoint:
         self.ejections += 1
         self.readmit_handle = readmit
         self.close_idle()
+        self._health_changed()
 
     def readmit(self, failures: int) -> None:
         self.readmit_handle = None
         self.ejected = False
         self.failures = failures
+        self._health_changed()
 
     def cancel_readmit(self) -> None:
         h = self.readmit_handle
@@ -140,7 +149,14 @@ class Endpoint:
         """The result of an active check."""
         if ok and not self.active_ok:
             self.failures = 0
-        self.active_ok = ok
+        if ok != self.active_ok:
+            self.active_ok = ok
+            self._health_changed()
+
+    def _health_changed(self) -> None:
+        owner = self.owner
+        if owner is not None:
+            owner.stale = True
 
     def close_idle(self) -> None:
         idle, self.idle = self.idle, []
@@ -149,20 +165,42 @@ class Endpoint:
 
 
 class Backend:
-    """One version's endpoints, chosen round robin among the healthy ones."""
+    """One version's endpoints, chosen round robin among the healthy ones; with a proxy zone (`local`) and
+    endpoints with zones, in the proportions of proxy.zones (local first, spill-over by capacity)."""
 
-    __slots__ = ("_next", "endpoints", "name")
+    __slots__ = ("_at", "_cycle", "_next", "endpoints", "local", "name", "stale", "zoned")
 
-    def __init__(self, name: str, endpoints: list[Endpoint]) -> None:
+    def __init__(self, name: str, endpoints: list[Endpoint], local: str | None = None) -> None:
         self.name = name
         self.endpoints = endpoints
         self._next = 0
+        self.local = local
+        self.zoned = local is not None and any(e.zone for e in endpoints)
+        self.stale = True  # the cycle must be (re)built before the next zone-aware pick
+        self._cycle: list[Endpoint] = []
+        self._at = 0
+        for e in endpoints:
+            e.owner = self if self.zoned else None
 
     def __repr__(self) -> str:
         healthy = sum(1 for e in self.endpoints if e.healthy)
         return f"<Backend {self.name} [Endpoints: {healthy} healthy, {len(self.endpoints) - healthy} unhealthy]>"
 
-    def pick(self) -> Endpoint | None:
+    def pick(self, affinity: bool = True) -> Endpoint | None:
+        """The next endpoint; `affinity` False (the route's zone_affinity): plain round robin over all."""
+        if affinity and self.zoned:
+            if self.stale:
+                self.plan_zones()
+            cycle = self._cycle
+            n = len(cycle)
+            if n:
+                i = self._at
+                if i >= n:
+                    i = 0
+                ep = cycle[i]
+                self._at = i + 1
+                if ep.active_ok and not ep.ejected:
+                    return ep
         eps = self.endpoints
         n = len(eps)
         i = self._next
@@ -175,6 +213,49 @@ class Backend:
                 self._next = i
                 return ep
         return None
+
+    def pick_other(self, failed: Endpoint, affinity: bool) -> Endpoint | None:
+        """After a failed connect to `failed`, another endpoint of this version to try: healthy and without a
+        failure since its last success, by the zone rule first, then any zone. Zone-aware backends only (a
+        lost zone must not fail requests before its checks notice); None otherwise, and then the fallback
+        chain moves on as without zones."""
+        if not self.zoned:
+            return None
+        for _ in range(len(self._cycle) if affinity else 0):
+            ep = self.pick(True)
+            if ep is not None and ep is not failed and ep.failures == 0:
+                return ep
+        eps = self.endpoints
+        n = len(eps)
+        i = self._next
+        for _ in range(n):
+            if i >= n:
+                i = 0
+            ep = eps[i]
+            i += 1
+            if ep is not failed and ep.failures == 0 and ep.active_ok and not ep.ejected:
+                self._next = i
+                return ep
+        return None
+
+    def plan_zones(self) -> None:
+        """Rebuild the cycle of endpoints from the healthy counts per zone (proxy.zones.endpoint_weights)."""
+        eps = self.endpoints
+        weights = endpoint_weights([e.zone for e in eps], [e.healthy for e in eps], self.local)
+        self._cycle = [eps[i] for i in smooth_cycle(weights)]
+        self._at = 0
+        self.stale = False
+
+    def zone_shares(self) -> dict[str, float]:
+        """Share of this version's zone-aware picks each zone gets now (the status page's numbers)."""
+        if not self.zoned:
+            return {}
+        if self.stale:
+            self.plan_zones()
+        out: dict[str, float] = {}
+        for e in self._cycle:
+            out[e.zone] = out.get(e.zone, 0.0) + 1.0 / len(self._cycle)
+        return out
 
     def has_healthy(self) -> bool:
         return any(e.active_ok and not e.ejected for e in self.endpoints)

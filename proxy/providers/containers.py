@@ -19,6 +19,9 @@ the lease stops acting at once but never removes anything, so traffic is not dis
 A tag (only with allow_tag) is resolved once to a digest pin (see providers/engine.py) and the result is kept
 in the store's meta data, so every later replica runs the same image whatever the tag points to.
 
+With one engine per zone (proxy.providers.docker_zones) a provider drives one of them (`zone`): it runs only
+the replica slots placed there (proxy.zones.slot_zones) and records only its zone's instances.
+
 This module holds the provider's loop (reconcile, probe, publish); the replica count itself changes through
 `proxy.changes.set_replicas`, like every state change;
 the per-replica bookkeeping and reported status are in providers/replicas.py, the Docker event thread in
@@ -40,7 +43,7 @@ from typing import Any, ClassVar, TypeVar
 
 from proxy.changes import Change, set_instances, set_replicas
 from proxy.control.leader import FOLLOW_POLL, AlwaysLeader, Leader, leader_for
-from proxy.errors import ConflictError, NotFoundError, TurnoutError, ValidationError
+from proxy.errors import ConflictError, FieldError, NotFoundError, TurnoutError, ValidationError
 from proxy.model import State, Version
 from proxy.parse import DIGEST_RE
 from proxy.providers.engine import (
@@ -65,6 +68,7 @@ from proxy.providers.replicas import (
     version_status,
 )
 from proxy.store.base import Store
+from proxy.zones import slot_zones
 
 __all__ = [
     "LABEL_IMAGE", "LABEL_MANAGED", "LABEL_PORT", "LABEL_REPLICA", "LABEL_STATE", "LABEL_VERSION",
@@ -125,8 +129,13 @@ class DockerProvider:
     _running: ClassVar[dict[int, DockerProvider]] = {}
 
     def __init__(self, store: Store, *, base_url: str | None = None, actor: str = ACTOR,
-                 log: Callable[[str], None] = _log, leader: Leader | None = None) -> None:
+                 log: Callable[[str], None] = _log, leader: Leader | None = None, zone: str | None = None,
+                 zones: tuple[str, ...] = (), register: bool = True) -> None:
         self.store = store
+        # One engine of several (docker.engines): the zone it is in, and every configured zone in order.
+        self.zone = zone
+        self.zones = zones
+        self._register = register
         self.leader = leader or leader_for(store, "providers")
         self._acting = False  # this replica drives the containers (it holds the `providers` role)
         self.engine = Engine(base_url)
@@ -185,7 +194,12 @@ class DockerProvider:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(ENGINE_TIMEOUT):
                 await self._started.wait()
-        DockerProvider._running[id(self.store)] = self
+        if self._register:
+            DockerProvider._running[id(self.store)] = self
+
+    @property
+    def state(self) -> State:
+        return self._state
 
     async def wait_first_pass(self, timeout: float) -> bool:
         """True once the first reconcile pass (adopting running containers) has finished."""
@@ -219,7 +233,10 @@ class DockerProvider:
 
     # operations the admin API calls
 
-    async def resolve_image(self, ref: str) -> ResolvedImage:
+    async def resolve_image(self, ref: str, zones: tuple[str, ...] = ()) -> ResolvedImage:
+        if zones and self.zone is None:
+            raise ValidationError([FieldError("zones", "this proxy drives one Docker engine; spreading over zones "
+                                              "needs one engine per zone (docker.engines in the static config)")])
         return await self._blocking(self.engine.resolve, ref)
 
     async def require_engine(self) -> None:
@@ -290,7 +307,17 @@ class DockerProvider:
     # the loop
 
     def _docker_versions(self) -> dict[str, Version]:
-        return {n: v for n, v in self._state.versions.items() if v.spec.kind == "docker"}
+        return {n: v for n, v in self._state.versions.items() if v.spec.kind == "docker" and self._mine(v)}
+
+    def _mine(self, v: Version) -> bool:
+        return self.zone is None or self.zone in (v.spec.zones or self.zones[:1])
+
+    def _slots(self, v: Version) -> list[int]:
+        """The replica slots this provider runs: all of them with one engine, else those placed in its zone."""
+        if self.zone is None:
+            return list(range(v.spec.replicas))
+        return [i for i, z in enumerate(slot_zones(v.spec.replicas, v.spec.zones or self.zones[:1]))
+                if z == self.zone]
 
     async def _watch_store(self) -> None:
         backoff = 0.1
@@ -426,7 +453,7 @@ class DockerProvider:
             key = (c.version, c.replica)
             expected = self._expected_image(owner) if owner is not None else None
             # An image the engine no longer lists does not doom running replicas: only a known mismatch does.
-            if owner is None or not 0 <= c.replica < owner.spec.replicas or key in seen \
+            if owner is None or c.replica not in self._slots(owner) or key in seen \
                     or (expected is not None and c.image != expected):
                 doomed.append(c)
             elif not c.running:
@@ -455,7 +482,7 @@ class DockerProvider:
         # Forget bookkeeping of versions and slots that are no longer wanted (their containers are gone).
         for key in list(self._replicas):
             owner = wanted.get(key[0])
-            if (owner is None or key[1] >= owner.spec.replicas) and key not in seen:
+            if (owner is None or key[1] not in self._slots(owner)) and key not in seen:
                 del self._replicas[key]
         for name in list(self._images):
             if name not in wanted:
@@ -468,7 +495,7 @@ class DockerProvider:
             img = self._images.get(name)
             if img is None:
                 continue
-            for i in range(v.spec.replicas):
+            for i in self._slots(v):
                 key = (name, i)
                 if key in seen:
                     continue
@@ -520,11 +547,14 @@ class DockerProvider:
             eps = tuple(r.container.endpoint for _, r in sorted(
                 ((k[1], r) for k, r in self._replicas.items() if k[0] == name), key=lambda kv: kv[0])
                 if r.healthy and r.container is not None and r.container.running and r.container.endpoint)
-            if eps == v.endpoints:
+            zones = dict(v.zones)
+            if eps == (v.endpoints if self.zone is None else tuple(e for e in v.endpoints
+                                                                   if zones.get(e) == self.zone)):
                 continue
             healthy = len(eps)
             try:
-                rev = await self.store.update(functools.partial(_instances_if_docker, name=name, endpoints=eps),
+                rev = await self.store.update(functools.partial(_instances_if_docker, name=name, endpoints=eps,
+                                                                zone=self.zone),
                                               actor=self.actor, reason=f"{healthy}/{v.spec.replicas} healthy")
             except NotFoundError:
                 continue
@@ -545,8 +575,14 @@ class DockerProvider:
         self.kick()
 
 
-def _instances_if_docker(state: State, name: str, endpoints: tuple[str, ...]) -> Change:
+def _instances_if_docker(state: State, name: str, endpoints: tuple[str, ...], zone: str | None = None) -> Change:
+    """`zone`: the instances of that zone only; the other zones' stay as recorded."""
     v = state.versions.get(name)
     if v is None or v.spec.kind != "docker":
         return state, ""
-    return set_instances(state, name, endpoints)
+    if zone is None:
+        return set_instances(state, name, endpoints)
+    zones = dict(v.zones)
+    others = tuple(e for e in v.endpoints if zones.get(e) != zone and e not in endpoints)
+    return set_instances(state, name, others + endpoints,
+                         tuple((e, zones[e]) for e in others if e in zones) + tuple((e, zone) for e in endpoints))

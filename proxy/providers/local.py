@@ -129,8 +129,9 @@ def _local(state: State) -> dict[str, Version]:
 
 class LocalProvider:
     def __init__(self, store: Store, host: str = "127.0.0.1", *, leader: Leader | None = None,
-                 state_dir: Path | None = None) -> None:
+                 state_dir: Path | None = None, zone: str | None = None) -> None:
         self.store = store
+        self.zone = zone  # the proxy's: where its processes run, unless a version says `zone:`
         self.host = host
         self.leader = leader or leader_for(store, "providers")
         self.records: Path | None = None  # where replicas are recorded for the next proxy to adopt
@@ -362,7 +363,10 @@ class LocalProvider:
         def change(state: State) -> changes.Change:
             if name not in state.versions:
                 return state, ""
-            return changes.set_instances(state, name, endpoints)
+            v = state.versions[name]
+            zone = v.spec.zones[0] if v.spec.zones else self.zone
+            return changes.set_instances(state, name, endpoints,
+                                         tuple((e, zone) for e in endpoints) if zone is not None else ())
 
         rev = await self.store.update(change, actor="provider:local", reason="instances changed")
         if name in rev.state.versions and name in self.versions:

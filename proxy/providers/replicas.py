@@ -39,6 +39,7 @@ class ReplicaStatus:
     exits: int
     error: str | None
     last_logs: tuple[str, ...]
+    zone: str | None = None  # with one engine per zone (proxy.providers.docker_zones)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,7 @@ class VersionStatus:
     failing: bool  # every replica keeps exiting without ever passing a health check
     error: str | None  # why replicas cannot be made (missing image, bad spec)
     replicas: tuple[ReplicaStatus, ...]
+    zones: tuple[tuple[str, int, int], ...] = ()  # (zone, healthy, desired) with one engine per zone
 
 
 def _backoff(exits: int) -> float:

@@ -38,6 +38,7 @@ from proxy.control.rechecks import Rechecker
 from proxy.control.watcher import Watcher
 from proxy.dataplane.listener import DataPlane, start_dataplane
 from proxy.providers.containers import DockerProvider
+from proxy.providers.docker_zones import DockerZones
 from proxy.providers.local import LocalProvider
 from proxy.settings import Settings, listeners_of
 from proxy.store import open_store
@@ -148,7 +149,8 @@ class Supervisor:
         providers = leader_for(self.store, "providers")
         # Always on: with no docker versions it only watches the store, and an absent engine is reported
         # once, not fatal, so `turnout deploy` works against any running proxy.
-        docker = DockerProvider(self.store, leader=providers)
+        docker = DockerZones(self.store, s.docker_engines, leader=providers) if s.docker_engines else \
+            DockerProvider(self.store, leader=providers)
         canary = CanaryController(self.store, self.stats, self.health_view, self._stats_source(directory))
         rechecks = Rechecker(self.store, self.stats, interval=s.check_interval)
         ctx = AdminContext(settings=s, store=self.store, watcher=self.watcher, stats=self.stats,
@@ -158,8 +160,8 @@ class Supervisor:
         await self.admin_runner.setup()
         assert self._admin_sock is not None
         await web.SockSite(self.admin_runner, self._admin_sock).start()
-        services: list[Service] = [LocalProvider(self.store, leader=providers, state_dir=sdir), canary, rechecks,
-                                   docker]
+        services: list[Service] = [LocalProvider(self.store, leader=providers, state_dir=sdir,
+                                                     zone=self.settings.zone), canary, rechecks, docker]
         for svc in services:
             try:
                 await svc.start()

@@ -84,6 +84,7 @@ def settings_from_json(text: str) -> Settings:
     d["limits"] = Limits(**d["limits"])
     d["timeouts"] = Timeouts(**d["timeouts"])
     d["listeners"] = tuple(_listener(li) for li in d.get("listeners", ()))
+    d["docker_engines"] = tuple((z, url) for z, url in d.get("docker_engines", ()))
     return Settings(**d)
 
 

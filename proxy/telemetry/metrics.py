@@ -117,6 +117,7 @@ class StatsSnapshot:
     canary_aborts: Mapping[str, int] = field(default_factory=dict)  # route
     canary_weights: Mapping[str, Sequence[Any]] = field(default_factory=dict)  # route -> [version, percent]
     check_failed: Mapping[str, int] = field(default_factory=dict)  # version -> 0/1 (gauge)
+    zone_requests: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (version, endpoint zone)
 
     def get(self, route: str, version: str) -> VersionStats:
         return self.cells.get((route, version), EMPTY_VERSION_STATS)
@@ -148,6 +149,7 @@ class StatsSnapshot:
             canary_outcomes=_minus(self.canary_outcomes, older.canary_outcomes),
             canary_aborts=_minus(self.canary_aborts, older.canary_aborts),
             canary_weights=self.canary_weights, check_failed=self.check_failed,
+            zone_requests=_minus(self.zone_requests, older.zone_requests),
         )
 
 
@@ -176,7 +178,8 @@ def quantile(hist_counts: Iterable[int], q: float) -> float:
     return LATENCY_BUCKETS[-1]
 
 
-KEYED_COUNTERS = ("canary_results", "identity_rejected", "tls_handshake_errors", "answers", "canary_outcomes")
+KEYED_COUNTERS = ("canary_results", "identity_rejected", "tls_handshake_errors", "answers", "canary_outcomes",
+                  "zone_requests")
 
 
 class _Sum:
@@ -187,7 +190,7 @@ class _Sum:
         self.counters: dict[str, dict[Any, int]] = {
             "upstream_errors": {}, "fallbacks": {}, "retries": {}, "rejected": {}, "mirrors": {},
             "canary_results": {}, "identity_rejected": {}, "tls_handshake_errors": {},
-            "canary_outcomes": {}, "canary_aborts": {}, "answers": {},
+            "canary_outcomes": {}, "canary_aborts": {}, "answers": {}, "zone_requests": {},
         }
         self.scalars = {"applied": 0, "apply_errors": 0, "access_log_dropped": 0}
         self.connections: dict[str, int] = {"downstream": 0, "upstream": 0}
@@ -259,7 +262,8 @@ class _Sum:
             identity_rejected=c["identity_rejected"],
             tls_handshake_errors=c["tls_handshake_errors"], canary_outcomes=c["canary_outcomes"],
             canary_aborts=c["canary_aborts"], canary_weights=self.gauges["canary_weights"],
-            check_failed=self.gauges["check_failed"], answers=c["answers"])
+            check_failed=self.gauges["check_failed"], answers=c["answers"],
+            zone_requests=c["zone_requests"])
 
 
 def _add(into: dict[Any, int], items: Iterable[tuple[Any, int]]) -> None:
@@ -493,6 +497,8 @@ def families(snap: StatsSnapshot, table: RouteTable, health: Health) -> list[Met
     out.append(_counter("turnout_tls_handshake_errors", "TLS handshakes that failed, by listener and reason "
                         "(protocol_version, client_certificate, timeout, not_tls, closed, ...); none reached "
                         "an upstream.", ["listener", "reason"], snap.tls_handshake_errors))
+    out.append(_counter("turnout_upstream_requests", "Upstream attempts to endpoints of a known zone, by version "
+                        "and the endpoint's zone.", ["version", "zone"], snap.zone_requests))
     out.append(_counter("turnout_canary_analysis", "Canary analysis rounds, by route and result.",
                         ["route", "result"], snap.canary_results))
     out.append(_counter("turnout_canary_steps", "Canary steps judged, by route and outcome (pass, fail, "
@@ -515,11 +521,13 @@ def families(snap: StatsSnapshot, table: RouteTable, health: Health) -> list[Met
         healthy.add_metric([r.name], sum(1 for v in serving if _version_healthy(table, health, v)))
     out += [weight, pins, healthy]
 
-    up = GaugeMetricFamily("turnout_endpoint_up", "1 when the endpoint is considered healthy, else 0.",
-                           labels=["version", "endpoint"])
+    up = GaugeMetricFamily("turnout_endpoint_up", "1 when the endpoint is considered healthy, else 0 (zone: "
+                           "where it runs, \"\" when unknown).", labels=["version", "endpoint", "zone"])
     for version in sorted(health):
+        v = table.versions.get(version)
+        zones = dict(v.zones) if v is not None else {}
         for endpoint, ok in sorted(health[version].items()):
-            up.add_metric([version, endpoint], 1.0 if ok else 0.0)
+            up.add_metric([version, endpoint, zones.get(endpoint, "")], 1.0 if ok else 0.0)
     out.append(up)
 
     conns = GaugeMetricFamily("turnout_connections", "Open connections, downstream (clients) and upstream.",

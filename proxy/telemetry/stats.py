@@ -70,6 +70,7 @@ class Stats:
         self.canary_weights: dict[str, list[Any]] = {}  # route -> [canary version, its share in percent] (gauge)
         self.check_failed: dict[str, int] = {}  # version -> 1 while flagged by a failed re-check (gauge)
         self.tls_handshake_errors: dict[tuple[str, str], int] = {}  # (listener, reason)
+        self.zone_requests: dict[str, dict[str, int]] = {}  # version -> zone of the endpoint -> attempts
 
     def __repr__(self) -> str:
         n = sum(sum(c.codes.values()) for vs in self.cells.values() for c in vs.values())
@@ -104,6 +105,14 @@ class Stats:
             except KeyError:
                 c = self._cell(route, version)
             c.upstream_errors += 1
+
+    def zone_request(self, version: str, zone: str) -> None:
+        """An upstream attempt to an endpoint of known zone (zones only: endpoints never become labels)."""
+        try:
+            by_zone = self.zone_requests[version]
+        except KeyError:
+            by_zone = self.zone_requests[version] = {}
+        by_zone[zone] = by_zone.get(zone, 0) + 1
 
     def fallback(self, route: str, from_version: str, to_version: str) -> None:
         key = (route, from_version, to_version)
@@ -193,4 +202,5 @@ class Stats:
             "canary_weights": dict(self.canary_weights),
             "check_failed": dict(self.check_failed),
             "tls_handshake_errors": [[li, r, n] for (li, r), n in self.tls_handshake_errors.items()],
+            "zone_requests": [[v, z, n] for v, zs in self.zone_requests.items() for z, n in zs.items()],
         }

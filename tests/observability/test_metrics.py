@@ -136,8 +136,8 @@ def test_render_is_valid_prometheus_text_with_exact_values() -> None:
     assert v("turnout_route_weight", route="web", version="v2") == 1
     assert v("turnout_route_weight", route="api", version="v1") == 1
     assert (v("turnout_pins", route="web"), v("turnout_pins", route="api")) == (2, 0)
-    assert v("turnout_endpoint_up", version="v1", endpoint="http://127.0.0.1:9301") == 1
-    assert v("turnout_endpoint_up", version="v2", endpoint="http://127.0.0.1:9302") == 0
+    assert v("turnout_endpoint_up", version="v1", endpoint="http://127.0.0.1:9301", zone="") == 1
+    assert v("turnout_endpoint_up", version="v2", endpoint="http://127.0.0.1:9302", zone="") == 0
     assert (v("turnout_connections", side="downstream"), v("turnout_connections", side="upstream")) == (2, 0)
     assert v("turnout_state_revision") == 7
     assert (v("turnout_state_applied_total"), v("turnout_state_apply_errors_total")) == (3, 1)

@@ -35,7 +35,7 @@ async def test_metrics_is_public_and_reflects_state_health_and_traffic(admin: Ad
     assert v[("turnout_requests_total", frozenset({("route", "web"), ("version", "v2"), ("code", "503")}))] == 1
     assert v[("turnout_route_weight", frozenset({("route", "web"), ("version", "v2")}))] == 10
     assert v[("turnout_pins", frozenset({("route", "web")}))] == 1
-    assert v[("turnout_endpoint_up", frozenset({("version", "v2"), ("endpoint", EP["v2"])}))] == 0
+    assert v[("turnout_endpoint_up", frozenset({("version", "v2"), ("endpoint", EP["v2"]), ("zone", "")}))] == 0
     assert v[("turnout_state_applied_total", frozenset())] == 6  # every revision installed by the watcher
 
 

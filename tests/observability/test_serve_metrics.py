@@ -68,7 +68,7 @@ routes:
             assert total(m, "turnout_request_duration_seconds_count") == 40
             # Health comes from the workers' published views.
             wait_until(lambda: metrics(t).get(("turnout_endpoint_up", frozenset(
-                {("version", "v1"), ("endpoint", f"http://127.0.0.1:{p1}")}))) == 1)
+                {("version", "v1"), ("endpoint", f"http://127.0.0.1:{p1}"), ("zone", "")}))) == 1)
 
             # The status page's JSON reads the same sums.
             status, stats = t.api("GET", "/api/v1/stats")
