@@ -231,6 +231,10 @@ def cmd_apply(args: argparse.Namespace, client: AdminClient) -> int:
             print(f"{args.file}: {len(e.errors)} error(s); nothing applied", file=sys.stderr)
             return 1
         raise
+    if not args.json:
+        # What an HTTPRoute stream's translation ignored (the JSON answer carries them as `warnings`).
+        for w in (reply.data or {}).get("warnings", []):
+            print(f"{args.file}: warning: {w['path']}: {w['message']}", file=sys.stderr)
     if args.dry_run and not args.json:
         d = reply.data or {}
         summary = str(d.get("summary")) if d.get("changed") else "no change"
