@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "proxy.commands.demo",
     "proxy.commands.check",
     "proxy.commands.operate",
+    "proxy.commands.export",
     "proxy.commands.deploy",
     "proxy.commands.release",
 )

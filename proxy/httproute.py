@@ -311,8 +311,10 @@ class _Translator(RuleReader):
         mirrors = filters.pop("mirrors", [])
         if filters:
             out["filters"] = filters
-        if mirrors:
-            out["mirrors"] = mirrors
+        if len(mirrors) == 1:
+            out["mirror"] = mirrors[0]  # the one-mirror form every turnout has
+        elif mirrors:
+            out["mirrors"] = mirrors  # SPEC part C
         split: dict[str, int] = {}
         version_filters: dict[str, Any] = {}
         refs = self.items(rule.get("backendRefs"), f"{rp}.backendRefs")

@@ -220,7 +220,7 @@ class RuleReader:
                 continue
             if key in ("request_headers", "response_headers"):
                 hm = self.header_modifier(mp, body)
-                if hm is not None:
+                if hm:  # an empty modifier changes nothing
                     out[key] = hm
             elif key == "redirect":
                 rd = self.redirect(mp, body, matches)
