@@ -364,7 +364,7 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
         if split and any(w > 0 for _, w in split) and not stored and len(c.errors) == before:
             # Stored revisions were accepted once: they load as they are (a rollback must never fail on this).
             c.errors.extend(split_weight_errors(tuple(split), spath))
-        if not sm:
+        if not sm and not redirects:
             c.fail(spath, "expected at least one version with a weight")
     sticky = c.boolean(d.get("sticky", True), _join(path, "sticky"))
     pins: dict[str, str] = {}
@@ -436,7 +436,8 @@ def route_to_dict(r: Route, with_name: bool = True, with_pins: bool = True) -> d
     d.update(actions_to_dict(r))
     if r.identity:
         d["identity"] = [source_to_dict(s) for s in r.identity]
-    d["split"] = {v: (int(w) if w == int(w) else w) for v, w in r.split}
+    if r.split or r.filters is None or r.filters.redirect is None:
+        d["split"] = {v: (int(w) if w == int(w) else w) for v, w in r.split}
     d["sticky"] = r.sticky
     if r.pins and with_pins:
         d["pins"] = dict(r.pins)
