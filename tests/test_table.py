@@ -377,7 +377,8 @@ def test_precedence_equals_a_reference_implementation() -> None:
 
     @settings(max_examples=300, deadline=None)
     @given(routes_st, st.lists(request_st, min_size=1, max_size=8))
-    def check(route_matches: list[list[Match]], requests: list[tuple[str, str, dict[str, str], str, str | None]]) -> None:
+    def check(route_matches: list[list[Match]],
+              requests: list[tuple[str, str, dict[str, str], str, str | None]]) -> None:
         routes = [Route(f"r{i}", match=ms[0], more_matches=tuple(ms[1:]), split=(("v1", 1),))
                   for i, ms in enumerate(route_matches)]
         t = _table(*routes)
