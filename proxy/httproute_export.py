@@ -14,13 +14,14 @@ attribute names; a native field it has no HTTPRoute form for is an ExportError n
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
 from proxy.errors import TurnoutError
 from proxy.httproute import ANNOTATION_PREFIX, TURNOUT_API
-from proxy.httproute_rules import MAX_WEIGHT
+from proxy.httproute_rules import HOSTNAME_RE, MAX_WEIGHT
 
 HTTPROUTE_API = "gateway.networking.k8s.io/v1"
 # Stored-only version fields (proxy.parse.version_to_stored) that a route file does not carry.
@@ -106,7 +107,9 @@ def httproute_of(name: str, r: Mapping[str, Any]) -> dict[str, Any]:
         rule["timeouts"] = timeouts
     if r.get("retry"):
         rt = dict(r["retry"])
-        if "backoff" in rt:
+        if not rt.get("backoff"):
+            rt.pop("backoff", None)  # 0: none, the translation's default
+        else:
             rt["backoff"] = _duration(f"{where}: retry.backoff", rt["backoff"])
         rule["retry"] = rt
     if r.get("assignment_cookie"):
@@ -163,8 +166,8 @@ def _hostnames_and_matches(where: str, r: Mapping[str, Any]) -> tuple[list[str],
                               "matches); split the route by host")
         bases.append(_match(base))
     for h in hosts:
-        if ":" in str(h):
-            raise ExportError(f"{where}: host {h!r}: HTTPRoute hostnames carry no port")
+        if not HOSTNAME_RE.fullmatch(str(h)) or re.fullmatch(r"[0-9.]+", str(h)):
+            raise ExportError(f"{where}: host {h!r} is not an HTTPRoute hostname (lower case, no port, not an IP)")
     return [str(h) for h in hosts], bases
 
 

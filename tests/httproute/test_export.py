@@ -20,7 +20,8 @@ from proxy.routefile import load_route_file
 VERSIONS = ("v1", "v2", "v3", "canary")
 token = st.text(string.ascii_lowercase + string.digits + "-", min_size=1, max_size=8).filter(
     lambda s: s[0].isalnum())
-label = st.text(string.ascii_lowercase + string.digits, min_size=1, max_size=6)
+label = st.builds(lambda a, b: a + b, st.sampled_from(string.ascii_lowercase),
+                  st.text(string.ascii_lowercase + string.digits, max_size=5))
 host = st.builds(lambda wild, parts: ("*." if wild else "") + ".".join(parts), st.booleans(),
                  st.lists(label, min_size=2, max_size=3))
 path = st.lists(label, max_size=3).map(lambda parts: "/" + "/".join(parts))
@@ -34,13 +35,18 @@ def route_file(draw: st.DrawFn) -> dict[str, Any]:
         split_versions = draw(st.lists(st.sampled_from(VERSIONS), min_size=1, max_size=4, unique=True))
         r: dict[str, Any] = {"name": f"r{i}" + draw(st.sampled_from(["", ".main", "-api"])),
                              "split": {v: draw(st.integers(0, 100)) for v in split_versions}}
-        m: dict[str, Any] = {"path_prefix": draw(path)}
         if draw(st.booleans()):
-            m["host"] = draw(host)
-        if draw(st.booleans()):
-            m["headers"] = draw(st.dictionaries(token, st.text(string.ascii_letters + " ,=", max_size=6),
-                                                max_size=2))
-        r["match"] = m
+            m: dict[str, Any] = {"path_prefix": draw(path)}
+            if draw(st.booleans()):
+                m["host"] = draw(host)
+            if draw(st.booleans()):
+                m["headers"] = draw(st.dictionaries(token, st.text(string.ascii_letters + " ,=", max_size=6),
+                                                    max_size=2))
+            r["match"] = m
+        else:
+            r.update(draw(actions(list(r["split"]))))
+            if r.get("split", 1) is None:
+                del r["split"]  # a redirecting route reaches no version
         if draw(st.booleans()):
             kinds = draw(st.lists(st.sampled_from(["header", "cookie", "query"]), min_size=1, max_size=3))
             r["identity"] = [{k: draw(token)} for k in kinds]
@@ -63,6 +69,76 @@ def route_file(draw: st.DrawFn) -> dict[str, Any]:
     return {"versions": versions, "routes": routes}
 
 
+def name_values(regex: bool) -> st.SearchStrategy[list[dict[str, str]]]:
+    entry = st.builds(lambda n, v, rx: {"name": n, "value": "^v[0-9]+$", "type": "RegularExpression"} if rx
+                      else {"name": n, "value": v}, token, st.text(string.ascii_letters + " ,=", max_size=6),
+                      st.booleans() if regex else st.just(False))
+    return st.lists(entry, max_size=2, unique_by=lambda e: e["name"])
+
+
+ms = st.integers(1, 90_000_000).map(lambda n: n / 1000)
+
+
+@st.composite
+def actions(draw: st.DrawFn, versions: list[str]) -> dict[str, Any]:
+    """The fields of SPEC part A: typed matches (hostnames x matches), filters, per-version filters,
+    timeouts and retry."""
+    hosts = draw(st.lists(host, max_size=2, unique=True))
+    bases = []
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["PathPrefix", "Exact", "RegularExpression"]))
+        m: dict[str, Any] = {"path": {"type": kind, "value": "^/v[0-9]+/.*" if kind == "RegularExpression"
+                                      else draw(path)}}
+        if draw(st.booleans()):
+            m["method"] = draw(st.sampled_from(["GET", "POST", "PATCH"]))
+        for key in ("headers", "query"):
+            entries = draw(name_values(regex=True))
+            if entries:
+                m[key] = entries
+        bases.append(m)
+    out: dict[str, Any] = {"matches": [{"host": h, **b} for b in bases for h in hosts] if hosts else bases}
+    edit = st.fixed_dictionaries({}, optional={
+        "set": st.dictionaries(token.map(lambda t: "x-s" + t), token, min_size=1, max_size=2),
+        "add": st.dictionaries(token.map(lambda t: "x-a" + t), token, min_size=1, max_size=2),
+        "remove": st.lists(token.map(lambda t: "x-r" + t), min_size=1, max_size=2, unique=True)})
+    filters: dict[str, Any] = {}
+    for key in ("request_headers", "response_headers"):
+        e = draw(edit)
+        if e:
+            filters[key] = e
+    prefix_only = all(b["path"]["type"] == "PathPrefix" for b in bases)
+    path_edit = st.fixed_dictionaries({"type": st.sampled_from(["ReplaceFullPath", "ReplacePrefixMatch"]
+                                                               if prefix_only else ["ReplaceFullPath"]),
+                                       "value": path})
+    choice = draw(st.sampled_from(["none", "rewrite", "redirect"]))
+    if choice == "rewrite":
+        filters["rewrite"] = draw(st.fixed_dictionaries({}, optional={"hostname": host.filter(
+            lambda h: not h.startswith("*")), "path": path_edit}).filter(bool))
+    elif choice == "redirect":
+        filters["redirect"] = draw(st.fixed_dictionaries(
+            {"status": st.sampled_from([301, 302, 303, 307, 308])},
+            optional={"scheme": st.sampled_from(["http", "https"]), "port": st.integers(1, 65535),
+                      "hostname": host.filter(lambda h: not h.startswith("*")), "path": path_edit}))
+        out["split"] = None
+    if filters:
+        out["filters"] = filters
+    if choice != "redirect" and draw(st.booleans()):
+        vf = {v: {"request_headers": draw(edit.filter(bool))} for v in versions[:1]}
+        out["version_filters"] = vf
+    if draw(st.booleans()):
+        request = draw(ms)
+        t = draw(st.fixed_dictionaries({}, optional={"request": st.just(request),
+                                                     "backend_request": ms.filter(lambda b: b <= request)}))
+        if t:
+            out["timeouts"] = t
+    if draw(st.booleans()):
+        out["retry"] = draw(st.fixed_dictionaries(
+            {"attempts": st.integers(1, 5), "codes": st.lists(st.sampled_from([500, 502, 503, 504]), min_size=1,
+                                                                unique=True)},
+            optional={"backoff": st.integers(1, 60_000).map(lambda n: n / 1000)}))
+    return out
+
+
 def roundtrip(doc: dict[str, Any]) -> None:
     try:
         state = parse_document(doc, now=1000.0)
@@ -73,7 +149,7 @@ def roundtrip(doc: dict[str, Any]) -> None:
     assert load_route_file(text, now=2000.0, current=state) == state
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(route_file())
 def test_apply_of_export_is_the_state(doc: dict[str, Any]) -> None:
     roundtrip(doc)
