@@ -14,6 +14,9 @@ Tolerances are the suite's: weights within 5 percentage points over 500 requests
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -24,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from tests.e2e.helpers import Turnout, http, wait_until
+from tests.e2e.helpers import Turnout, http
 from tests.httproute.echo import Echo
 
 V1, V2, V3 = "infra-backend-v1", "infra-backend-v2", "infra-backend-v3"
@@ -64,12 +68,26 @@ def echoes() -> Iterator[dict[str, Echo]]:
         e.stop()
 
 
+EXAMPLE = Path(__file__).resolve().parents[2] / "routes" / "httproute-canary.yaml"
+
+
+def example(echoes: dict[str, Echo]) -> str:
+    """routes/httproute-canary.yaml as written, its endpoints pointed at this module's upstreams."""
+    text = EXAMPLE.read_text()
+    for old, new in (("http://127.0.0.1:9201", echoes[V1].url), ("http://127.0.0.1:9202", echoes[V2].url)):
+        text = text.replace(old, new)
+    return text
+
+
 @pytest.fixture(scope="module")
 def turnout(tmp_path_factory: pytest.TempPathFactory, echoes: dict[str, Echo]) -> Iterator[Turnout]:
+    tmp = tmp_path_factory.mktemp("conformance")
+    seed = tmp / "httproute-canary.yaml"
+    seed.write_text(example(echoes))
     # The deadline sweeper checks a tenth of the shortest *proxy* timeout apart (1 s with the defaults), not
     # a route's: with a 2 s pool idle timeout it ticks every 0.2 s, so a route's 500 ms backendRequest fires
     # before the suite's 1 s delayed answer arrives (with the defaults it fires between 0.5 and 1.5 s).
-    with Turnout(tmp_path_factory.mktemp("conformance"), None, "--timeout-upstream-pool-idle", "2") as t:
+    with Turnout(tmp, str(seed), "--timeout-upstream-pool-idle", "2") as t:
         yield t
 
 
@@ -138,6 +156,25 @@ def check(suite: Conformance, table: list[tuple[Any, ...]]) -> None:
     """Every case's expected outcome is the table's last column; all cases are compared at once."""
     got = suite.outcomes([case[:-1] for case in table])
     assert list(zip([c[:-1] for c in table], got, strict=True)) == [(c[:-1], c[-1]) for c in table]
+
+
+def canary_outcome(suite: Conformance) -> tuple[str | None, Counter[Any]]:
+    tester = suite.send("/cart", host="shop.example.com", headers={"X-Canary": "always"})
+    return tester.backend, Counter(suite.outcomes([("/", {}, "GET", "shop.example.com")] * 100))
+
+
+# routes/httproute-canary.yaml, the file `serve --routes` started this module's turnout with: a 90/10
+# HTTPRoute canary (exact proportions: requests without a client id follow turnout's weighted cycle) and a
+# header match that sends testers to the canary.
+def test_serve_routes_reads_the_httproute_example(suite: Conformance) -> None:
+    status, state = suite.turnout.api("GET", "/api/v1/state")
+    assert (status, list(state["routes"]), list(state["versions"])) == (
+        200, ["shop.testers", "shop.main"], ["shop-v1", "shop-v2"])
+    assert canary_outcome(suite) == (V2, {V1: 90, V2: 10})
+    r = suite.send("/", host="shop.example.com")
+    # 100 requests are whole cycles of the 90/10 split: the next one starts the cycle again, on shop-v1, and
+    # its assignment cookie (sessionPersistence) records that version.
+    assert (r.backend, r.headers.get("Set-Cookie")) == (V1, "shop-version=shop-v1; Path=/; HttpOnly; SameSite=Lax")
 
 
 # HTTPRouteMatching (httproute-matching)
@@ -847,15 +884,29 @@ spec:
     check(suite, [("/", {}, "GET", 500)])
 
 
-# The example in routes/: a 90/10 HTTPRoute canary with a header match for testers, applied as it is
-# written (only the endpoints point at this test's upstreams).
-def test_routes_example_applies_and_routes(suite: Conformance) -> None:
-    text = (Path(__file__).resolve().parents[2] / "routes" / "httproute-canary.yaml").read_text()
-    for old, new in (("http://127.0.0.1:9201", suite.echoes[V1].url), ("http://127.0.0.1:9202", suite.echoes[V2].url)):
-        text = text.replace(old, new)
-    status, body = suite.post(text)
-    assert status == 200, body
-    wait_until(lambda: suite.send("/", host="shop.example.com").status == 200)
-    tester = suite.send("/cart", host="shop.example.com", headers={"X-Canary": "always"})
-    seen = Counter(suite.outcomes([("/", {}, "GET", "shop.example.com")] * 100))
-    assert (tester.backend, seen) == (V2, {V1: 90, V2: 10})
+def cli(suite: Conformance, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TURNOUT_ADMIN_TOKEN": suite.turnout.token}
+    return subprocess.run([sys.executable, "-m", "proxy", *args, "--admin", suite.turnout.admin], input=stdin,
+                          capture_output=True, text=True, env=env, timeout=30, check=False)
+
+
+# `turnout apply` of an HTTPRoute stream prints the translation's warnings; `turnout export --format
+# httproute` writes the state back as HTTPRoute documents that apply to the very same state ("no change").
+def test_cli_apply_warns_and_export_applies_back(suite: Conformance, tmp_path: Path) -> None:
+    f = tmp_path / "canary.yaml"
+    f.write_text(example(suite.echoes).replace("spec:\n  hostnames:", "spec:\n  parentRefs: [{name: gw}]\n"
+                                               "  hostnames:"))
+    applied = cli(suite, "apply", str(f))
+    assert (applied.returncode, applied.stderr) == (0, f"{f}: warning: HTTPRoute shop: spec.parentRefs: ignored: "
+                                                       "turnout's listeners serve every route (no Gateway to attach "
+                                                       "to)\n")
+    exported = cli(suite, "export", "--format", "httproute")
+    assert exported.returncode == 0, exported.stderr
+    again = cli(suite, "apply", "-", stdin=exported.stdout)
+    assert (again.returncode, again.stdout.startswith("no change (revision "), again.stderr) == (0, True, ""), again
+    one = cli(suite, "export", "shop.main")
+    assert [d["metadata"]["name"] for d in yaml.safe_load_all(one.stdout)] == ["shop-v1", "shop-v2", "shop.main"]
+    assert canary_outcome(suite) == (V2, {V1: 90, V2: 10})
+    rev = suite.turnout.api("GET", "/api/v1/state")[1]["revision"]
+    earlier = cli(suite, "export", "--revision", str(rev - 1))
+    assert (earlier.returncode, earlier.stdout.count("kind: HTTPRoute")) == (0, 1)  # the last test's route
