@@ -204,7 +204,7 @@ class _Translator(RuleReader):
 
     def merge_extras(self, rp: str, route: dict[str, Any], extras: dict[str, Any]) -> dict[str, Any]:
         out = dict(extras)
-        if "assignment_cookie" in extras and "assignment_cookie" in route:
+        if "assignment_cookie" in extras and ("assignment_cookie" in route or "assignment_cookie_max_age" in route):
             self.fail(f"{rp}.sessionPersistence", "conflicts with the turnout/assignment-cookie annotation")
         if "identity" in extras and "identity" in route:
             self.fail(f"{rp}.sessionPersistence", "a Header session conflicts with the turnout/identity annotation")

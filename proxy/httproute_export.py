@@ -71,8 +71,8 @@ def _mirrors(r: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 def httproute_of(name: str, r: Mapping[str, Any]) -> dict[str, Any]:
     where = f"route {name}"
     handled = {"name", "match", "matches", "split", "version_filters", "filters", "mirror", "mirrors", "timeouts",
-               "retry", "assignment_cookie", "identity", "sticky", "pins", "fallback", "expose_version",
-               "pins_require_verified", "require_identity"}
+               "retry", "assignment_cookie", "assignment_cookie_max_age", "identity", "sticky", "pins", "fallback",
+               "expose_version", "pins_require_verified", "require_identity"}
     unknown = sorted(set(r) - handled)
     if unknown:
         raise ExportError(f"{where}: {', '.join(unknown)}: no HTTPRoute form for this field")
@@ -113,7 +113,12 @@ def httproute_of(name: str, r: Mapping[str, Any]) -> dict[str, Any]:
             rt["backoff"] = _duration(f"{where}: retry.backoff", rt["backoff"])
         rule["retry"] = rt
     if r.get("assignment_cookie"):
-        rule["sessionPersistence"] = {"sessionName": r["assignment_cookie"], "type": "Cookie"}
+        session: dict[str, Any] = {"sessionName": r["assignment_cookie"], "type": "Cookie"}
+        if r.get("assignment_cookie_max_age"):
+            session["absoluteTimeout"] = _duration(f"{where}: assignment_cookie_max_age",
+                                                   r["assignment_cookie_max_age"])
+            session["cookieConfig"] = {"lifetimeType": "Permanent"}
+        rule["sessionPersistence"] = session
     spec: dict[str, Any] = {}
     if hostnames:
         spec["hostnames"] = hostnames

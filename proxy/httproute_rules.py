@@ -412,21 +412,31 @@ class RuleReader:
         if name is not None:
             self.text(name, f"{sp}.sessionName", re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$"),
                       "a cookie or header name")
-        for k in ("absoluteTimeout", "idleTimeout"):
-            if k in d and self.duration(d[k], f"{sp}.{k}") is not None:
-                self.warn(f"{sp}.{k}", "not enforced: the assignment lasts as long as the client keeps its "
-                          "cookie (a browser session)")
+        lifetime = "Session"
         if "cookieConfig" in d:
             cc = self.mapping(d["cookieConfig"], f"{sp}.cookieConfig", {"lifetimeType"})
-            lt = None if cc is None else cc.get("lifetimeType", "Session")
-            if lt == "Permanent":
-                self.warn(f"{sp}.cookieConfig.lifetimeType", "Permanent: turnout's assignment cookie is a session "
-                          "cookie")
-            elif lt not in (None, "Session"):
-                self.fail(f"{sp}.cookieConfig.lifetimeType", f"expected Session or Permanent, got {lt!r}")
+            lifetime = "Session" if cc is None else cc.get("lifetimeType", "Session")
+            if lifetime not in ("Session", "Permanent"):
+                self.fail(f"{sp}.cookieConfig.lifetimeType", f"expected Session or Permanent, got {lifetime!r}")
+        absolute = None if "absoluteTimeout" not in d else self.duration(d["absoluteTimeout"], f"{sp}.absoluteTimeout")
+        out: dict[str, Any] = {}
+        if kind == "Cookie" and lifetime == "Permanent":
+            if "absoluteTimeout" not in d:
+                self.fail(f"{sp}.absoluteTimeout", "a Permanent cookie needs absoluteTimeout (its Max-Age)")
+            elif absolute is not None:
+                if absolute != int(absolute) or absolute < 1:
+                    self.fail(f"{sp}.absoluteTimeout", "a cookie's Max-Age is whole seconds (at least 1s)")
+                else:
+                    out["assignment_cookie_max_age"] = int(absolute)
+        elif absolute is not None:
+            self.warn(f"{sp}.absoluteTimeout", "not enforced: without cookieConfig.lifetimeType Permanent (a Max-Age) "
+                      "the assignment lasts as long as the client keeps its session cookie")
+        if "idleTimeout" in d and self.duration(d["idleTimeout"], f"{sp}.idleTimeout") is not None:
+            self.warn(f"{sp}.idleTimeout", "not enforced: an assignment does not expire while idle")
         if kind == "Cookie":
             # The assignment cookie holds a session on its version whatever the weights, 0 included (GEP-1619).
-            return {"assignment_cookie": name if isinstance(name, str) else DEFAULT_SESSION_COOKIE}
+            out["assignment_cookie"] = name if isinstance(name, str) else DEFAULT_SESSION_COOKIE
+            return out
         if kind == "Header":
             if not isinstance(name, str):
                 self.fail(f"{sp}.sessionName", "a Header session needs the header's name")

@@ -215,6 +215,9 @@ class Route:
     expose_version: bool = False
     # Drain support: name of a cookie recording the version a session was assigned (None: off).
     assignment_cookie: str | None = None
+    # The assignment cookie's Max-Age in seconds (HTTPRoute sessionPersistence absoluteTimeout with a
+    # Permanent cookie); None: a session cookie, kept until the browser closes.
+    assignment_cookie_max_age: int | None = None
     # Pins and the assignment cookie only for ids from verified sources (an unverified one stays sticky).
     pins_require_verified: bool = False
     # No verified id: 401, nothing goes upstream.

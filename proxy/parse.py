@@ -50,7 +50,7 @@ VERSION_FIELDS = {
 STORED_VERSION_FIELDS = VERSION_FIELDS | {"kind", "instances", "created"}
 ROUTE_FIELDS = {
     "name", "match", "identity", "split", "sticky", "pins", "fallback", "mirror", "expose_version",
-    "assignment_cookie", "pins_require_verified", "require_identity",
+    "assignment_cookie", "assignment_cookie_max_age", "pins_require_verified", "require_identity",
     "matches", "filters", "version_filters", "timeouts", "retry",
 }
 
@@ -412,6 +412,12 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
     cookie = None
     if d.get("assignment_cookie") is not None:
         cookie = c.string(d["assignment_cookie"], _join(path, "assignment_cookie"), TOKEN_RE, "a cookie name")
+    max_age = None
+    if d.get("assignment_cookie_max_age") is not None:
+        ap = _join(path, "assignment_cookie_max_age")
+        max_age = c.number(d["assignment_cookie_max_age"], ap, 1, 400 * 86400, integer=True)  # RFC 6265bis cap
+        if "assignment_cookie" not in d:
+            c.fail(ap, "needs assignment_cookie (the cookie it is the lifetime of)")
     verified = c.boolean(d.get("pins_require_verified", False), _join(path, "pins_require_verified"))
     required = c.boolean(d.get("require_identity", False), _join(path, "require_identity"))
     if not any(s.verified for s in identity) and len(c.errors) == before:
@@ -424,6 +430,7 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
         name=name, match=match, identity=tuple(identity), split=tuple(split), sticky=bool(sticky),
         pins=pins, fallback=tuple(fallback), mirror=mirror, expose_version=bool(expose),
         assignment_cookie=cookie, pins_require_verified=bool(verified), require_identity=bool(required),
+        assignment_cookie_max_age=None if max_age is None else int(max_age),
         more_matches=more_matches, filters=filters, version_filters=version_filters, timeouts=timeouts,
         retry=retry,
     )
@@ -449,6 +456,8 @@ def route_to_dict(r: Route, with_name: bool = True, with_pins: bool = True) -> d
         d["expose_version"] = True
     if r.assignment_cookie:
         d["assignment_cookie"] = r.assignment_cookie
+    if r.assignment_cookie_max_age is not None:
+        d["assignment_cookie_max_age"] = r.assignment_cookie_max_age
     if r.pins_require_verified:
         d["pins_require_verified"] = True
     if r.require_identity:

@@ -273,7 +273,7 @@ class UpstreamConnection(UpstreamSide):
             # A version standing in for an unhealthy one does not become the session's assignment.
             if (cookie is not None and route.route.sticky and ex.cookie_version != ex.version and not ex.fell_back
                     and (ex.id_source != "" or not route.pins_verified)):
-                parts.append(self.dp.cookie_header(cookie, ex.version))
+                parts.append(self.dp.cookie_header(cookie, ex.version, route.route.assignment_cookie_max_age))
         parts.append(_CRLF)
         self.mode = mode
         ex.respond(status)

@@ -174,7 +174,8 @@ def test_serve_routes_reads_the_httproute_example(suite: Conformance) -> None:
     r = suite.send("/", host="shop.example.com")
     # 100 requests are whole cycles of the 90/10 split: the next one starts the cycle again, on shop-v1, and
     # its assignment cookie (sessionPersistence) records that version.
-    assert (r.backend, r.headers.get("Set-Cookie")) == (V1, "shop-version=shop-v1; Path=/; HttpOnly; SameSite=Lax")
+    assert (r.backend, r.headers.get("Set-Cookie")) == (
+        V1, "shop-version=shop-v1; Path=/; Max-Age=86400; HttpOnly; SameSite=Lax")
 
 
 # HTTPRouteMatching (httproute-matching)

@@ -65,6 +65,8 @@ def route_file(draw: st.DrawFn) -> dict[str, Any]:
                 r[flag] = True
         if draw(st.booleans()):
             r["assignment_cookie"] = draw(token)
+            if draw(st.booleans()):
+                r["assignment_cookie_max_age"] = draw(st.integers(1, 400 * 86400))
         routes.append(r)
     return {"versions": versions, "routes": routes}
 

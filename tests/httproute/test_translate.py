@@ -273,11 +273,44 @@ def test_session_persistence() -> None:
     (r,) = routes_of(text)
     assert (r["identity"], r["sticky"]) == ([{"header": "X-Session"}], True)
     assert warnings_of(text) == [
-        "HTTPRoute shop: spec.rules[0].sessionPersistence.absoluteTimeout: not enforced: the assignment lasts as "
-        "long as the client keeps its cookie (a browser session)",
+        "HTTPRoute shop: spec.rules[0].sessionPersistence.absoluteTimeout: not enforced: without "
+        "cookieConfig.lifetimeType Permanent (a Max-Age) the assignment lasts as long as the client keeps its session "
+        "cookie",
         "HTTPRoute shop: spec.rules[0].sessionPersistence.type: Header: sessions stick by the header's value "
         "(sticky buckets): they hold while the weights stay, not at weight 0 as GEP-1619 asks; type Cookie does",
     ]
+
+
+def test_a_permanent_session_cookie_gets_its_max_age() -> None:
+    (r,) = routes_of(route("""
+        rules:
+        - sessionPersistence: {sessionName: s, absoluteTimeout: 1h30m, idleTimeout: 10m,
+                               cookieConfig: {lifetimeType: Permanent}}
+          backendRefs: [{name: v1}]
+    """))
+    assert (r["assignment_cookie"], r["assignment_cookie_max_age"]) == ("s", 5400)
+    assert errors_of(route("""
+        rules:
+        - sessionPersistence: {cookieConfig: {lifetimeType: Permanent}}
+          backendRefs: [{name: v1}]
+        - sessionPersistence: {absoluteTimeout: 1500ms, cookieConfig: {lifetimeType: Permanent}}
+          backendRefs: [{name: v1}]
+    """)) == ["HTTPRoute shop: spec.rules[0].sessionPersistence.absoluteTimeout: a Permanent cookie needs "
+              "absoluteTimeout (its Max-Age)",
+              "HTTPRoute shop: spec.rules[1].sessionPersistence.absoluteTimeout: a cookie's Max-Age is whole seconds "
+              "(at least 1s)"]
+    state = load_route_file(route("""
+        rules:
+        - sessionPersistence: {sessionName: s, absoluteTimeout: 1h, cookieConfig: {lifetimeType: Permanent}}
+          backendRefs: [{name: v1}]
+    """))
+    assert (state.routes[0].assignment_cookie, state.routes[0].assignment_cookie_max_age) == ("s", 3600)
+    with pytest.raises(ValidationError) as e:
+        load_route_file("versions: {v1: {endpoints: ['http://127.0.0.1:9001']}}\n"
+                        "routes: [{name: w, split: {v1: 1}, assignment_cookie_max_age: 0}]\n")
+    assert [str(x) for x in e.value.errors] == [
+        "routes[0].assignment_cookie_max_age: expected a number between 1 and 3.456e+07, got 0",
+        "routes[0].assignment_cookie_max_age: needs assignment_cookie (the cookie it is the lifetime of)"]
 
 
 def test_annotations() -> None:
