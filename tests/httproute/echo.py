@@ -25,6 +25,13 @@ def go_duration(text: str) -> float:
     return sum(float(n) * _UNITS[u] for n, u in re.findall(r"([0-9.]+)(ms|s|m)", text))
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: a burst of mirrored copies (a fresh connection each) would
+    # overflow it and be refused.
+    request_queue_size = 256
+    daemon_threads = True
+
+
 class Echo:
     def __init__(self, name: str) -> None:
         self.name = name
@@ -76,8 +83,7 @@ class Echo:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = handle_one
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.port = int(self.server.server_address[1])
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.server.serve_forever, name=f"echo-{name}", daemon=True)
