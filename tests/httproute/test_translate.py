@@ -534,3 +534,34 @@ def test_a_single_native_document_reads_as_before() -> None:
     state = load_route_file("versions:\n  v1: {endpoints: ['http://127.0.0.1:9001']}\nroutes:\n"
                             "  - {name: web, split: {v1: 1}}\n")
     assert [r.name for r in state.routes] == ["web"]
+
+
+def test_the_readme_canary_reads_the_same_in_both_syntaxes() -> None:
+    native = load_route_file("""\
+versions:
+  v1: {endpoints: ["http://127.0.0.1:9001"]}
+  v2: {endpoints: ["http://127.0.0.1:9002"]}
+routes:
+  - {name: web, identity: [{header: X-Client-Id}], split: {v1: 95, v2: 5}, fallback: [v1]}
+""")
+    httproute = load_route_file("""\
+apiVersion: turnout/v1
+kind: Version
+metadata: {name: v1}
+spec: {endpoints: ["http://127.0.0.1:9001"]}
+---
+apiVersion: turnout/v1
+kind: Version
+metadata: {name: v2}
+spec: {endpoints: ["http://127.0.0.1:9002"]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: web
+  annotations: {turnout/identity: "header:X-Client-Id", turnout/fallback: v1}
+spec:
+  rules:
+  - backendRefs: [{name: v1, weight: 95}, {name: v2, weight: 5}]
+""")
+    assert httproute == native
