@@ -32,6 +32,8 @@ from proxy.model import (
 )
 
 PATTERN_MAX = 1024
+# HTTPRoute allows 16 hostnames and 64 matches per rule: their product, one native match each.
+MATCHES_MAX = 1024
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -151,8 +153,8 @@ def parse_matches(d: Mapping[str, Any], path: str, errors: list[FieldError]) -> 
         if not isinstance(raw, list) or not raw:
             f.fail(mpath, f"expected a non-empty list of matches, got {_kind(raw)}")
             return Match(), ()
-        if len(raw) > 64:
-            f.fail(mpath, f"at most 64 matches per route, got {len(raw)}")
+        if len(raw) > MATCHES_MAX:
+            f.fail(mpath, f"at most {MATCHES_MAX} matches per route, got {len(raw)}")
             return Match(), ()
         out = [_match(f, m, f"{mpath}[{i}]") for i, m in enumerate(raw)]
         return out[0], tuple(out[1:])

@@ -226,8 +226,9 @@ class MatchEntry:
         self.host = None if m.host is None or m.host.startswith("*.") else m.host
         self.host_suffix = m.host[1:] if m.host and m.host.startswith("*.") else None
         self.path_kind: int = _PATH_KINDS[m.path_type]
-        self.path = m.path_prefix
-        self.prefix_dir = m.path_prefix if m.path_prefix.endswith("/") else m.path_prefix + "/"
+        # HTTPRoute's PathPrefix ignores a trailing "/": "/api/" matches "/api", "/api/" and "/api/x".
+        self.path = (m.path_prefix.rstrip("/") or "/") if self.path_kind == PATH_PREFIX else m.path_prefix
+        self.prefix_dir = self.path if self.path.endswith("/") else self.path + "/"
         self.exact = self.path_kind == PATH_EXACT
         self.regex: Any = re2.compile(m.path_prefix, options=_RE2_OPTIONS) if self.path_kind == PATH_REGEX else None
         self.headers = m.headers

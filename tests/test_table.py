@@ -276,6 +276,13 @@ def test_regex_paths_rank_after_exact_and_before_prefixes() -> None:
     assert _entry(t, "h", "/vx/items") is None
 
 
+def test_a_trailing_slash_of_a_path_prefix_is_ignored() -> None:
+    # HTTPRoute: PathPrefix "/api/" matches "/api", "/api/" and "/api/x" (earlier, "/api" did not match).
+    t = _table(Route("api", match=Match(path_prefix="/api/"), split=(("v1", 1),)))
+    got = [_entry(t, "h", p) for p in ("/api", "/api/", "/api/x", "/apix")]
+    assert got == [("api", 0), ("api", 0), ("api", 0), None]
+
+
 def test_query_matches_take_the_first_of_repeated_parameters() -> None:
     t = _table(Route("q", match=Match(query=(("a", "1"),), query_regex=(("b", "x+"),)), split=(("v1", 1),)))
     assert _entry(t, "h", "/", query="a=1&b=xx") == ("q", 0)
@@ -314,8 +321,10 @@ def _ref_accepts(m: Match, host: str, path: str, headers: dict[str, str], method
     elif m.path_type == "RegularExpression":
         if re.fullmatch(m.path_prefix, path) is None:
             return False
-    elif not (m.path_prefix == "/" or path == m.path_prefix or path.startswith(m.path_prefix.rstrip("/") + "/")):
-        return False
+    else:
+        p = m.path_prefix.rstrip("/")
+        if not (p == "" or path == p or path.startswith(p + "/")):
+            return False
     if m.method is not None and m.method != method:
         return False
     if any(headers.get(n) != v for n, v in m.headers):
@@ -357,7 +366,7 @@ def test_precedence_equals_a_reference_implementation() -> None:
     match_st = st.builds(
         Match,
         host=st.sampled_from([None, "a.example.com", "*.example.com", "*.a.example.com"]),
-        path_prefix=st.sampled_from(["/", "/a", "/a/b", "/ab"]),
+        path_prefix=st.sampled_from(["/", "/a", "/a/", "/a/b", "/ab"]),
         path_type=st.sampled_from(["PathPrefix", "Exact"]),
         method=st.sampled_from([None, "GET", "POST"]),
         headers=st.sampled_from([(), (("x-a", "1"),), (("x-a", "1"), ("x-b", "2"))]),

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from proxy.actions import RouteActions, edited_path, redirect_location, with_host
-from proxy.dataplane.exchange import RESPONDING
+from proxy.dataplane.exchange import RESPONDING, TUNNEL
 from proxy.dataplane.identity import identity_lines
 
 if TYPE_CHECKING:
@@ -94,8 +94,8 @@ def response_lines(actions: RouteActions, version: str, lines: list[bytes]) -> l
 def request_expired(dp: PlaneState, ex: Exchange) -> None:
     """The route's request timeout: 504 when no response started, else the response is cut off."""
     ex.timer = None
-    if ex.done() or ex.client.closed:
-        return
+    if ex.done() or ex.client.closed or ex.state == TUNNEL:
+        return  # an accepted WebSocket is no longer one request: the upstream idle timeout bounds it
     route = ex.route
     up = ex.up
     ex.up = None
