@@ -36,6 +36,8 @@ HOT_MODULES = [
     "proxy/dataplane/identity.py",
     "proxy/telemetry/stats.py",
     "proxy/table.py",
+    "proxy/actions.py",
+    "proxy/dataplane/rewrite.py",
     "proxy/select.py",
 ]
 

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "proxy.commands.check",
     "proxy.commands.operate",
     "proxy.commands.compare",
+    "proxy.commands.export",
     "proxy.commands.deploy",
     "proxy.commands.release",
 )

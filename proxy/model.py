@@ -75,16 +75,38 @@ class Version:
     zones: tuple[tuple[str, str], ...] = ()
 
 
+PathType = Literal["Exact", "PathPrefix", "RegularExpression"]
+PATH_TYPES: tuple[PathType, ...] = ("Exact", "PathPrefix", "RegularExpression")
+
+
 @dataclass(frozen=True, slots=True)
 class Match:
+    """One match; its fields are ANDed. A route's matches are ORed (Route.matches)."""
+
     host: str | None = None  # exact host, or "*.example.com"
+    # The path value: the prefix (PathPrefix), the whole path (Exact) or an re2 pattern (RegularExpression).
     path_prefix: str = "/"
     headers: tuple[tuple[str, str], ...] = ()  # lower-case name, exact value
+    path_type: PathType = "PathPrefix"
+    method: str | None = None  # upper-case; None: any method
+    header_regex: tuple[tuple[str, str], ...] = ()  # lower-case name, re2 pattern the whole value matches
+    query: tuple[tuple[str, str], ...] = ()  # parameter name (case-sensitive), exact value
+    query_regex: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def path(self) -> str:
+        return self.path_prefix
 
     @property
     def specificity(self) -> tuple[int, int, int]:
         host_rank = 0 if self.host is None else (1 if self.host.startswith("*.") else 2)
-        return (host_rank, len(self.path_prefix), len(self.headers))
+        return (host_rank, len(self.path_prefix), len(self.headers) + len(self.header_regex))
+
+    @property
+    def plain(self) -> bool:
+        """Only what a match could say before typed paths, methods, regexes and queries."""
+        return (self.path_type == "PathPrefix" and self.method is None and not self.header_regex
+                and not self.query and not self.query_regex)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +150,67 @@ class Mirror:
     percent: float
 
 
+# Filters, timeouts and retry: HTTPRoute's semantics in turnout's own model (one model, two syntaxes).
+
+@dataclass(frozen=True, slots=True)
+class HeaderEdit:
+    """HTTPRoute's HeaderModifier: set (replace), add (append), remove; names as written, matched
+    case-insensitively."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+PathEditType = Literal["ReplaceFullPath", "ReplacePrefixMatch"]
+
+
+@dataclass(frozen=True, slots=True)
+class PathEdit:
+    type: PathEditType
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    hostname: str | None = None
+    path: PathEdit | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """Answered by the proxy itself; None fields keep the request's own (port: see the redirect docs)."""
+
+    scheme: str | None = None  # "http" | "https"
+    hostname: str | None = None
+    port: int | None = None
+    path: PathEdit | None = None
+    status: int = 302
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    request_headers: HeaderEdit | None = None
+    response_headers: HeaderEdit | None = None
+    rewrite: Rewrite | None = None
+    redirect: Redirect | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    request: float | None = None  # whole exchange, from the request head to the end of the response
+    backend_request: float | None = None  # one attempt: request sent -> response head
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """GEP-1731: `attempts` retries (after the first try) when the upstream answers one of `codes`."""
+
+    attempts: int = 1
+    codes: tuple[int, ...] = ()
+    backoff: float = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     name: str
@@ -144,6 +227,9 @@ class Route:
     expose_version: bool = False
     # Drain support: name of a cookie recording the version a session was assigned (None: off).
     assignment_cookie: str | None = None
+    # The assignment cookie's Max-Age in seconds (HTTPRoute sessionPersistence absoluteTimeout with a
+    # Permanent cookie); None: a session cookie, kept until the browser closes.
+    assignment_cookie_max_age: int | None = None
     # Pins and the assignment cookie only for ids from verified sources (an unverified one stays sticky).
     pins_require_verified: bool = False
     # No verified id: 401, nothing goes upstream.
@@ -155,6 +241,16 @@ class Route:
     def mirror(self) -> Mirror | None:
         """The first mirror (what readers written for one mirror per route show)."""
         return self.mirrors[0] if self.mirrors else None
+    # Matches ORed with `match` (a route file's `matches:` list is (match, *more_matches)).
+    more_matches: tuple[Match, ...] = ()
+    filters: Filters | None = None
+    version_filters: tuple[tuple[str, Filters], ...] = ()  # per version (HTTPRoute backendRefs[].filters)
+    timeouts: Timeouts | None = None
+    retry: Retry | None = None
+
+    @property
+    def matches(self) -> tuple[Match, ...]:
+        return (self.match, *self.more_matches)
 
     @property
     def split_map(self) -> dict[str, float]:
@@ -163,6 +259,7 @@ class Route:
     def referenced_versions(self) -> set[str]:
         names = {v for v, _ in self.split} | set(self.pins.values()) | set(self.fallback)
         names.update(m.version for m in self.mirrors)
+        names.update(v for v, _ in self.version_filters)
         return names
 
 

@@ -20,12 +20,20 @@ from proxy.identities import parse_identity, source_to_dict
 from proxy.model import (
     HealthCheck,
     IdentitySource,
-    Match,
     Mirror,
     Route,
     State,
     Version,
     VersionSpec,
+)
+from proxy.parse_match import (
+    actions_to_dict,
+    check_route_actions,
+    parse_filters,
+    parse_matches,
+    parse_retry,
+    parse_timeouts,
+    parse_version_filters,
 )
 from proxy.placement import endpoint_item, endpoints_out, stored_zones, version_zones, zone_fields_out
 from proxy.select import BUCKETS, smallest_routing_weight, unrouted
@@ -43,7 +51,8 @@ VERSION_FIELDS = {
 STORED_VERSION_FIELDS = VERSION_FIELDS | {"kind", "instances", "created", "instance_zones"}
 ROUTE_FIELDS = {
     "name", "match", "identity", "split", "sticky", "pins", "fallback", "mirror", "mirrors", "expose_version",
-    "assignment_cookie", "pins_require_verified", "require_identity", "zone_affinity",
+    "assignment_cookie", "assignment_cookie_max_age", "pins_require_verified", "require_identity",
+    "matches", "filters", "version_filters", "timeouts", "retry", "zone_affinity",
 }
 
 
@@ -344,25 +353,21 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
             return None
         return s
 
-    match = Match()
-    if "match" in d:
-        mpath = _join(path, "match")
-        m = c.mapping(d["match"], mpath, {"host", "path_prefix", "headers"})
-        if m is not None:
-            host = None
-            if m.get("host") is not None:
-                host = c.string(m["host"], f"{mpath}.host", HOST_RE, "a host name or *.domain")
-            prefix = c.string(m.get("path_prefix", "/"), f"{mpath}.path_prefix", re.compile(r"^/[^\s?#]*$"),
-                              "a path starting with / (no query)")
-            hdrs = c.string_pairs(m.get("headers", {}), f"{mpath}.headers", TOKEN_RE, lower_keys=True)
-            match = Match(host.lower() if host else None, prefix or "/", hdrs or ())
+    match, more_matches = parse_matches(d, path, c.errors)
+    filters = None if d.get("filters") is None else parse_filters(d["filters"], _join(path, "filters"), c.errors)
+    version_filters = () if d.get("version_filters") is None else parse_version_filters(
+        d["version_filters"], _join(path, "version_filters"), c.errors, versions)
+    timeouts = None if d.get("timeouts") is None else parse_timeouts(d["timeouts"], _join(path, "timeouts"), c.errors)
+    retry = None if d.get("retry") is None else parse_retry(d["retry"], _join(path, "retry"), c.errors)
+    redirects = filters is not None and filters.redirect is not None
     identity: list[IdentitySource] = []
     if "identity" in d:
         identity, ierrors = parse_identity(d["identity"], _join(path, "identity"), check_files=not stored)
         c.errors.extend(ierrors)
     split: list[tuple[str, float]] = []
     spath = _join(path, "split")
-    sm = c.mapping(d.get("split"), spath)
+    # A redirecting route answers every request itself: it needs no version.
+    sm = c.mapping(d.get("split"), spath) if not redirects or d.get("split") is not None else None
     if sm is not None:
         for vname, w in sm.items():
             vp = _join(spath, vname)
@@ -371,12 +376,12 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
             weight = c.number(w, vp, 0)
             if weight is not None:
                 split.append((vname, float(weight)))
-        if sm and split and not any(w > 0 for _, w in split) and len(c.errors) == before:
-            c.fail(spath, "at least one weight must be > 0")
-        elif split and not stored and len(c.errors) == before:
+        # All weights 0 is accepted: such a route answers 500 (HTTPRoute's all-zero backendRefs weights)
+        # unless a pin or assignment names a version.
+        if split and any(w > 0 for _, w in split) and not stored and len(c.errors) == before:
             # Stored revisions were accepted once: they load as they are (a rollback must never fail on this).
             c.errors.extend(split_weight_errors(tuple(split), spath))
-        if not sm:
+        if not sm and not redirects:
             c.fail(spath, "expected at least one version with a weight")
     sticky = c.boolean(d.get("sticky", True), _join(path, "sticky"))
     pins: dict[str, str] = {}
@@ -437,6 +442,12 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
     cookie = None
     if d.get("assignment_cookie") is not None:
         cookie = c.string(d["assignment_cookie"], _join(path, "assignment_cookie"), TOKEN_RE, "a cookie name")
+    max_age = None
+    if d.get("assignment_cookie_max_age") is not None:
+        ap = _join(path, "assignment_cookie_max_age")
+        max_age = c.number(d["assignment_cookie_max_age"], ap, 1, 400 * 86400, integer=True)  # RFC 6265bis cap
+        if "assignment_cookie" not in d:
+            c.fail(ap, "needs assignment_cookie (the cookie it is the lifetime of)")
     verified = c.boolean(d.get("pins_require_verified", False), _join(path, "pins_require_verified"))
     required = c.boolean(d.get("require_identity", False), _join(path, "require_identity"))
     affinity = c.boolean(d.get("zone_affinity", True), _join(path, "zone_affinity"))
@@ -446,25 +457,26 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
                 c.fail(_join(path, flag), "needs a verified identity source (client_cert, jwt or api_key)")
     if len(c.errors) > before or name is None:
         return None
-    return Route(
+    route = Route(
         name=name, match=match, identity=tuple(identity), split=tuple(split), sticky=bool(sticky),
         pins=pins, fallback=tuple(fallback), mirrors=tuple(mirrors), expose_version=bool(expose),
         assignment_cookie=cookie, pins_require_verified=bool(verified), require_identity=bool(required),
         zone_affinity=affinity is not False,
+        assignment_cookie_max_age=None if max_age is None else int(max_age),
+        more_matches=more_matches, filters=filters, version_filters=version_filters, timeouts=timeouts,
+        retry=retry,
     )
+    check_route_actions(route, path, c.errors)
+    return None if len(c.errors) > before else route
 
 
 def route_to_dict(r: Route, with_name: bool = True, with_pins: bool = True) -> dict[str, Any]:
     d: dict[str, Any] = {"name": r.name} if with_name else {}
-    m: dict[str, Any] = {"path_prefix": r.match.path_prefix}
-    if r.match.host:
-        m["host"] = r.match.host
-    if r.match.headers:
-        m["headers"] = dict(r.match.headers)
-    d["match"] = m
+    d.update(actions_to_dict(r))
     if r.identity:
         d["identity"] = [source_to_dict(s) for s in r.identity]
-    d["split"] = {v: (int(w) if w == int(w) else w) for v, w in r.split}
+    if r.split or r.filters is None or r.filters.redirect is None:
+        d["split"] = {v: (int(w) if w == int(w) else w) for v, w in r.split}
     d["sticky"] = r.sticky
     if r.pins and with_pins:
         d["pins"] = dict(r.pins)
@@ -478,6 +490,8 @@ def route_to_dict(r: Route, with_name: bool = True, with_pins: bool = True) -> d
         d["expose_version"] = True
     if r.assignment_cookie:
         d["assignment_cookie"] = r.assignment_cookie
+    if r.assignment_cookie_max_age is not None:
+        d["assignment_cookie_max_age"] = r.assignment_cookie_max_age
     if r.pins_require_verified:
         d["pins_require_verified"] = True
     if r.require_identity:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Final
+from typing import Any, Final
 from urllib.parse import parse_qsl
 
-from proxy.model import Route, State, Version
+import re2
+
+from proxy.actions import RouteActions, has_actions
+from proxy.model import Match, Route, State, Version
 from proxy.select import (
     bucket_bounds,
     bucket_of,
@@ -34,6 +37,16 @@ _PCT_UNRESERVED = re.compile(r"%(4[1-9A-Fa-f]|5[0-9Aa]|6[1-9A-Fa-f]|7[0-9Aa]|3[0
 
 Pick = tuple[str, tuple[str, ...]]  # (reason, chain: chosen version first, then fallbacks)
 
+# MatchEntry.path_kind (the values of proxy.route_index's PATH_PREFIX, PATH_EXACT, PATH_REGEX).
+PATH_PREFIX: Final = 0
+PATH_EXACT: Final = 1
+PATH_REGEX: Final = 2
+_PATH_KINDS: Final = {"PathPrefix": PATH_PREFIX, "Exact": PATH_EXACT, "RegularExpression": PATH_REGEX}
+# Where a path kind ranks (lower first): Exact, then RegularExpression, then PathPrefix (see precedence).
+_PATH_RANK: Final = {PATH_EXACT: 0, PATH_REGEX: 1, PATH_PREFIX: 2}
+_RE2_OPTIONS: Final[Any] = re2.Options()
+_RE2_OPTIONS.log_errors = False
+
 # A changed pin set is patched into a copy of the previous compiled pins when it has at least PATCH_MIN
 # entries and at most one in PATCH_SHARE of them changed; otherwise it is compiled afresh.
 PATCH_MIN: Final = 1000
@@ -43,9 +56,9 @@ PATCH_SHARE: Final = 8
 class CompiledRoute:
     __slots__ = (
         "_assignable", "_bounds", "_cycle", "_cycle_len", "_next", "_pins", "_shares", "_spread_current",
-        "_sticky_picks", "_weighted_picks", "assignment_cookie", "chains", "challenge", "expose_version",
-        "header_ids", "host", "host_suffix", "identity", "match_headers", "name", "pins_verified", "prefix",
-        "prefix_dir", "require_identity", "route", "sources", "split_names", "verifying",
+        "_sticky_picks", "_weighted_picks", "actions", "assignment_cookie", "chains", "challenge", "entries",
+        "expose_version", "header_ids", "host", "host_suffix", "identity", "match_headers", "name",
+        "pins_verified", "prefix", "prefix_dir", "require_identity", "route", "sources", "split_names", "verifying",
     )
 
     def __init__(self, route: Route, previous: CompiledRoute | None = None) -> None:
@@ -59,6 +72,10 @@ class CompiledRoute:
         self.prefix = m.path_prefix
         self.prefix_dir = m.path_prefix if m.path_prefix.endswith("/") else m.path_prefix + "/"
         self.match_headers = m.headers
+        # One entry per match (ORed), in the route's order; RouteTable sorts all routes' entries together.
+        self.entries = tuple(MatchEntry(self, mm, i) for i, mm in enumerate(route.matches))
+        # Filters, timeouts, retry: None for a route that uses none (the request path tests this once).
+        self.actions: RouteActions | None = RouteActions(route) if has_actions(route) else None
         self.identity = tuple((s.kind, s.name) for s in route.identity)
         # Only header identities are common enough to deserve their own fast path.
         self.header_ids = all(kind == "header" for kind, _ in self.identity)
@@ -101,6 +118,9 @@ class CompiledRoute:
         self._bounds = bucket_bounds(weights)
         self._cycle = [self._weighted_picks[i] for i in smooth_cycle(weights)]
         self._cycle_len = len(self._cycle)
+        if not self._cycle:
+            # No weight (all 0, or a redirect's missing split): the pick names no version (dispatch: 500).
+            self._cycle = [(WEIGHTED, ("",))]
         self._next = 0
         self.split_names: tuple[str, ...] = tuple(names)
         self._shares = quantise(weights)
@@ -111,17 +131,13 @@ class CompiledRoute:
         return (f"<CompiledRoute {self.name} [{self.prefix}] split: {split} | pins: {len(self._pins)}"
                 f" | sticky: {'on' if self.route.sticky else 'off'}>")
 
-    def matches(self, host: str, path: str, headers: Mapping[str, str]) -> bool:
-        if self.host is not None and host != self.host:
-            return False
-        if self.host_suffix is not None and not host.endswith(self.host_suffix):
-            return False
-        if self.prefix != "/" and path != self.prefix and not path.startswith(self.prefix_dir):
-            return False
-        for name, value in self.match_headers:
-            if headers.get(name) != value:
-                return False
-        return True
+    def matches(self, host: str, path: str, headers: Mapping[str, str], method: str = "GET",
+                query: str | None = None) -> bool:
+        """Any of the route's matches accepts the request."""
+        for e in self.entries:
+            if e.accepts(host, path, headers, method, query):
+                return True
+        return False
 
     def client_id(self, headers: Mapping[str, str], query: str | None = None) -> str | None:
         """The first identity source that yields a non-empty value. `headers` has lower-case names."""
@@ -196,6 +212,107 @@ class CompiledRoute:
         return self.pick(client_id)
 
 
+class MatchEntry:
+    """One match of one route, compiled: what RouteTable scans (and proxy.route_index indexes) in
+    precedence order. `host`, `host_suffix`, `path_kind` and `path` are the index's interface."""
+
+    __slots__ = ("exact", "extra", "header_res", "headers", "host", "host_suffix", "match", "method", "order",
+                 "path", "path_kind", "prefix_dir", "query", "query_res", "regex", "route")
+
+    def __init__(self, route: CompiledRoute, m: Match, order: int) -> None:
+        self.route = route
+        self.match = m
+        self.order = order  # position among the route's matches
+        self.host = None if m.host is None or m.host.startswith("*.") else m.host
+        self.host_suffix = m.host[1:] if m.host and m.host.startswith("*.") else None
+        self.path_kind: int = _PATH_KINDS[m.path_type]
+        # HTTPRoute's PathPrefix ignores a trailing "/": "/api/" matches "/api", "/api/" and "/api/x".
+        self.path = (m.path_prefix.rstrip("/") or "/") if self.path_kind == PATH_PREFIX else m.path_prefix
+        self.prefix_dir = self.path if self.path.endswith("/") else self.path + "/"
+        self.exact = self.path_kind == PATH_EXACT
+        self.regex: Any = re2.compile(m.path_prefix, options=_RE2_OPTIONS) if self.path_kind == PATH_REGEX else None
+        self.headers = m.headers
+        self.method = m.method
+        self.header_res: tuple[tuple[str, Any], ...] = tuple(
+            (n, re2.compile(p, options=_RE2_OPTIONS)) for n, p in m.header_regex)
+        self.query = m.query
+        self.query_res: tuple[tuple[str, Any], ...] = tuple(
+            (n, re2.compile(p, options=_RE2_OPTIONS)) for n, p in m.query_regex)
+        # Anything beyond host, prefix and exact headers: the plain case pays one test for all of it.
+        self.extra = not m.plain
+
+    def __repr__(self) -> str:
+        return f"<MatchEntry {self.route.name}[{self.order}] {self.match.path_type} {self.path}>"
+
+    def accepts(self, host: str, path: str, headers: Mapping[str, str], method: str = "GET",
+                query: str | None = None) -> bool:
+        if self.host is not None and host != self.host:
+            return False
+        if self.host_suffix is not None and not host.endswith(self.host_suffix):
+            return False
+        if not self.extra:
+            if self.path != "/" and path != self.path and not path.startswith(self.prefix_dir):
+                return False
+            for name, value in self.headers:
+                if headers.get(name) != value:
+                    return False
+            return True
+        kind = self.path_kind
+        if kind == PATH_PREFIX:
+            if self.path != "/" and path != self.path and not path.startswith(self.prefix_dir):
+                return False
+        elif kind == PATH_EXACT:
+            if path != self.path:
+                return False
+        elif self.regex.fullmatch(path) is None:
+            return False
+        if self.method is not None and method != self.method:
+            return False
+        for name, value in self.headers:
+            if headers.get(name) != value:
+                return False
+        for name, rx in self.header_res:
+            v = headers.get(name)
+            if v is None or rx.fullmatch(v) is None:
+                return False
+        if self.query or self.query_res:
+            params = query_params(query)
+            for name, value in self.query:
+                if params.get(name) != value:
+                    return False
+            for name, rx in self.query_res:
+                qv = params.get(name)
+                if qv is None or rx.fullmatch(qv) is None:
+                    return False
+        return True
+
+
+def query_params(query: str | None) -> dict[str, str]:
+    """First value of each query parameter (HTTPRoute: only the first of repeated names counts)."""
+    out: dict[str, str] = {}
+    if query:
+        for k, v in parse_qsl(query, keep_blank_values=True):
+            if k not in out:
+                out[k] = v
+    return out
+
+
+def precedence(m: Match) -> tuple[int, int, int, int, int, int, int]:
+    """Sort key of a match (lower first), HTTPRoute's order: the most specific host (exact, then the longer
+    wildcard, then any host), then the path (Exact, then RegularExpression by pattern length, then the
+    longest PathPrefix), then a method match, then the most header matches, then the most query matches.
+    Ties go to the earlier route, then the route's earlier match (the caller adds both)."""
+    if m.host is None:
+        host_rank, host_len = 2, 0
+    elif m.host.startswith("*."):
+        host_rank, host_len = 1, len(m.host)
+    else:
+        host_rank, host_len = 0, len(m.host)
+    kind = _PATH_KINDS[m.path_type]
+    return (host_rank, -host_len, _PATH_RANK[kind], -len(m.path_prefix), 0 if m.method is not None else 1,
+            -(len(m.headers) + len(m.header_regex)), -(len(m.query) + len(m.query_regex)))
+
+
 def _pin_changes(new: Mapping[str, str], old: Mapping[str, str]) -> set[str] | None:
     """Clients whose pin differs, or None when so many differ (or the sets are small) that compiling
     afresh is as cheap."""
@@ -243,18 +360,23 @@ def cookie_value(header: str | None, name: str) -> str | None:
 
 
 class RouteTable:
-    __slots__ = ("_single", "revision", "routes", "state", "versions")
+    __slots__ = ("_single", "entries", "revision", "routes", "state", "versions")
 
     def __init__(self, state: State, revision: int = 0, previous: RouteTable | None = None) -> None:
         self.state = state
         self.revision = revision
         self.versions: Mapping[str, Version] = state.versions
         indexed = list(enumerate(state.routes))
-        # Most specific first; file order breaks ties.
-        indexed.sort(key=lambda ir: (tuple(-x for x in ir[1].match.specificity), ir[0]))
+        # Routes by their best match (most specific first; file order breaks ties): what `routes` lists.
+        indexed.sort(key=lambda ir: (min(precedence(m) for m in ir[1].matches), ir[0]))
         before: dict[str, CompiledRoute] = {} if previous is None else {r.name: r for r in previous.routes}
         self.routes: tuple[CompiledRoute, ...] = tuple(CompiledRoute(r, before.get(r.name)) for _, r in indexed)
-        only = self.routes[0] if len(self.routes) == 1 else None
+        # Every route's matches together, in precedence order: the first that accepts a request wins.
+        position = {r.name: i for i, r in enumerate(state.routes)}
+        self.entries: tuple[MatchEntry, ...] = tuple(sorted(
+            (e for r in self.routes for e in r.entries),
+            key=lambda e: (precedence(e.match), position[e.route.name], e.order)))
+        only = self.entries[0] if len(self.entries) == 1 else None
         self._single = only if only is not None and _matches_everything(only) else None
 
     def __repr__(self) -> str:
@@ -262,13 +384,20 @@ class RouteTable:
         return (f"<RouteTable revision {self.revision} [Routes: {len(self.routes)} | "
                 f"Versions: {len(self.versions)} | Pins: {pins}]>")
 
-    def match(self, host: str, path: str, headers: Mapping[str, str]) -> CompiledRoute | None:
+    def match(self, host: str, path: str, headers: Mapping[str, str], method: str = "GET",
+              query: str | None = None) -> CompiledRoute | None:
         """`host` is lower-case without port; `path` excludes the query."""
+        e = self.lookup(host, path, headers, method, query)
+        return e.route if e is not None else None
+
+    def lookup(self, host: str, path: str, headers: Mapping[str, str], method: str = "GET",
+               query: str | None = None) -> MatchEntry | None:
+        """The match entry that accepts the request first (its route is `.route`), or None."""
         if self._single is not None:
             return self._single
-        for r in self.routes:
-            if r.matches(host, path, headers):
-                return r
+        for e in self.entries:
+            if e.accepts(host, path, headers, method, query):
+                return e
         return None
 
     def route(self, name: str) -> CompiledRoute | None:
@@ -278,8 +407,8 @@ class RouteTable:
         return None
 
 
-def _matches_everything(r: CompiledRoute) -> bool:
-    return r.host is None and r.host_suffix is None and r.prefix == "/" and not r.match_headers
+def _matches_everything(e: MatchEntry) -> bool:
+    return e.host is None and e.host_suffix is None and e.path == "/" and not e.headers and not e.extra
 
 
 EMPTY_TABLE = RouteTable(State())

@@ -220,3 +220,186 @@ def test_reprs_name_the_revision_and_the_counts() -> None:
     assert repr(t.routes[0]) == "<CompiledRoute web [/app] split: v1=90 v2=10 | pins: 2 | sticky: on>"
     assert repr(TableHolder(t)) == "<TableHolder <RouteTable revision 3 [Routes: 1 | Versions: 2 | Pins: 2]>>"
     assert repr(TableHolder()) == "<TableHolder <RouteTable revision 0 [Routes: 0 | Versions: 0 | Pins: 0]>>"
+
+
+# -- matches across routes (issue 14): HTTPRoute's precedence, per match
+
+def _entry(t: RouteTable, host: str, path: str, headers: dict[str, str] | None = None, method: str = "GET",
+           query: str | None = None) -> tuple[str, int] | None:
+    e = t.lookup(host, path, headers or {}, method, query)
+    return None if e is None else (e.route.name, e.order)
+
+
+def test_precedence_exact_path_then_longest_prefix_then_method_headers_query_then_order() -> None:
+    t = _table(
+        Route("prefix-long", match=Match(path_prefix="/shop/cart"), split=(("v1", 1),)),
+        Route("multi", match=Match(path_prefix="/shop", query=(("debug", "1"),)),
+              more_matches=(Match(path_prefix="/shop", path_type="Exact"),
+                            Match(path_prefix="/shop", method="POST"),
+                            Match(path_prefix="/shop", headers=(("x-a", "1"),))), split=(("v1", 1),)),
+        Route("plain", match=Match(path_prefix="/shop"), split=(("v2", 1),)),
+        Route("headers2", match=Match(path_prefix="/shop", headers=(("x-a", "1"),), header_regex=(("x-b", "[0-9]+"),)),
+              split=(("v2", 1),)),
+    )
+    assert _entry(t, "h", "/shop") == ("multi", 1)  # Exact beats every prefix
+    assert _entry(t, "h", "/shop/cart/1", method="POST") == ("prefix-long", 0)  # longer prefix beats a method
+    assert _entry(t, "h", "/shop/x", {"x-a": "1", "x-b": "7"}, method="POST") == ("multi", 2)  # method beats headers
+    assert _entry(t, "h", "/shop/x", {"x-a": "1", "x-b": "7"}) == ("headers2", 0)  # two headers beat one
+    assert _entry(t, "h", "/shop/x", {"x-a": "1"}, query="debug=1") == ("multi", 3)  # a header beats a query
+    assert _entry(t, "h", "/shop/x", query="debug=1") == ("multi", 0)
+    assert _entry(t, "h", "/shop/x") == ("plain", 0)
+    assert [e.route.name for e in t.entries] == ["multi", "prefix-long", "multi", "headers2", "multi", "multi", "plain"]
+
+
+def test_hosts_rank_before_paths_and_a_longer_wildcard_first() -> None:
+    t = _table(
+        Route("any-exact", match=Match(path_prefix="/x", path_type="Exact"), split=(("v1", 1),)),
+        Route("wild", match=Match(host="*.example.com"), split=(("v1", 1),)),
+        Route("wild-long", match=Match(host="*.a.example.com"), split=(("v1", 1),)),
+        Route("exact-host", match=Match(host="shop.a.example.com"), split=(("v1", 1),)),
+    )
+    assert _entry(t, "shop.a.example.com", "/x") == ("exact-host", 0)
+    assert _entry(t, "b.a.example.com", "/x") == ("wild-long", 0)
+    assert _entry(t, "b.example.com", "/x") == ("wild", 0)
+    assert _entry(t, "other", "/x") == ("any-exact", 0)
+
+
+def test_regex_paths_rank_after_exact_and_before_prefixes() -> None:
+    t = _table(
+        Route("prefix", match=Match(path_prefix="/v1/items"), split=(("v1", 1),)),
+        Route("regex", match=Match(path_prefix="/v[0-9]+/.*", path_type="RegularExpression"), split=(("v1", 1),)),
+        Route("exact", match=Match(path_prefix="/v1/items/7", path_type="Exact"), split=(("v1", 1),)),
+    )
+    assert _entry(t, "h", "/v1/items/7") == ("exact", 0)
+    assert _entry(t, "h", "/v1/items/8") == ("regex", 0)
+    assert _entry(t, "h", "/v1/items") == ("regex", 0)
+    assert _entry(t, "h", "/vx/items") is None
+
+
+def test_a_trailing_slash_of_a_path_prefix_is_ignored() -> None:
+    # HTTPRoute: PathPrefix "/api/" matches "/api", "/api/" and "/api/x" (earlier, "/api" did not match).
+    t = _table(Route("api", match=Match(path_prefix="/api/"), split=(("v1", 1),)))
+    got = [_entry(t, "h", p) for p in ("/api", "/api/", "/api/x", "/apix")]
+    assert got == [("api", 0), ("api", 0), ("api", 0), None]
+
+
+def test_query_matches_take_the_first_of_repeated_parameters() -> None:
+    t = _table(Route("q", match=Match(query=(("a", "1"),), query_regex=(("b", "x+"),)), split=(("v1", 1),)))
+    assert _entry(t, "h", "/", query="a=1&b=xx") == ("q", 0)
+    assert _entry(t, "h", "/", query="a=2&a=1&b=xx") is None
+    assert _entry(t, "h", "/", query="a=1&b=xy") is None
+    assert _entry(t, "h", "/", query=None) is None
+
+
+def test_route_index_interface_of_match_entries() -> None:
+    from proxy.table import PATH_EXACT, PATH_PREFIX, PATH_REGEX
+
+    t = _table(Route("a", match=Match(host="*.example.com", path_prefix="/p"),
+                     more_matches=(Match(host="h", path_prefix="/e", path_type="Exact"),
+                                   Match(path_prefix="/r.*", path_type="RegularExpression")), split=(("v1", 1),)))
+    got = [(e.host, e.host_suffix, e.path_kind, e.path) for e in t.entries]  # in precedence order
+    assert got == [("h", None, PATH_EXACT, "/e"), (None, ".example.com", PATH_PREFIX, "/p"),
+                   (None, None, PATH_REGEX, "/r.*")]
+
+
+# A reference of HTTPRoute's precedence, written as the spec states it (a comparison, rule by rule), to check
+# the table's one sort key against.
+
+def _ref_accepts(m: Match, host: str, path: str, headers: dict[str, str], method: str,
+                 query: dict[str, str]) -> bool:
+    import re
+
+    if m.host is not None:
+        if m.host.startswith("*."):
+            if not host.endswith(m.host[1:]):
+                return False
+        elif host != m.host:
+            return False
+    if m.path_type == "Exact":
+        if path != m.path_prefix:
+            return False
+    elif m.path_type == "RegularExpression":
+        if re.fullmatch(m.path_prefix, path) is None:
+            return False
+    else:
+        p = m.path_prefix.rstrip("/")
+        if not (p == "" or path == p or path.startswith(p + "/")):
+            return False
+    if m.method is not None and m.method != method:
+        return False
+    if any(headers.get(n) != v for n, v in m.headers):
+        return False
+    if any(headers.get(n) is None or re.fullmatch(p, headers[n]) is None for n, p in m.header_regex):
+        return False
+    if any(query.get(n) != v for n, v in m.query):
+        return False
+    return all(query.get(n) is not None and re.fullmatch(p, query[n]) is not None for n, p in m.query_regex)
+
+
+def _ref_better(a: tuple[int, int, Match], b: tuple[int, int, Match]) -> bool:
+    """a wins over b."""
+    ma, mb = a[2], b[2]
+
+    def host_rank(m: Match) -> tuple[int, int]:
+        if m.host is None:
+            return (0, 0)
+        return (1, len(m.host)) if m.host.startswith("*.") else (2, len(m.host))
+
+    def path_rank(m: Match) -> tuple[int, int]:
+        return ({"Exact": 2, "RegularExpression": 1, "PathPrefix": 0}[m.path_type], len(m.path_prefix))
+
+    for ka, kb in ((host_rank(ma), host_rank(mb)), (path_rank(ma), path_rank(mb)),
+                   (ma.method is not None, mb.method is not None),
+                   (len(ma.headers) + len(ma.header_regex), len(mb.headers) + len(mb.header_regex)),
+                   (len(ma.query) + len(ma.query_regex), len(mb.query) + len(mb.query_regex))):
+        if ka != kb:
+            return ka > kb
+    return (a[0], a[1]) < (b[0], b[1])
+
+
+def test_precedence_equals_a_reference_implementation() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from proxy.table import query_params
+
+    match_st = st.builds(
+        Match,
+        host=st.sampled_from([None, "a.example.com", "*.example.com", "*.a.example.com"]),
+        path_prefix=st.sampled_from(["/", "/a", "/a/", "/a/b", "/ab"]),
+        path_type=st.sampled_from(["PathPrefix", "Exact"]),
+        method=st.sampled_from([None, "GET", "POST"]),
+        headers=st.sampled_from([(), (("x-a", "1"),), (("x-a", "1"), ("x-b", "2"))]),
+        header_regex=st.sampled_from([(), (("x-c", "[0-9]"),)]),
+        query=st.sampled_from([(), (("q", "1"),)]),
+    ) | st.builds(Match, path_prefix=st.sampled_from(["/a.*", "/[ab]+", ".*"]),
+                  path_type=st.just("RegularExpression"), method=st.sampled_from([None, "GET"]))
+    routes_st = st.lists(st.lists(match_st, min_size=1, max_size=3), min_size=1, max_size=5)
+    request_st = st.tuples(
+        st.sampled_from(["a.example.com", "b.example.com", "x.a.example.com", "other"]),
+        st.sampled_from(["/", "/a", "/a/b", "/ab", "/a/b/c", "/b"]),
+        st.fixed_dictionaries({}, optional={"x-a": st.sampled_from(["1", "2"]), "x-b": st.just("2"),
+                                            "x-c": st.sampled_from(["5", "x"])}),
+        st.sampled_from(["GET", "POST"]),
+        st.sampled_from([None, "q=1", "q=2"]),
+    )
+
+    @settings(max_examples=300, deadline=None)
+    @given(routes_st, st.lists(request_st, min_size=1, max_size=8))
+    def check(route_matches: list[list[Match]],
+              requests: list[tuple[str, str, dict[str, str], str, str | None]]) -> None:
+        routes = [Route(f"r{i}", match=ms[0], more_matches=tuple(ms[1:]), split=(("v1", 1),))
+                  for i, ms in enumerate(route_matches)]
+        t = _table(*routes)
+        for host, path, headers, method, query in requests:
+            params = query_params(query)
+            best: tuple[int, int, Match] | None = None
+            for ri, ms in enumerate(route_matches):
+                for mi, m in enumerate(ms):
+                    if _ref_accepts(m, host, path, headers, method, params) and (
+                            best is None or _ref_better((ri, mi, m), best)):
+                        best = (ri, mi, m)
+            expected = None if best is None else (f"r{best[0]}", best[1])
+            assert _entry(t, host, path, headers, method, query) == expected
+
+    check()

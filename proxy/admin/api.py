@@ -42,12 +42,12 @@ from proxy.parse import (
     parse_route_body,
     parse_split_body,
     parse_version_body,
-    parse_yaml,
     route_to_dict,
     state_to_stored,
     version_to_dict,
 )
 from proxy.revdiff import diff_states, diff_to_json, render_diff
+from proxy.routefile import load_route_file
 from proxy.store.base import Revision, RevisionInfo
 
 PREFIX = "/api/v1"
@@ -271,9 +271,11 @@ class Api:
         except UnicodeDecodeError as e:
             raise BadRequestError(f"the route file is not UTF-8 text (byte {e.start})") from e
         now = time.time()
+        warnings: list[FieldError] = []
 
         def change(s: State) -> Change:
-            return apply_document(s, parse_yaml(text, now=now, current=s))
+            warnings.clear()  # a write that lost a race translates again
+            return apply_document(s, load_route_file(text, now=now, current=s, warnings=warnings))
 
         if _flag(request.query.get("dry_run")):
             cur = await self.ctx.store.current()
@@ -282,9 +284,11 @@ class Api:
                 raise StaleRevisionError(expected, cur.number)
             new, summary = change(cur.state)
             changed = bool(summary) and new != cur.state
-            body = {"revision": cur.number, "changed": changed, "summary": summary if changed else "", "dry_run": True}
+            body = {"revision": cur.number, "changed": changed, "summary": summary if changed else "", "dry_run": True,
+                    **_warnings_view(warnings)}
             return json_reply(body, cur.number)
-        return (await self.write(request, change)).response()
+        result = await self.write(request, change)
+        return result.response(**_warnings_view(warnings))
 
     # the write path
 
@@ -335,6 +339,11 @@ def routes(ctx: AdminContext) -> list[web.RouteDef]:
 
 
 # helpers (json_reply / read_json are shared with feature modules)
+
+
+def _warnings_view(warnings: list[FieldError]) -> dict[str, Any]:
+    """What an HTTPRoute stream's translation ignored, as {path, message} items (absent when nothing was)."""
+    return {"warnings": [{"path": w.path, "message": w.message} for w in warnings]} if warnings else {}
 
 def json_reply(data: Mapping[str, Any], revision: int | None = None, status: int = 200) -> web.Response:
     headers = {"ETag": _etag(revision)} if revision is not None else None

@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 from proxy.admin.tokens import TOKEN_ENV, TokenFileError, client_token
 from proxy.commands.client import DEFAULT_ADMIN, AdminClient, ProblemError, Reply, UnreachableError, problem_document
+from proxy.commands.describe import route_lines
 
 API = "/api/v1"
 BAR_WIDTH = 50
@@ -232,6 +233,10 @@ def cmd_apply(args: argparse.Namespace, client: AdminClient) -> int:
             print(f"{args.file}: {len(e.errors)} error(s); nothing applied", file=sys.stderr)
             return 1
         raise
+    if not args.json:
+        # What an HTTPRoute stream's translation ignored (the JSON answer carries them as `warnings`).
+        for w in (reply.data or {}).get("warnings", []):
+            print(f"{args.file}: warning: {w['path']}: {w['message']}", file=sys.stderr)
     if args.dry_run and not args.json:
         d = reply.data or {}
         summary = str(d.get("summary")) if d.get("changed") else "no change"
@@ -355,12 +360,14 @@ def render_status(state: dict[str, Any], health: dict[str, Any]) -> str:
         pins: dict[str, str] = r.get("pins", {})
         # Without an identity source there is no client id to stick by, whatever `sticky` says.
         sticky = "on" if r.get("identity") else "off (no identity source)"
-        extras = [where, f"prefix {m.get('path_prefix', '/')}", f"sticky {sticky if r.get('sticky') else 'off'}",
-                  f"{len(pins)} pin(s)"]
+        # Several matches (ORed) are listed one per line below (proxy.commands.describe).
+        ways = [f"{len(r['matches'])} matches"] if r.get("matches") else [where, f"prefix {m.get('path_prefix', '/')}"]
+        extras = [*ways, f"sticky {sticky if r.get('sticky') else 'off'}", f"{len(pins)} pin(s)"]
         if r.get("fallback"):
             extras.append("fallback " + " > ".join(r["fallback"]))
         lines.append("")
         lines.append(f"route {name}: " + ", ".join(extras))
+        lines.extend(route_lines(r))
         split: dict[str, float] = r.get("split", {})
         total = sum(split.values())
         listed = list(split) + [v for v in [*pins.values(), *r.get("fallback", [])] if v not in split]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Final, cast
 from proxy.dataplane.exchange import RESPONDING
 from proxy.dataplane.headers import IDEMPOTENT, LazyHeaders
 from proxy.dataplane.identity import identity_lines
+from proxy.dataplane.rewrite import prepare, redirect, version_head
 from proxy.dataplane.upstream import UpstreamConnection
 from proxy.table import cookie_value, normalize_path
 
@@ -48,17 +49,21 @@ def start(dp: PlaneState, ex: Exchange) -> None:
     if ex.plan is plan and plan.exact:
         hdrs = ex.wanted or _NO_HEADERS
         # Routes match on the path the upstream will resolve (dot-segments, "//", %-encoded letters).
-        route = plan.single or table.match(ex.host, normalize_path(ex.path), hdrs)
+        entry = plan.single or table.lookup(ex.host, normalize_path(ex.path), hdrs, ex.method, ex.query)
     else:  # parsed under another table: the headers it reads may not have been captured
         hdrs = LazyHeaders(ex.lines)
-        route = table.match(ex.host, normalize_path(ex.path), hdrs)
-    if route is None:
+        entry = table.lookup(ex.host, normalize_path(ex.path), hdrs, ex.method, ex.query)
+    if entry is None:
         dp.stats.reject("no_route")
         if dp.access_log is not None:
             log_local(dp, ex, "", 404)
         ex.client.answer(ex, 404)
         return
-    ex.route = route
+    ex.route = route = entry.route
+    actions = route.actions
+    if actions is not None and actions.redirect is not None:
+        redirect(dp, ex, entry, actions, normalize_path(ex.path))
+        return
     pins = True
     if route.verifying:
         source, cid = dp.identity.resolve(route, hdrs, ex.query, ex.client.peer_cert, dp.now())
@@ -85,6 +90,8 @@ def start(dp: PlaneState, ex: Exchange) -> None:
     else:
         pick = plan.pick(route, cid) if pins else route.pick_unpinned(cid)
     ex.chain = chain = pick[1]
+    if actions is not None:
+        prepare(dp, ex, entry, actions, normalize_path(ex.path))
     ex.head_common = ex.client.upstream_head(ex, route.name)
     if ex.id_source and cid is not None:
         ex.head_common += identity_lines(ex.id_source, cid)
@@ -96,6 +103,12 @@ def start(dp: PlaneState, ex: Exchange) -> None:
         ex.version = chain[0]
         ex.endpoint = ep
     else:
+        if not chain[0]:
+            # A split whose weights are all 0, and no pin or assignment: HTTPRoute's 500.
+            if dp.access_log is not None:
+                log_local(dp, ex, route.name, 500)
+            ex.client.answer(ex, 500)
+            return
         if next_version(dp, ex, 1) < 0 and spread(dp, ex) < 0:
             dp.stats.reject("no_healthy_version", route.name)
             # Counted under the version it was meant for: its error ratio shows what its clients saw.
@@ -225,6 +238,9 @@ def attach(dp: PlaneState, ex: Exchange, conn: UpstreamSide) -> None:
     if ep is not None and ep.zone:
         dp.stats.zone_request(ex.version, ep.zone)
     up.begin(ex)
+    actions = ex.actions
+    if actions is not None and actions.versions:
+        version_head(ex, actions)
     client.send_head(ex, conn)
 
 
@@ -237,6 +253,9 @@ def upstream_failed(dp: PlaneState, ex: Exchange, conn: UpstreamSide | None, kin
     ep = ex.endpoint
     route = ex.route
     assert route is not None and ep is not None
+    if kind == "retry":
+        retry_status(dp, ex, route.name)
+        return
     connect_failed = kind == "connect" or kind == "connect_timeout" or kind == "tls"
     if connect_failed or kind == "timeout":
         # A hung endpoint may still pass its health check: its timeouts must eject it like 5xx do.
@@ -286,6 +305,41 @@ def upstream_failed(dp: PlaneState, ex: Exchange, conn: UpstreamSide | None, kin
         log(dp, ex, status, now, answered=False)
     ex.client.answer(ex, status)
 
+
+
+def retry_status(dp: PlaneState, ex: Exchange, route: str) -> None:
+    """The upstream answered one of the route's retry codes (GEP-1731) and the request may be replayed
+    (proxy.dataplane.upstream checked turnout's rule): try again after the route's backoff."""
+    ex.retries_left -= 1
+    ex.retried = True
+    ex.sent_body = False
+    dp.stats.retry(route)
+    actions = ex.actions
+    backoff = actions.retry_backoff if actions is not None else 0.0
+    if backoff > 0:
+        dp.loop.call_later(backoff, _retry_now, dp, ex)
+    else:
+        _retry_now(dp, ex)
+
+
+def _retry_now(dp: PlaneState, ex: Exchange) -> None:
+    if ex.done() or ex.client.closed:
+        return
+    backend = dp.backends.get(ex.version)
+    ep = backend.pick() if backend is not None else None
+    if ep is not None:
+        ex.endpoint = ep
+    elif next_version(dp, ex, ex.idx + 1) < 0 and spread(dp, ex) < 0:
+        route = ex.route
+        name = route.name if route is not None else ""
+        dp.stats.reject("no_healthy_version")
+        now = dp.now()
+        dp.stats.request(name, ex.version, 503, now - ex.t0, ex.body_bytes, 0)
+        if dp.access_log is not None:
+            log(dp, ex, 503, now, answered=False)
+        ex.client.answer(ex, 503)
+        return
+    connect(dp, ex)
 
 
 def log(dp: PlaneState, ex: Exchange, status: int, now: float, answered: bool = True) -> None:

@@ -339,7 +339,7 @@ class ClientConnection(ClientFlow):
         self._rearm()
         up = ex.up
         if up is not None:
-            up.expect_response(self.now() + self.dp.t_upstream_response)
+            up.expect_response(self.now() + (ex.t_response or self.dp.t_upstream_response))
         if ex.mirror_body is not None and ex.route is not None:
             self.dp.mirror.send(ex, self.dp.backends)
 

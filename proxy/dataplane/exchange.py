@@ -19,6 +19,7 @@ import asyncio
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
+    from proxy.actions import RouteActions
     from proxy.dataplane.pool import Endpoint, UpstreamSide
     from proxy.identities import PeerCert
     from proxy.table import CompiledRoute
@@ -102,6 +103,12 @@ class Exchange:
     fell_back: bool = False
     # Values of the headers routes and identities read (see proxy.dataplane.plan), lower-case names.
     wanted: dict[str, str] | None = None
+    # The route's filters, timeouts and retry (proxy.dataplane.rewrite); None for a plain route.
+    actions: RouteActions | None = None
+    timer: asyncio.TimerHandle | None = None  # the route's request timeout
+    t_response: float = 0.0  # the route's backend_request timeout; 0: the proxy's upstream_response
+    retries_left: int = 0  # retries on the route's retry codes
+    route_head: bytes = b""  # head_common before per-version header edits
 
     def __init__(self, client: ClientSide, plan: object) -> None:
         self.client = client
@@ -150,6 +157,7 @@ class ClientSide(asyncio.Protocol):
     """What the upstream side and dispatch call on the client connection an exchange came from."""
 
     closed: bool = False
+    proto: bytes = b"http"  # the scheme the client spoke to the proxy (b"https" on a TLS listener)
     # The client certificate the TLS handshake verified; set by whoever makes TLS connections, None on
     # cleartext ones (and on TLS ones without a certificate).
     peer_cert: PeerCert | None = None
@@ -188,6 +196,14 @@ class ClientSide(asyncio.Protocol):
 
     def abort_active(self, ex: Exchange, status: int) -> None:
         raise NotImplementedError
+
+    def answer_with(self, ex: Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """Answer ex locally with `status`, these headers and no body (a route's redirect)."""
+        raise NotImplementedError
+
+    def local_port(self) -> int:
+        """The port the client connected to (a redirect without a scheme or port keeps it); 0: unknown."""
+        return 0
 
     def response_complete(self, ex: Exchange) -> None:
         raise NotImplementedError

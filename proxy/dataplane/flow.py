@@ -23,7 +23,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from proxy.dataplane.dispatch import log, start
 from proxy.dataplane.exchange import DISPATCHED, PARSED, RESPONDING, ClientSide, Exchange, Refuse
-from proxy.dataplane.headers import BEARER_401, CONTINUE, local_response
+from proxy.dataplane.headers import BEARER_401, CONTINUE, local_response, status_line
 from proxy.identities import PeerCert
 
 if TYPE_CHECKING:
@@ -321,6 +321,8 @@ class ClientFlow(ClientSide):
     def response_complete(self, ex: Exchange) -> None:
         ex.answered()
         ex.up = None
+        if ex.timer is not None:
+            ex.timer.cancel()
         dp = self.dp
         now = dp.now()
         route = ex.route
@@ -356,6 +358,24 @@ class ClientFlow(ClientSide):
             self._close()
         else:
             self._finish(ex)
+
+    def answer_with(self, ex: Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        close = (not ex.request_complete or not ex.keep_alive or ex.refuse is not None or self.dp.stopping
+                 or self.stopped)
+        ex.respond(status)
+        ex.answered()
+        self.write(b"".join([status_line(status), *[b"%b: %b\r\n" % nv for nv in headers],
+                             b"Content-Length: 0\r\n", b"Connection: close\r\n" if close else b"",
+                             b"Server: turnout\r\n\r\n"]))
+        if close:
+            self._close()
+        else:
+            self._finish(ex)
+
+    def local_port(self) -> int:
+        t = self.transport
+        sock = t.get_extra_info("sockname") if t is not None else None
+        return int(sock[1]) if isinstance(sock, tuple) and len(sock) >= 2 else 0
 
     def abort_active(self, ex: Exchange, status: int) -> None:
         up = ex.up
@@ -462,7 +482,7 @@ class ClientFlow(ClientSide):
         if self.paused & P_PENDING:
             self.resume(P_PENDING)
         if ex.request_complete:
-            conn.expect_response(dp.now() + dp.t_upstream_response)
+            conn.expect_response(dp.now() + (ex.t_response or dp.t_upstream_response))
         if self.write_paused:
             conn.pause_reading()
         if self.backlog and not self.feeding:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Final
 
 from proxy.dataplane.headers import REQUEST_HEADER_KIND
-from proxy.table import PIN, STICKY, CompiledRoute, Pick, RouteTable
+from proxy.table import PIN, STICKY, CompiledRoute, MatchEntry, Pick, RouteTable
 
 # Header kind of a header some route or identity reads (forwarded as usual, and captured).
 WANTED: Final = 100
@@ -27,8 +27,10 @@ class Plan:
     def __init__(self, table: RouteTable) -> None:
         self.table = table
         wanted: set[str] = set()
+        for e in table.entries:
+            wanted.update(name for name, _ in e.headers)
+            wanted.update(name for name, _ in e.header_res)
         for r in table.routes:
-            wanted.update(name for name, _ in r.match_headers)
             for kind, name in r.identity:
                 if kind == "header" or kind == "jwt" or kind == "api_key":
                     wanted.add(name)  # a jwt in a cookie has name "cookie"
@@ -48,13 +50,14 @@ class Plan:
         # True: the captured values are exactly what a LazyHeaders over the forwarded lines would give.
         self.exact = exact
         self.kinds: dict[bytes, int] = kinds if exact else REQUEST_HEADER_KIND
-        only = table.routes[0] if len(table.routes) == 1 else None
-        self.single = only if only is not None and _matches_everything(only) else None
+        # The one entry of a table whose only route matches every request (its route is `.route`).
+        only = table.entries[0] if len(table.entries) == 1 else None
+        self.single: MatchEntry | None = only if only is not None and _matches_everything(only) else None
         self.picks: dict[str, dict[str, Pick]] = {r.name: {} for r in table.routes}
 
     def __repr__(self) -> str:
         return (f"<Plan revision {self.table.revision} [{'exact' if self.exact else 'general'} headers | "
-                f"single: {self.single.name if self.single else '-'}]>")
+                f"single: {self.single.route.name if self.single else '-'}]>")
 
     def pick(self, route: CompiledRoute, client_id: str | None) -> Pick:
         if client_id is None:
@@ -72,5 +75,5 @@ class Plan:
         return pick
 
 
-def _matches_everything(r: CompiledRoute) -> bool:
-    return r.host is None and r.host_suffix is None and r.prefix == "/" and not r.match_headers
+def _matches_everything(e: MatchEntry) -> bool:
+    return e.host is None and e.host_suffix is None and e.path == "/" and not e.headers and not e.extra

@@ -64,7 +64,7 @@ class PlaneState:
         self.hosts: dict[bytes, str] = {}  # Host header value -> lower-case host without port
         self._version_lines: dict[str, bytes] = {}
         self._route_lines: dict[str, bytes] = {}
-        self._cookie_lines: dict[tuple[str, str], bytes] = {}
+        self._cookie_lines: dict[tuple[str, str, int | None], bytes] = {}
         # One JSON line per finished request when settings.access_log is set (start_dataplane opens it).
         self.access_log: AccessLog | None = None
 
@@ -85,11 +85,12 @@ class PlaneState:
             line = self._version_lines[version] = b"X-Turnout-Version: " + version.encode() + _CRLF
         return line
 
-    def cookie_header(self, cookie: str, version: str) -> bytes:
-        key = (cookie, version)
+    def cookie_header(self, cookie: str, version: str, max_age: int | None = None) -> bytes:
+        key = (cookie, version, max_age)
         line = self._cookie_lines.get(key)
         if line is None:
-            line = self._cookie_lines[key] = (f"Set-Cookie: {cookie}={version}; Path=/; HttpOnly; SameSite=Lax"
+            life = "" if max_age is None else f"; Max-Age={max_age}"
+            line = self._cookie_lines[key] = (f"Set-Cookie: {cookie}={version}; Path=/{life}; HttpOnly; SameSite=Lax"
                                               .encode() + _CRLF)
         return line
 

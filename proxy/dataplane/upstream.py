@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Final, cast
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from proxy.dataplane.exchange import TUNNEL
-from proxy.dataplane.headers import RESPONSE_DROP, STATUS_LINES, connection_tokens, status_line
+from proxy.dataplane.headers import IDEMPOTENT, RESPONSE_DROP, STATUS_LINES, connection_tokens, status_line
 from proxy.dataplane.pool import UpstreamSide
+from proxy.dataplane.rewrite import response_lines
 
 if TYPE_CHECKING:
     from proxy.dataplane.exchange import Exchange
@@ -209,6 +210,8 @@ class UpstreamConnection(UpstreamSide):
         ep = self.endpoint
         if status >= 500:
             self.dp.health.failure(ep)
+            if ex.retries_left and self._retry(ex, status):
+                return
         elif ep.failures or ep.ejections:
             self.dp.health.success(ep)
         parts = [STATUS_LINES.get(status) or status_line(status), *lines]
@@ -230,6 +233,9 @@ class UpstreamConnection(UpstreamSide):
         if tokens and not tokens <= {b"close", b"keep-alive", b"upgrade"}:
             # Headers named in Connection are hop-by-hop too (rare: filter the built lines by name).
             parts = [parts[0], *[ln for ln in lines if ln.split(b":", 1)[0].lower() not in tokens]]
+        actions = ex.actions
+        if actions is not None and (actions.response is not None or actions.versions):
+            parts = [parts[0], *response_lines(actions, ex.version, parts[1:])]
         # An upgrade the upstream declined leaves the client's parser stopped at the upgrade, and an answer
         # that comes before the request body ended leaves unread body bytes: both close after.
         close = (ex.close_after or not ex.keep_alive or self.dp.stopping or not ex.request_complete
@@ -267,7 +273,7 @@ class UpstreamConnection(UpstreamSide):
             # A version standing in for an unhealthy one does not become the session's assignment.
             if (cookie is not None and route.route.sticky and ex.cookie_version != ex.version and not ex.fell_back
                     and (ex.id_source != "" or not route.pins_verified)):
-                parts.append(self.dp.cookie_header(cookie, ex.version))
+                parts.append(self.dp.cookie_header(cookie, ex.version, route.route.assignment_cookie_max_age))
         parts.append(_CRLF)
         self.mode = mode
         ex.respond(status)
@@ -355,6 +361,18 @@ class UpstreamConnection(UpstreamSide):
         self.close()
         if ex is not None:
             ex.client.upstream_failed(ex, self, kind, not self.got_bytes)
+
+    def _retry(self, ex: Exchange, status: int) -> bool:
+        """A retry code of the route (GEP-1731), under turnout's rule: only a request that may be replayed
+        (idempotent, its whole body buffered or none) is tried again. True: this response is dropped."""
+        actions = ex.actions
+        if (actions is None or status not in actions.retry_codes or ex.method not in IDEMPOTENT
+                or not ex.request_complete or (ex.body_bytes and ex.replay is None) or ex.upgrade):
+            return False
+        self.ex = None
+        self.abort()  # the rest of this response is nobody's
+        ex.client.upstream_failed(ex, self, "retry", False)
+        return True
 
     def _start_tunnel(self, rest: bytes) -> None:
         ex = self.ex

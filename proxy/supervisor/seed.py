@@ -15,9 +15,9 @@ from pathlib import Path
 
 from proxy.changes import apply_document
 from proxy.control import gates
-from proxy.errors import ConflictError, ValidationError
+from proxy.errors import ConflictError, FieldError, ValidationError
 from proxy.model import State
-from proxy.parse import parse_yaml
+from proxy.routefile import load_route_file
 from proxy.store.base import Revision, Store
 from proxy.supervisor.process import log
 from proxy.telemetry.stats import Stats
@@ -34,8 +34,11 @@ async def seed_from_file(store: Store, path: str, stats: Stats | None = None) ->
         log(f"{path} unchanged since it was last applied; serving revision {current.number}")
         return current
 
+    warnings: list[FieldError] = []
+
     def change(state: State) -> tuple[State, str]:
-        return apply_document(state, parse_yaml(text, now=time.time(), current=state))
+        warnings.clear()
+        return apply_document(state, load_route_file(text, now=time.time(), current=state, warnings=warnings))
 
     try:
         # Gated like `turnout apply`: a version whose check command fails gets no traffic from the file either.
@@ -51,6 +54,8 @@ async def seed_from_file(store: Store, path: str, stats: Stats | None = None) ->
             raise
         log(f"{path} refused; still serving revision {current.number}")
         return current
+    for w in warnings:
+        log(f"{path}: warning: {w}")
     await store.set_meta(ROUTES_FILE_META, digest)
     if rev.number != current.number:
         log(f"applied {path} as revision {rev.number}: {rev.info.summary}")

@@ -337,6 +337,37 @@ async def test_status_says_sticky_only_with_an_identity_source(cli: Cli, routes_
     ]
 
 
+async def test_status_shows_matches_filters_timeouts_and_retry(cli: Cli, routes_file: Path) -> None:
+    gw = routes_file.parent / "gw.yaml"
+    gw.write_text(ROUTES + """  - name: api
+    matches:
+      - {host: shop.example.com, path: {type: Exact, value: /cart}, method: GET,
+         headers: [{name: X-Build, value: "^v[0-9]+$", type: RegularExpression}], query: {debug: "1"}}
+      - {path_prefix: /api}
+    filters:
+      request_headers: {set: {X-A: "1"}, remove: [X-C]}
+      rewrite: {hostname: api.internal, path: {type: ReplaceFullPath, value: /v2}}
+    version_filters: {v2: {response_headers: {remove: [X-Debug]}}}
+    timeouts: {request: 10, backend_request: 2.5}
+    retry: {attempts: 2, codes: [502, 503], backoff: 0.1}
+    split: {v1: 100}
+""")
+    applied = await cli("apply", str(gw))
+    assert applied.code == 0, applied.err
+    lines = (await cli("status")).out.splitlines()
+    start = lines.index("route api: 2 matches, sticky off (no identity source), 0 pin(s)")
+    assert lines[start + 1:start + 9] == [
+        "  match 0: host shop.example.com, path Exact /cart, method GET, headers x-build~^v[0-9]+$, query debug=1",
+        "  match 1: any host, prefix /api",
+        "  request headers: set X-A=1, remove X-C",
+        "  rewrite: host api.internal, path ReplaceFullPath /v2",
+        "  version v2 response headers: remove X-Debug",
+        "  timeouts: request 10s, backend_request 2.5s",
+        "  retry: 2 attempt(s) on 502 503, backoff 0.1s",
+        "  VERSION  WEIGHT  SHARE   PINS  HEALTHY",
+    ]
+
+
 # History text is attacker-influenced (any token holder writes reasons).
 
 
