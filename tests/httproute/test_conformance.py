@@ -774,8 +774,7 @@ spec:
         ("set-overwrites-values", False)}
 
 
-# HTTPRouteRequestMultipleMirrors: needs `mirrors:` (several mirrors, SPEC part C, another branch): until it
-# is merged the native parser refuses the field and apply answers 422. Strict: it must fail until then.
+# HTTPRouteRequestMultipleMirrors: every mirror of the rule gets a copy of every request (route `mirrors:`).
 def test_request_multiple_mirrors(suite: Conformance) -> None:
     suite.apply(HR + """metadata: {name: request-multiple-mirrors}
 spec:
