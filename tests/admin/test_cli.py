@@ -303,9 +303,8 @@ def test_unknown_command_does_not_list_the_internal_worker() -> None:
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr.splitlines()[-1] == (
         "turnout: error: argument COMMAND: invalid choice: 'bogus' (choose from 'serve', 'demo', 'check', "
-        "'status', 'split', 'pin', 'unpin', 'rollback', 'history', 'apply', 'versions', 'diff', 'check-version', 'export', "
-        "'deploy', 'scale', "
-        "'retire', 'docker-versions', 'canary', 'drain')")
+        "'status', 'split', 'pin', 'unpin', 'rollback', 'history', 'apply', 'versions', 'diff', 'check-version', "
+        "'export', 'deploy', 'scale', 'retire', 'docker-versions', 'canary', 'drain')")
 
 
 def _run_cli(*argv: str) -> tuple[int, str, str]:
