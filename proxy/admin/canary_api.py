@@ -125,6 +125,8 @@ class CanaryApi:
         message as its reason (None while running, or when it ended without one, e.g. its route was deleted)."""
         if r.status in ACTIVE:
             return None
+        if r.revision is not None and r.status != "failed":  # a failed rollout wrote no revision at its end
+            return r.revision  # recorded by the controller; records written before it was are looked up
         # A finished rollout does not change: look it up once, not on every poll of the status page.
         key = (r.config.route, r.updated)
         if key not in self._ended:
