@@ -81,6 +81,7 @@ class CanaryApi:
     def __init__(self, ctx: AdminContext) -> None:
         self.ctx = ctx
         self._fallback: CanaryController | None = None
+        self._ended: dict[tuple[str, float], int | None] = {}  # (route, finished at) -> revision that ended it
 
     def controller(self) -> CanaryController:
         ctx = self.ctx
@@ -124,10 +125,17 @@ class CanaryApi:
         message as its reason (None while running, or when it ended without one, e.g. its route was deleted)."""
         if r.status in ACTIVE:
             return None
-        for info in await self.ctx.store.history(route=r.config.route, limit=ENDED_BY_SEARCH):
-            if info.reason == r.message and info.time <= r.updated + 1.0:
-                return info.number
-        return None
+        if r.revision is not None and r.status != "failed":  # a failed rollout wrote no revision at its end
+            return r.revision  # recorded by the controller; records written before it was are looked up
+        # A finished rollout does not change: look it up once, not on every poll of the status page.
+        key = (r.config.route, r.updated)
+        if key not in self._ended:
+            self._ended[key] = None
+            for info in await self.ctx.store.history(route=r.config.route, limit=ENDED_BY_SEARCH):
+                if info.reason == r.message and info.time <= r.updated + 1.0:
+                    self._ended[key] = info.number
+                    break
+        return self._ended[key]
 
     async def get_rollout(self, request: web.Request) -> web.Response:
         route = request.match_info["route"]

@@ -47,6 +47,7 @@ async def test_a_metric_between_its_bounds_pauses_with_an_event_and_no_traffic_c
     assert (event.number, event.state) == (before.number + 1, before.state)
     assert (event.info.actor, event.info.summary, event.info.routes) == (
         "canary", "canary web: v2 inconclusive at 50% (step 2/3); paused", ("web",))
+    assert r.revision == event.number
     assert event.info.reason.startswith("inconclusive error_rate 3.00% between")
     assert world.stats.canary_outcomes == {("web", "pass"): 1, ("web", "inconclusive"): 1}
     assert world.stats.canary_weights == {"web": ["v2", 50.0]}
@@ -109,7 +110,7 @@ async def test_promote_skips_the_remaining_steps_and_abort_counts(world: World) 
     ctl = world.controller()
     await ctl.start_rollout(CFG, actor="alice")
     r = await ctl.promote("web", actor="bob")
-    assert r.status == "promoted"
+    assert (r.status, r.revision) == ("promoted", (await world.store.current()).number)
     assert await world.split() == {"v1": 0.0, "v2": 100.0}
     info = (await world.store.history(route="web", limit=1))[0]
     assert info.reason == ("canary web: promoted v2 to 100% by bob at step 1/3; v1 kept registered (weight 0) "

@@ -127,7 +127,7 @@ async def until(check: Any, timeout: float = 20.0) -> Any:
         await asyncio.sleep(0.1)
 
 
-async def setup(admin: Admin) -> None:
+async def setup(admin: Admin, scanner_says_no: Path) -> None:
     await admin.seed()  # revisions 1-6: versions v1-v3, `web` v1=90 v2=10 (one pin to v3), `api` v1=100
     admin.health["v2"][EP["v2"]] = True
     r = await admin.call("PUT", "/api/v1/routes/web", {
@@ -139,6 +139,13 @@ async def setup(admin: Admin) -> None:
         "match": {"path_prefix": "/shop"}, "split": {"v1": 100}, "identity": [{"header": "X-Client-Id"}],
         "assignment_cookie": "tv"})
     assert r.status == 201, r.body  # revision 8
+    # v4 passes its check until `scanner_says_no` exists (a vulnerability database that grew), on route `extra`
+    admin.health["v4"] = {EP["v3"]: True}
+    r = await admin.call("PUT", "/api/v1/versions/v4", {"endpoints": [EP["v3"]],
+                                                         "check": ["/bin/sh", "-c", f"test ! -e {scanner_says_no}"]})
+    assert r.status == 201, r.body  # revision 9
+    r = await admin.call("PUT", "/api/v1/routes/extra", {"match": {"path_prefix": "/extra"}, "split": {"v4": 100}})
+    assert r.status == 201, r.body
 
 
 async def login(page: Page, url: str, width: int) -> None:
@@ -149,7 +156,7 @@ async def login(page: Page, url: str, width: int) -> None:
     await page.click("#token-input")
     await page.type(TOKEN)
     await page.click("#token-submit")
-    await page.wait_for("document.querySelectorAll('.route').length === 3")
+    await page.wait_for("document.querySelectorAll('.route').length === 4")
 
 
 async def view(page: Page, name: str) -> None:
@@ -159,7 +166,8 @@ async def view(page: Page, name: str) -> None:
 
 
 async def test_release_views_in_chromium(admin: Admin, tmp_path: Path) -> None:
-    await setup(admin)
+    flag = tmp_path / "scanner-says-no"
+    await setup(admin, flag)
     ctx = admin.ctx
     controller = CanaryController(ctx.store, ctx.stats, ctx.health, lambda: aggregate(ctx.stats, None), tick=0.2)
     await controller.start()
@@ -169,7 +177,7 @@ async def test_release_views_in_chromium(admin: Admin, tmp_path: Path) -> None:
     load = asyncio.get_running_loop().create_task(fake_traffic(admin, drain_started))
     try:
         # `api`: v2 stepped up every 1.5 s while its numbers hold; `web`: a v3 rollout that will be aborted.
-        r = await admin.call("POST", "/api/v1/canary/api", {"to": "v2", "steps": [2, 5, 10, 25, 50, 100],
+        r = await admin.call("POST", "/api/v1/canary/api", {"to": "v2", "steps": [2, 5, 10, 25, 40, 50, 75, 90, 100],
                                                             "interval": 1.5, "min_requests": 30})
         assert r.status == 201, r.body
         r = await admin.call("POST", "/api/v1/canary/web", {"to": "v3", "steps": [1, 10, 50], "interval": 600})
@@ -200,7 +208,7 @@ async def test_release_views_in_chromium(admin: Admin, tmp_path: Path) -> None:
             await page.wait_for(f"document.querySelector('{api_card}')?.dataset.status === 'paused'")
             steps = await js(page, f"[...document.querySelectorAll('{api_card} .step')].map(e => e.className)")
             n = held["step"]
-            assert steps == ["step done"] * n + ["step current"] + ["step next"] * (5 - n)
+            assert steps == ["step done"] * n + ["step current"] + ["step next"] * (len(held["steps"]) - 1 - n)
             charts = await js(page, f"[...document.querySelectorAll('{api_card} .chart.metric')]"
                                     ".map(e => [e.dataset.metric, e.querySelectorAll('circle').length])")
             judged = len(held["analyses"])
@@ -281,7 +289,16 @@ async def test_release_views_in_chromium(admin: Admin, tmp_path: Path) -> None:
             assert sums == [sum(n_(r[i]) for r in body_rows) for i in range(1, 6)]
             await shoot(page, tmp_path, "answers")
 
-            await view(page, "routes")  # by now the sparklines have filled in
+            # A live version that fails a re-check is flagged on its row.
+            await view(page, "routes")
+            tag = '.route[data-route="extra"] .version-row[data-version="v4"] .tag.check'
+            await page.wait_for(f"{text_of(tag)}?.startsWith('check passed')")
+            flag.touch()
+            r = await admin.call("POST", "/api/v1/versions/v4/check")
+            assert (r.status, r.body["check"]["flagged"]) == (200, True), r.body
+            await page.wait_for(f"document.querySelector('{tag}')?.dataset.flagged === '1'")
+            assert (await js(page, text_of(tag))).startswith("re-check failed ")
+            # by now the sparklines have filled in
             await shoot(page, tmp_path, "routes")
 
             # History: a row's diff on click; the rollback confirmation shows the diff it will apply.

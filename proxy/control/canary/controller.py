@@ -224,20 +224,21 @@ class CanaryController:
 
     async def _apply(self, r: Rollout, weights: Mapping[str, float], reason: str) -> Rollout:
         route = r.config.route
-        await self.store.update(lambda s: changes.set_split(s, route, weights), actor=ACTOR, reason=reason)
+        rev = await self.store.update(lambda s: changes.set_split(s, route, weights), actor=ACTOR, reason=reason)
         merged = dict(r.weights) | dict(weights)
-        return replace(r, weights=tuple((v, merged[v]) for v in sorted(merged)))
+        return replace(r, weights=tuple((v, merged[v]) for v in sorted(merged)), revision=rev.number)
 
     async def _inconclusive(self, r: Rollout, a: Analysis, now: float) -> Rollout:
         """Not sure: neither forward nor back. Pause, say why, and leave an event in the route's history."""
         cfg = r.config
         why = f"canary {cfg.route}: {cfg.canary} inconclusive at {a.percent:g}% (step {r.step + 1}/{len(cfg.steps)})"
         self._windows.pop(cfg.route, None)
-        r = await self._save(replace(r, status="paused", pause_cause="inconclusive", updated=now,
-                                     message=f"{why}; paused: {a.reason} (resume to judge the step again, promote "
-                                             "or abort)"))
-        await gates.record(self.store, actor=ACTOR, summary=f"{why}; paused", reason=a.reason, routes=(cfg.route,))
-        return r
+        event = await gates.record(self.store, actor=ACTOR, summary=f"{why}; paused", reason=a.reason,
+                                   routes=(cfg.route,))
+        return await self._save(replace(r, status="paused", pause_cause="inconclusive", updated=now,
+                                        revision=event.number,
+                                        message=f"{why}; paused: {a.reason} (resume to judge the step again, "
+                                                "promote or abort)"))
 
     async def _set_step(self, r: Rollout, step: int, why: str, now: float) -> Rollout:
         cfg = r.config

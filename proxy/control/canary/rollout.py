@@ -91,6 +91,7 @@ class Rollout:
     check: str | None = None  # the check command's verdict summary, when the version has one
     pause_cause: PauseCause | None = None  # why a paused rollout is paused
     analyses: tuple[Analysis, ...] = ()  # each finished step's analysis, oldest first (at most MAX_ANALYSES)
+    revision: int | None = None  # the last revision this rollout wrote: a step, the end, an inconclusive event
 
     @property
     def percent(self) -> float:
@@ -123,7 +124,7 @@ def rollout_from_json(text: str) -> Rollout:
     return Rollout(config, d["status"], tuple((v, w) for v, w in d["baselines"]), d["step"],
                    tuple((v, w) for v, w in d["weights"]), d["actor"], d["started"], d["updated"],
                    d.get("message", ""), analysis, d.get("check"), d.get("pause_cause"),
-                   tuple(_analysis(x) for x in d.get("analyses", ())))
+                   tuple(_analysis(x) for x in d.get("analyses", ())), d.get("revision"))
 
 
 def _key(route: str) -> str:
