@@ -210,3 +210,21 @@ async def test_retry_codes_replay_idempotent_requests_only(serve) -> None:  # ty
     assert (post.status_code, post.text) == (503, "busy")
     assert calls == ["GET", "GET", "POST"]
     assert s.proxy.stats.retries == {"web": 1}
+
+
+async def test_all_zero_split_still_serves_a_pinned_client(serve) -> None:  # type: ignore[no-untyped-def]
+    s = await serve([{"name": "web", "identity": [{"header": "X-Client-Id"}], "split": {"v1": 0, "v2": 0},
+                      "pins": {"acme": "v2"}}])
+    async with httpx.AsyncClient(base_url=s.base) as c:
+        pinned = await c.get("/", headers={"X-Client-Id": "acme"})
+        other = await c.get("/", headers={"X-Client-Id": "globex"})
+    assert (pinned.status_code, pinned.json()["up"], other.status_code) == (200, "b", 500)
+
+
+async def test_version_filters_apply_to_their_version_only(serve) -> None:  # type: ignore[no-untyped-def]
+    s = await serve([{"name": "web", "sticky": False, "split": {"v1": 1, "v2": 1},
+                      "version_filters": {"v2": {"request_headers": {"set": {"X-Canary": "1"}}}}}])
+    async with httpx.AsyncClient(base_url=s.base) as c:
+        answers = [await c.get("/") for _ in range(2)]
+    got = sorted((r.json()["up"], tuple(upstream_headers(r, "x-canary"))) for r in answers)
+    assert got == [("a", ()), ("b", ("1",))]
