@@ -36,6 +36,7 @@ HOT_MODULES = [
     "proxy/dataplane/identity.py",
     "proxy/telemetry/stats.py",
     "proxy/table.py",
+    "proxy/route_index.py",
     "proxy/select.py",
 ]
 
