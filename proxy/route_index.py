@@ -19,7 +19,6 @@ PATH_PREFIX: Final = 0
 PATH_EXACT: Final = 1
 PATH_REGEX: Final = 2
 
-_NONE: Final[tuple[int, ...]] = ()
 
 
 class IndexedEntry(Protocol):
@@ -90,7 +89,7 @@ class _Bucket:
 class RouteIndex:
     """`candidates(host, path)`: positions, ascending, of the entries whose host and path part accept."""
 
-    __slots__ = ("_any", "_by_host", "_by_suffix", "_odd_suffixes")
+    __slots__ = ("_any", "_by_host", "_by_suffix", "_has_any", "_none", "_odd_suffixes")
 
     def __init__(self, entries: Sequence[IndexedEntry]) -> None:
         self._by_host: dict[str, _Bucket] = {}
@@ -98,6 +97,7 @@ class RouteIndex:
         # Suffixes not starting with "." cannot be probed at dots; they are few (none from route files).
         self._odd_suffixes: list[tuple[str, _Bucket]] = []
         self._any = _Bucket()
+        self._none: list[int] = []
         odd: dict[str, _Bucket] = {}
         for position, e in enumerate(entries):
             host, suffix = e.host, e.host_suffix
@@ -117,6 +117,7 @@ class RouteIndex:
                 bucket = self._any
             bucket.add(position, e.path_kind, e.path)
         self._odd_suffixes = list(odd.items())
+        self._has_any = bool(self._any._every or self._any._exact or self._any._prefixes)
         for b in (*self._by_host.values(), *self._by_suffix.values(), *odd.values(), self._any):
             b.seal()
 
@@ -124,7 +125,8 @@ class RouteIndex:
         return (f"<RouteIndex [hosts: {len(self._by_host)} | suffixes: "
                 f"{len(self._by_suffix) + len(self._odd_suffixes)}]>")
 
-    def candidates(self, host: str, path: str) -> Sequence[int]:
+    def candidates(self, host: str, path: str) -> list[int]:
+        """A list the caller must not change (a precomputed one is returned when a single one applies)."""
         found: list[list[int]] = []
         bucket = self._by_host.get(host)
         if bucket is not None:
@@ -137,12 +139,14 @@ class RouteIndex:
                 if b is not None:
                     b.collect(path, found)
                 dot = host.find(".", dot + 1)
-        for suffix, b in self._odd_suffixes:
-            if host.endswith(suffix):
-                b.collect(path, found)
-        self._any.collect(path, found)
+        if self._odd_suffixes:
+            for suffix, b in self._odd_suffixes:
+                if host.endswith(suffix):
+                    b.collect(path, found)
+        if self._has_any:
+            self._any.collect(path, found)
         if not found:
-            return _NONE
+            return self._none
         if len(found) == 1:
             return found[0]
         merged: list[int] = []

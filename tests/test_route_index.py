@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from proxy.model import Match, Route, State, Version, VersionSpec
 from proxy.route_index import PATH_EXACT, PATH_PREFIX, PATH_REGEX, RouteIndex
-from proxy.table import RouteTable
+from proxy.table import SCAN_MAX, RouteTable
 
 LABELS = st.sampled_from(["a", "b", "com", "x-y"])
 HOSTS = st.lists(LABELS, min_size=1, max_size=3).map(".".join)
@@ -33,7 +33,7 @@ def _host_pattern() -> st.SearchStrategy[str | None]:
 
 @st.composite
 def states(draw: st.DrawFn) -> State:
-    n = draw(st.integers(min_value=1, max_value=12))
+    n = draw(st.integers(min_value=1, max_value=2 * SCAN_MAX))
     routes = tuple(Route(f"r{i}", match=Match(host=draw(_host_pattern()), path_prefix=draw(PREFIXES),
                                               headers=draw(HEADER_SETS)), split=(("v1", 1),))
                    for i in range(n))
@@ -46,10 +46,15 @@ def _name(r: object) -> str | None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(states(), st.lists(st.tuples(HOSTS, REQUEST_PATHS, HEADER_SETS), min_size=1, max_size=8))
-def test_table_match_equals_the_linear_scan(state: State, requests: list[tuple[str, str, tuple[tuple[str, str], ...]]]
-                                            ) -> None:
+@given(states(), st.data())
+def test_table_match_equals_the_linear_scan(state: State, data: st.DataObject) -> None:
     t = RouteTable(state, 1)
+    requests = data.draw(st.lists(st.tuples(HOSTS, REQUEST_PATHS, HEADER_SETS), min_size=1, max_size=4))
+    near = [Entry(r.match.host if r.match.host and not r.match.host.startswith("*.") else None,
+                  r.match.host[1:] if r.match.host and r.match.host.startswith("*.") else None,
+                  PATH_PREFIX, r.match.path_prefix) for r in state.routes]
+    requests += [(*hp, h) for hp, h in data.draw(st.lists(st.tuples(
+        st.builds(_near, st.sampled_from(near), LABELS, TAILS), HEADER_SETS), min_size=1, max_size=6))]
     for host, path, headers in requests:
         h = dict(headers)
         assert _name(t.match(host, path, h)) == _name(t.match_linear(host, path, h))
