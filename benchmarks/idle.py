@@ -182,7 +182,8 @@ async def main() -> None:
            "command": " ".join(["python -m benchmarks.idle", *sys.argv[1:]]),
            "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0], "compiled_dataplane": compiled(),
                        "nofile_limit": nofile},
-           "plan": {"counts": counts, "settle": args.settle, "turnout_tree": str(peers.REPO)}, "load_start": load_start, "load_end": load_end,
+           "plan": {"counts": counts, "settle": args.settle,
+                    "turnout_tree": str(peers.REPO)}, "load_start": load_start, "load_end": load_end,
            "summary": summarize(runs), "runs": runs}
     folder = args.out / f"idle-{now.strftime('%Y%m%dT%H%M%SZ')}{'-quick' if args.quick else ''}"
     folder.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,9 @@ split (sticky 90/10 over v1/v2 by X-Client-Id, no pins). Every request matches t
 (`Host: h<N-1>.bench`, `GET /p<N-1>/x`), so a table that scans its routes pays for all of them. HAProxy
 gets the equivalent config generated from the anchor (benchmarks/configs/haproxy.cfg.tmpl): one
 `use_backend be if { hdr(host) -i h<i>.bench } { path_beg /p<i>/ }` rule per route, in order, all to the
-anchor's backend (weights 90/10); HAProxy evaluates them in order, as its users write routing rules.
+anchor's backend (weights 90/10); HAProxy evaluates them in order. `haproxy-map` is the idiomatic form for
+many routes: one `use_backend %[base,map_beg(routes.map)]` rule and a map of `h<i>.bench/p<i>/` entries,
+which HAProxy looks up in a prefix tree.
 
 Same method as the benchmark harness: nginx backends (14-byte answers) and wrk on core 0, each proxy under
 `taskset -c 1`, `wrk -t1 -c32`, CPU per request = utime+stime of the proxy's process group from /proc
@@ -47,6 +49,7 @@ from proxy.table import RouteTable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 1.10  # turnout's CPU per request with the most routes <= 1.1x its CPU with one route
+NAMES = ("turnout", "haproxy", "haproxy-map")
 
 WRK_SCRIPT = """
 local reqs = {}
@@ -89,6 +92,13 @@ def haproxy_config(b: Backends, n: int, port: int, run: Path) -> str:
     return text.replace("  default_backend be\n", rules)
 
 
+def haproxy_map_config(b: Backends, n: int, port: int, run: Path) -> str:
+    text = peers.render("haproxy.cfg.tmpl", LISTEN=f"127.0.0.1:{port}", V1=f"127.0.0.1:{b.v1}",
+                        V2=f"127.0.0.1:{b.v2}", RUN=str(run))
+    (run / "routes.map").write_text("".join(f"h{i}.bench/p{i}/ be\n" for i in range(n)))
+    return text.replace("  default_backend be\n", f"  use_backend %[base,map_beg({run / 'routes.map'})]\n")
+
+
 def probe(port: int, host: str, path: str) -> int:
     req = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nX-Client-Id: ready\r\nConnection: close\r\n\r\n".encode()
     with socket.create_connection(("127.0.0.1", port), timeout=2.0) as s:
@@ -119,15 +129,16 @@ def wait_ready(proc: Proc, port: int, n: int, timeout: float) -> None:
     raise StartError(f"{proc.name} never answered 200 for {last(n)} ({last_error}):\n{proc.log_tail()}")
 
 
-def start_haproxy(lab: Lab, b: Backends, n: int) -> Target:
-    run = lab.work / f"haproxy-{n}"
+def start_haproxy(lab: Lab, b: Backends, n: int, name: str = "haproxy") -> Target:
+    run = lab.work / f"{name}-{n}"
     run.mkdir()
     port = free_port()
-    (run / "haproxy.cfg").write_text(haproxy_config(b, n, port, run))
-    proc = lab.procs.start(f"haproxy-{n}", pinned(["haproxy", "-f", str(run / "haproxy.cfg")], lab.proxy_core),
+    make = haproxy_map_config if name == "haproxy-map" else haproxy_config
+    (run / "haproxy.cfg").write_text(make(b, n, port, run))
+    proc = lab.procs.start(f"{name}-{n}", pinned(["haproxy", "-f", str(run / "haproxy.cfg")], lab.proxy_core),
                            run / "stdout.log")
     wait_ready(proc, port, n, 30.0)
-    return Target("haproxy", port, proc)
+    return Target(name, port, proc)
 
 
 def start_turnout(lab: Lab, b: Backends, n: int) -> Target:
@@ -197,7 +208,7 @@ def match_cost(counts: list[int], iterations: int) -> dict[str, dict[str, float]
 
 def summarize(runs: list[dict[str, Any]], counts: list[int]) -> dict[str, Any]:
     med: dict[str, dict[str, dict[str, float]]] = {}
-    for name in ("turnout", "haproxy"):
+    for name in NAMES:
         med[name] = {}
         for n in counts:
             rs = [r for r in runs if r["proxy"] == name and r["routes"] == n]
@@ -206,6 +217,7 @@ def summarize(runs: list[dict[str, Any]], counts: list[int]) -> dict[str, Any]:
     lo, hi = str(counts[0]), str(counts[-1])
     growth = {name: round(med[name][hi]["cpu_us"] / med[name][lo]["cpu_us"], 3) for name in med}
     vs = {n: round(med["turnout"][n]["cpu_us"] / med["haproxy"][n]["cpu_us"], 3) for n in med["turnout"]}
+    vs_map = {n: round(med["turnout"][n]["cpu_us"] / med["haproxy-map"][n]["cpu_us"], 3) for n in med["turnout"]}
     # Per round, the most routes over one route for the same proxy, measured in the same round.
     paired = {}
     for name in med:
@@ -217,6 +229,7 @@ def summarize(runs: list[dict[str, Any]], counts: list[int]) -> dict[str, Any]:
                 per_round.append(b[0]["cpu_us"] / a[0]["cpu_us"])
         paired[name] = round(statistics.median(per_round), 3)
     return {"medians": med, "growth_cpu_us": growth, "paired_growth_cpu_us": paired, "turnout_over_haproxy": vs,
+            "turnout_over_haproxy_map": vs_map,
             "target": {"growth_max": TARGET, "met": growth["turnout"] <= TARGET}}
 
 
@@ -232,16 +245,20 @@ def markdown(doc: dict[str, Any]) -> str:
              f"Compiled data plane: {doc['machine']['compiled_dataplane']}.", "",
              f"Machine load (1/5/15 min) at start {doc['load_start']}, at end {doc['load_end']} (shared machine: "
              "read the ratios).", "",
-             "| routes | turnout req/s | turnout CPU µs/req (user+sys) | HAProxy req/s | HAProxy CPU µs/req "
-             "(user+sys) | turnout/HAProxy CPU |", "|---:|---:|---:|---:|---:|---:|"]
+             "| routes | turnout req/s | turnout CPU µs/req (user+sys) | HAProxy rules: req/s | CPU µs/req | "
+             "HAProxy map: req/s | CPU µs/req | turnout/HAProxy rules CPU | turnout/HAProxy map CPU |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    vm = s["turnout_over_haproxy_map"]
     for n in counts:
-        t, h = med["turnout"][str(n)], med["haproxy"][str(n)]
+        t, h, hm = med["turnout"][str(n)], med["haproxy"][str(n)], med["haproxy-map"][str(n)]
         lines.append(f"| {n:,} | {t['rps']:.0f} | {t['cpu_us']:.1f} ({t['user_us']:.1f}+{t['sys_us']:.1f}) | "
-                     f"{h['rps']:.0f} | {h['cpu_us']:.1f} ({h['user_us']:.1f}+{h['sys_us']:.1f}) | {vs[str(n)]:.2f}x |")
+                     f"{h['rps']:.0f} | {h['cpu_us']:.1f} | {hm['rps']:.0f} | {hm['cpu_us']:.1f} | "
+                     f"{vs[str(n)]:.2f}x | {vm[str(n)]:.2f}x |")
     met = "met" if s["target"]["met"] else "NOT met"
     lines += ["", f"CPU per request with {counts[-1]:,} routes over 1 route: turnout **{g['turnout']:.2f}x** "
               f"(target <= {s['target']['growth_max']}x: {met}; median of per-round ratios {pg['turnout']:.2f}x), "
-              f"HAProxy {g['haproxy']:.2f}x (per-round {pg['haproxy']:.2f}x).", "",
+              f"HAProxy rules {g['haproxy']:.2f}x (per-round {pg['haproxy']:.2f}x), HAProxy map "
+              f"{g['haproxy-map']:.2f}x (per-round {pg['haproxy-map']:.2f}x).", "",
               "`RouteTable.match` alone, in the harness process (ns per call, last route hit):", "",
               "| routes | index (match) | linear scan (match_linear, before) |", "|---:|---:|---:|"]
     for n, row in doc["match_ns"].items():
@@ -262,14 +279,15 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     med, counts = doc["summary"]["medians"], doc["plan"]["counts"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     x = range(len(counts))
-    for i, (name, color) in enumerate((("turnout", "#2a7ab0"), ("haproxy", "#999999"))):
+    for i, (name, color) in enumerate((("turnout", "#2a7ab0"), ("haproxy", "#999999"), ("haproxy-map", "#cccccc"))):
         vals = [med[name][str(n)]["cpu_us"] for n in counts]
-        axes[0].bar([j + (i - 0.5) * 0.38 for j in x], vals, width=0.38, color=color, label=name)
+        axes[0].bar([j + (i - 1) * 0.27 for j in x], vals, width=0.27, color=color, label=name)
         for j, v in zip(x, vals, strict=True):
-            axes[0].text(j + (i - 0.5) * 0.38, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+            axes[0].text(j + (i - 1) * 0.27, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+    axes[0].set_yscale("log")
     axes[0].set_xticks(list(x), [f"{n:,}" for n in counts])
     axes[0].set_xlabel("routes (request matches the last)")
-    axes[0].set_title("CPU µs per request (wrk -c32)", fontsize=10)
+    axes[0].set_title("CPU µs per request (wrk -c32, log scale)", fontsize=10)
     axes[0].legend(fontsize=8)
     ns = doc["match_ns"]
     axes[1].plot(counts, [ns[str(n)]["index_ns"] for n in counts], "o-", label="index (now)", color="#2a7ab0")
@@ -329,7 +347,8 @@ async def main() -> None:
         b = lab.start_backends()
         targets: list[tuple[int, Target]] = []
         for n in counts:
-            targets += [(n, start_turnout(lab, b, n)), (n, start_haproxy(lab, b, n))]
+            targets += [(n, start_turnout(lab, b, n)), (n, start_haproxy(lab, b, n)),
+                        (n, start_haproxy(lab, b, n, "haproxy-map"))]
         for n, t in targets:  # warm-up
             await wrk(t.port, n, 1, work, load_core)
         for r in range(args.rounds):

@@ -89,7 +89,7 @@ class _Bucket:
 class RouteIndex:
     """`candidates(host, path)`: positions, ascending, of the entries whose host and path part accept."""
 
-    __slots__ = ("_any", "_by_host", "_by_suffix", "_has_any", "_none", "_odd_suffixes")
+    __slots__ = ("_any", "_by_host", "_by_suffix", "_found", "_has_any", "_none", "_odd_suffixes")
 
     def __init__(self, entries: Sequence[IndexedEntry]) -> None:
         self._by_host: dict[str, _Bucket] = {}
@@ -98,6 +98,8 @@ class RouteIndex:
         self._odd_suffixes: list[tuple[str, _Bucket]] = []
         self._any = _Bucket()
         self._none: list[int] = []
+        # Scratch space of one lookup (the event loop makes one at a time): no list allocated per request.
+        self._found: list[list[int]] = []
         odd: dict[str, _Bucket] = {}
         for position, e in enumerate(entries):
             host, suffix = e.host, e.host_suffix
@@ -127,7 +129,8 @@ class RouteIndex:
 
     def candidates(self, host: str, path: str) -> list[int]:
         """A list the caller must not change (a precomputed one is returned when a single one applies)."""
-        found: list[list[int]] = []
+        found = self._found
+        found.clear()
         bucket = self._by_host.get(host)
         if bucket is not None:
             bucket.collect(path, found)
@@ -148,9 +151,12 @@ class RouteIndex:
         if not found:
             return self._none
         if len(found) == 1:
-            return found[0]
+            only = found[0]
+            found.clear()
+            return only
         merged: list[int] = []
         for positions in found:
             merged.extend(positions)
+        found.clear()
         merged.sort()
         return merged

@@ -130,6 +130,12 @@ class CompiledRoute:
                 return False
         return True
 
+    def headers_match(self, headers: Mapping[str, str]) -> bool:
+        for name, value in self.match_headers:
+            if headers.get(name) != value:
+                return False
+        return True
+
     def client_id(self, headers: Mapping[str, str], query: str | None = None) -> str | None:
         """The first identity source that yields a non-empty value. `headers` has lower-case names."""
         for kind, name in self.identity:
@@ -283,8 +289,9 @@ class RouteTable:
             return None
         routes = self.routes
         for i in index.candidates(host, path):
+            # The index answered for host and path exactly: only the headers are left to check.
             r = routes[i]
-            if r.matches(host, path, headers):
+            if not r.match_headers or r.headers_match(headers):
                 return r
         return None
 

@@ -1,7 +1,9 @@
 """Instructions per request, by function, from two callgrind runs of benchmarks.profile.hotpath (#17).
 
-    valgrind --tool=callgrind --callgrind-out-file=A.out .venv/bin/python -m benchmarks.profile.hotpath -n 20000 --repeat 1
-    valgrind --tool=callgrind --callgrind-out-file=B.out .venv/bin/python -m benchmarks.profile.hotpath -n 40000 --repeat 1
+    valgrind --tool=callgrind --callgrind-out-file=A.out \
+        .venv/bin/python -m benchmarks.profile.hotpath -n 20000 --repeat 1
+    valgrind --tool=callgrind --callgrind-out-file=B.out \
+        .venv/bin/python -m benchmarks.profile.hotpath -n 40000 --repeat 1
     .venv/bin/python -m benchmarks.profile.callgrind_report A.out B.out --requests 20000 [--top 20] [--label before]
 
 Per request = (Ir of B - Ir of A) / the requests B ran more than A, so start-up and warm-up cancel out; the
@@ -22,7 +24,7 @@ _TOTAL = re.compile(r"^\s*([\d,]+)\s+\(100\.0%\)\s+PROGRAM TOTALS")
 
 
 def functions(path: Path) -> tuple[int, dict[str, int]]:
-    out = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", str(path)], check=True,
+    out = subprocess.run(["callgrind_annotate", "--inclusive=no", "--auto=no", "--threshold=100", str(path)], check=True,
                          capture_output=True, text=True).stdout
     total, by_fn = 0, {}
     for line in out.splitlines():
@@ -31,9 +33,9 @@ def functions(path: Path) -> tuple[int, dict[str, int]]:
             total = int(t.group(1).replace(",", ""))
             continue
         m = _LINE.match(line)
-        if m and "PROGRAM TOTALS" not in line:
+        if m and "PROGRAM TOTALS" not in line and not m.group(2).startswith("=>"):
             name = m.group(2).strip()
-            name = re.sub(r"\s+\[[^\]]*\]$", "", name)
+            name = re.sub(r"\s+\[[^\]]*\]$", "", name).split("/")[-1]
             by_fn[name] = by_fn.get(name, 0) + int(m.group(1).replace(",", ""))
     return total, by_fn
 
