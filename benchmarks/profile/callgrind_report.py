@@ -24,8 +24,8 @@ _TOTAL = re.compile(r"^\s*([\d,]+)\s+\(100\.0%\)\s+PROGRAM TOTALS")
 
 
 def functions(path: Path) -> tuple[int, dict[str, int]]:
-    out = subprocess.run(["callgrind_annotate", "--inclusive=no", "--auto=no", "--threshold=100", str(path)], check=True,
-                         capture_output=True, text=True).stdout
+    argv = ["callgrind_annotate", "--inclusive=no", "--auto=no", "--threshold=100", str(path)]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
     total, by_fn = 0, {}
     for line in out.splitlines():
         t = _TOTAL.match(line)
