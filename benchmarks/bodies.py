@@ -7,7 +7,8 @@ one keep-alive connection through the proxy: 1,000 MiB. Uploads: curl PUTs a 1 G
 (`-T`, `Expect:` off) to a tiny Python sink (this module run with `--sink PORT`, on core 0) that reads and
 discards the body and answers 200 once it has all of it. The proxy runs under `taskset -c 1`; its CPU =
 utime+stime of its process group from /proc before and after; CPU seconds per GB = CPU / (bytes / 1e9);
-MB/s = bytes / curl's wall time. turnout: one worker, a catch-all route to v1 and `/upload` to the sink;
+MB/s = bytes / curl's wall time. turnout: one worker, a catch-all route to v1 and `/upload` to the sink,
+`limits.max_body_bytes` raised from its 100 MiB default (`--config`);
 HAProxy: the anchor config with `use_backend sink if { path_beg /upload }`. Rounds are interleaved.
 `--quick`: one round of 100 MB each way. Writes `bodies-<date>/bodies.{json,md,png}`.
 """
@@ -91,8 +92,11 @@ def start_turnout(lab: Lab, b: Backends, sink_port: int) -> Target:
            "routes": [{"name": "upload", "match": {"path_prefix": "/upload"}, "split": {"sink": 100}},
                       {"name": "down", "match": {"path_prefix": "/"}, "split": {"v1": 100}}]}
     (run / "routes.yaml").write_text(json.dumps(doc))
+    # The default body limit is 100 MiB; HAProxy has none. Raised for the upload, the only change.
+    (run / "config.yaml").write_text(json.dumps({"limits": {"max_body_bytes": 4 * 10**9}}))
     port, admin = free_port(), free_port()
-    argv = [sys.executable, "-m", "proxy", "serve", "--routes", str(run / "routes.yaml"),
+    argv = [sys.executable, "-m", "proxy", "serve", "--config", str(run / "config.yaml"),
+            "--routes", str(run / "routes.yaml"),
             "--store", f"sqlite:///{run / 'state.db'}", "--listen", f"127.0.0.1:{port}",
             "--admin", f"127.0.0.1:{admin}", "--workers", "1", "--shutdown-grace", "1", "--state-dir", str(run)]
     env = dict(os.environ, TURNOUT_STATE_DIR=str(run), TURNOUT_ADMIN_TOKEN="bench-bodies", PYTHONPATH=str(peers.REPO))
@@ -118,7 +122,7 @@ def start_haproxy(lab: Lab, b: Backends, sink_port: int) -> Target:
 
 async def curl(argv: list[str], core: int | None, timeout: float) -> tuple[int, float]:
     """(bytes moved, seconds) summed over curl's transfers (-w prints one line per URL)."""
-    code, text = await run_tool(pinned(["curl", "-s", "-S", "-o", "/dev/null", *argv], core), timeout)
+    code, text = await run_tool(pinned(["curl", "-s", "-S", *argv], core), timeout)
     moved = seconds = 0.0
     for line in text.splitlines():
         m = re.match(r"^(\d{3}) (\d+) (\d+) ([\d.]+)$", line.strip())
@@ -137,9 +141,10 @@ async def measure(t: Target, kind: str, upload_file: Path, times: int, core: int
     fmt = "%{http_code} %{size_download} %{size_upload} %{time_total}\\n"
     if kind == "download":
         url = f"http://127.0.0.1:{t.port}/big"
-        argv = ["-w", fmt, *([url] * times)]
+        argv = ["-w", fmt, *(["-o", "/dev/null", url] * times)]
     else:
-        argv = ["-w", fmt, "-H", "Expect:", "-T", str(upload_file), f"http://127.0.0.1:{t.port}/upload"]
+        argv = ["-w", fmt, "-o", "/dev/null", "-H", "Expect:", "-T", str(upload_file),
+                f"http://127.0.0.1:{t.port}/upload"]
     before = t.proc.cpu()
     moved, seconds = await curl(argv, core, 600)
     used = t.proc.cpu() - before
