@@ -85,13 +85,43 @@ async def measure(t: Target, seconds: float, work: Path, core: int | None) -> di
             "socket_errors": w.socket_errors}
 
 
+def chart(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    med = doc["medians"]
+    names = list(med)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    colors = ["#2a7ab0" if n.startswith("turnout") else "#999999" for n in names]
+    for ax, key, title in ((axes[0], "rps", "req/s (wrk -c64; 2-worker runs share cores with wrk)"),
+                           (axes[1], "cpu_us", "CPU µs per request (hatched: supervisor)")):
+        vals = [med[n][key] for n in names]
+        ax.bar(names, vals, color=colors)
+        if key == "cpu_us":
+            ax.bar(names, [med[n]["leader_cpu_us"] if n == "turnout-2" else 0 for n in names], color="none",
+                   hatch="///", edgecolor="black")
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.0f}" if v >= 100 else f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(f"Workers, {doc['date']} (load {doc['load_start'][0]} -> {doc['load_end'][0]})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--render", type=Path, default=None, help="redraw the PNG of a workers.json")
     args = ap.parse_args()
+    if args.render is not None:
+        chart(json.loads(args.render.read_text()), args.render.with_suffix(".png"))
+        return
     if args.quick:
         args.rounds, args.seconds = 1, 1.0
     missing = [t for t in ("wrk", "haproxy", "nginx", "taskset") if shutil.which(t) is None]
@@ -161,6 +191,7 @@ async def main() -> None:
               f"supervisor excluded): about {model['per_worker_rps_on_own_core']:,.0f} req/s per core of its own; "
               f"the supervisor takes {model['turnout_supervisor_share']:.1%} of the group's CPU."]
     (folder / "workers.md").write_text("\n".join(lines) + "\n")
+    chart(doc, folder / "workers.png")
     print("\n".join(lines))
     print(f"wrote {folder}/workers.json, .md")
 
