@@ -38,6 +38,7 @@ HOT_MODULES = [
     "proxy/table.py",
     "proxy/actions.py",
     "proxy/dataplane/rewrite.py",
+    "proxy/route_index.py",
     "proxy/select.py",
 ]
 

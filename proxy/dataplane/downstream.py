@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from typing import Final, cast
 
-from httptools import HttpParserError, HttpParserUpgrade
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from proxy.dataplane.dispatch import upstream_failed
 from proxy.dataplane.exchange import DISPATCHED, Exchange, Refuse
@@ -98,6 +98,9 @@ class ClientConnection(ClientFlow):
             return
         if self.stopped:
             return
+        if self.parser_shed:
+            self.parser = HttpRequestParser(self)
+            self.parser_shed = False
         if self.queue or self.backlog or self.paused or self.phase == BODY or len(data) > PIPELINE_SLICE:
             self._feed(data)
             return

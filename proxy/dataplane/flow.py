@@ -16,7 +16,6 @@ callbacks and deadlines; the methods it leaves to that class are declared at the
 
 from __future__ import annotations
 
-from collections import deque
 from typing import TYPE_CHECKING, Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
@@ -52,8 +51,19 @@ BODY: Final = 2
 # of extra pipelined requests is parsed beyond limits.max_pipelined before reading pauses.
 PIPELINE_SLICE: Final = 2048
 
+# A keep-alive connection idle this long gives back its parser (about 1 KiB with its bound callbacks) and
+# its proxy-header cache; the next read creates a parser again (a few microseconds, once per wake-up).
+SHED_AFTER: Final = 1.0
+
 _CRLF: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
+
+
+class _NoProtocol:
+    """The placeholder parser's protocol: it never parses (a shed connection makes its own first)."""
+
+
+_SHED: Final = HttpRequestParser(_NoProtocol())
 
 
 class Stop(Exception):
@@ -74,7 +84,10 @@ class ClientFlow(ClientSide):
         self.retry_limit = limits.retry_buffer_bytes
         self.transport: asyncio.Transport | None = None
         self.parser = HttpRequestParser(self)
-        self.queue: deque[Exchange] = deque()
+        self.parser_shed = False  # the parser was given back (shed); data_received makes a new one
+        # A list, not a deque: it rarely holds more than one exchange, and an empty deque costs 760 bytes
+        # per connection (a list 56); pop(0) of a one- or few-item list is as cheap as popleft.
+        self.queue: list[Exchange] = []
         self.cur: Exchange | None = None
         self.url = b""
         self.phase = IDLE
@@ -122,6 +135,21 @@ class ClientFlow(ClientSide):
         self.tail_host: bytes | None = None
         self.tail_route: str | None = None
         self.tunnel_up: UpstreamSide | None = None
+
+    # -- idle connections
+
+    def shed(self, now: float) -> None:
+        """Called by the sweeper: a keep-alive connection idle for SHED_AFTER, between requests with nothing
+        buffered or paused, drops what only a request needs, so 10,000 idle clients cost less memory."""
+        if (self.parser_shed or self.phase != IDLE or self.queue or self.backlog or self.paused or self.feeding
+                or self.closed or self.stopped or self.tunnel_up is not None or self.cur is not None
+                or now + self.dp.t_keepalive - self.deadline < SHED_AFTER):
+            return
+        self.parser = _SHED
+        self.parser_shed = True
+        self.tail = b""
+        self.tail_host = None
+        self.tail_route = None
 
     # -- TLS (proxy.dataplane.tls)
 
@@ -338,7 +366,7 @@ class ClientFlow(ClientSide):
         if (len(queue) == 1 and queue[0] is ex and ex.keep_alive and not ex.close_after and not dp.stopping
                 and not self.eof and not self.backlog and ex.finish()):
             # Fast path of _finish: the only request of a keep-alive connection is done.
-            queue.popleft()
+            queue.pop(0)
             if self.phase == IDLE:
                 self.deadline = now + dp.t_keepalive
             else:
@@ -393,7 +421,7 @@ class ClientFlow(ClientSide):
             return
         queue = self.queue
         if queue and queue[0] is ex:
-            queue.popleft()
+            queue.pop(0)
         if ex.close_after or not ex.keep_alive or self.dp.stopping or (self.eof and not queue):
             self._close()
             return

@@ -152,6 +152,8 @@ class DataPlane(PlaneState):
                 d = cc.deadline
                 if d and d <= now:
                     cc.on_deadline()
+                elif not cc.parser_shed:
+                    cc.shed(now)
             for u in list(self.uconns):
                 uc = cast(UpstreamConnection, u)
                 d = uc.deadline
