@@ -55,8 +55,10 @@ class DataPlane(PlaneState):
         t = settings.timeouts
         fastest = min(t.header_read, t.keepalive_idle, t.body_read_idle, t.upstream_response, t.upstream_idle,
                       t.upstream_pool_idle)
-        # Deadline resolution: a tenth of the shortest timeout, between 20 ms and 1 s.
-        self.tick = max(0.02, min(1.0, fastest / 10))
+        # Deadline resolution: a tenth of the shortest timeout, between 20 ms and 1 s. A route's own
+        # backend_request timeout (table_changed) may shorten it: 500 ms must not fire at 1.5 s.
+        self.base_tick = max(0.02, min(1.0, fastest / 10))
+        self.tick = self.base_tick
         self._sweeper: asyncio.Task[None] | None = None
         self.upstream_tls = UpstreamContexts()
 
@@ -69,6 +71,9 @@ class DataPlane(PlaneState):
 
     def table_changed(self, table: RouteTable) -> None:
         self.use_plan(table)
+        route_fastest = min((r.actions.t_backend for r in table.routes
+                             if r.actions is not None and r.actions.t_backend > 0), default=10.0)
+        self.tick = max(0.02, min(self.base_tick, route_fastest / 10))
         old = self.endpoints
         new: dict[tuple[str, str], Endpoint] = {}
         backends: dict[str, Backend] = {}

@@ -168,6 +168,9 @@ async def test_backend_request_timeout_answers_504(serve) -> None:  # type: igno
         return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
     s = await serve([{"name": "web", "split": {"v1": 1}, "timeouts": {"backend_request": 0.3}}], {"v1": slow})
+    # The deadline sweeper runs at a tenth of the route's timeout, not of the proxy's shortest (10 s by default):
+    # 0.3 s must not fire anywhere up to 1.3 s.
+    assert s.proxy.dp.tick == pytest.approx(0.03)
     loop = asyncio.get_running_loop()
     async with httpx.AsyncClient(base_url=s.base) as c:
         t0 = loop.time()
