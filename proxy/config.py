@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
+from proxy.checker import Checker
 from proxy.errors import FieldError, ValidationError
-from proxy.parse import Checker
 from proxy.placement import check_zone
 from proxy.settings import Certificate, Limits, Listener, Timeouts, TlsConfig
 

@@ -7,7 +7,6 @@ here touches the current state: callers commit the result only when parsing succ
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from typing import Any, cast
@@ -15,6 +14,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from proxy.checker import NAME_RE, TOKEN_RE, Checker, join_path, kind_of
 from proxy.errors import FieldError, ValidationError
 from proxy.identities import parse_identity, source_to_dict
 from proxy.model import (
@@ -39,8 +39,6 @@ from proxy.placement import endpoint_item, endpoints_out, stored_zones, version_
 from proxy.select import BUCKETS, smallest_routing_weight, unrouted
 from proxy.upstream_tls import parse_tls, tls_to_dict
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 DIGEST_RE = re.compile(r"@sha256:[0-9a-f]{64}\Z")
 HOST_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?$")
 
@@ -54,104 +52,6 @@ ROUTE_FIELDS = {
     "assignment_cookie", "assignment_cookie_max_age", "pins_require_verified", "require_identity",
     "matches", "filters", "version_filters", "timeouts", "retry", "zone_affinity",
 }
-
-
-class Checker:
-    """Collects field errors while a document is walked."""
-
-    def __init__(self) -> None:
-        self.errors: list[FieldError] = []
-
-    def fail(self, path: str, message: str) -> None:
-        self.errors.append(FieldError(path, message))
-
-    def raise_if_any(self) -> None:
-        if self.errors:
-            raise ValidationError(self.errors)
-
-    def mapping(self, value: object, path: str, allowed: set[str] | None = None) -> dict[str, Any] | None:
-        if not isinstance(value, Mapping):
-            self.fail(path, f"expected a mapping, got {_kind(value)}")
-            return None
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                self.fail(path, f"keys must be strings, got {_kind(k)} {k!r}")
-                continue
-            if allowed is not None and k not in allowed:
-                self.fail(_join(path, k), f"unknown field (expected one of: {', '.join(sorted(allowed))})")
-                continue
-            out[k] = v
-        return out
-
-    def string(self, value: object, path: str, pattern: re.Pattern[str] | None = None,
-               what: str = "a string") -> str | None:
-        if not isinstance(value, str) or not value:
-            self.fail(path, f"expected {what}, got {_kind(value)}")
-            return None
-        if pattern is not None and not pattern.fullmatch(value):
-            self.fail(path, f"expected {what}, got {value!r}")
-            return None
-        return value
-
-    def boolean(self, value: object, path: str) -> bool | None:
-        if not isinstance(value, bool):
-            self.fail(path, f"expected true or false, got {_kind(value)}")
-            return None
-        return value
-
-    def number(self, value: object, path: str, minimum: float, maximum: float | None = None,
-               integer: bool = False) -> float | None:
-        if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
-            self.fail(path, f"expected {'an integer' if integer else 'a number'}, got {_kind(value)}")
-            return None
-        if not math.isfinite(value) or value < minimum or (maximum is not None and value > maximum):
-            bound = f">= {minimum:g}" if maximum is None else f"between {minimum:g} and {maximum:g}"
-            self.fail(path, f"expected a number {bound}, got {value!r}")
-            return None
-        return value
-
-    def string_list(self, value: object, path: str, single_ok: bool = False) -> tuple[str, ...] | None:
-        if single_ok and isinstance(value, str):
-            return tuple(value.split())
-        if not isinstance(value, list):
-            self.fail(path, f"expected a list of strings, got {_kind(value)}")
-            return None
-        out = []
-        for i, item in enumerate(value):
-            s = self.string(item, f"{path}[{i}]")
-            if s is not None:
-                out.append(s)
-        return tuple(out)
-
-    def string_pairs(self, value: object, path: str, key_re: re.Pattern[str] | None = None,
-                     lower_keys: bool = False) -> tuple[tuple[str, str], ...] | None:
-        m = self.mapping(value, path)
-        if m is None:
-            return None
-        out = []
-        for k, v in m.items():
-            if key_re is not None and not key_re.fullmatch(k):
-                self.fail(_join(path, k), "invalid name")
-                continue
-            if isinstance(v, bool) or not isinstance(v, str | int | float):
-                self.fail(_join(path, k), f"expected a string, got {_kind(v)}")
-                continue
-            out.append((k.lower() if lower_keys else k, str(v)))
-        return tuple(out)
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "nothing"
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number"}.get(type(value), type(value).__name__)
-
-
-def _join(path: str, key: str) -> str:
-    if NAME_RE.fullmatch(key) or TOKEN_RE.fullmatch(key):
-        return f"{path}.{key}" if path else key
-    return f"{path}[{key!r}]"
 
 
 # Versions
@@ -194,32 +94,32 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
     if kind == "static":
         raw = d["endpoints"]
         if not isinstance(raw, list) or not raw:
-            c.fail(_join(path, "endpoints"), "expected a non-empty list of http://host:port URLs")
+            c.fail(join_path(path, "endpoints"), "expected a non-empty list of http://host:port URLs")
         else:
             eps = [endpoint_item(e, f"{path}.endpoints[{i}]", lambda u, p: parse_endpoint(c, u, p), c.errors,
                                  endpoint_zones) for i, e in enumerate(raw)]
             endpoints = tuple(e for e in eps if e is not None)
     elif kind == "local":
-        command = c.string_list(d["command"], _join(path, "command"), single_ok=True) or ()
+        command = c.string_list(d["command"], join_path(path, "command"), single_ok=True) or ()
         if not command:
-            c.fail(_join(path, "command"), "expected a non-empty command")
+            c.fail(join_path(path, "command"), "expected a non-empty command")
     else:
-        image = c.string(d["image"], _join(path, "image"), what="an image reference")
-    allow_tag = bool(c.boolean(d.get("allow_tag", False), _join(path, "allow_tag")))
+        image = c.string(d["image"], join_path(path, "image"), what="an image reference")
+    allow_tag = bool(c.boolean(d.get("allow_tag", False), join_path(path, "allow_tag")))
     if image is not None and not DIGEST_RE.search(image) and not allow_tag:
-        c.fail(_join(path, "image"), f"expected an image pinned by digest (repo@sha256:<64 hex>), got {image!r}; "
+        c.fail(join_path(path, "image"), f"expected an image pinned by digest (repo@sha256:<64 hex>), got {image!r}; "
                "set allow_tag: true to accept a tag, resolved to its digest once")
-    replicas = int(c.number(d.get("replicas", 1), _join(path, "replicas"), 0, 1000, integer=True) or 0)
+    replicas = int(c.number(d.get("replicas", 1), join_path(path, "replicas"), 0, 1000, integer=True) or 0)
     port_v = d.get("port")
-    port = None if port_v is None else c.number(port_v, _join(path, "port"), 1, 65535, integer=True)
-    env = c.string_pairs(d.get("env", {}), _join(path, "env")) or ()
+    port = None if port_v is None else c.number(port_v, join_path(path, "port"), 1, 65535, integer=True)
+    env = c.string_pairs(d.get("env", {}), join_path(path, "env")) or ()
     network = d.get("network", "bridge")
     if network not in ("bridge", "host"):
-        c.fail(_join(path, "network"), f"expected 'bridge' or 'host', got {network!r}")
+        c.fail(join_path(path, "network"), f"expected 'bridge' or 'host', got {network!r}")
         network = "bridge"
     health = HealthCheck()
     if "health" in d:
-        hpath = _join(path, "health")
+        hpath = join_path(path, "health")
         h = c.mapping(d["health"], hpath, {"path", "interval", "timeout"})
         if h is not None:
             hp = c.string(h.get("path", "/"), f"{hpath}.path", re.compile(r"/[^\s]*"),
@@ -228,24 +128,24 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
             to = c.number(h.get("timeout", 1.0), f"{hpath}.timeout", 0.01, 600)
             if hp and iv and to:
                 health = HealthCheck(hp, float(iv), float(to))
-    labels = c.string_pairs(d.get("labels", {}), _join(path, "labels")) or ()
-    check = c.string_list(d["check"], _join(path, "check"), single_ok=True) if "check" in d else ()
+    labels = c.string_pairs(d.get("labels", {}), join_path(path, "labels")) or ()
+    check = c.string_list(d["check"], join_path(path, "check"), single_ok=True) if "check" in d else ()
     on_fail = d.get("on_check_fail", "flag")
     if on_fail not in ("flag", "shift"):
-        c.fail(_join(path, "on_check_fail"), f"expected flag or shift, got {on_fail!r}")
+        c.fail(join_path(path, "on_check_fail"), f"expected flag or shift, got {on_fail!r}")
     elif on_fail == "shift" and not check:
-        c.fail(_join(path, "on_check_fail"), "needs a check command (check)")
+        c.fail(join_path(path, "on_check_fail"), "needs a check command (check)")
     tls = None
     schemes = {e.partition(":")[0] for e in endpoints}
     if len(schemes) > 1:
-        c.fail(_join(path, "endpoints"), "mixes http:// and https:// endpoints; one version speaks one of them")
+        c.fail(join_path(path, "endpoints"), "mixes http:// and https:// endpoints; one version speaks one of them")
     if d.get("tls") is not None:
-        tls, tls_errors = parse_tls(d["tls"], _join(path, "tls"), stored=stored)
+        tls, tls_errors = parse_tls(d["tls"], join_path(path, "tls"), stored=stored)
         c.errors.extend(tls_errors)
         if schemes != {"https"} and kind == "static" and endpoints:
-            c.fail(_join(path, "tls"), "applies to https:// endpoints; this version's are http://")
+            c.fail(join_path(path, "tls"), "applies to https:// endpoints; this version's are http://")
         elif kind != "static":
-            c.fail(_join(path, "tls"), "applies to static https:// endpoints only")
+            c.fail(join_path(path, "tls"), "applies to static https:// endpoints only")
     zones = version_zones(d, kind, path, c.errors)
     created = now
     instances = endpoints
@@ -256,7 +156,7 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
             raw_inst = d.get("instances", [])
             inst = [parse_endpoint(c, e, f"{path}.instances[{i}]") for i, e in enumerate(raw_inst)]
             instances = tuple(e for e in inst if e is not None)
-            instance_zones = stored_zones(d.get("instance_zones"), _join(path, "instance_zones"), c.errors)
+            instance_zones = stored_zones(d.get("instance_zones"), join_path(path, "instance_zones"), c.errors)
     if len(c.errors) > before:
         return None
     spec = VersionSpec(
@@ -328,7 +228,7 @@ def split_weight_errors(split: tuple[tuple[str, float], ...], path: str = "") ->
             why = (f"weight {w:g} gets none of the {BUCKETS} buckets (the versions before it end on half a "
                    "bucket, which rounding gives to them), so no traffic")
         least = smallest_routing_weight(weights, i)
-        errors.append(FieldError(_join(path, name), f"{why}; use at least {least:g}, or 0"))
+        errors.append(FieldError(join_path(path, name), f"{why}; use at least {least:g}, or 0"))
     return errors
 
 
@@ -339,12 +239,12 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
         return None
     before = len(c.errors)
     if name is None:
-        name = c.string(d.get("name"), _join(path, "name"), NAME_RE, "a route name (letters, digits, . _ -)")
+        name = c.string(d.get("name"), join_path(path, "name"), NAME_RE, "a route name (letters, digits, . _ -)")
     else:
         if not NAME_RE.fullmatch(name):
-            c.fail(_join(path, "name"), "a route name is 1-63 letters, digits, '.', '_' or '-'")
+            c.fail(join_path(path, "name"), "a route name is 1-63 letters, digits, '.', '_' or '-'")
         if "name" in d and d["name"] != name:
-            c.fail(_join(path, "name"), f"does not match the route name in the URL ({name!r})")
+            c.fail(join_path(path, "name"), f"does not match the route name in the URL ({name!r})")
 
     def known(v: object, p: str) -> str | None:
         s = c.string(v, p, what="a version name")
@@ -354,23 +254,24 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
         return s
 
     match, more_matches = parse_matches(d, path, c.errors)
-    filters = None if d.get("filters") is None else parse_filters(d["filters"], _join(path, "filters"), c.errors)
+    filters = None if d.get("filters") is None else parse_filters(d["filters"], join_path(path, "filters"), c.errors)
     version_filters = () if d.get("version_filters") is None else parse_version_filters(
-        d["version_filters"], _join(path, "version_filters"), c.errors, versions)
-    timeouts = None if d.get("timeouts") is None else parse_timeouts(d["timeouts"], _join(path, "timeouts"), c.errors)
-    retry = None if d.get("retry") is None else parse_retry(d["retry"], _join(path, "retry"), c.errors)
+        d["version_filters"], join_path(path, "version_filters"), c.errors, versions)
+    timeouts = None if d.get("timeouts") is None else parse_timeouts(
+        d["timeouts"], join_path(path, "timeouts"), c.errors)
+    retry = None if d.get("retry") is None else parse_retry(d["retry"], join_path(path, "retry"), c.errors)
     redirects = filters is not None and filters.redirect is not None
     identity: list[IdentitySource] = []
     if "identity" in d:
-        identity, ierrors = parse_identity(d["identity"], _join(path, "identity"), check_files=not stored)
+        identity, ierrors = parse_identity(d["identity"], join_path(path, "identity"), check_files=not stored)
         c.errors.extend(ierrors)
     split: list[tuple[str, float]] = []
-    spath = _join(path, "split")
+    spath = join_path(path, "split")
     # A redirecting route answers every request itself: it needs no version.
     sm = c.mapping(d.get("split"), spath) if not redirects or d.get("split") is not None else None
     if sm is not None:
         for vname, w in sm.items():
-            vp = _join(spath, vname)
+            vp = join_path(spath, vname)
             if known(vname, vp) is None:
                 continue
             weight = c.number(w, vp, 0)
@@ -383,14 +284,14 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
             c.errors.extend(split_weight_errors(tuple(split), spath))
         if not sm and not redirects:
             c.fail(spath, "expected at least one version with a weight")
-    sticky = c.boolean(d.get("sticky", True), _join(path, "sticky"))
+    sticky = c.boolean(d.get("sticky", True), join_path(path, "sticky"))
     pins: dict[str, str] = {}
     if "pins" in d:
-        ppath = _join(path, "pins")
+        ppath = join_path(path, "pins")
         pm = c.mapping(d["pins"], ppath)
         if pm is not None:
             for client, vname in pm.items():
-                cp = _join(ppath, client)
+                cp = join_path(ppath, client)
                 if not client or len(client) > 256:
                     c.fail(cp, "a client id is 1-256 characters")
                     continue
@@ -400,12 +301,12 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
                     known(vname, cp)
     fallback: list[str] = []
     if "fallback" in d:
-        fpath = _join(path, "fallback")
+        fpath = join_path(path, "fallback")
         fl = d["fallback"]
         if isinstance(fl, str):
             fl = [fl]
         if not isinstance(fl, list):
-            c.fail(fpath, f"expected a list of version names, got {_kind(fl)}")
+            c.fail(fpath, f"expected a list of version names, got {kind_of(fl)}")
         else:
             for i, f in enumerate(fl):
                 fp = f"{fpath}[{i}]"
@@ -418,16 +319,16 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
                 fallback.append(v)
     mirrors: list[Mirror] = []
     if d.get("mirror") is not None and d.get("mirrors") is not None:
-        c.fail(_join(path, "mirrors"), "give either mirror (one) or mirrors (a list), not both")
+        c.fail(join_path(path, "mirrors"), "give either mirror (one) or mirrors (a list), not both")
     elif d.get("mirror") is not None or d.get("mirrors") is not None:
         one = d.get("mirror") is not None
-        items = [(_join(path, "mirror"), d["mirror"])] if one else []
+        items = [(join_path(path, "mirror"), d["mirror"])] if one else []
         if not one:
             ml = d["mirrors"]
             if not isinstance(ml, list):
-                c.fail(_join(path, "mirrors"), f"expected a list of {{version, percent}}, got {_kind(ml)}")
+                c.fail(join_path(path, "mirrors"), f"expected a list of {{version, percent}}, got {kind_of(ml)}")
             else:
-                items = [(f"{_join(path, 'mirrors')}[{i}]", m) for i, m in enumerate(ml)]
+                items = [(f"{join_path(path, 'mirrors')}[{i}]", m) for i, m in enumerate(ml)]
         for mp, raw in items:
             mm = c.mapping(raw, mp, {"version", "percent"})
             if mm is None:
@@ -438,23 +339,23 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
                 c.fail(f"{mp}.version", f"version {mv!r} is already a mirror of this route")
             elif mv is not None and pct is not None:
                 mirrors.append(Mirror(mv, float(pct)))
-    expose = c.boolean(d.get("expose_version", False), _join(path, "expose_version"))
+    expose = c.boolean(d.get("expose_version", False), join_path(path, "expose_version"))
     cookie = None
     if d.get("assignment_cookie") is not None:
-        cookie = c.string(d["assignment_cookie"], _join(path, "assignment_cookie"), TOKEN_RE, "a cookie name")
+        cookie = c.string(d["assignment_cookie"], join_path(path, "assignment_cookie"), TOKEN_RE, "a cookie name")
     max_age = None
     if d.get("assignment_cookie_max_age") is not None:
-        ap = _join(path, "assignment_cookie_max_age")
+        ap = join_path(path, "assignment_cookie_max_age")
         max_age = c.number(d["assignment_cookie_max_age"], ap, 1, 400 * 86400, integer=True)  # RFC 6265bis cap
         if "assignment_cookie" not in d:
             c.fail(ap, "needs assignment_cookie (the cookie it is the lifetime of)")
-    verified = c.boolean(d.get("pins_require_verified", False), _join(path, "pins_require_verified"))
-    required = c.boolean(d.get("require_identity", False), _join(path, "require_identity"))
-    affinity = c.boolean(d.get("zone_affinity", True), _join(path, "zone_affinity"))
+    verified = c.boolean(d.get("pins_require_verified", False), join_path(path, "pins_require_verified"))
+    required = c.boolean(d.get("require_identity", False), join_path(path, "require_identity"))
+    affinity = c.boolean(d.get("zone_affinity", True), join_path(path, "zone_affinity"))
     if not any(s.verified for s in identity) and len(c.errors) == before:
         for flag, on in (("pins_require_verified", verified), ("require_identity", required)):
             if on:
-                c.fail(_join(path, flag), "needs a verified identity source (client_cert, jwt or api_key)")
+                c.fail(join_path(path, flag), "needs a verified identity source (client_cert, jwt or api_key)")
     if len(c.errors) > before or name is None:
         return None
     route = Route(
@@ -517,7 +418,7 @@ def parse_document(doc: object, *, now: float = 0.0, current: State | None = Non
     versions: dict[str, Version] = {}
     vm = c.mapping(d.get("versions", {}), "versions")
     for name, spec in (vm or {}).items():
-        v = parse_version(c, name, spec, _join("versions", name), now=now)
+        v = parse_version(c, name, spec, join_path("versions", name), now=now)
         if v is None:
             # Keep the name known so routes do not report a second, misleading "unknown version".
             versions[name] = Version(name, VersionSpec("static"), ())
@@ -525,14 +426,14 @@ def parse_document(doc: object, *, now: float = 0.0, current: State | None = Non
         old = current.versions.get(name) if current else None
         if old is not None:
             if old.spec != v.spec:
-                c.fail(_join("versions", name), f"version {name!r} exists with a different spec; versions are "
+                c.fail(join_path("versions", name), f"version {name!r} exists with a different spec; versions are "
                        "immutable: register the change under a new name")
             v = old
         versions[name] = v
     routes: list[Route] = []
     raw_routes = d.get("routes", [])
     if not isinstance(raw_routes, list):
-        c.fail("routes", f"expected a list of routes, got {_kind(raw_routes)}")
+        c.fail("routes", f"expected a list of routes, got {kind_of(raw_routes)}")
         raw_routes = []
     seen: set[str] = set()
     for i, rd in enumerate(raw_routes):
@@ -579,12 +480,12 @@ def state_from_stored(data: Mapping[str, Any]) -> State:
     c = Checker()
     versions: dict[str, Version] = {}
     for name, spec in cast(Mapping[str, Any], data.get("versions", {})).items():
-        v = parse_version(c, name, spec, _join("versions", name), stored=True)
+        v = parse_version(c, name, spec, join_path("versions", name), stored=True)
         if v is not None:
             versions[name] = v
     routes = []
     for name, rd in cast(Mapping[str, Any], data.get("routes", {})).items():
-        r = parse_route(c, rd, _join("routes", name), versions, name=name, stored=True)
+        r = parse_route(c, rd, join_path("routes", name), versions, name=name, stored=True)
         if r is not None:
             routes.append(r)
     c.raise_if_any()

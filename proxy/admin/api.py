@@ -33,12 +33,11 @@ from proxy.changes import (
     set_split,
     unpin,
 )
+from proxy.checker import NAME_RE, Checker
 from proxy.control import gates, rechecks
 from proxy.errors import FieldError, NotFoundError, StaleRevisionError, TurnoutError, ValidationError
 from proxy.model import State, Version
 from proxy.parse import (
-    NAME_RE,
-    Checker,
     parse_route_body,
     parse_split_body,
     parse_version_body,

@@ -16,10 +16,10 @@ from aiohttp import web
 from proxy.admin.auth import actor_of
 from proxy.admin.context import AdminContext
 from proxy.admin.problem import BadRequestError
+from proxy.checker import Checker
 from proxy.control.canary import CanaryController, Rollout, counters_of, describe, drain, load_rollout, parse_config
 from proxy.control.canary.rollout import ACTIVE
 from proxy.errors import FieldError, NotFoundError, ValidationError
-from proxy.parse import Checker
 from proxy.telemetry.metrics import aggregate
 
 PREFIX = "/api/v1"

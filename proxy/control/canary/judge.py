@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from proxy.parse import Checker
+from proxy.checker import Checker
 
 MetricName = Literal["error_rate", "p50", "p90", "p99"]
 METRICS: tuple[MetricName, ...] = ("error_rate", "p50", "p90", "p99")

@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from proxy.checker import Checker
 from proxy.control.canary.analysis import Analysis, Thresholds, Window, _ms
 from proxy.control.canary.judge import MetricResult, Rule, parse_rules
-from proxy.parse import Checker
 from proxy.store.base import Store
 
 Status = Literal["running", "paused", "promoted", "rolled_back", "aborted", "failed"]
