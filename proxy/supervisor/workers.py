@@ -22,7 +22,7 @@ import time
 from proxy.settings import Settings, listeners_of
 from proxy.supervisor.process import listen_socket, listener_option, log, metrics_dir, settings_to_json
 from proxy.table import RouteTable
-from proxy.telemetry.metrics import reset_directory, retire_published
+from proxy.telemetry.published import reset_directory, retire_published
 
 WORKER_READY_TIMEOUT = 30.0
 # An admin write is answered once every worker reported that it routes with the new revision, or after this

@@ -15,10 +15,9 @@ from proxy.telemetry.metrics import (
     WorkerPublisher,
     aggregate,
     quantile,
-    read_published,
     render,
-    reset_directory,
 )
+from proxy.telemetry.published import read_published, reset_directory
 from proxy.telemetry.stats import HIST_SLOTS, LATENCY_BUCKETS, Stats
 
 

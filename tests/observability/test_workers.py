@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 import proxy.telemetry.metrics
-from proxy.telemetry.metrics import aggregate, worker_extras
+import proxy.telemetry.published
+from proxy.telemetry.metrics import aggregate
+from proxy.telemetry.published import worker_extras
 from proxy.telemetry.stats import Stats
 
 SCRIPT = Path(__file__).with_name("worker_script.py")
@@ -45,7 +47,9 @@ async def test_worker_death_and_restart_keep_counters_monotonic(tmp_path: Path,
         w1.kill()  # no chance to publish again: its last file must keep counting
         await w1.wait()
         assert requests(tmp_path, local) == 13
-        monkeypatch.setattr(proxy.telemetry.metrics, "STALE_AFTER", 0.0)  # as if the dead worker's file were old now
+        # As if the dead worker's file were old now (summing and the live-worker view both read the bound).
+        monkeypatch.setattr(proxy.telemetry.metrics, "STALE_AFTER", 0.0)
+        monkeypatch.setattr(proxy.telemetry.published, "STALE_AFTER", 0.0)
         snap = aggregate(local, tmp_path)
         got = (snap.get("web", "v1").requests, snap.connections["downstream"], snap.stale_workers)
         assert got == (13, 0, ("0", "1"))
