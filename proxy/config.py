@@ -20,7 +20,8 @@ from proxy.errors import FieldError, ValidationError
 from proxy.parse import Checker
 from proxy.settings import Certificate, Limits, Listener, Timeouts, TlsConfig
 
-TOP_FIELDS = {"listeners", "admin", "workers", "limits", "timeouts", "trusted_proxies", "access_log"}
+TOP_FIELDS = {"listeners", "admin", "workers", "limits", "timeouts", "trusted_proxies", "access_log",
+              "grpc_error_codes"}
 LISTENER_FIELDS = {"name", "address", "tls", "protocols"}
 TLS_FIELDS = {"certificates", "client_ca", "client_cert", "min_version"}
 CERT_FIELDS = {"cert", "key"}
@@ -83,6 +84,13 @@ def parse_config(text: str, base_dir: str = ".") -> dict[str, Any]:
                 c.fail(f"trusted_proxies[{i}]", f"expected an IP address or CIDR, got {p!r}")
         if peers is not None:
             out["trusted_proxies"] = peers
+    if "grpc_error_codes" in top:
+        codes = top["grpc_error_codes"]
+        if not isinstance(codes, list):
+            c.fail("grpc_error_codes", "expected a list of grpc-status numbers (0-16)")
+        else:
+            nums = [c.number(v, f"grpc_error_codes[{i}]", 1, 16, integer=True) for i, v in enumerate(codes)]
+            out["grpc_error_codes"] = tuple(int(n) for n in nums if n is not None)
     if "access_log" in top:
         log = top["access_log"]
         if log is None:

@@ -17,6 +17,9 @@ IdentityKind = Literal["header", "cookie", "query", "client_cert", "jwt", "api_k
 VERIFIED_KINDS = frozenset({"client_cert", "jwt", "api_key"})
 CertField = Literal["san_dns", "san_uri", "subject_cn", "fingerprint_sha256"]
 NetworkMode = Literal["bridge", "host"]
+# How the proxy speaks to a version's endpoints: HTTP/1.1, HTTP/2 in cleartext (prior knowledge), or HTTP/2
+# over TLS (ALPN h2, https:// endpoints).
+UpstreamProtocol = Literal["http1", "h2c", "h2"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +27,9 @@ class HealthCheck:
     path: str = "/"
     interval: float = 2.0
     timeout: float = 1.0
+    # None: an HTTP GET of `path`. A string: grpc.health.v1.Health/Check for that service ("" = the whole
+    # server), which a gRPC version answers instead of plain HTTP.
+    grpc: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +60,7 @@ class VersionSpec:
     labels: tuple[tuple[str, str], ...] = ()
     check: tuple[str, ...] = ()  # gate command that must exit 0 before the version may get traffic
     tls: UpstreamTLS | None = None  # static https:// endpoints only; None there means verified defaults
+    protocol: UpstreamProtocol = "http1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +143,8 @@ class Route:
     pins_require_verified: bool = False
     # No verified id: 401, nothing goes upstream.
     require_identity: bool = False
+    # gRPC responses are counted with their method (":path") as a label too; off by default (cardinality).
+    grpc_method_label: bool = False
 
     @property
     def split_map(self) -> dict[str, float]:

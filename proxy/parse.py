@@ -28,6 +28,7 @@ from proxy.model import (
     VersionSpec,
 )
 from proxy.select import BUCKETS, smallest_routing_weight, unrouted
+from proxy.upstream_proto import parse_grpc_health, parse_protocol, protocol_to_dict
 from proxy.upstream_tls import parse_tls, tls_to_dict
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -37,12 +38,12 @@ HOST_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,
 
 VERSION_FIELDS = {
     "endpoints", "command", "image", "allow_tag", "replicas", "port", "env", "network", "health",
-    "labels", "check", "tls",
+    "labels", "check", "tls", "protocol",
 }
 STORED_VERSION_FIELDS = VERSION_FIELDS | {"kind", "instances", "created"}
 ROUTE_FIELDS = {
     "name", "match", "identity", "split", "sticky", "pins", "fallback", "mirror", "expose_version",
-    "assignment_cookie", "pins_require_verified", "require_identity",
+    "assignment_cookie", "pins_require_verified", "require_identity", "grpc_method_label",
 }
 
 
@@ -208,14 +209,16 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
     health = HealthCheck()
     if "health" in d:
         hpath = _join(path, "health")
-        h = c.mapping(d["health"], hpath, {"path", "interval", "timeout"})
+        h = c.mapping(d["health"], hpath, {"path", "interval", "timeout", "grpc"})
         if h is not None:
+            grpc, gerrors = parse_grpc_health(h.get("grpc", False), f"{hpath}.grpc")
+            c.errors.extend(gerrors)
             hp = c.string(h.get("path", "/"), f"{hpath}.path", re.compile(r"/[^\s]*"),
                           "a path starting with / (no spaces)")
             iv = c.number(h.get("interval", 2.0), f"{hpath}.interval", 0.05, 3600)
             to = c.number(h.get("timeout", 1.0), f"{hpath}.timeout", 0.01, 600)
             if hp and iv and to:
-                health = HealthCheck(hp, float(iv), float(to))
+                health = HealthCheck(hp, float(iv), float(to), grpc)
     labels = c.string_pairs(d.get("labels", {}), _join(path, "labels")) or ()
     check = c.string_list(d["check"], _join(path, "check"), single_ok=True) if "check" in d else ()
     tls = None
@@ -229,6 +232,8 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
             c.fail(_join(path, "tls"), "applies to https:// endpoints; this version's are http://")
         elif kind != "static":
             c.fail(_join(path, "tls"), "applies to static https:// endpoints only")
+    protocol, perrors = parse_protocol(d.get("protocol", "http1"), _join(path, "protocol"), kind, endpoints)
+    c.errors.extend(perrors)
     created = now
     instances = endpoints
     if stored:
@@ -242,7 +247,7 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
     spec = VersionSpec(
         kind=cast(Any, kind), endpoints=endpoints, command=command, image=image, allow_tag=allow_tag,
         replicas=replicas, port=None if port is None else int(port), env=env,
-        network=cast(Any, network), health=health, labels=labels, check=check or (), tls=tls,
+        network=cast(Any, network), health=health, labels=labels, check=check or (), tls=tls, protocol=protocol,
     )
     return Version(name=name, spec=spec, endpoints=instances, created=created)
 
@@ -267,6 +272,7 @@ def version_to_dict(v: Version) -> dict[str, Any]:
         d["network"] = s.network
     if s.health != HealthCheck():
         d["health"] = {"path": s.health.path, "interval": s.health.interval, "timeout": s.health.timeout}
+    protocol_to_dict(s.protocol, s.health.grpc, d)
     if s.labels:
         d["labels"] = dict(s.labels)
     if s.check:
@@ -409,6 +415,7 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
         cookie = c.string(d["assignment_cookie"], _join(path, "assignment_cookie"), TOKEN_RE, "a cookie name")
     verified = c.boolean(d.get("pins_require_verified", False), _join(path, "pins_require_verified"))
     required = c.boolean(d.get("require_identity", False), _join(path, "require_identity"))
+    method_label = c.boolean(d.get("grpc_method_label", False), _join(path, "grpc_method_label"))
     if not any(s.verified for s in identity) and len(c.errors) == before:
         for flag, on in (("pins_require_verified", verified), ("require_identity", required)):
             if on:
@@ -419,6 +426,7 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
         name=name, match=match, identity=tuple(identity), split=tuple(split), sticky=bool(sticky),
         pins=pins, fallback=tuple(fallback), mirror=mirror, expose_version=bool(expose),
         assignment_cookie=cookie, pins_require_verified=bool(verified), require_identity=bool(required),
+        grpc_method_label=bool(method_label),
     )
 
 
@@ -448,6 +456,8 @@ def route_to_dict(r: Route, with_name: bool = True, with_pins: bool = True) -> d
         d["pins_require_verified"] = True
     if r.require_identity:
         d["require_identity"] = True
+    if r.grpc_method_label:
+        d["grpc_method_label"] = True
     return d
 
 

@@ -85,6 +85,10 @@ class Settings:
     state_dir: str | None = None  # where the admin token and default database live
     # Every listener of the proxy; empty means one cleartext listener on `listen` (see listeners_of).
     listeners: tuple[Listener, ...] = ()
+    # grpc-status values a gRPC response counts as an error with (metrics, canary analysis): UNKNOWN,
+    # DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS. The others (NOT_FOUND,
+    # INVALID_ARGUMENT, ...) are the caller's business, like a 4xx.
+    grpc_error_codes: tuple[int, ...] = (2, 4, 12, 13, 14, 15)
 
 
 def listeners_of(settings: Settings) -> tuple[Listener, ...]:

@@ -101,6 +101,12 @@ class Exchange:
     fell_back: bool = False
     # Values of the headers routes and identities read (see proxy.dataplane.plan), lower-case names.
     wanted: dict[str, str] | None = None
+    # The client can take trailers: an HTTP/1.1 `TE: trailers`, or any HTTP/2 client (trailers are native).
+    te_trailers: bool = False
+    # A gRPC call (content-type application/grpc*): the proxy's own answers to it are gRPC responses.
+    grpc: bool = False
+    # Why the last upstream attempt failed (dispatch.upstream_failed's kind), "" when none did.
+    error_kind: str = ""
 
     def __init__(self, client: ClientSide, plan: object) -> None:
         self.client = client

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
+from proxy.dataplane import grpcwire, h1response
 from proxy.dataplane.dispatch import log, start
 from proxy.dataplane.exchange import DISPATCHED, PARSED, RESPONDING, ClientSide, Exchange, Refuse
 from proxy.dataplane.headers import BEARER_401, CONTINUE, local_response
@@ -122,6 +123,7 @@ class ClientFlow(ClientSide):
         self.tail_host: bytes | None = None
         self.tail_route: str | None = None
         self.tunnel_up: UpstreamSide | None = None
+        self.rmode = 0  # body mode of the structured response going out (proxy.dataplane.h1response)
 
     # -- TLS (proxy.dataplane.tls)
 
@@ -279,12 +281,14 @@ class ClientFlow(ClientSide):
         ex.head_deferred = False
         ex.chunk_ok = True
         up = ex.up
-        if up is None or up.transport is None:
+        if up is None or (up.transport is None and not up.structured):
             return
         body = ex.pending or []
         ex.pending = None
         ex.pending_size = 0
         ex.sent_body = True
+        if up.transport is None:  # structured
+            return self._start_structured(ex, up, body)
         up.transport.write(b"".join((ex.head_common, self.dp.version_header(ex.version), ex.head_tail, *body)))
 
     def _body_frame(self, ex: Exchange, frame: bytes, n: int) -> None:
@@ -302,7 +306,10 @@ class ClientFlow(ClientSide):
                 ex.mirror_body = None
                 self.dp.mirror.count_dropped(ex)
         up = ex.up
-        if up is not None and up.transport is not None and not ex.head_deferred:
+        if up is not None and up.structured and not ex.head_deferred:
+            ex.sent_body = True
+            up.request_data(h1response.unframe(frame, ex.chunked), False)
+        elif up is not None and up.transport is not None and not ex.head_deferred:
             ex.sent_body = True
             up.transport.write(frame)
         elif not ex.done():
@@ -350,7 +357,8 @@ class ClientFlow(ClientSide):
         ex.respond(status)
         ex.answered()
         route = ex.route
-        self.write(BEARER_401[close] if status == 401 and route is not None and route.challenge
+        self.write(grpcwire.h1_answer(self.dp, ex, status, close) if ex.grpc
+                   else BEARER_401[close] if status == 401 and route is not None and route.challenge
                    else local_response(status, close))
         if close:
             self._close()
@@ -440,7 +448,6 @@ class ClientFlow(ClientSide):
 
     def send_head(self, ex: Exchange, conn: UpstreamSide) -> None:
         dp = self.dp
-        assert conn.transport is not None
         if (ex.chunked and not ex.request_complete and (not ex.chunk_ok or self.feeding)
                 and ex.pending_size <= self.high_water):
             # Hold the head (and the body so far) until the first chunk parsed cleanly, in a read that parsed
@@ -457,8 +464,11 @@ class ClientFlow(ClientSide):
             ex.pending_size = 0
             if body:
                 ex.sent_body = True
-            head = (ex.head_common, dp.version_header(ex.version), ex.head_tail)
-            conn.transport.write(b"".join((*head, *body) if body else head))
+            if conn.transport is None:  # structured (an HTTP/2 stream)
+                self._start_structured(ex, conn, body)
+            else:
+                head = (ex.head_common, dp.version_header(ex.version), ex.head_tail)
+                conn.transport.write(b"".join((*head, *body) if body else head))
         if self.paused & P_PENDING:
             self.resume(P_PENDING)
         if ex.request_complete:
@@ -468,6 +478,22 @@ class ClientFlow(ClientSide):
         if self.backlog and not self.feeding:
             self._feed(b"")
 
+    def _start_structured(self, ex: Exchange, up: UpstreamSide, body: list[bytes]) -> None:
+        up.start_request(ex.request_complete and not body)
+        for frame in body:
+            up.request_data(h1response.unframe(frame, ex.chunked), False)
+
+    # -- the structured response (an HTTP/2 upstream's), formatted as HTTP/1.1 (proxy.dataplane.h1response)
+
+    def response_start(self, ex: Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        head, self.rmode = h1response.head(self.dp, ex, status, headers)
+        self.write(head)
+
+    def response_data(self, ex: Exchange, data: bytes) -> None:
+        self.write(h1response.data(self.rmode, data))
+
+    def response_end(self, ex: Exchange, trailers: list[tuple[bytes, bytes]]) -> None:
+        self.write(h1response.end(self.rmode, ex, trailers))
 
     # -- input errors, the queue, closing
 

@@ -20,11 +20,11 @@ from typing import cast
 
 from proxy.dataplane.certs import ListenerTls, load_listeners
 from proxy.dataplane.downstream import ClientConnection
+from proxy.dataplane.h2upstream import H2Pool
 from proxy.dataplane.plane import PlaneState
 from proxy.dataplane.pool import Backend, Endpoint
 from proxy.dataplane.tls import reload_all, tls_factory, watch_certificates
 from proxy.dataplane.tls_contexts import UpstreamContexts
-from proxy.dataplane.upstream import UpstreamConnection
 from proxy.settings import Settings, listeners_of
 from proxy.table import RouteTable, TableHolder
 from proxy.telemetry.accesslog import AccessLog
@@ -86,6 +86,8 @@ class DataPlane(PlaneState):
                     ep = None
                 if ep is None:
                     ep = Endpoint(name, url, ctx, server_name)
+                    if version.spec.protocol != "http1":
+                        ep.mux = H2Pool(self, ep)
                 new[(name, url)] = ep
                 eps.append(ep)
                 self.health.watch(ep, version.spec.health)
@@ -151,10 +153,9 @@ class DataPlane(PlaneState):
                 if d and d <= now:
                     cc.on_deadline()
             for u in list(self.uconns):
-                uc = cast(UpstreamConnection, u)
-                d = uc.deadline
+                d = u.deadline
                 if d and d <= now:
-                    uc.on_deadline()
+                    u.on_deadline()
 
     def reload_certificates(self) -> None:
         """SIGHUP: look at every TLS listener's files now (they are also checked every few seconds)."""

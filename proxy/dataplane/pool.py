@@ -22,6 +22,8 @@ class UpstreamSide(asyncio.Protocol):
     # An HTTP/2 upstream stream: the client side hands it the request through start_request/request_data
     # instead of writing HTTP/1.x bytes to `transport`.
     structured: bool = False
+    # When the listener's sweeper calls on_deadline (0.0: none).
+    deadline: float = 0.0
 
     def start_request(self, end: bool) -> None:
         """Send the head of the exchange this stream was begun with (method, target, host and the
@@ -51,10 +53,21 @@ class UpstreamSide(asyncio.Protocol):
     def resume_reading(self) -> None:
         raise NotImplementedError
 
+    def on_deadline(self) -> None:
+        raise NotImplementedError
+
+
+class Multiplexer:
+    """An endpoint's shared HTTP/2 connections (proxy.dataplane.h2upstream): set on the endpoints of h2 and
+    h2c versions, whose `idle` list stays empty (dispatch asks the multiplexer for a stream instead)."""
+
+    def close_idle(self) -> None:
+        raise NotImplementedError
+
 
 class Endpoint:
     __slots__ = (
-        "active_ok", "address", "ejected", "ejections", "failures", "host", "https", "idle", "port",
+        "active_ok", "address", "ejected", "ejections", "failures", "host", "https", "idle", "mux", "port",
         "readmit_handle", "removed", "server_hostname", "ssl", "url", "version",
     )
 
@@ -79,6 +92,7 @@ class Endpoint:
         self.ejections = 0  # consecutive ejections; doubles the next ejection's length
         self.readmit_handle: asyncio.TimerHandle | None = None
         self.removed = False  # no longer in the table: its connections are not pooled again
+        self.mux: Multiplexer | None = None
 
     @property
     def healthy(self) -> bool:
@@ -146,6 +160,8 @@ class Endpoint:
         idle, self.idle = self.idle, []
         for conn in idle:
             conn.close()
+        if self.mux is not None:
+            self.mux.close_idle()
 
 
 class Backend:

@@ -259,15 +259,8 @@ class UpstreamConnection(UpstreamSide):
                 parts.append(b"Connection: close\r\n")
             elif not ex.http11:
                 parts.append(b"Connection: keep-alive\r\n")
-        route = ex.route
-        if route is not None:
-            if route.expose_version:
-                parts.append(self.dp.version_header(ex.version))
-            cookie = route.assignment_cookie
-            # A version standing in for an unhealthy one does not become the session's assignment.
-            if (cookie is not None and route.route.sticky and ex.cookie_version != ex.version and not ex.fell_back
-                    and (ex.id_source != "" or not route.pins_verified)):
-                parts.append(self.dp.cookie_header(cookie, ex.version))
+        if ex.route is not None:
+            self.dp.response_lines(ex, parts)
         parts.append(_CRLF)
         self.mode = mode
         ex.respond(status)

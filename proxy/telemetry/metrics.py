@@ -61,11 +61,12 @@ class VersionStats:
     bytes_in: int = 0
     bytes_out: int = 0
     codes: Mapping[int, int] = field(default_factory=dict)
+    grpc_errors: int = 0  # gRPC responses (HTTP 200) whose grpc-status is one of settings.grpc_error_codes
 
     @property
     def error_ratio(self) -> float:
-        """5xx responses / requests; 0.0 without requests."""
-        return self.errors_5xx / self.requests if self.requests else 0.0
+        """5xx responses and gRPC errors / requests; 0.0 without requests."""
+        return (self.errors_5xx + self.grpc_errors) / self.requests if self.requests else 0.0
 
     def quantile(self, q: float) -> float:
         return quantile(self.latency, q)
@@ -82,6 +83,7 @@ class VersionStats:
             bytes_in=max(0, self.bytes_in - older.bytes_in),
             bytes_out=max(0, self.bytes_out - older.bytes_out),
             codes={c: n for c, n in codes.items() if n},
+            grpc_errors=max(0, self.grpc_errors - older.grpc_errors),
         )
 
 
@@ -112,6 +114,7 @@ class StatsSnapshot:
     identity_rejected: Mapping[tuple[str, str, str], int] = field(default_factory=dict)  # (route, source, reason)
     stale_workers: tuple[str, ...] = ()  # ... of which these stopped publishing (dead or hung)
     tls_handshake_errors: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (listener, reason)
+    grpc: Mapping[tuple[str, str, str, str], int] = field(default_factory=dict)  # (route, version, status, method)
 
     def get(self, route: str, version: str) -> VersionStats:
         return self.cells.get((route, version), EMPTY_VERSION_STATS)
@@ -139,6 +142,7 @@ class StatsSnapshot:
             stale_workers=self.stale_workers,
             identity_rejected=_minus(self.identity_rejected, older.identity_rejected),
             tls_handshake_errors=_minus(self.tls_handshake_errors, older.tls_handshake_errors),
+            grpc=_minus(self.grpc, older.grpc),
         )
 
 
@@ -171,10 +175,10 @@ class _Sum:
     """Accumulates Stats.snapshot() wire dicts."""
 
     def __init__(self) -> None:
-        self.cells: dict[tuple[str, str], list[Any]] = {}  # [codes, dsum, bin, bout, hist, uerr]
+        self.cells: dict[tuple[str, str], list[Any]] = {}  # [codes, dsum, bin, bout, hist, uerr, grpc_errors]
         self.counters: dict[str, dict[Any, int]] = {
             "upstream_errors": {}, "fallbacks": {}, "retries": {}, "rejected": {}, "mirrors": {},
-            "canary_results": {}, "identity_rejected": {}, "tls_handshake_errors": {},
+            "canary_results": {}, "identity_rejected": {}, "tls_handshake_errors": {}, "grpc": {},
         }
         self.scalars = {"applied": 0, "apply_errors": 0, "access_log_dropped": 0}
         self.connections: dict[str, int] = {"downstream": 0, "upstream": 0}
@@ -184,7 +188,7 @@ class _Sum:
         for r, v, codes, dsum, bin_, bout, hist, uerr in wire.get("cells", ()):
             cell = self.cells.get((r, v))
             if cell is None:
-                cell = self.cells[(r, v)] = [{}, 0.0, 0, 0, [0] * HIST_SLOTS, 0]
+                cell = self.cells[(r, v)] = [{}, 0.0, 0, 0, [0] * HIST_SLOTS, 0, 0]
             for code, n in codes.items():
                 cell[0][int(code)] = cell[0].get(int(code), 0) + n
             cell[1] += dsum
@@ -194,7 +198,13 @@ class _Sum:
             for i, n in enumerate(hist[:HIST_SLOTS]):
                 h[i] += n
             cell[5] += uerr
+        for r, v, n in wire.get("grpc_errors", ()):
+            cell = self.cells.get((r, v))
+            if cell is None:
+                cell = self.cells[(r, v)] = [{}, 0.0, 0, 0, [0] * HIST_SLOTS, 0, 0]
+            cell[6] += n
         c = self.counters
+        _add(c["grpc"], ((tuple(x[:-1]), x[-1]) for x in wire.get("grpc", ())))
         _add(c["upstream_errors"], ((tuple(x[:-1]), x[-1]) for x in wire.get("upstream_errors", ())))
         _add(c["fallbacks"], ((tuple(x[:-1]), x[-1]) for x in wire.get("fallbacks", ())))
         _add(c["retries"], wire.get("retries", {}).items())
@@ -224,16 +234,18 @@ class _Sum:
             "canary_results": [[*k, n] for k, n in c["canary_results"].items()],
             "identity_rejected": [[*k, n] for k, n in c["identity_rejected"].items()],
             "tls_handshake_errors": [[*k, n] for k, n in c["tls_handshake_errors"].items()],
+            "grpc": [[*k, n] for k, n in c["grpc"].items()],
+            "grpc_errors": [[r, v, cell[6]] for (r, v), cell in self.cells.items() if cell[6]],
             **self.scalars,
         }
 
     def freeze(self, now: float, workers: tuple[str, ...], stale: tuple[str, ...]) -> StatsSnapshot:
         cells = {}
-        for key, (codes, dsum, bin_, bout, hist, uerr) in self.cells.items():
+        for key, (codes, dsum, bin_, bout, hist, uerr, gerr) in self.cells.items():
             cells[key] = VersionStats(
                 requests=sum(codes.values()), errors_5xx=sum(n for code, n in codes.items() if code >= 500),
                 upstream_errors=uerr, latency=tuple(hist), duration_sum=dsum, bytes_in=bin_, bytes_out=bout,
-                codes=dict(codes))
+                codes=dict(codes), grpc_errors=gerr)
         c = self.counters
         return StatsSnapshot(
             time=now, cells=cells, upstream_errors=c["upstream_errors"], fallbacks=c["fallbacks"],
@@ -242,7 +254,7 @@ class _Sum:
             access_log_dropped=self.scalars["access_log_dropped"], canary_steps=self.canary_steps,
             canary_results=c["canary_results"], workers=workers, stale_workers=stale,
             identity_rejected=c["identity_rejected"],
-            tls_handshake_errors=c["tls_handshake_errors"])
+            tls_handshake_errors=c["tls_handshake_errors"], grpc=c["grpc"])
 
 
 def _add(into: dict[Any, int], items: Iterable[tuple[Any, int]]) -> None:
@@ -474,6 +486,9 @@ def families(snap: StatsSnapshot, table: RouteTable, health: Health) -> list[Met
     out.append(_counter("turnout_tls_handshake_errors", "TLS handshakes that failed, by listener and reason "
                         "(protocol_version, client_certificate, timeout, not_tls, closed, ...); none reached "
                         "an upstream.", ["listener", "reason"], snap.tls_handshake_errors))
+    out.append(_counter("turnout_grpc_responses", "gRPC responses by route, version and grpc-status (method: "
+                        "the call's path on routes with grpc_method_label, else empty).",
+                        ["route", "version", "grpc_status", "method"], snap.grpc))
     out.append(_counter("turnout_canary_analysis", "Canary analysis rounds, by route and result.",
                         ["route", "result"], snap.canary_results))
 

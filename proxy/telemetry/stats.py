@@ -34,7 +34,7 @@ CanaryResult = Literal["pass", "fail", "inconclusive"]
 class Cell:
     """Counters of one (route, version) pair; the request path touches only this object."""
 
-    __slots__ = ("bytes_in", "bytes_out", "codes", "duration_sum", "hist", "upstream_errors")
+    __slots__ = ("bytes_in", "bytes_out", "codes", "duration_sum", "grpc_errors", "hist", "upstream_errors")
 
     def __init__(self) -> None:
         self.codes: dict[int, int] = {}
@@ -43,6 +43,7 @@ class Cell:
         self.bytes_out = 0
         self.hist = [0] * HIST_SLOTS  # non-cumulative: slot i counts durations in (bucket i-1, bucket i]
         self.upstream_errors = 0
+        self.grpc_errors = 0  # gRPC responses whose grpc-status is in settings.grpc_error_codes
 
 
 class Stats:
@@ -63,6 +64,8 @@ class Stats:
         self.canary_steps: dict[str, int] = {}
         self.canary_results: dict[tuple[str, str], int] = {}
         self.tls_handshake_errors: dict[tuple[str, str], int] = {}  # (listener, reason)
+        # gRPC responses: (route, version, grpc-status as text, method or "" unless the route asks for it)
+        self.grpc: dict[tuple[str, str, str, str], int] = {}
 
     def __repr__(self) -> str:
         n = sum(sum(c.codes.values()) for vs in self.cells.values() for c in vs.values())
@@ -97,6 +100,17 @@ class Stats:
             except KeyError:
                 c = self._cell(route, version)
             c.upstream_errors += 1
+
+    def grpc_response(self, route: str, version: str, code: int, method: str, error: bool) -> None:
+        """A gRPC response ended with grpc-status `code` (HTTP 200; its request() counts it too)."""
+        key = (route, version, str(code), method)
+        self.grpc[key] = self.grpc.get(key, 0) + 1
+        if error:
+            try:
+                c = self.cells[route][version]
+            except KeyError:
+                c = self._cell(route, version)
+            c.grpc_errors += 1
 
     def fallback(self, route: str, from_version: str, to_version: str) -> None:
         key = (route, from_version, to_version)
@@ -165,4 +179,7 @@ class Stats:
             "canary_steps": dict(self.canary_steps),
             "canary_results": [[r, res, n] for (r, res), n in self.canary_results.items()],
             "tls_handshake_errors": [[li, r, n] for (li, r), n in self.tls_handshake_errors.items()],
+            "grpc": [[*k, n] for k, n in self.grpc.items()],
+            "grpc_errors": [[r, v, c.grpc_errors] for r, vs in self.cells.items() for v, c in vs.items()
+                            if c.grpc_errors],
         }
