@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "proxy"
 MAX_LINES = 600
 CORE = frozenset(f"proxy.{m}" for m in ("model", "parse", "select", "table", "errors", "settings", "changes",
-                                          "identities", "upstream_tls",
+                                          "identities", "upstream_tls", "upstream_proto",
                                           "config"))
 CORE_FORBIDDEN = ("asyncio", "aiohttp")
 SHARED_NAMES = frozenset({"__init__.py", "__main__.py"})

@@ -71,8 +71,9 @@ def test_fallback_loops_and_duplicate_routes_refused() -> None:
 
 def test_unknown_fields_refused_everywhere() -> None:
     assert errors_of(with_route(weights={"v1": 1})) == [
-        "routes[0].weights: unknown field (expected one of: assignment_cookie, expose_version, fallback, identity, "
-        "match, mirror, name, pins, pins_require_verified, require_identity, split, sticky)"]
+        "routes[0].weights: unknown field (expected one of: assignment_cookie, expose_version, fallback, "
+        "grpc_method_label, identity, match, mirror, name, pins, pins_require_verified, require_identity, split, "
+        "sticky)"]
     errs = errors_of({"versions": {"v1": {"endpoints": ["http://127.0.0.1:1"], "replica": 2}}, "routes": []})
     assert errs[0].startswith("versions.v1.replica: unknown field")
     assert errors_of({"version": {}})[0].startswith("version: unknown field")

@@ -52,6 +52,7 @@ async def live_metric_names(admin: Admin) -> set[str]:
     s.mirror("web", "v3", 200)
     s.identity_rejected("web", "jwt", "expired")
     s.tls_handshake_error("public", "protocol_version")
+    s.grpc_response("web", "v2", 14, "", True)
     s.canary_step("web", 1)
     s.canary_analysis("web", "pass")
     s.connection("downstream", 1)
