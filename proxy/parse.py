@@ -234,6 +234,8 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
             c.fail(_join(path, "tls"), "applies to static https:// endpoints only")
     protocol, perrors = parse_protocol(d.get("protocol", "http1"), _join(path, "protocol"), kind, endpoints)
     c.errors.extend(perrors)
+    if health.grpc is not None and protocol == "http1":
+        c.fail(_join(path, "health") + ".grpc", "gRPC speaks HTTP/2: set the version's protocol to h2c or h2")
     created = now
     instances = endpoints
     if stored:

@@ -15,7 +15,6 @@ Design rules:
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
-from urllib.parse import quote
 
 if TYPE_CHECKING:
     from proxy.dataplane.exchange import Exchange
@@ -56,6 +55,7 @@ _LOCAL: Final[dict[int, tuple[int, str]]] = {
 _BY_KIND: Final[dict[str, tuple[int, str]]] = {
     "invalid_response": (INTERNAL, "invalid upstream response"),
     "timeout": (DEADLINE_EXCEEDED, "upstream timed out"),
+    "deadline": (DEADLINE_EXCEEDED, "deadline exceeded (grpc-timeout)"),
     "connect_timeout": (UNAVAILABLE, "upstream connect timed out"),
     "connect": (UNAVAILABLE, "upstream unavailable"),
     "tls": (UNAVAILABLE, "upstream TLS handshake failed"),
@@ -93,10 +93,15 @@ def local_status(ex: Exchange, status: int) -> tuple[int, str]:
     return _LOCAL.get(status, (UNKNOWN if status >= 400 else OK, f"proxy status {status}"))
 
 
+def encode_message(message: str) -> bytes:
+    """grpc-message's percent-encoding: UTF-8, bytes outside printable ASCII and '%' as %XX."""
+    return b"".join(bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in message.encode())
+
+
 def trailers_only(code: int, message: str) -> list[tuple[bytes, bytes]]:
     """The one HEADERS block of a trailers-only response (with :status, for an HTTP/2 client)."""
     return [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-status", str(code).encode()),
-            (b"grpc-message", quote(message, safe=" ").encode())]
+            (b"grpc-message", encode_message(message))]
 
 
 def h1_answer(dp: PlaneState, ex: Exchange, status: int, close: bool) -> bytes:
@@ -105,7 +110,7 @@ def h1_answer(dp: PlaneState, ex: Exchange, status: int, close: bool) -> bytes:
     code, message = local_status(ex, status)
     count(dp.stats, ex, code, dp.grpc_error_codes)
     return (b"HTTP/1.1 200 OK\r\nContent-Type: application/grpc\r\ngrpc-status: %d\r\ngrpc-message: %b\r\n"
-            b"Content-Length: 0\r\n%b\r\n" % (code, quote(message, safe=" ").encode(),
+            b"Content-Length: 0\r\n%b\r\n" % (code, encode_message(message),
                                               b"Connection: close\r\n" if close else b""))
 
 

@@ -24,7 +24,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Final, cast
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
@@ -70,6 +70,7 @@ class H2Pool(Multiplexer):
         self.conns: list[H2Link] = []
         self.waiting: deque[Exchange] = deque()
         self.opening = 0
+        self.replay_limit = dp.settings.limits.retry_buffer_bytes
 
     def __repr__(self) -> str:
         streams = sum(c.active for c in self.conns)
@@ -78,6 +79,10 @@ class H2Pool(Multiplexer):
 
     def request(self, ex: Exchange) -> None:
         """ex needs a stream to this endpoint: on a connection with room now, else once one has room."""
+        if ex.replay is None and not ex.body_bytes and (ex.cl is None or ex.cl <= self.replay_limit):
+            # Keep the body (up to limits.retry_buffer_bytes) whatever the method: a stream the upstream
+            # refuses or drops with GOAWAY unprocessed is sent again (see replay).
+            ex.replay = []
         for c in self.conns:
             if c.has_room():
                 self._give(c, ex)
@@ -116,8 +121,8 @@ class H2Pool(Multiplexer):
             kind = "tls"
         except OSError:
             kind = "connect"
-        self.opening -= 1
         if kind:
+            self.opening -= 1
             self._failed(kind)
 
     def _failed(self, kind: str) -> None:
@@ -129,8 +134,15 @@ class H2Pool(Multiplexer):
                 ex.client.upstream_failed(ex, None, kind, True)
 
     def ready(self, link: H2Link) -> None:
+        """link's server preface (SETTINGS) arrived: it takes streams up to the peer's limit from now."""
+        self.opening -= 1
         self.conns.append(link)
         self.drain()
+
+    def unsettled(self, kind: str) -> None:
+        """A connection closed (or timed out) before its server preface: counts as a failed connect."""
+        self.opening -= 1
+        self._failed(kind)
 
     def drain(self) -> None:
         waiting = self.waiting
@@ -197,6 +209,8 @@ class H2Link(StreamHost):
         self.deadline = 0.0
         self.last_frame = self.now()
         self.ping_due = 0.0
+        self.settled = False  # the server's SETTINGS arrived
+        self.unsettled_kind = "connect"  # what a close before them counts as
         limits = dp.settings.limits
         self.window = limits.high_water
         self.low_water = limits.low_water
@@ -227,14 +241,17 @@ class H2Link(StreamHost):
         self.flush()
         self.dp.uconns.add(self)
         self.dp.stats.connection("upstream", 1)
-        self.arm(self.now() + PING_EVERY)
-        self.pool.ready(self)
+        # The server preface must follow within the connect timeout (see on_deadline).
+        self.arm(self.now() + self.dp.t_connect)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.dp.uconns.discard(self)
         self.dp.stats.connection("upstream", -1)
         self.pool.gone(self)
+        if not self.settled:
+            self.settled = True
+            self.pool.unsettled(self.unsettled_kind)
         for s in list(self.streams.values()):
             s.fail("reset")
         self.streams.clear()
@@ -249,9 +266,16 @@ class H2Link(StreamHost):
     def data_received(self, data: bytes) -> None:
         self.last_frame = self.now()
         self.ping_due = 0.0
+        if not self.settled and (len(data) < 4 or data[3] != 0x04):
+            # A server's preface is a SETTINGS frame (type 4); anything else is not an HTTP/2 server (an
+            # HTTP/1 one answering "HTTP/1.1 400", which h2 would buffer as the start of a huge frame).
+            self.unsettled_kind = "invalid_response"
+            self.abort()
+            return
         try:
             events = self.h2.receive_data(data)
         except H2Error:
+            self.unsettled_kind = "invalid_response"  # not an HTTP/2 server, if before its preface
             self.fail_all("invalid_response")
             return
         for ev in events:
@@ -283,7 +307,13 @@ class H2Link(StreamHost):
                 peer = self.h2.remote_settings.max_concurrent_streams
                 self.limit = min(MAX_STREAMS, peer) if peer else MAX_STREAMS
                 self.unblock()
-                self.pool.drain()
+                if not self.settled:
+                    self.settled = True
+                    self.deadline = 0.0
+                    self.arm(self.now() + PING_EVERY)
+                    self.pool.ready(self)
+                else:
+                    self.pool.drain()
             elif isinstance(ev, PingAckReceived):
                 self.ping_due = 0.0
             elif isinstance(ev, ConnectionTerminated):
@@ -312,6 +342,10 @@ class H2Link(StreamHost):
         self.flush()
 
     def on_goaway(self, last: int) -> None:
+        # h2's state machine takes any GOAWAY as the end of the connection and would refuse the frames of the
+        # streams at or below `last` that the server still answers (RFC 9113 6.8): keep it open for those;
+        # `draining` keeps new streams off this connection.
+        self.h2.state_machine.state = ConnectionState.CLIENT_OPEN
         self.draining = True
         self.pool.gone(self)
         for sid, s in list(self.streams.items()):
@@ -348,6 +382,10 @@ class H2Link(StreamHost):
     def on_deadline(self) -> None:
         now = self.now()
         self.deadline = 0.0
+        if not self.settled:
+            self.unsettled_kind = "connect_timeout"
+            self.abort()
+            return
         if self.ping_due and self.ping_due <= now:
             self.fail_all("timeout")  # no PING answer: the peer or the path is gone
             return
