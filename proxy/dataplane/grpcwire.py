@@ -69,6 +69,15 @@ def is_grpc(content_type: bytes) -> bool:
     return content_type[:16].lower() == b"application/grpc" and content_type[16:17] in (b"", b"+", b";")
 
 
+def head_is_grpc(head: bytes) -> bool:
+    """Whether a request head as the proxy forwards it (HTTP/1.1 lines) carries a gRPC content-type."""
+    i = head.lower().find(b"\r\ncontent-type:")
+    if i < 0:
+        return False
+    j = head.find(b"\r\n", i + 15)
+    return is_grpc(head[i + 15:j if j >= 0 else len(head)].strip())
+
+
 def parse_timeout(value: bytes) -> float | None:
     """`grpc-timeout` (1-8 ASCII digits and a unit) in seconds; None when malformed (then ignored)."""
     v = value.strip()

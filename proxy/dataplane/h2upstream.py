@@ -39,6 +39,7 @@ from h2.events import (
 from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
 
+from proxy.dataplane import grpcwire
 from proxy.dataplane.h2stream import NO_HEADERS, H2Stream, StreamHost
 from proxy.dataplane.pool import Multiplexer
 
@@ -79,6 +80,8 @@ class H2Pool(Multiplexer):
 
     def request(self, ex: Exchange) -> None:
         """ex needs a stream to this endpoint: on a connection with room now, else once one has room."""
+        if ex.attempts <= 1 and grpcwire.head_is_grpc(ex.head_common):
+            ex.grpc = True  # known before any stream exists: a failed connect is answered as gRPC too
         if ex.replay is None and not ex.body_bytes and (ex.cl is None or ex.cl <= self.replay_limit):
             # Keep the body (up to limits.retry_buffer_bytes) whatever the method: a stream the upstream
             # refuses or drops with GOAWAY unprocessed is sent again (see replay).

@@ -137,7 +137,7 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             events = self.h2.receive_data(data)
-        except Exception:  # noqa: BLE001 - a broken peer: the test sees the connection close
+        except Exception:
             if self.transport is not None:
                 self.transport.close()
             return
