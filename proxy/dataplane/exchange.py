@@ -107,6 +107,9 @@ class Exchange:
     grpc: bool = False
     # Why the last upstream attempt failed (dispatch.upstream_failed's kind), "" when none did.
     error_kind: str = ""
+    # The client takes the response through ClientSide.response_start/data/end (an HTTP/2 stream), not as
+    # HTTP/1.1 bytes: the one test the HTTP/1 upstream makes per response.
+    structured: bool = False
 
     def __init__(self, client: ClientSide, plan: object) -> None:
         self.client = client
@@ -158,6 +161,18 @@ class ClientSide(asyncio.Protocol):
     # The client certificate the TLS handshake verified; set by whoever makes TLS connections, None on
     # cleartext ones (and on TLS ones without a certificate).
     peer_cert: PeerCert | None = None
+    # A client connection (what PlaneState.conns holds): the listener's sweeper calls on_deadline once
+    # `deadline` (loop time, 0 for none) passed, and the graceful stop close_if_idle, then abort.
+    deadline: float = 0.0
+
+    def on_deadline(self) -> None:
+        raise NotImplementedError
+
+    def close_if_idle(self) -> bool:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
 
     def write(self, data: bytes) -> None:
         raise NotImplementedError

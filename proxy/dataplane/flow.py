@@ -24,7 +24,8 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from proxy.dataplane import grpcwire, h1response
 from proxy.dataplane.dispatch import log, start
 from proxy.dataplane.exchange import DISPATCHED, PARSED, RESPONDING, ClientSide, Exchange, Refuse
-from proxy.dataplane.headers import BEARER_401, CONTINUE, local_response
+from proxy.dataplane.h2conn import h2_takeover
+from proxy.dataplane.headers import BEARER_401, CONTINUE, forwarded_head, local_response
 from proxy.identities import PeerCert
 
 if TYPE_CHECKING:
@@ -138,6 +139,13 @@ class ClientFlow(ClientSide):
             self.peer_cert = PeerCert(session.peer_cert, session.peer_der or b"")
         self.proto = b"https"
         self.fwd_lines = b"X-Forwarded-For: " + self.peer.encode() + b"\r\nX-Forwarded-Proto: https\r\n"
+        if "h2" in self.tls_listener.listener.protocols:
+            sslobj = transport.get_extra_info("ssl_object")
+            if sslobj is not None and sslobj.selected_alpn_protocol() == "h2":
+                # HTTP/2 from here: the connection (counted already) is the H2ClientConnection's.
+                self.dp.conns.discard(self)
+                self.closed = self.stopped = True
+                h2_takeover(self.dp, transport, session)
 
     # -- backpressure
 
@@ -555,19 +563,7 @@ class ClientFlow(ClientSide):
                 self.tail_route = route
             return b"".join([ex.method_b, b" ", ex.target, b" HTTP/1.1\r\n", *ex.lines, tail])
         # Only ever set for trusted peers: their chain is extended, not replaced.
-        parts = [ex.method_b, b" ", ex.target, b" HTTP/1.1\r\n", *ex.lines]
-        ext = parts.extend
-        prior = fwd.get(b"x-forwarded-for")
-        peer = self.peer.encode()
-        ext((b"X-Forwarded-For: ", prior + b", " + peer if prior else peer, _CRLF,
-             b"X-Forwarded-Proto: ", fwd.get(b"x-forwarded-proto") or self.proto, _CRLF))
-        host = fwd.get(b"x-forwarded-host") or ex.host_raw
-        if host is not None:
-            ext((b"X-Forwarded-Host: ", host, _CRLF))
-        if b"forwarded" in fwd:
-            ext((b"Forwarded: ", fwd[b"forwarded"], _CRLF))
-        parts.append(self.dp.route_header(route))
-        return b"".join(parts)
+        return forwarded_head(ex, self.peer, self.proto, self.dp.route_header(route))
 
     def close_if_idle(self) -> bool:
         if not self.queue and self.phase == IDLE and self.tunnel_up is None:

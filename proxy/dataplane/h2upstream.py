@@ -1,5 +1,5 @@
 """HTTP/2 upstreams (h2c with prior knowledge, h2 over TLS with ALPN): an endpoint's connections (H2Link),
-shared by many streams (proxy.dataplane.h2stream), and the pool that hands exchanges a stream (H2Pool).
+shared by many streams (proxy.dataplane.h2ustream), and the pool that hands exchanges a stream (H2Pool).
 
 Design rules:
 - Sans-IO `h2` driven from an asyncio.Protocol, as the HTTP/1 side drives llhttp: events are handled in
@@ -40,7 +40,7 @@ from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
 
 from proxy.dataplane import grpcwire
-from proxy.dataplane.h2stream import NO_HEADERS, H2Stream, StreamHost
+from proxy.dataplane.h2ustream import NO_HEADERS, H2UpstreamStream, StreamHost
 from proxy.dataplane.pool import Multiplexer
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ class H2Pool(Multiplexer):
             self._grow()
 
     def _give(self, link: H2Link, ex: Exchange) -> None:
-        s = H2Stream(link, ex)
+        s = H2UpstreamStream(link, ex)
         link.active += 1
         ex.up = s
         ex.client.send_head(ex, s)
@@ -367,7 +367,7 @@ class H2Link(StreamHost):
             s.fail(kind)
         self.abort()
 
-    def stream_done(self, s: H2Stream) -> None:
+    def stream_done(self, s: H2UpstreamStream) -> None:
         if s.sid:
             self.streams.pop(s.sid, None)
         self.active -= 1
