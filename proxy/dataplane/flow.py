@@ -365,7 +365,8 @@ class ClientFlow(ClientSide):
         ex.respond(status)
         ex.answered()
         route = ex.route
-        self.write(grpcwire.h1_answer(self.dp, ex, status, close) if ex.grpc
+        dp = self.dp
+        self.write(grpcwire.h1_answer(dp.stats, dp.grpc_error_codes, ex, status, close) if ex.grpc
                    else BEARER_401[close] if status == 401 and route is not None and route.challenge
                    else local_response(status, close))
         if close:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from proxy.dataplane.exchange import Exchange
-    from proxy.dataplane.plane import PlaneState
     from proxy.telemetry.stats import Stats
 
 OK: Final = 0
@@ -113,11 +112,11 @@ def trailers_only(code: int, message: str) -> list[tuple[bytes, bytes]]:
             (b"grpc-message", encode_message(message))]
 
 
-def h1_answer(dp: PlaneState, ex: Exchange, status: int, close: bool) -> bytes:
+def h1_answer(stats: Stats, errors: frozenset[int], ex: Exchange, status: int, close: bool) -> bytes:
     """The answer to an HTTP/1.1 client's gRPC call instead of HTTP `status`: the status travels as headers
     of an empty 200 (counted as that grpc-status)."""
     code, message = local_status(ex, status)
-    count(dp.stats, ex, code, dp.grpc_error_codes)
+    count(stats, ex, code, errors)
     return (b"HTTP/1.1 200 OK\r\nContent-Type: application/grpc\r\ngrpc-status: %d\r\ngrpc-message: %b\r\n"
             b"Content-Length: 0\r\n%b\r\n" % (code, encode_message(message),
                                               b"Connection: close\r\n" if close else b""))

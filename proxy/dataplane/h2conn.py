@@ -43,6 +43,7 @@ from hyperframe.frame import GoAwayFrame
 
 from proxy.dataplane.dispatch import start
 from proxy.dataplane.exchange import Exchange, Refuse
+from proxy.dataplane.grpcwire import is_grpc
 from proxy.dataplane.h2stream import H2Session, H2Stream
 from proxy.dataplane.headers import (
     CONTENT_LENGTH,
@@ -350,6 +351,8 @@ class H2ClientConnection(H2Session):
             kind = kinds.get(name)
             if kind is None:
                 lines.append(b"%b: %b\r\n" % (name, value))
+                if name == b"content-type" and is_grpc(value):
+                    ex.grpc = True  # the proxy's own answers to it are gRPC responses (proxy.dataplane.grpcwire)
             elif kind == WANTED:
                 lines.append(b"%b: %b\r\n" % (name, value))
                 _want(ex, name, value)
@@ -364,8 +367,10 @@ class H2ClientConnection(H2Session):
             elif name in _NOT_IN_H2:
                 raise Malformed
             elif kind == HOP:
-                if name == b"te" and value != b"trailers":
-                    raise Malformed
+                if name == b"te":
+                    if value != b"trailers":
+                        raise Malformed
+                    ex.te_trailers = True  # passed on to an HTTP/2 upstream (gRPC servers require it)
             elif kind == EXPECT:
                 if value.lower() != b"100-continue":
                     ex.refuse = Refuse(417, "bad_request")

@@ -23,6 +23,7 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 
+from proxy.dataplane import grpcwire
 from proxy.dataplane.dispatch import log, upstream_failed
 from proxy.dataplane.exchange import RESPONDING, ClientSide, Exchange
 from proxy.dataplane.headers import forwarded_head
@@ -323,6 +324,15 @@ class H2Stream(ClientSide):
     def answer(self, ex: Exchange, status: int) -> None:
         ex.respond(status)
         ex.answered()
+        if ex.grpc:
+            # A gRPC call gets a gRPC answer: 200, trailers-only (one HEADERS frame with END_STREAM).
+            code, message = grpcwire.local_status(ex, status)
+            grpcwire.count(self.dp.stats, ex, code, self.dp.grpc_error_codes)
+            self.head = grpcwire.trailers_only(code, message)
+            self.end = []
+            self.push()
+            self._finished(ex)
+            return
         body = local_body(status)
         route = ex.route
         headers = [(b":status", b"%d" % status), *_LOCAL_HEADERS, (b"content-length", b"%d" % len(body))]
@@ -339,7 +349,15 @@ class H2Stream(ClientSide):
         ex.up = None
         if up is not None:
             up.drop()
-        if ex.state >= RESPONDING or self.closed:
+        if ex.grpc and ex.state >= RESPONDING and not self.closed and self.end is None:
+            # The response began: its status goes in the trailers (a reset would show as INTERNAL).
+            ex.answered()
+            code, message = grpcwire.local_status(ex, status)
+            grpcwire.count(self.dp.stats, ex, code, self.dp.grpc_error_codes)
+            self.end = [(b"grpc-status", b"%d" % code), (b"grpc-message", grpcwire.encode_message(message))]
+            self.push()
+            self._finished(ex)
+        elif ex.state >= RESPONDING or self.closed:
             ex.answered()
             self.kill(ErrorCodes.INTERNAL_ERROR)
         else:
@@ -382,15 +400,10 @@ class H2Stream(ClientSide):
     def response_start(self, ex: Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         dp = self.dp
         head = [(b":status", b"%d" % status), *headers]
-        route = ex.route
-        if route is not None:
-            if route.expose_version:
-                head.append(header_pair(dp.version_header(ex.version)))
-            cookie = route.assignment_cookie
-            # The same rule as the HTTP/1 response (proxy.dataplane.upstream): a stand-in is no assignment.
-            if (cookie is not None and route.route.sticky and ex.cookie_version != ex.version and not ex.fell_back
-                    and (ex.id_source != "" or not route.pins_verified)):
-                head.append(header_pair(dp.cookie_header(cookie, ex.version)))
+        if ex.route is not None:
+            lines: list[bytes] = []
+            dp.response_lines(ex, lines)  # the same rule as every response (version header, cookie)
+            head.extend(header_pair(ln) for ln in lines)
         self.head = head
 
     def response_data(self, ex: Exchange, data: bytes) -> None:
