@@ -31,9 +31,10 @@ INTERNAL: Final = 13
 UNAVAILABLE: Final = 14
 UNAUTHENTICATED: Final = 16
 
-# grpc-timeout units (the gRPC HTTP/2 protocol spec) in seconds.
-_UNITS: Final[dict[int, float]] = {
-    ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3, ord("u"): 1e-6, ord("n"): 1e-9,
+# grpc-timeout units (the gRPC HTTP/2 protocol spec): seconds = value * multiplier / divisor.
+_UNITS: Final[dict[int, tuple[int, int]]] = {
+    ord("H"): (3600, 1), ord("M"): (60, 1), ord("S"): (1, 1), ord("m"): (1, 1000), ord("u"): (1, 1_000_000),
+    ord("n"): (1, 1_000_000_000),
 }
 
 # HTTP status of a local answer -> (grpc-status, grpc-message). Upstream failures are refined by their kind.
@@ -83,7 +84,7 @@ def parse_timeout(value: bytes) -> float | None:
     if not 2 <= len(v) <= 9 or not v[:-1].isdigit():
         return None
     unit = _UNITS.get(v[-1])
-    return None if unit is None else int(v[:-1]) * unit
+    return None if unit is None else int(v[:-1]) * unit[0] / unit[1]
 
 
 def parse_status(value: bytes | None) -> int:
