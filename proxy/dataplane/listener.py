@@ -20,7 +20,7 @@ from typing import cast
 
 from proxy.dataplane.certs import ListenerTls, load_listeners
 from proxy.dataplane.downstream import ClientConnection
-from proxy.dataplane.h2conn import H2cSniff
+from proxy.dataplane.h2accept import H2cSniff
 from proxy.dataplane.plane import PlaneState
 from proxy.dataplane.pool import Backend, Endpoint
 from proxy.dataplane.tls import reload_all, tls_factory, watch_certificates
