@@ -24,7 +24,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from proxy.dataplane import grpcwire, h1response
 from proxy.dataplane.dispatch import log, start
 from proxy.dataplane.exchange import DISPATCHED, PARSED, RESPONDING, ClientSide, Exchange, Refuse
-from proxy.dataplane.h2conn import h2_takeover
+from proxy.dataplane.h2accept import h2_takeover
 from proxy.dataplane.headers import BEARER_401, CONTINUE, forwarded_head, local_response
 from proxy.identities import PeerCert
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Callable
+from collections import deque
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from h2.config import H2Configuration
@@ -32,6 +32,7 @@ from h2.events import (
     PriorityUpdated,
     RemoteSettingsChanged,
     RequestReceived,
+    SettingsAcknowledged,
     StreamEnded,
     StreamReset,
     TrailersReceived,
@@ -62,7 +63,6 @@ if TYPE_CHECKING:
     from proxy.dataplane.certs import TlsSession
     from proxy.dataplane.plane import PlaneState
 
-PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _CRLF: Final = b"\r\n"
 # Lower-case tokens only (RFC 9113 8.2.1: upper case is malformed) and values without CR, LF, NUL or
 # surrounding white space: an HTTP/1.1 upstream would read those as more headers.
@@ -74,6 +74,8 @@ _METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE
 # Per-stream receive window (the default); the connection's is this many times larger, so that streams
 # whose windows are held (an upstream that reads slowly) cannot starve the others.
 STREAM_WINDOW: Final = 65_535
+# How long a closed connection keeps reading (and discarding) so that its GOAWAY reaches the client.
+LINGER: Final = 1.0
 
 
 class Malformed(Exception):
@@ -86,8 +88,6 @@ class H2ClientConnection(H2Session):
         limits = dp.settings.limits
         self.max_head = limits.max_header_bytes
         self.max_headers = limits.max_headers
-        self.max_body = limits.max_body_bytes
-        self.retry_limit = limits.retry_buffer_bytes
         self.max_streams = limits.h2_max_concurrent_streams
         self.max_resets = limits.h2_max_resets
         self.max_control = limits.h2_max_control_frames
@@ -127,6 +127,10 @@ class H2ClientConnection(H2Session):
             SettingCodes.ENABLE_PUSH: 0,
         })
         h.initiate_connection()
+        # SETTINGS said max_streams. h2 would take one stream more as a connection error (GOAWAY for all of
+        # them); RFC 9113 5.1.2 asks for a stream error, which _request gives (REFUSED_STREAM). Its own
+        # count is lifted past ours (the value in force, not a new SETTINGS: nothing more is sent).
+        cast(Any, h.local_settings)._settings[SettingCodes.MAX_CONCURRENT_STREAMS] = deque([2**31 - 1])
         h.increment_flow_control_window(STREAM_WINDOW * (self.max_streams - 1))
         self.active = self.window_start = self.now()
         self.deadline = self.active + self.dp.t_header_read
@@ -169,6 +173,8 @@ class H2ClientConnection(H2Session):
             self.rearm()
 
     def eof_received(self) -> bool | None:
+        if self.closed and self.transport is not None:
+            self.transport.close()  # the client read our GOAWAY and closed too
         return None
 
     def data_received(self, data: bytes) -> None:
@@ -219,6 +225,10 @@ class H2ClientConnection(H2Session):
             elif isinstance(ev, (PingReceived, RemoteSettingsChanged, PriorityUpdated)):
                 if self._control(now):
                     return
+            elif isinstance(ev, SettingsAcknowledged):
+                # h2 now decodes no header list over what SETTINGS said (a connection error); ours is a
+                # 431 on the stream, so h2's bound stays above it and only stops an HPACK bomb.
+                h.decoder.max_header_list_size = 2 * self.max_head
             elif isinstance(ev, ConnectionTerminated):
                 self._close_after_flush()
                 return
@@ -266,6 +276,9 @@ class H2ClientConnection(H2Session):
 
     def _calm(self) -> None:
         self.dp.stats.reject("bad_request")
+        h = self.h2
+        if h is not None:
+            h.clear_outbound_data_buffer()  # not even the answers (PING, SETTINGS acks) of this read
         self._goaway(ErrorCodes.ENHANCE_YOUR_CALM)
 
     def _goaway(self, code: int) -> None:
@@ -276,6 +289,9 @@ class H2ClientConnection(H2Session):
         self._close_after_flush()
 
     def _close_after_flush(self) -> None:
+        """Send what is queued (the GOAWAY), then close without losing it: a socket closed with unread input
+        resets the connection, and the peer's kernel then drops what we sent. So the write side is shut and
+        input is read and discarded until the client's EOF, for LINGER seconds at most."""
         if self.closed:
             return
         self.flush()
@@ -283,8 +299,11 @@ class H2ClientConnection(H2Session):
         for s in list(self.streams.values()):
             s.reset_by_client()
         t = self.transport
-        if t is not None:
-            t.close()
+        if t is None:
+            return
+        if t.can_write_eof():
+            t.write_eof()
+        self.deadline = self.now() + LINGER
 
     # -- requests
 
@@ -294,6 +313,10 @@ class H2ClientConnection(H2Session):
         assert h is not None
         if self.going_away:
             self.reset(sid, ErrorCodes.REFUSED_STREAM)  # after our GOAWAY: the client retries elsewhere
+            return
+        if len(self.streams) >= self.max_streams:
+            self.reset(sid, ErrorCodes.REFUSED_STREAM)
+            self._control(self.active)  # a client that ignores SETTINGS spends its control budget
             return
         stream = H2Stream(self, sid)
         end = ev.stream_ended is not None
@@ -436,8 +459,8 @@ class H2ClientConnection(H2Session):
     def rearm(self) -> None:
         dp = self.dp
         if self.closed:
-            self.deadline = 0.0
-        elif self.stalled_since:
+            return  # lingering (see _close_after_flush): that deadline stays
+        if self.stalled_since:
             self.deadline = self.stalled_since + dp.t_upstream_idle  # the client stopped taking our data
         elif not self.streams:
             self.deadline = self.active + dp.t_keepalive
@@ -449,6 +472,8 @@ class H2ClientConnection(H2Session):
     def on_deadline(self) -> None:
         self.deadline = 0.0
         if self.closed:
+            if self.transport is not None:
+                self.transport.abort()  # lingered long enough
             return
         if self.stalled_since or self.streams:
             if not self.stalled_since:
@@ -480,7 +505,10 @@ class H2ClientConnection(H2Session):
 
     def abort(self) -> None:
         t = self.transport
-        self._close_after_flush()
+        self.flush()
+        self.closed = True
+        for s in list(self.streams.values()):
+            s.reset_by_client()
         if t is not None:
             t.abort()
 
@@ -496,80 +524,3 @@ def _want(ex: Exchange, name: bytes, value: bytes) -> None:
     else:
         w[k] = v
 
-
-def h2_takeover(dp: PlaneState, transport: asyncio.Transport, tls: TlsSession | None,
-                data: bytes = b"") -> H2ClientConnection:
-    """An accepted (and counted) connection speaks HTTP/2 from here: its transport goes to a new
-    H2ClientConnection, which reads `data` (what was read already) first."""
-    conn = H2ClientConnection(dp)
-    transport.set_protocol(conn)
-    conn.start(transport, tls)
-    dp.conns.add(conn)
-    if data:
-        conn.data_received(data)
-    return conn
-
-
-class H2cSniff(asyncio.Protocol):
-    """The first bytes of a cleartext connection on a listener that takes h2c: the HTTP/2 preface makes it
-    an H2ClientConnection, anything else the listener's HTTP/1 connection. Bounded by header_read."""
-
-    def __init__(self, dp: PlaneState, http1: Callable[[], asyncio.Protocol]) -> None:
-        self.dp = dp
-        self.http1 = http1
-        self.transport: asyncio.Transport | None = None
-        self.buf = b""
-        self.timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast("asyncio.Transport", transport)
-        self.timer = self.dp.loop.call_later(self.dp.t_header_read, self._timeout)
-
-    def _timeout(self) -> None:
-        self.timer = None
-        if self.transport is not None:
-            self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.transport = None
-
-    def pause_writing(self) -> None:
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
-    def eof_received(self) -> bool | None:
-        return None
-
-    def data_received(self, data: bytes) -> None:
-        t = self.transport
-        if t is None:
-            return
-        buf = self.buf + data
-        k = min(len(buf), len(PREFACE))
-        h2 = buf[:k] == PREFACE[:k]
-        if h2 and k < len(PREFACE):
-            self.buf = buf
-            return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.transport = None
-        dp = self.dp
-        if h2:
-            if len(dp.conns) >= dp.settings.limits.max_connections:
-                dp.stats.reject("too_many_connections")
-                t.close()
-                return
-            dp.stats.connection("downstream", 1)
-            h2_takeover(dp, t, None, buf)
-            return
-        proto = self.http1()
-        t.set_protocol(proto)
-        proto.connection_made(t)
-        if not t.is_closing():  # not refused (max_connections)
-            proto.data_received(buf)

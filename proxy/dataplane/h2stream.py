@@ -64,6 +64,9 @@ class H2Session(ClientSide):
     def __init__(self, dp: PlaneState) -> None:
         self.dp = dp
         self.now = dp.now
+        limits = dp.settings.limits
+        self.max_body = limits.max_body_bytes
+        self.retry_limit = limits.retry_buffer_bytes
         self.transport: asyncio.Transport | None = None
         self.h2: H2Connection | None = None
         self.streams: dict[int, H2Stream] = {}
@@ -137,8 +140,14 @@ class H2Session(ClientSide):
                 s.push()
 
     def stream_gone(self, stream: H2Stream) -> None:
-        """The stream is closed on both sides (or reset): forget it."""
+        """The stream is closed on both sides (or reset): forget it, and give back the connection window its
+        body still held."""
         self.streams.pop(stream.sid, None)
+        h = self.h2
+        if stream.unacked and h is not None and not self.closed:
+            h.acknowledge_received_data(stream.unacked, stream.sid)
+            stream.unacked = 0
+            self.want_flush()
         self.unstall(stream)
         self.rearm()
 
@@ -185,10 +194,10 @@ class H2Stream(ClientSide):
             return
         n = len(data)
         ex.body_bytes += n
-        if ex.body_bytes > self.session.dp.settings.limits.max_body_bytes:
+        if ex.body_bytes > self.session.max_body:
             self.refuse_body(413)
             return
-        limit = self.dp.settings.limits.retry_buffer_bytes
+        limit = self.session.retry_limit
         if ex.replay is not None:
             if ex.replay_size + n <= limit:
                 ex.replay.append(data)
@@ -249,7 +258,8 @@ class H2Stream(ClientSide):
 
     def ack(self, n: int) -> None:
         h = self.session.h2
-        if n and h is not None and not self.closed:
+        if n and h is not None and not self.session.closed:
+            # Also for a closed stream: the connection's window is handed back (h2 skips the stream's).
             h.acknowledge_received_data(n, self.sid)
             self.session.want_flush()
 
@@ -315,7 +325,7 @@ class H2Stream(ClientSide):
             conn.transport.write(b"".join(parts))
         if end:
             conn.expect_response(dp.now() + dp.t_upstream_response)
-        elif not self.up_full and self.unacked:
+        if not self.up_full and self.unacked:
             n, self.unacked = self.unacked, 0
             self.ack(n)
         if self.up_paused or self.session.write_paused:
@@ -339,7 +349,8 @@ class H2Stream(ClientSide):
         if status == 401 and route is not None and route.challenge:
             headers.append((b"www-authenticate", b"Bearer"))
         self.head = headers
-        self._data(body)
+        if not ex.head:
+            self._data(body)
         self.end = []
         self.push()
         self._finished(ex)

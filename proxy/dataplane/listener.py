@@ -19,7 +19,7 @@ from pathlib import Path
 
 from proxy.dataplane.certs import ListenerTls, load_listeners
 from proxy.dataplane.downstream import ClientConnection
-from proxy.dataplane.h2conn import H2cSniff
+from proxy.dataplane.h2accept import H2cSniff
 from proxy.dataplane.h2upstream import H2Pool
 from proxy.dataplane.plane import PlaneState
 from proxy.dataplane.pool import Backend, Endpoint
