@@ -22,13 +22,15 @@ from proxy.placement import check_zone
 from proxy.settings import Certificate, Limits, Listener, Timeouts, TlsConfig
 
 TOP_FIELDS = {"listeners", "admin", "workers", "limits", "timeouts", "trusted_proxies", "access_log", "zone",
-              "docker", "check_interval"}
+              "docker", "check_interval", "grpc_error_codes"}
 LISTENER_FIELDS = {"name", "address", "tls", "protocols"}
 TLS_FIELDS = {"certificates", "client_ca", "client_cert", "min_version"}
 CERT_FIELDS = {"cert", "key"}
 CLIENT_CERT_MODES = ("optional", "required")
 TLS_VERSIONS = ("1.2", "1.3")
-PROTOCOLS = ("http/1.1",)  # the HTTP/2 issue adds h2
+# h2 is offered by ALPN on TLS listeners; h2c (prior knowledge: the client opens with the HTTP/2 preface) is
+# taken on cleartext ones. HTTP/1.1 `Upgrade: h2c` is never honoured on either.
+PROTOCOLS = ("http/1.1", "h2", "h2c")
 # A zero retry buffer is meaningful (never buffer a body for a retry); every other limit must be >= 1.
 LIMIT_MINIMUM = {"retry_buffer_bytes": 0}
 
@@ -97,6 +99,13 @@ def parse_config(text: str, base_dir: str = ".") -> dict[str, Any]:
         engines = _engines(c, top["docker"])
         if engines is not None:
             out["docker_engines"] = engines
+    if "grpc_error_codes" in top:
+        codes = top["grpc_error_codes"]
+        if not isinstance(codes, list):
+            c.fail("grpc_error_codes", "expected a list of grpc-status numbers (0-16)")
+        else:
+            nums = [c.number(v, f"grpc_error_codes[{i}]", 1, 16, integer=True) for i, v in enumerate(codes)]
+            out["grpc_error_codes"] = tuple(int(n) for n in nums if n is not None)
     if "access_log" in top:
         log = top["access_log"]
         if log is None:
@@ -168,6 +177,10 @@ def _listeners(c: Checker, value: object, base_dir: str) -> tuple[Listener, ...]
             for j, p in enumerate(protocols):
                 if p not in PROTOCOLS:
                     c.fail(f"{path}.protocols[{j}]", f"expected one of: {', '.join(PROTOCOLS)}, got {p!r}")
+                elif p == "h2" and tls is None and "tls" not in m:
+                    c.fail(f"{path}.protocols[{j}]", "h2 needs tls (cleartext HTTP/2 is h2c)")
+                elif p == "h2c" and "tls" in m:
+                    c.fail(f"{path}.protocols[{j}]", "h2c is cleartext HTTP/2; a tls listener offers h2")
             if not protocols:
                 c.fail(f"{path}.protocols", "expected at least one protocol")
         if name is not None and name in names:

@@ -18,6 +18,9 @@ VERIFIED_KINDS = frozenset({"client_cert", "jwt", "api_key"})
 CertField = Literal["san_dns", "san_uri", "subject_cn", "fingerprint_sha256"]
 NetworkMode = Literal["bridge", "host"]
 CheckFailAction = Literal["flag", "shift"]
+# How the proxy speaks to a version's endpoints: HTTP/1.1, HTTP/2 in cleartext (prior knowledge), or HTTP/2
+# over TLS (ALPN h2, https:// endpoints).
+UpstreamProtocol = Literal["http1", "h2c", "h2"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +28,9 @@ class HealthCheck:
     path: str = "/"
     interval: float = 2.0
     timeout: float = 1.0
+    # None: an HTTP GET of `path`. A string: grpc.health.v1.Health/Check for that service ("" = the whole
+    # server), which a gRPC version answers instead of plain HTTP.
+    grpc: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +68,7 @@ class VersionSpec:
     # where its processes run (none: the proxy's); docker: the zones (engines) replicas are spread over.
     endpoint_zones: tuple[tuple[str, str], ...] = ()
     zones: tuple[str, ...] = ()
+    protocol: UpstreamProtocol = "http1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +258,8 @@ class Route:
     @property
     def matches(self) -> tuple[Match, ...]:
         return (self.match, *self.more_matches)
+    # gRPC responses are counted with their method (":path") as a label too; off by default (cardinality).
+    grpc_method_label: bool = False
 
     @property
     def split_map(self) -> dict[str, float]:

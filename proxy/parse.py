@@ -37,6 +37,7 @@ from proxy.parse_match import (
 )
 from proxy.placement import endpoint_item, endpoints_out, stored_zones, version_zones, zone_fields_out
 from proxy.select import BUCKETS, smallest_routing_weight, unrouted
+from proxy.upstream_proto import parse_grpc_health, parse_protocol, protocol_to_dict
 from proxy.upstream_tls import parse_tls, tls_to_dict
 
 DIGEST_RE = re.compile(r"@sha256:[0-9a-f]{64}\Z")
@@ -44,13 +45,13 @@ HOST_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,
 
 VERSION_FIELDS = {
     "endpoints", "command", "image", "allow_tag", "replicas", "port", "env", "network", "health",
-    "labels", "check", "tls", "on_check_fail", "zone", "zones",
+    "labels", "check", "tls", "on_check_fail", "zone", "zones", "protocol",
 }
 STORED_VERSION_FIELDS = VERSION_FIELDS | {"kind", "instances", "created", "instance_zones"}
 ROUTE_FIELDS = {
     "name", "match", "identity", "split", "sticky", "pins", "fallback", "mirror", "mirrors", "expose_version",
     "assignment_cookie", "assignment_cookie_max_age", "pins_require_verified", "require_identity",
-    "matches", "filters", "version_filters", "timeouts", "retry", "zone_affinity",
+    "matches", "filters", "version_filters", "timeouts", "retry", "zone_affinity", "grpc_method_label",
 }
 
 
@@ -120,14 +121,16 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
     health = HealthCheck()
     if "health" in d:
         hpath = join_path(path, "health")
-        h = c.mapping(d["health"], hpath, {"path", "interval", "timeout"})
+        h = c.mapping(d["health"], hpath, {"path", "interval", "timeout", "grpc"})
         if h is not None:
+            grpc, gerrors = parse_grpc_health(h.get("grpc", False), f"{hpath}.grpc")
+            c.errors.extend(gerrors)
             hp = c.string(h.get("path", "/"), f"{hpath}.path", re.compile(r"/[^\s]*"),
                           "a path starting with / (no spaces)")
             iv = c.number(h.get("interval", 2.0), f"{hpath}.interval", 0.05, 3600)
             to = c.number(h.get("timeout", 1.0), f"{hpath}.timeout", 0.01, 600)
             if hp and iv and to:
-                health = HealthCheck(hp, float(iv), float(to))
+                health = HealthCheck(hp, float(iv), float(to), grpc)
     labels = c.string_pairs(d.get("labels", {}), join_path(path, "labels")) or ()
     check = c.string_list(d["check"], join_path(path, "check"), single_ok=True) if "check" in d else ()
     on_fail = d.get("on_check_fail", "flag")
@@ -147,6 +150,10 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
         elif kind != "static":
             c.fail(join_path(path, "tls"), "applies to static https:// endpoints only")
     zones = version_zones(d, kind, path, c.errors)
+    protocol, perrors = parse_protocol(d.get("protocol", "http1"), join_path(path, "protocol"), kind, endpoints)
+    c.errors.extend(perrors)
+    if health.grpc is not None and protocol == "http1":
+        c.fail(join_path(path, "health") + ".grpc", "gRPC speaks HTTP/2: set the version's protocol to h2c or h2")
     created = now
     instances = endpoints
     instance_zones = tuple(endpoint_zones)
@@ -162,7 +169,7 @@ def parse_version(c: Checker, name: str, value: object, path: str, *, stored: bo
     spec = VersionSpec(
         kind=cast(Any, kind), endpoints=endpoints, command=command, image=image, allow_tag=allow_tag,
         replicas=replicas, port=None if port is None else int(port), env=env,
-        network=cast(Any, network), health=health, labels=labels, check=check or (), tls=tls,
+        network=cast(Any, network), health=health, labels=labels, check=check or (), tls=tls, protocol=protocol,
         on_check_fail=cast(Any, on_fail),
         endpoint_zones=tuple(endpoint_zones), zones=zones,
     )
@@ -189,6 +196,7 @@ def version_to_dict(v: Version) -> dict[str, Any]:
         d["network"] = s.network
     if s.health != HealthCheck():
         d["health"] = {"path": s.health.path, "interval": s.health.interval, "timeout": s.health.timeout}
+    protocol_to_dict(s.protocol, s.health.grpc, d)
     if s.labels:
         d["labels"] = dict(s.labels)
     if s.check:
@@ -352,6 +360,7 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
     verified = c.boolean(d.get("pins_require_verified", False), join_path(path, "pins_require_verified"))
     required = c.boolean(d.get("require_identity", False), join_path(path, "require_identity"))
     affinity = c.boolean(d.get("zone_affinity", True), join_path(path, "zone_affinity"))
+    method_label = c.boolean(d.get("grpc_method_label", False), join_path(path, "grpc_method_label"))
     if not any(s.verified for s in identity) and len(c.errors) == before:
         for flag, on in (("pins_require_verified", verified), ("require_identity", required)):
             if on:
@@ -366,6 +375,7 @@ def parse_route(c: Checker, value: object, path: str, versions: Mapping[str, Ver
         assignment_cookie_max_age=None if max_age is None else int(max_age),
         more_matches=more_matches, filters=filters, version_filters=version_filters, timeouts=timeouts,
         retry=retry,
+        grpc_method_label=bool(method_label),
     )
     check_route_actions(route, path, c.errors)
     return None if len(c.errors) > before else route
@@ -399,6 +409,8 @@ def route_to_dict(r: Route, with_name: bool = True, with_pins: bool = True) -> d
         d["require_identity"] = True
     if not r.zone_affinity:
         d["zone_affinity"] = False
+    if r.grpc_method_label:
+        d["grpc_method_label"] = True
     return d
 
 

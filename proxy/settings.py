@@ -29,6 +29,15 @@ class Limits:
     # Write-buffer water marks for flow control in both directions.
     high_water: int = 256 * 1024
     low_water: int = 64 * 1024
+    # HTTP/2 (h2 over TLS, h2c): streams open at once per connection, advertised in SETTINGS; a client that
+    # opens more is sent GOAWAY. 100 is what nginx and HAProxy advertise.
+    h2_max_concurrent_streams: int = 100
+    # Streams a client may cancel (RST_STREAM) per connection in one second before it is sent GOAWAY
+    # ENHANCE_YOUR_CALM: opening and cancelling streams in a loop is the rapid-reset attack (CVE-2023-44487).
+    h2_max_resets: int = 100
+    # SETTINGS, PING, PRIORITY and empty DATA frames a client may send per connection in one second before
+    # GOAWAY ENHANCE_YOUR_CALM: each costs work (and an answer) and carries no request.
+    h2_max_control_frames: int = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +101,10 @@ class Settings:
     zone: str | None = None
     # Docker engines, one per zone: (zone, engine URL like unix:///run/a.sock); empty: the default engine.
     docker_engines: tuple[tuple[str, str], ...] = ()
+    # grpc-status values a gRPC response counts as an error with (metrics, canary analysis): UNKNOWN,
+    # DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS. The others (NOT_FOUND,
+    # INVALID_ARGUMENT, ...) are the caller's business, like a 4xx.
+    grpc_error_codes: tuple[int, ...] = (2, 4, 12, 13, 14, 15)
 
 
 def listeners_of(settings: Settings) -> tuple[Listener, ...]:

@@ -96,7 +96,7 @@ def tls_to_dict(t: UpstreamTLS) -> dict[str, Any]:
     return d
 
 
-def build_context(t: UpstreamTLS) -> ssl.SSLContext:
+def build_context(t: UpstreamTLS, h2: bool = False) -> ssl.SSLContext:
     """The client context for `t`: TLS 1.2+, the CA file (or the system's store), host name checks, and the
     client certificate when given. Raises TLSFileError naming the field whose file is unusable."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
@@ -116,8 +116,9 @@ def build_context(t: UpstreamTLS) -> ssl.SSLContext:
         except (OSError, ssl.SSLError) as e:
             raise TLSFileError("client_key", f"cannot load {t.client_cert} with key {t.client_key} (both PEM, "
                                f"the key matching the certificate, unencrypted): {_reason(e)}") from e
-    # HTTP/1.1 is what the data plane speaks to upstreams.
-    ctx.set_alpn_protocols(["http/1.1"])
+    # What the data plane speaks to the version (its `protocol`): only that is offered, so an upstream that
+    # cannot speak it fails the handshake's ALPN check instead of answering in another protocol.
+    ctx.set_alpn_protocols(["h2"] if h2 else ["http/1.1"])
     return ctx
 
 

@@ -76,13 +76,14 @@ listeners:
     tls: {certificates: [{cert: a.pem, key: a-key.pem, chain: c.pem}], sni: strict}
 limits: {max_conections: 1}
 """) == [
-        "listener: unknown field (expected one of: access_log, admin, check_interval, docker, limits, listeners, "
-        "timeouts, trusted_proxies, workers, zone)",
+        "listener: unknown field (expected one of: access_log, admin, check_interval, docker, grpc_error_codes, "
+        "limits, listeners, timeouts, trusted_proxies, workers, zone)",
         "listeners[0].port: unknown field (expected one of: address, name, protocols, tls)",
         "listeners[1].tls.sni: unknown field (expected one of: certificates, client_ca, client_cert, min_version)",
         "listeners[1].tls.certificates[0].chain: unknown field (expected one of: cert, key)",
-        "limits.max_conections: unknown field (expected one of: high_water, low_water, max_body_bytes, "
-        "max_connections, max_header_bytes, max_headers, max_pipelined, max_request_line, retry_buffer_bytes)",
+        "limits.max_conections: unknown field (expected one of: h2_max_concurrent_streams, "
+        "h2_max_control_frames, h2_max_resets, high_water, low_water, max_body_bytes, max_connections, "
+        "max_header_bytes, max_headers, max_pipelined, max_request_line, retry_buffer_bytes)",
     ]
 
 
@@ -97,7 +98,7 @@ listeners:
       certificates: [{cert: a.pem}]
       client_cert: sometimes
       min_version: "1.1"
-    protocols: [h2]
+    protocols: [h2, h2c, spdy/3]
   - name: c
     address: 127.0.0.1:2
     tls: {certificates: []}
@@ -111,7 +112,8 @@ trusted_proxies: [not-an-ip]
         "listeners[1].tls.client_cert: expected optional or required, got 'sometimes'",
         "listeners[1].tls.client_cert: needs client_ca (the CA that verifies client certificates)",
         "listeners[1].tls.min_version: TLS 1.1 is refused (insecure); expected 1.2 or 1.3",
-        "listeners[1].protocols[0]: expected one of: http/1.1, got 'h2'",
+        "listeners[1].protocols[1]: h2c is cleartext HTTP/2; a tls listener offers h2",
+        "listeners[1].protocols[2]: expected one of: http/1.1, h2, h2c, got 'spdy/3'",
         "listeners[1].name: 'a' is also the name of listeners[0]",
         "listeners[2].tls.certificates: expected a non-empty list of {cert: FILE, key: FILE}",
         "listeners[2].address: listeners[1] listens there too",
@@ -143,3 +145,18 @@ def test_flags_override_the_file_field_by_field_and_listen_replaces_its_listener
                              None)
     assert (got.listeners, got.listen) == ((), ("127.0.0.1", 9009))
     assert got.limits == Limits(max_headers=10, max_pipelined=4)
+
+
+def test_h2_is_for_tls_listeners_and_h2c_for_cleartext_ones() -> None:
+    assert errors_of("""
+listeners:
+  - {name: a, address: 127.0.0.1:1, protocols: [http/1.1, h2]}
+""") == ["listeners[0].protocols[1]: h2 needs tls (cleartext HTTP/2 is h2c)"]
+    listeners = parse_config("""
+listeners:
+  - {name: a, address: 127.0.0.1:1, protocols: [http/1.1, h2c]}
+  - {name: b, address: 127.0.0.1:2, protocols: [h2, http/1.1], tls: {certificates: [{cert: c.pem, key: k.pem}]}}
+limits: {h2_max_concurrent_streams: 10, h2_max_resets: 5, h2_max_control_frames: 50}
+""", "/etc")
+    assert [x.protocols for x in listeners["listeners"]] == [("http/1.1", "h2c"), ("h2", "http/1.1")]
+    assert listeners["limits"] == {"h2_max_concurrent_streams": 10, "h2_max_resets": 5, "h2_max_control_frames": 50}

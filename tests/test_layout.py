@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1] / "proxy"
 MAX_LINES = 600
 CORE = frozenset(f"proxy.{m}" for m in ("model", "parse", "select", "table", "errors", "settings", "changes",
                                           "identities", "upstream_tls", "placement", "zones", "route_index", "checker",
-                                          "config", "revdiff", "actions", "parse_match"))
+                                          "config", "revdiff", "actions", "parse_match", "upstream_proto"))
 CORE_FORBIDDEN = ("asyncio", "aiohttp")
 SHARED_NAMES = frozenset({"__init__.py", "__main__.py"})
 

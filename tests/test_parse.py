@@ -75,7 +75,7 @@ def test_fallback_loops_and_duplicate_routes_refused() -> None:
 def test_unknown_fields_refused_everywhere() -> None:
     assert errors_of(with_route(weights={"v1": 1})) == [
         "routes[0].weights: unknown field (expected one of: assignment_cookie, assignment_cookie_max_age, "
-        "expose_version, fallback, filters, identity, match, matches, mirror, mirrors, name, pins, "
+        "expose_version, fallback, filters, grpc_method_label, identity, match, matches, mirror, mirrors, name, pins, "
         "pins_require_verified, require_identity, retry, split, sticky, timeouts, version_filters, zone_affinity)"]
     errs = errors_of({"versions": {"v1": {"endpoints": ["http://127.0.0.1:1"], "replica": 2}}, "routes": []})
     assert errs[0].startswith("versions.v1.replica: unknown field")

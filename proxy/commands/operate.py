@@ -322,7 +322,9 @@ def cmd_versions(args: argparse.Namespace, client: AdminClient) -> int:
             source = v["spec"].get("image") or " ".join(v["spec"].get("command", [])) or ""
             replicas = f"{h.get('healthy', 0)}/{h.get('total', len(v['instances']))}"
         instances = ", ".join(v["instances"]) or "-"
-        rows.append([v["name"], v["kind"], replicas, instances, _time(v["created"]) if v["created"] else "-",
+        proto = v["spec"].get("protocol")
+        kind = f"{v['kind']}/{proto}" if proto else v["kind"]
+        rows.append([v["name"], kind, replicas, instances, _time(v["created"]) if v["created"] else "-",
                      ", ".join(v["routes"]) or "-", _check_cell(v.get("check")), source])
     if not rows:
         print(f"no versions (revision {data['revision']})")

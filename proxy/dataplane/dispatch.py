@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, cast
 
 from proxy.dataplane.exchange import RESPONDING
+from proxy.dataplane.h2upstream import H2Pool
 from proxy.dataplane.headers import IDEMPOTENT, LazyHeaders
 from proxy.dataplane.identity import identity_lines
 from proxy.dataplane.rewrite import prepare, redirect, version_head
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 _NO_HEADERS: Final[dict[str, str]] = {}  # never written to
 _ERROR_KIND: Final[dict[str, UpstreamErrorKind]] = {
     "connect": "connect", "connect_timeout": "timeout", "timeout": "timeout", "reset": "reset",
-    "invalid_response": "invalid_response", "tls": "tls",
+    "invalid_response": "invalid_response", "tls": "tls", "deadline": "timeout",
 }
 
 
@@ -197,6 +198,9 @@ def connect(dp: PlaneState, ex: Exchange, fresh: bool = False) -> None:
 
 
 def open_connection(dp: PlaneState, ep: Endpoint, ex: Exchange) -> None:
+    if ep.mux is not None:  # HTTP/2: a stream on a shared connection (proxy.dataplane.h2upstream)
+        cast(H2Pool, ep.mux).request(ex)
+        return
     task = dp.loop.create_task(_open(dp, ep, ex))
     dp.tasks.add(task)
     task.add_done_callback(dp.tasks.discard)
@@ -250,6 +254,7 @@ def upstream_failed(dp: PlaneState, ex: Exchange, conn: UpstreamSide | None, kin
     if ex.done() or ex.client.closed:
         return
     ex.up = None
+    ex.error_kind = kind
     ep = ex.endpoint
     route = ex.route
     assert route is not None and ep is not None
@@ -298,7 +303,8 @@ def upstream_failed(dp: PlaneState, ex: Exchange, conn: UpstreamSide | None, kin
             ex.sent_body = False
             connect(dp, ex)
             return
-    status = 504 if kind == "timeout" or kind == "connect_timeout" else 502
+    # "deadline": the client's own grpc-timeout passed, which says nothing about the endpoint's health.
+    status = 504 if kind == "timeout" or kind == "connect_timeout" or kind == "deadline" else 502
     now = dp.now()
     dp.stats.request(route.name, ex.version, status, now - ex.t0, ex.body_bytes, 0)
     if dp.access_log is not None:

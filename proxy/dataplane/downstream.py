@@ -25,6 +25,7 @@ from proxy.dataplane.headers import (
     CONTENT_LENGTH,
     EXPECT,
     FORWARDED,
+    HOP,
     HOST,
     IDEMPOTENT,
     LOCAL_RESPONSES,
@@ -200,6 +201,9 @@ class ClientConnection(ClientFlow):
             if value.lower() != b"100-continue":
                 raise Refuse(417, "bad_request")
             ex.expect = True
+        elif kind == HOP and n == b"te":
+            if b"trailers" in value.lower():
+                ex.te_trailers = True  # dropped as hop-by-hop; an HTTP/2 upstream is told (h2upstream)
         elif kind == FORWARDED and self.trusted:
             fwd = ex.fwd
             if fwd is None:

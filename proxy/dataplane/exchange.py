@@ -109,6 +109,15 @@ class Exchange:
     t_response: float = 0.0  # the route's backend_request timeout; 0: the proxy's upstream_response
     retries_left: int = 0  # retries on the route's retry codes
     route_head: bytes = b""  # head_common before per-version header edits
+    # The client can take trailers: an HTTP/1.1 `TE: trailers`, or any HTTP/2 client (trailers are native).
+    te_trailers: bool = False
+    # A gRPC call (content-type application/grpc*): the proxy's own answers to it are gRPC responses.
+    grpc: bool = False
+    # Why the last upstream attempt failed (dispatch.upstream_failed's kind), "" when none did.
+    error_kind: str = ""
+    # The client takes the response through ClientSide.response_start/data/end (an HTTP/2 stream), not as
+    # HTTP/1.1 bytes: the one test the HTTP/1 upstream makes per response.
+    structured: bool = False
 
     def __init__(self, client: ClientSide, plan: object) -> None:
         self.client = client
@@ -161,6 +170,23 @@ class ClientSide(asyncio.Protocol):
     # The client certificate the TLS handshake verified; set by whoever makes TLS connections, None on
     # cleartext ones (and on TLS ones without a certificate).
     peer_cert: PeerCert | None = None
+    # A client connection (what PlaneState.conns holds): the listener's sweeper calls on_deadline once
+    # `deadline` (loop time, 0 for none) passed, and the graceful stop close_if_idle, then abort.
+    deadline: float = 0.0
+    # An idle HTTP/1 connection gives its parser back (ClientFlow.shed); connections that hold none say so.
+    parser_shed: bool = True
+
+    def on_deadline(self) -> None:
+        raise NotImplementedError
+
+    def shed(self, now: float) -> None:
+        """Give back what an idle connection can make again on its next read (the sweeper calls this)."""
+
+    def close_if_idle(self) -> bool:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
 
     def write(self, data: bytes) -> None:
         raise NotImplementedError

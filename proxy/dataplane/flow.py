@@ -20,9 +20,12 @@ from typing import TYPE_CHECKING, Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
+from proxy.dataplane import grpcwire, h1response
 from proxy.dataplane.dispatch import log, start
 from proxy.dataplane.exchange import DISPATCHED, PARSED, RESPONDING, ClientSide, Exchange, Refuse
-from proxy.dataplane.headers import BEARER_401, CONTINUE, local_response, status_line
+from proxy.dataplane.h2accept import h2_takeover
+from proxy.dataplane.headers import BEARER_401, CONTINUE, forwarded_head, local_response, status_line
+from proxy.dataplane.rewrite import response_pairs
 from proxy.identities import PeerCert
 
 if TYPE_CHECKING:
@@ -135,6 +138,7 @@ class ClientFlow(ClientSide):
         self.tail_host: bytes | None = None
         self.tail_route: str | None = None
         self.tunnel_up: UpstreamSide | None = None
+        self.rmode = 0  # body mode of the structured response going out (proxy.dataplane.h1response)
 
     # -- idle connections
 
@@ -164,6 +168,13 @@ class ClientFlow(ClientSide):
             self.peer_cert = PeerCert(session.peer_cert, session.peer_der or b"")
         self.proto = b"https"
         self.fwd_lines = b"X-Forwarded-For: " + self.peer.encode() + b"\r\nX-Forwarded-Proto: https\r\n"
+        if "h2" in self.tls_listener.listener.protocols:
+            sslobj = transport.get_extra_info("ssl_object")
+            if sslobj is not None and sslobj.selected_alpn_protocol() == "h2":
+                # HTTP/2 from here: the connection (counted already) is the H2ClientConnection's.
+                self.dp.conns.discard(self)
+                self.closed = self.stopped = True
+                h2_takeover(self.dp, transport, session)
 
     # -- backpressure
 
@@ -307,12 +318,14 @@ class ClientFlow(ClientSide):
         ex.head_deferred = False
         ex.chunk_ok = True
         up = ex.up
-        if up is None or up.transport is None:
+        if up is None or (up.transport is None and not up.structured):
             return
         body = ex.pending or []
         ex.pending = None
         ex.pending_size = 0
         ex.sent_body = True
+        if up.transport is None:  # structured
+            return self._start_structured(ex, up, body)
         up.transport.write(b"".join((ex.head_common, self.dp.version_header(ex.version), ex.head_tail, *body)))
 
     def _body_frame(self, ex: Exchange, frame: bytes, n: int) -> None:
@@ -330,7 +343,10 @@ class ClientFlow(ClientSide):
                 ex.mirror_body = None
                 self.dp.mirror.count_dropped(ex)
         up = ex.up
-        if up is not None and up.transport is not None and not ex.head_deferred:
+        if up is not None and up.structured and not ex.head_deferred:
+            ex.sent_body = True
+            up.request_data(h1response.unframe(frame, ex.chunked), False)
+        elif up is not None and up.transport is not None and not ex.head_deferred:
             ex.sent_body = True
             up.transport.write(frame)
         elif not ex.done():
@@ -380,7 +396,9 @@ class ClientFlow(ClientSide):
         ex.respond(status)
         ex.answered()
         route = ex.route
-        self.write(BEARER_401[close] if status == 401 and route is not None and route.challenge
+        dp = self.dp
+        self.write(grpcwire.h1_answer(dp.stats, dp.grpc_error_codes, ex, status, close) if ex.grpc
+                   else BEARER_401[close] if status == 401 and route is not None and route.challenge
                    else local_response(status, close))
         if close:
             self._close()
@@ -488,7 +506,6 @@ class ClientFlow(ClientSide):
 
     def send_head(self, ex: Exchange, conn: UpstreamSide) -> None:
         dp = self.dp
-        assert conn.transport is not None
         if (ex.chunked and not ex.request_complete and (not ex.chunk_ok or self.feeding)
                 and ex.pending_size <= self.high_water):
             # Hold the head (and the body so far) until the first chunk parsed cleanly, in a read that parsed
@@ -505,8 +522,11 @@ class ClientFlow(ClientSide):
             ex.pending_size = 0
             if body:
                 ex.sent_body = True
-            head = (ex.head_common, dp.version_header(ex.version), ex.head_tail)
-            conn.transport.write(b"".join((*head, *body) if body else head))
+            if conn.transport is None:  # structured (an HTTP/2 stream)
+                self._start_structured(ex, conn, body)
+            else:
+                head = (ex.head_common, dp.version_header(ex.version), ex.head_tail)
+                conn.transport.write(b"".join((*head, *body) if body else head))
         if self.paused & P_PENDING:
             self.resume(P_PENDING)
         if ex.request_complete:
@@ -516,6 +536,22 @@ class ClientFlow(ClientSide):
         if self.backlog and not self.feeding:
             self._feed(b"")
 
+    def _start_structured(self, ex: Exchange, up: UpstreamSide, body: list[bytes]) -> None:
+        up.start_request(ex.request_complete and not body)
+        for frame in body:
+            up.request_data(h1response.unframe(frame, ex.chunked), False)
+
+    # -- the structured response (an HTTP/2 upstream's), formatted as HTTP/1.1 (proxy.dataplane.h1response)
+
+    def response_start(self, ex: Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        head, self.rmode = h1response.head(self.dp, ex, status, response_pairs(ex, headers))
+        self.write(head)
+
+    def response_data(self, ex: Exchange, data: bytes) -> None:
+        self.write(h1response.data(self.rmode, data))
+
+    def response_end(self, ex: Exchange, trailers: list[tuple[bytes, bytes]]) -> None:
+        self.write(h1response.end(self.rmode, ex, trailers))
 
     # -- input errors, the queue, closing
 
@@ -577,19 +613,7 @@ class ClientFlow(ClientSide):
                 self.tail_route = route
             return b"".join([ex.method_b, b" ", ex.target, b" HTTP/1.1\r\n", *ex.lines, tail])
         # Only ever set for trusted peers: their chain is extended, not replaced.
-        parts = [ex.method_b, b" ", ex.target, b" HTTP/1.1\r\n", *ex.lines]
-        ext = parts.extend
-        prior = fwd.get(b"x-forwarded-for")
-        peer = self.peer.encode()
-        ext((b"X-Forwarded-For: ", prior + b", " + peer if prior else peer, _CRLF,
-             b"X-Forwarded-Proto: ", fwd.get(b"x-forwarded-proto") or self.proto, _CRLF))
-        host = fwd.get(b"x-forwarded-host") or ex.host_raw
-        if host is not None:
-            ext((b"X-Forwarded-Host: ", host, _CRLF))
-        if b"forwarded" in fwd:
-            ext((b"Forwarded: ", fwd[b"forwarded"], _CRLF))
-        parts.append(self.dp.route_header(route))
-        return b"".join(parts)
+        return forwarded_head(ex, self.peer, self.proto, self.dp.route_header(route))
 
     def close_if_idle(self) -> bool:
         if not self.queue and self.phase == IDLE and self.tunnel_up is None:

@@ -71,6 +71,8 @@ RESPONSE_DROP: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
 })
 
+_CRLF: Final = b"\r\n"
+
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 STATUS_LINES: Final[dict[int, bytes]] = {
@@ -164,6 +166,25 @@ class LazyHeaders(Mapping[str, str]):
 
     def __len__(self) -> int:
         return len(self._dict())
+
+
+def forwarded_head(ex: Exchange, peer: str, proto: bytes, route_line: bytes) -> bytes:
+    """The request head of a trusted peer's request: its X-Forwarded-* chain is extended, not replaced."""
+    fwd = ex.fwd
+    assert fwd is not None
+    parts = [ex.method_b, b" ", ex.target, b" HTTP/1.1\r\n", *ex.lines]
+    ext = parts.extend
+    prior = fwd.get(b"x-forwarded-for")
+    p = peer.encode()
+    ext((b"X-Forwarded-For: ", prior + b", " + p if prior else p, _CRLF,
+         b"X-Forwarded-Proto: ", fwd.get(b"x-forwarded-proto") or proto, _CRLF))
+    host = fwd.get(b"x-forwarded-host") or ex.host_raw
+    if host is not None:
+        ext((b"X-Forwarded-Host: ", host, _CRLF))
+    if b"forwarded" in fwd:
+        ext((b"Forwarded: ", fwd[b"forwarded"], _CRLF))
+    parts.append(route_line)
+    return b"".join(parts)
 
 
 def valid_host(host: bytes) -> bool:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
+from proxy.dataplane import h2check
 from proxy.model import HealthCheck
 
 if TYPE_CHECKING:
@@ -70,8 +71,14 @@ class Health:
         while True:
             # An https endpoint is checked with the context its requests use: a certificate the data plane
             # would refuse fails the check. Without a context (unloadable files) it is never healthy.
-            ok = await self._check(url, check.timeout, ep.ssl, ep.server_hostname) \
-                if not ep.https or ep.ssl is not None else False
+            if ep.https and ep.ssl is None:
+                ok = False
+            elif ep.mux is not None or check.grpc is not None:
+                # An HTTP/2 version is checked over HTTP/2 (a gRPC one with grpc.health.v1.Health/Check).
+                ok = await h2check.check(ep.host, ep.port, ep.ssl, ep.server_hostname, check.path, check.grpc,
+                                         check.timeout)
+            else:
+                ok = await self._check(url, check.timeout, ep.ssl, ep.server_hostname)
             ep.checked(ok)
             await asyncio.sleep(check.interval)
 

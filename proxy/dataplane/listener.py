@@ -16,16 +16,16 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import cast
 
 from proxy.dataplane.certs import ListenerTls, load_listeners
 from proxy.dataplane.downstream import ClientConnection
+from proxy.dataplane.h2accept import H2cSniff
+from proxy.dataplane.h2upstream import H2Pool
 from proxy.dataplane.plane import PlaneState
 from proxy.dataplane.pool import Backend, Endpoint
 from proxy.dataplane.tls import reload_all, tls_factory, watch_certificates
 from proxy.dataplane.tls_contexts import UpstreamContexts
-from proxy.dataplane.upstream import UpstreamConnection
-from proxy.settings import Settings, listeners_of
+from proxy.settings import Listener, Settings, listeners_of
 from proxy.table import RouteTable, TableHolder
 from proxy.telemetry.accesslog import AccessLog
 from proxy.telemetry.stats import Stats
@@ -39,8 +39,11 @@ def _log(msg: str) -> None:
     print(f"turnout: {msg}", file=sys.stderr, flush=True)
 
 
-def _factory(dp: DataPlane, tls: ListenerTls | None) -> Callable[[], asyncio.BaseProtocol]:
+def _factory(dp: DataPlane, tls: ListenerTls | None, listener: Listener) -> Callable[[], asyncio.BaseProtocol]:
     if tls is None:
+        if "h2c" in listener.protocols:
+            # Only listeners that take h2c look at the first bytes; the others go straight to HTTP/1.
+            return lambda: H2cSniff(dp, lambda: ClientConnection(dp))
         return lambda: ClientConnection(dp)
     return tls_factory(dp, tls)
 
@@ -92,6 +95,8 @@ class DataPlane(PlaneState):
                     ep = None
                 if ep is None:
                     ep = Endpoint(name, url, ctx, server_name)
+                    if version.spec.protocol != "http1":
+                        ep.mux = H2Pool(self, ep)
                 ep.zone = zones.get(url, "")
                 new[(name, url)] = ep
                 eps.append(ep)
@@ -122,12 +127,12 @@ class DataPlane(PlaneState):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.clients_gone.wait(), min(STOP_IDLE, grace))
             for c in list(self.conns):
-                cast(ClientConnection, c).close_if_idle()
+                c.close_if_idle()
         if self.conns:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.clients_gone.wait(), max(0.0, grace - (time.monotonic() - started)))
         for c in list(self.conns):
-            cast(ClientConnection, c).abort()
+            c.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -153,17 +158,15 @@ class DataPlane(PlaneState):
             await asyncio.sleep(self.tick)
             now = self.now()
             for c in list(self.conns):
-                cc = cast(ClientConnection, c)
-                d = cc.deadline
+                d = c.deadline
                 if d and d <= now:
-                    cc.on_deadline()
-                elif not cc.parser_shed:
-                    cc.shed(now)
+                    c.on_deadline()
+                elif not c.parser_shed:
+                    c.shed(now)
             for u in list(self.uconns):
-                uc = cast(UpstreamConnection, u)
-                d = uc.deadline
+                d = u.deadline
                 if d and d <= now:
-                    uc.on_deadline()
+                    u.on_deadline()
 
     def reload_certificates(self) -> None:
         """SIGHUP: look at every TLS listener's files now (they are also checked every few seconds)."""
@@ -175,7 +178,7 @@ class DataPlane(PlaneState):
         tls = load_listeners(self.settings)  # ValidationError with field paths when a pair does not load
         try:
             for i, listener in enumerate(listeners_of(self.settings)):
-                factory = _factory(self, tls[i])
+                factory = _factory(self, tls[i], listener)
                 server: asyncio.AbstractServer
                 if socks:
                     server = await self.loop.create_server(factory, sock=socks[i], backlog=1024)

@@ -18,7 +18,7 @@ from proxy.dataplane.mirror import Mirrorer
 from proxy.dataplane.plan import Plan
 
 if TYPE_CHECKING:
-    from proxy.dataplane.exchange import ClientSide
+    from proxy.dataplane.exchange import ClientSide, Exchange
     from proxy.dataplane.pool import Backend, Endpoint, UpstreamSide
     from proxy.settings import Settings
     from proxy.table import RouteTable, TableHolder
@@ -44,6 +44,7 @@ class PlaneState:
         self.t_pool_idle = t.upstream_pool_idle
         self.t_connect = t.upstream_connect
         self.pool_size = settings.pool_size
+        self.grpc_error_codes = frozenset(settings.grpc_error_codes)
         self.trusted = TrustedPeers(settings.trusted_proxies)
         self.conns: set[ClientSide] = set()
         # TLS connections accepted whose handshake has not ended: they hold a socket and memory too, so they
@@ -93,6 +94,20 @@ class PlaneState:
             line = self._cookie_lines[key] = (f"Set-Cookie: {cookie}={version}; Path=/{life}; HttpOnly; SameSite=Lax"
                                               .encode() + _CRLF)
         return line
+
+    def response_lines(self, ex: Exchange, parts: list[bytes]) -> None:
+        """Append the proxy's own response header lines for ex (version header, assignment cookie): the one
+        rule every response formatter (an HTTP/1 upstream's bytes, a structured response) follows."""
+        route = ex.route
+        if route is None:
+            return
+        if route.expose_version:
+            parts.append(self.version_header(ex.version))
+        cookie = route.assignment_cookie
+        # A version standing in for an unhealthy one does not become the session's assignment.
+        if (cookie is not None and route.route.sticky and ex.cookie_version != ex.version and not ex.fell_back
+                and (ex.id_source != "" or not route.pins_verified)):
+            parts.append(self.cookie_header(cookie, ex.version, route.route.assignment_cookie_max_age))
 
     def route_header(self, route: str) -> bytes:
         line = self._route_lines.get(route)

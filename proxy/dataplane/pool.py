@@ -27,6 +27,8 @@ class UpstreamSide(asyncio.Protocol):
     # An HTTP/2 upstream stream: the client side hands it the request through start_request/request_data
     # instead of writing HTTP/1.x bytes to `transport`.
     structured: bool = False
+    # When the listener's sweeper calls on_deadline (0.0: none).
+    deadline: float = 0.0
 
     def start_request(self, end: bool) -> None:
         """Send the head of the exchange this stream was begun with (method, target, host and the
@@ -56,11 +58,22 @@ class UpstreamSide(asyncio.Protocol):
     def resume_reading(self) -> None:
         raise NotImplementedError
 
+    def on_deadline(self) -> None:
+        raise NotImplementedError
+
+
+class Multiplexer:
+    """An endpoint's shared HTTP/2 connections (proxy.dataplane.h2upstream): set on the endpoints of h2 and
+    h2c versions, whose `idle` list stays empty (dispatch asks the multiplexer for a stream instead)."""
+
+    def close_idle(self) -> None:
+        raise NotImplementedError
+
 
 class Endpoint:
     __slots__ = (
-        "active_ok", "address", "ejected", "ejections", "failures", "host", "https", "idle", "owner", "port",
-        "readmit_handle", "removed", "server_hostname", "ssl", "url", "version", "zone",
+        "active_ok", "address", "ejected", "ejections", "failures", "host", "https", "idle", "mux", "owner",
+        "port", "readmit_handle", "removed", "server_hostname", "ssl", "url", "version", "zone",
     )
 
     def __init__(self, version: str, url: str, ssl_context: ssl.SSLContext | None = None,
@@ -86,6 +99,7 @@ class Endpoint:
         self.removed = False  # no longer in the table: its connections are not pooled again
         self.zone = ""  # "" unknown (a plain URL); set from the version's zones on each table change
         self.owner: Backend | None = None  # the zone-aware backend to tell when this one's health changes
+        self.mux: Multiplexer | None = None
 
     @property
     def healthy(self) -> bool:
@@ -162,6 +176,8 @@ class Endpoint:
         idle, self.idle = self.idle, []
         for conn in idle:
             conn.close()
+        if self.mux is not None:
+            self.mux.close_idle()
 
 
 class Backend:

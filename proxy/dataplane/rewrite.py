@@ -91,6 +91,19 @@ def response_lines(actions: RouteActions, version: str, lines: list[bytes]) -> l
     return lines
 
 
+def response_pairs(ex: Exchange, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """A structured response head (lower-case name/value pairs: an HTTP/2 side) with the route's and the
+    version's response edits made, by the same rule as response_lines."""
+    actions = ex.actions
+    if actions is None or (actions.response is None and not actions.versions):
+        return headers
+    out: list[tuple[bytes, bytes]] = []
+    for ln in response_lines(actions, ex.version, [b"%s: %s\r\n" % (n, v) for n, v in headers]):
+        name, _, value = ln[:-2].partition(b":")
+        out.append((name.lower(), value.strip()))
+    return out
+
+
 def request_expired(dp: PlaneState, ex: Exchange) -> None:
     """The route's request timeout: 504 when no response started, else the response is cut off."""
     ex.timer = None

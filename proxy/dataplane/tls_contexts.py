@@ -20,10 +20,10 @@ log = logging.getLogger("turnout.dataplane")
 
 DEFAULTS = UpstreamTLS()  # an https:// version without a tls block: the system's trust store, verified
 
-_Key = tuple[UpstreamTLS, tuple[tuple[int, int], ...]]
+_Key = tuple[UpstreamTLS, tuple[tuple[int, int], ...], bool]
 
 
-def _key(t: UpstreamTLS) -> _Key:
+def _key(t: UpstreamTLS, h2: bool = False) -> _Key:
     stamps = []
     for f in (t.ca, t.client_cert, t.client_key):
         if f is not None:
@@ -32,7 +32,7 @@ def _key(t: UpstreamTLS) -> _Key:
                 stamps.append((st.st_mtime_ns, st.st_size))
             except OSError:
                 stamps.append((-1, -1))
-    return t, tuple(stamps)
+    return t, tuple(stamps), h2
 
 
 class UpstreamContexts:
@@ -52,21 +52,21 @@ class UpstreamContexts:
         for v in versions:
             if not any(e.startswith("https:") for e in v.endpoints):
                 continue
-            key = _key(v.spec.tls or DEFAULTS)
+            key = _key(v.spec.tls or DEFAULTS, v.spec.protocol == "h2")
             if key in new:
                 ctx = new[key]
             elif key in old:
                 ctx = new[key] = old[key]
             else:
-                ctx = new[key] = self._build(v.name, key[0])
+                ctx = new[key] = self._build(v.name, key[0], key[2])
             out[v.name] = ctx
         self._built = new
         return out
 
     @staticmethod
-    def _build(version: str, t: UpstreamTLS) -> ssl.SSLContext | None:
+    def _build(version: str, t: UpstreamTLS, h2: bool) -> ssl.SSLContext | None:
         try:
-            return build_context(t)
+            return build_context(t, h2)
         except TLSFileError as e:
             log.error("version %s: tls.%s: %s; its https endpoints get no connections", version, e.field, e.message)
             return None

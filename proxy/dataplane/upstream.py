@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 NONE: Final = 0  # no body (HEAD, 1xx, 204, 304)
 RAW: Final = 1  # same bytes as the parser delivered (Content-Length, or close-delimited to a 1.0 client)
 CHUNKED: Final = 2  # re-chunked for a 1.1 client
+STRUCTURED: Final = 3  # through the client's response_data (an HTTP/2 stream: ex.structured)
 
 _SPECIAL: Final = RESPONSE_DROP | {b"content-length"}
 # Response header names as received -> lower-case name when special, else None. Upstreams repeat the same
@@ -97,6 +98,8 @@ class UpstreamConnection(UpstreamSide):
             # A close-delimited body ends at EOF: that is completion, not failure.
             if self.mode == CHUNKED:
                 self.out.append(_LAST_CHUNK)
+            elif ex.structured:
+                ex.client.response_end(ex, [])
             self._complete(ex, False)
             return
         self._fail("reset")
@@ -214,6 +217,9 @@ class UpstreamConnection(UpstreamSide):
                 return
         elif ep.failures or ep.ejections:
             self.dp.health.success(ep)
+        if ex.structured:
+            self._structured_head(ex, status)
+            return
         parts = [STATUS_LINES.get(status) or status_line(status), *lines]
         cl: bytes | None = None
         tokens: set[bytes] | None = None
@@ -265,15 +271,8 @@ class UpstreamConnection(UpstreamSide):
                 parts.append(b"Connection: close\r\n")
             elif not ex.http11:
                 parts.append(b"Connection: keep-alive\r\n")
-        route = ex.route
-        if route is not None:
-            if route.expose_version:
-                parts.append(self.dp.version_header(ex.version))
-            cookie = route.assignment_cookie
-            # A version standing in for an unhealthy one does not become the session's assignment.
-            if (cookie is not None and route.route.sticky and ex.cookie_version != ex.version and not ex.fell_back
-                    and (ex.id_source != "" or not route.pins_verified)):
-                parts.append(self.dp.cookie_header(cookie, ex.version, route.route.assignment_cookie_max_age))
+        if ex.route is not None:
+            self.dp.response_lines(ex, parts)
         parts.append(_CRLF)
         self.mode = mode
         ex.respond(status)
@@ -297,10 +296,13 @@ class UpstreamConnection(UpstreamSide):
             self.close()
             return
         ex.bytes_out += len(data)
-        if self.mode == CHUNKED:
+        mode = self.mode
+        if mode == RAW:
+            self.out.append(data)
+        elif mode == CHUNKED:
             self.out.append(b"%x\r\n%b\r\n" % (len(data), data))
         else:
-            self.out.append(data)
+            ex.client.response_data(ex, data)
 
     def on_message_complete(self) -> None:
         self.in_head = True
@@ -316,6 +318,8 @@ class UpstreamConnection(UpstreamSide):
         out = self.out
         if self.mode == CHUNKED:
             out.append(_LAST_CHUNK)
+        elif ex.structured:
+            ex.client.response_end(ex, [])
         keep = self.parser.should_keep_alive() and not self.until_eof
         if self.paused_reading or self.closed or not keep or not ex.request_complete:
             self._complete(ex, keep)
@@ -329,6 +333,41 @@ class UpstreamConnection(UpstreamSide):
         self.held = ex
 
     # -- helpers
+
+    def _structured_head(self, ex: Exchange, status: int) -> None:
+        """The response head for a client that takes it structured (lower-case names, no hop-by-hop
+        headers, no framing of ours: the client frames it)."""
+        cl: bytes | None = None
+        tokens: set[bytes] | None = None
+        chunked = False
+        for n, v in self.special:
+            if n == b"content-length":
+                cl = v
+            elif n == b"connection":
+                tokens = connection_tokens(v) if tokens is None else tokens | connection_tokens(v)
+            elif n == b"transfer-encoding":
+                chunked = True
+        headers: list[tuple[bytes, bytes]] = []
+        for ln in self.lines:
+            name, _, value = ln[:-2].partition(b": ")
+            name = name.lower()
+            if tokens is None or name not in tokens:
+                headers.append((name, value))
+        bodyless = ex.head or status == 204 or status == 304
+        if cl is not None and status != 204 and not chunked:
+            headers.append((b"content-length", cl))
+        self.mode = NONE if bodyless else STRUCTURED
+        self.until_eof = not bodyless and cl is None and not chunked
+        ex.respond(status)
+        ex.client.response_start(ex, status, headers)
+        if ex.head and status != 204 and status != 304:
+            # As for an HTTP/1 client (on_headers_complete): a HEAD's head is its whole response.
+            keep = (self.parser.get_http_version() == "1.1" and not (tokens and b"close" in tokens)
+                    and not self.until_eof and not chunked and cl is not None and not cl.strip().lstrip(b"0"))
+            self.until_eof = False
+            self.parser = HttpResponseParser(self)
+            ex.client.response_end(ex, [])
+            self._complete(ex, keep)
 
     def _complete(self, ex: Exchange, keep: bool) -> None:
         if self.out:

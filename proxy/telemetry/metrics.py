@@ -60,11 +60,12 @@ class VersionStats:
     bytes_in: int = 0
     bytes_out: int = 0
     codes: Mapping[int, int] = field(default_factory=dict)
+    grpc_errors: int = 0  # gRPC responses (HTTP 200) whose grpc-status is one of settings.grpc_error_codes
 
     @property
     def error_ratio(self) -> float:
-        """5xx responses / requests; 0.0 without requests."""
-        return self.errors_5xx / self.requests if self.requests else 0.0
+        """5xx responses and gRPC errors / requests; 0.0 without requests."""
+        return (self.errors_5xx + self.grpc_errors) / self.requests if self.requests else 0.0
 
     def quantile(self, q: float) -> float:
         return quantile(self.latency, q)
@@ -81,6 +82,7 @@ class VersionStats:
             bytes_in=max(0, self.bytes_in - older.bytes_in),
             bytes_out=max(0, self.bytes_out - older.bytes_out),
             codes={c: n for c, n in codes.items() if n},
+            grpc_errors=max(0, self.grpc_errors - older.grpc_errors),
         )
 
 
@@ -117,6 +119,7 @@ class StatsSnapshot:
     canary_weights: Mapping[str, Sequence[Any]] = field(default_factory=dict)  # route -> [version, percent]
     check_failed: Mapping[str, int] = field(default_factory=dict)  # version -> 0/1 (gauge)
     zone_requests: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (version, endpoint zone)
+    grpc: Mapping[tuple[str, str, str, str], int] = field(default_factory=dict)  # (route, version, status, method)
 
     def get(self, route: str, version: str) -> VersionStats:
         return self.cells.get((route, version), EMPTY_VERSION_STATS)
@@ -149,6 +152,7 @@ class StatsSnapshot:
             canary_aborts=_minus(self.canary_aborts, older.canary_aborts),
             canary_weights=self.canary_weights, check_failed=self.check_failed,
             zone_requests=_minus(self.zone_requests, older.zone_requests),
+            grpc=_minus(self.grpc, older.grpc),
         )
 
 
@@ -178,18 +182,18 @@ def quantile(hist_counts: Iterable[int], q: float) -> float:
 
 
 KEYED_COUNTERS = ("canary_results", "identity_rejected", "tls_handshake_errors", "answers", "canary_outcomes",
-                  "zone_requests")
+                  "zone_requests", "grpc")
 
 
 class _Sum:
     """Accumulates Stats.snapshot() wire dicts."""
 
     def __init__(self) -> None:
-        self.cells: dict[tuple[str, str], list[Any]] = {}  # [codes, dsum, bin, bout, hist, uerr]
+        self.cells: dict[tuple[str, str], list[Any]] = {}  # [codes, dsum, bin, bout, hist, uerr, grpc_errors]
         self.counters: dict[str, dict[Any, int]] = {
             "upstream_errors": {}, "fallbacks": {}, "retries": {}, "rejected": {}, "mirrors": {},
             "canary_results": {}, "identity_rejected": {}, "tls_handshake_errors": {},
-            "canary_outcomes": {}, "canary_aborts": {}, "answers": {}, "zone_requests": {},
+            "canary_outcomes": {}, "canary_aborts": {}, "answers": {}, "zone_requests": {}, "grpc": {},
         }
         self.scalars = {"applied": 0, "apply_errors": 0, "access_log_dropped": 0}
         self.connections: dict[str, int] = {"downstream": 0, "upstream": 0}
@@ -200,7 +204,7 @@ class _Sum:
         for r, v, codes, dsum, bin_, bout, hist, uerr in wire.get("cells", ()):
             cell = self.cells.get((r, v))
             if cell is None:
-                cell = self.cells[(r, v)] = [{}, 0.0, 0, 0, [0] * HIST_SLOTS, 0]
+                cell = self.cells[(r, v)] = [{}, 0.0, 0, 0, [0] * HIST_SLOTS, 0, 0]
             for code, n in codes.items():
                 cell[0][int(code)] = cell[0].get(int(code), 0) + n
             cell[1] += dsum
@@ -210,6 +214,11 @@ class _Sum:
             for i, n in enumerate(hist[:HIST_SLOTS]):
                 h[i] += n
             cell[5] += uerr
+        for r, v, n in wire.get("grpc_errors", ()):
+            cell = self.cells.get((r, v))
+            if cell is None:
+                cell = self.cells[(r, v)] = [{}, 0.0, 0, 0, [0] * HIST_SLOTS, 0, 0]
+            cell[6] += n
         c = self.counters
         _add(c["upstream_errors"], ((tuple(x[:-1]), x[-1]) for x in wire.get("upstream_errors", ())))
         _add(c["fallbacks"], ((tuple(x[:-1]), x[-1]) for x in wire.get("fallbacks", ())))
@@ -241,16 +250,17 @@ class _Sum:
             "mirrors": [[*k, n] for k, n in c["mirrors"].items()],
             **{key: [[*k, n] for k, n in c[key].items()] for key in KEYED_COUNTERS},
             "canary_aborts": dict(c["canary_aborts"]),
+            "grpc_errors": [[r, v, cell[6]] for (r, v), cell in self.cells.items() if cell[6]],
             **self.scalars,
         }
 
     def freeze(self, now: float, workers: tuple[str, ...], stale: tuple[str, ...]) -> StatsSnapshot:
         cells = {}
-        for key, (codes, dsum, bin_, bout, hist, uerr) in self.cells.items():
+        for key, (codes, dsum, bin_, bout, hist, uerr, gerr) in self.cells.items():
             cells[key] = VersionStats(
                 requests=sum(codes.values()), errors_5xx=sum(n for code, n in codes.items() if code >= 500),
                 upstream_errors=uerr, latency=tuple(hist), duration_sum=dsum, bytes_in=bin_, bytes_out=bout,
-                codes=dict(codes))
+                codes=dict(codes), grpc_errors=gerr)
         c = self.counters
         return StatsSnapshot(
             time=now, cells=cells, upstream_errors=c["upstream_errors"], fallbacks=c["fallbacks"],
@@ -262,7 +272,7 @@ class _Sum:
             tls_handshake_errors=c["tls_handshake_errors"], canary_outcomes=c["canary_outcomes"],
             canary_aborts=c["canary_aborts"], canary_weights=self.gauges["canary_weights"],
             check_failed=self.gauges["check_failed"], answers=c["answers"],
-            zone_requests=c["zone_requests"])
+            zone_requests=c["zone_requests"], grpc=c["grpc"])
 
 
 def _add(into: dict[Any, int], items: Iterable[tuple[Any, int]]) -> None:
@@ -409,6 +419,9 @@ def families(snap: StatsSnapshot, table: RouteTable, health: Health) -> list[Met
                         "an upstream.", ["listener", "reason"], snap.tls_handshake_errors))
     out.append(_counter("turnout_upstream_requests", "Upstream attempts to endpoints of a known zone, by version "
                         "and the endpoint's zone.", ["version", "zone"], snap.zone_requests))
+    out.append(_counter("turnout_grpc_responses", "gRPC responses by route, version and grpc-status (method: "
+                        "the call's path on routes with grpc_method_label, else empty).",
+                        ["route", "version", "grpc_status", "method"], snap.grpc))
     out.append(_counter("turnout_canary_analysis", "Canary analysis rounds, by route and result.",
                         ["route", "result"], snap.canary_results))
     out.append(_counter("turnout_canary_steps", "Canary steps judged, by route and outcome (pass, fail, "

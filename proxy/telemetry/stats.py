@@ -34,7 +34,7 @@ CanaryResult = Literal["pass", "fail", "inconclusive"]
 class Cell:
     """Counters of one (route, version) pair; the request path touches only this object."""
 
-    __slots__ = ("bytes_in", "bytes_out", "codes", "duration_sum", "hist", "upstream_errors")
+    __slots__ = ("bytes_in", "bytes_out", "codes", "duration_sum", "grpc_errors", "hist", "upstream_errors")
 
     def __init__(self) -> None:
         self.codes: dict[int, int] = {}
@@ -43,6 +43,7 @@ class Cell:
         self.bytes_out = 0
         self.hist = [0] * HIST_SLOTS  # non-cumulative: slot i counts durations in (bucket i-1, bucket i]
         self.upstream_errors = 0
+        self.grpc_errors = 0  # gRPC responses whose grpc-status is in settings.grpc_error_codes
 
 
 class Stats:
@@ -71,6 +72,8 @@ class Stats:
         self.check_failed: dict[str, int] = {}  # version -> 1 while flagged by a failed re-check (gauge)
         self.tls_handshake_errors: dict[tuple[str, str], int] = {}  # (listener, reason)
         self.zone_requests: dict[str, dict[str, int]] = {}  # version -> zone of the endpoint -> attempts
+        # gRPC responses: (route, version, grpc-status as text, method or "" unless the route asks for it)
+        self.grpc: dict[tuple[str, str, str, str], int] = {}
 
     def __repr__(self) -> str:
         n = sum(sum(c.codes.values()) for vs in self.cells.values() for c in vs.values())
@@ -113,6 +116,16 @@ class Stats:
         except KeyError:
             by_zone = self.zone_requests[version] = {}
         by_zone[zone] = by_zone.get(zone, 0) + 1
+    def grpc_response(self, route: str, version: str, code: int, method: str, error: bool) -> None:
+        """A gRPC response ended with grpc-status `code` (HTTP 200; its request() counts it too)."""
+        key = (route, version, str(code), method)
+        self.grpc[key] = self.grpc.get(key, 0) + 1
+        if error:
+            try:
+                c = self.cells[route][version]
+            except KeyError:
+                c = self._cell(route, version)
+            c.grpc_errors += 1
 
     def fallback(self, route: str, from_version: str, to_version: str) -> None:
         key = (route, from_version, to_version)
@@ -203,4 +216,7 @@ class Stats:
             "check_failed": dict(self.check_failed),
             "tls_handshake_errors": [[li, r, n] for (li, r), n in self.tls_handshake_errors.items()],
             "zone_requests": [[v, z, n] for v, zs in self.zone_requests.items() for z, n in zs.items()],
+            "grpc": [[*k, n] for k, n in self.grpc.items()],
+            "grpc_errors": [[r, v, c.grpc_errors] for r, vs in self.cells.items() for v, c in vs.items()
+                            if c.grpc_errors],
         }

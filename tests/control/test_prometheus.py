@@ -61,6 +61,8 @@ def test_queries() -> None:
                     '(sum(increase(turnout_fallbacks_total{route="web",from_version=~"v1|v1\\\\.2"}[60s])) '
                     'or vector(0))',
         "errors": f'(sum(increase(turnout_requests_total{{{sel},code=~"5.."}}[60s])) or vector(0)) + '
+                  f'(sum(increase(turnout_grpc_responses_total{{{sel},grpc_status=~"2|4|12|13|14|15"}}[60s])) '
+                  'or vector(0)) + '
                   '(sum(increase(turnout_fallbacks_total{route="web",from_version=~"v1|v1\\\\.2"}[60s])) '
                   'or vector(0))',
         "p99": f"histogram_quantile(0.99, sum by (le) (rate(turnout_request_duration_seconds_bucket{{{sel}}}[60s])))",

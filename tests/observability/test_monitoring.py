@@ -54,6 +54,7 @@ async def live_metric_names(admin: Admin) -> set[str]:
     s.identity_rejected("web", "jwt", "expired")
     s.tls_handshake_error("public", "protocol_version")
     s.zone_request("v1", "eu-1a")
+    s.grpc_response("web", "v2", 14, "", True)
     s.canary_step("web", 1)
     s.canary_analysis("web", "pass")
     s.canary_step_outcome("web", "inconclusive")

@@ -26,7 +26,7 @@ class Counters:
     """Cumulative counters of one or more versions on a route, as the proxy counts them."""
 
     requests: int = 0
-    errors: int = 0  # 5xx responses + requests moved away down the fallback chain
+    errors: int = 0  # 5xx responses + gRPC error statuses + requests moved away down the fallback chain
     latency: tuple[int, ...] = ()  # one count per LATENCY_BUCKETS bucket, plus the overflow bucket
 
     def since(self, earlier: Counters) -> Counters:
@@ -209,8 +209,9 @@ def counters_of(snap: StatsSnapshot, route: str, versions: Iterable[str]) -> Cou
     """Sum of the versions' counters on `route`, over every worker (proxy.telemetry.metrics.aggregate).
 
     An error is a request that failed on the version once: a 5xx answer (the upstream's, or the 502/504 the
-    proxy answers when the upstream failed), or a request that chose the version but was moved down the
-    fallback chain (failed connect, no healthy endpoint), answered by another version. Such a moved request
+    proxy answers when the upstream failed), a gRPC response with an error grpc-status (HTTP 200), or a
+    request that chose the version but was moved down the fallback chain (failed connect, no healthy
+    endpoint), answered by another version. Such a moved request
     is one of the version's requests too, so the error rate stays a share of what chose the version. The
     per-attempt upstream error counter is not added: its failures already are one of those two.
     """
@@ -220,7 +221,7 @@ def counters_of(snap: StatsSnapshot, route: str, versions: Iterable[str]) -> Cou
     for v in names:
         cell = snap.get(route, v)
         requests += cell.requests
-        errors += cell.errors_5xx
+        errors += cell.errors_5xx + cell.grpc_errors
         for i, n in enumerate(cell.latency):
             latency[i] += n
     moved = sum(n for (r, source, _), n in snap.fallbacks.items() if r == route and source in names)

@@ -17,6 +17,9 @@ PROM_REQUESTS = "turnout_requests_total"
 PROM_DURATION_BUCKET = "turnout_request_duration_seconds_bucket"
 PROM_UPSTREAM_ERRORS = "turnout_upstream_errors_total"
 PROM_FALLBACKS = "turnout_fallbacks_total"
+PROM_GRPC = "turnout_grpc_responses_total"
+# The default settings.grpc_error_codes (a query cannot read the proxy's settings).
+PROM_GRPC_ERRORS = "2|4|12|13|14|15"
 # Prometheus rejects ranges below its scrape resolution poorly; a whole second is the smallest we ask for.
 PROM_MIN_RANGE = 1
 PROM_TIMEOUT = 10.0
@@ -30,8 +33,9 @@ def _prom_regex(names: Iterable[str]) -> str:
 def prometheus_queries(route: str, versions: Iterable[str], seconds: float) -> dict[str, str]:
     """PromQL for one side of the comparison over the last `seconds`: requests, errors, p99 (p50, p90).
 
-    Errors as proxy.control.canary.analysis.counters_of counts them: 5xx answers plus requests moved away down the
-    route's fallback chain (also counted as requests of the version), both on this route only.
+    Errors as proxy.control.canary.analysis.counters_of counts them: 5xx answers, gRPC responses with an error
+    status (the default grpc_error_codes) plus requests moved away down the route's fallback chain (also
+    counted as requests of the version), all on this route only.
     """
     sel = f'route="{route}",version=~"{_prom_regex(versions)}"'
     rng = f"[{max(PROM_MIN_RANGE, round(seconds))}s]"
@@ -40,6 +44,7 @@ def prometheus_queries(route: str, versions: Iterable[str], seconds: float) -> d
         "requests": f"(sum(increase({PROM_REQUESTS}{{{sel}}}{rng})) or vector(0))"
                     f" + (sum(increase({PROM_FALLBACKS}{{{fsel}}}{rng})) or vector(0))",
         "errors": f'(sum(increase({PROM_REQUESTS}{{{sel},code=~"5.."}}{rng})) or vector(0))'
+                  f' + (sum(increase({PROM_GRPC}{{{sel},grpc_status=~"{PROM_GRPC_ERRORS}"}}{rng})) or vector(0))'
                   f" + (sum(increase({PROM_FALLBACKS}{{{fsel}}}{rng})) or vector(0))",
         "p99": f"histogram_quantile(0.99, sum by (le) (rate({PROM_DURATION_BUCKET}{{{sel}}}{rng})))",
         # For the judge's rules on other quantiles (proxy.control.canary.judge).
