@@ -23,6 +23,7 @@ from setuptools import setup
 HOT_MODULES = [
     "proxy/dataplane/downstream.py",
     "proxy/dataplane/flow.py",
+    "proxy/dataplane/handover.py",
     "proxy/dataplane/exchange.py",
     "proxy/dataplane/dispatch.py",
     "proxy/dataplane/upstream.py",

@@ -19,7 +19,8 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from proxy.dataplane.dispatch import upstream_failed
 from proxy.dataplane.exchange import DISPATCHED, Exchange, Refuse
-from proxy.dataplane.flow import BODY, HEAD, IDLE, P_BACKLOG, PIPELINE_SLICE, ClientFlow, Stop
+from proxy.dataplane.flow import BODY, HEAD, IDLE, P_BACKLOG, PIPELINE_SLICE, Stop
+from proxy.dataplane.handover import ClientHandover
 from proxy.dataplane.headers import (
     CONNECTION,
     CONTENT_LENGTH,
@@ -47,7 +48,7 @@ _NEVER_HOP: Final = frozenset({b"host"})
 _METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 
-class ClientConnection(ClientFlow):
+class ClientConnection(ClientHandover):
     def __repr__(self) -> str:
         return (f"<ClientConnection {self.peer} [Requests: {len(self.queue)} queued | "
                 f"paused: {self.paused} | {'closed' if self.closed else 'open'}]>")

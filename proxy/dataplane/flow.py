@@ -23,10 +23,8 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from proxy.dataplane import grpcwire, h1response
 from proxy.dataplane.dispatch import log, start
 from proxy.dataplane.exchange import DISPATCHED, PARSED, RESPONDING, ClientSide, Exchange, Refuse
-from proxy.dataplane.h2accept import h2_takeover
 from proxy.dataplane.headers import BEARER_401, CONTINUE, forwarded_head, local_response, status_line
 from proxy.dataplane.rewrite import response_pairs
-from proxy.identities import PeerCert
 
 if TYPE_CHECKING:
     import asyncio
@@ -154,27 +152,6 @@ class ClientFlow(ClientSide):
         self.tail = b""
         self.tail_host = None
         self.tail_route = None
-
-    # -- TLS (proxy.dataplane.tls)
-
-    def expect_tls(self, listener: ListenerTls) -> None:
-        self.tls_listener = listener
-
-    def tls_made(self, transport: asyncio.Transport) -> None:
-        """The end of connection_made on a TLS connection: the handshake's outcome and https."""
-        assert self.tls_listener is not None
-        session = self.tls = self.tls_listener.session(transport)
-        if session.peer_cert:  # an empty dict: a certificate that was not verified, no identity
-            self.peer_cert = PeerCert(session.peer_cert, session.peer_der or b"")
-        self.proto = b"https"
-        self.fwd_lines = b"X-Forwarded-For: " + self.peer.encode() + b"\r\nX-Forwarded-Proto: https\r\n"
-        if "h2" in self.tls_listener.listener.protocols:
-            sslobj = transport.get_extra_info("ssl_object")
-            if sslobj is not None and sslobj.selected_alpn_protocol() == "h2":
-                # HTTP/2 from here: the connection (counted already) is the H2ClientConnection's.
-                self.dp.conns.discard(self)
-                self.closed = self.stopped = True
-                h2_takeover(self.dp, transport, session)
 
     # -- backpressure
 
@@ -461,36 +438,6 @@ class ClientFlow(ClientSide):
         ex.early = rest
         self.stopped = True
         self.pause(P_TUNNEL)
-
-    def start_tunnel(self, ex: Exchange, rest: bytes) -> None:
-        up = ex.up
-        if up is None or up.transport is None:
-            self.abort()
-            return
-        self.tunnel_up = up
-        self.deadline = self.now() + self.dp.t_upstream_idle
-        ex.request_complete = True
-        if rest:
-            self.write(rest)
-        if ex.early:
-            up.transport.write(ex.early)
-            ex.early = b""
-        self.stopped = False
-        self.resume(P_TUNNEL | P_BACKLOG)
-
-    def write_tunnel(self, data: bytes) -> None:
-        self.write(data)
-        if not self.write_paused:  # a client that stopped reading keeps its earlier deadline
-            self.deadline = self.now() + self.dp.t_upstream_idle
-
-    def tunnel_eof(self) -> None:
-        t = self.transport
-        if t is not None and t.can_write_eof():
-            t.write_eof()
-
-    def tunnel_closed(self) -> None:
-        self.tunnel_up = None
-        self._close()
 
     # -- what the upstream side and dispatch call
 
