@@ -85,6 +85,8 @@ def settings_from_json(text: str) -> Settings:
     d["timeouts"] = Timeouts(**d["timeouts"])
     d["listeners"] = tuple(_listener(li) for li in d.get("listeners", ()))
     d["docker_engines"] = tuple((z, url) for z, url in d.get("docker_engines", ()))
+    if "grpc_error_codes" in d:
+        d["grpc_error_codes"] = tuple(d["grpc_error_codes"])
     return Settings(**d)
 
 
