@@ -160,3 +160,15 @@ limits: {h2_max_concurrent_streams: 10, h2_max_resets: 5, h2_max_control_frames:
 """, "/etc")
     assert [x.protocols for x in listeners["listeners"]] == [("http/1.1", "h2c"), ("h2", "http/1.1")]
     assert listeners["limits"] == {"h2_max_concurrent_streams": 10, "h2_max_resets": 5, "h2_max_control_frames": 50}
+
+
+def test_the_http2_flag_makes_the_listen_listener_take_h2_over_tls_and_h2c_in_cleartext() -> None:
+    parser = build_parser()
+    got = settings_from_args(parser.parse_args(["serve", "--listen", "127.0.0.1:9009", "--http2"]), None)
+    assert [(li.address, li.tls, li.protocols) for li in got.listeners] == [
+        (("127.0.0.1", 9009), None, ("http/1.1", "h2c"))]
+    got = settings_from_args(parser.parse_args(["serve", "--listen", "127.0.0.1:9009", "--http2", "--tls-cert",
+                                                "c.pem", "--tls-key", "k.pem"]), None)
+    assert [li.protocols for li in got.listeners] == [("h2", "http/1.1")]
+    got = settings_from_args(parser.parse_args(["serve", "--listen", "127.0.0.1:9009"]), None)
+    assert got.listeners == ()

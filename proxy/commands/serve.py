@@ -61,6 +61,8 @@ def add_serve_options(p: argparse.ArgumentParser, *, listen: str = "127.0.0.1:80
                    help=f"one cleartext proxy listener instead of the file's (default {listen})")
     p.add_argument("--tls-cert", metavar="FILE", help="with --tls-key: the --listen listener speaks TLS")
     p.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert")
+    p.add_argument("--http2", action="store_true", help="the --listen listener also speaks HTTP/2: h2 by ALPN with "
+                   "--tls-cert, else h2c (prior knowledge; an HTTP/1.1 Upgrade: h2c is never honoured)")
     p.add_argument("--admin", type=host_port, default=None, metavar="HOST:PORT",
                    help=f"admin API listener (default {admin}; keep it on loopback)")
     p.add_argument("--store", metavar="URL", default=os.environ.get("TURNOUT_STORE"),
@@ -165,11 +167,14 @@ def _listeners(args: argparse.Namespace, file: dict[str, Any]) -> tuple[Listener
             raise SystemExit(2)
         return tuple(file["listeners"])
     addr = args.listen or args.default_listen
+    http2 = getattr(args, "http2", False)
     if tls_flags[0] is None:
+        if http2:
+            return (Listener("default", addr, protocols=("http/1.1", "h2c")),)
         return ()  # one cleartext listener on `listen`: the default shape (settings.listeners_of)
     cert, key = os.path.abspath(tls_flags[0]), os.path.abspath(tls_flags[1] or "")
     tls = TlsConfig(certificates=(Certificate(cert, key),))
-    return (Listener("default", addr, tls=tls),)
+    return (Listener("default", addr, tls=tls, protocols=("h2", "http/1.1") if http2 else ("http/1.1",)),)
 
 
 def settings_from_args(args: argparse.Namespace, routes: str | None) -> Settings:
