@@ -76,8 +76,8 @@ listeners:
     tls: {certificates: [{cert: a.pem, key: a-key.pem, chain: c.pem}], sni: strict}
 limits: {max_conections: 1}
 """) == [
-        "listener: unknown field (expected one of: access_log, admin, limits, listeners, timeouts, trusted_proxies, "
-        "workers)",
+        "listener: unknown field (expected one of: access_log, admin, docker, limits, listeners, timeouts, "
+        "trusted_proxies, workers, zone)",
         "listeners[0].port: unknown field (expected one of: address, name, protocols, tls)",
         "listeners[1].tls.sni: unknown field (expected one of: certificates, client_ca, client_cert, min_version)",
         "listeners[1].tls.certificates[0].chain: unknown field (expected one of: cert, key)",
