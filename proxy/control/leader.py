@@ -166,3 +166,27 @@ def leader_for(store: Store, role: str) -> Leader:
     parts = urlsplit(store.url)
     prefix = parts.path.strip("/") or "turnout"
     return EtcdLeader(parts.hostname or "127.0.0.1", parts.port or 2379, f"/{prefix}/leader/{role}")
+
+
+class LedLoop:
+    """A background loop that only its role's leader acts in (the canary controller, the re-check schedule):
+    the start and stop every such service shares. Subclasses set `leader` and `task_name` and write _run."""
+
+    leader: Leader
+    task_name = "turnout-service"
+    _task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.leader.start()
+        self._task = asyncio.create_task(self._run(), name=self.task_name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.leader.stop()
+
+    async def _run(self) -> None:
+        raise NotImplementedError

@@ -21,7 +21,6 @@ canary controller runs (the leader, with several replicas on etcd).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -31,7 +30,7 @@ from typing import Any
 
 from proxy.changes import Change, reachable
 from proxy.control import gates
-from proxy.control.leader import Leader, leader_for
+from proxy.control.leader import Leader, LedLoop, leader_for
 from proxy.errors import ConflictError, NotFoundError, StoreUnavailableError
 from proxy.model import Route, State
 from proxy.store.base import Store
@@ -142,8 +141,10 @@ async def check_views(store: Store, state: State, interval: float) -> dict[str, 
     return out
 
 
-class Rechecker:
+class Rechecker(LedLoop):
     """The schedule: every live checked version whose last verdict is older than `interval` is checked."""
+
+    task_name = "turnout-rechecks"
 
     def __init__(self, store: Store, stats: Stats, *, interval: float = DEFAULT_CHECK_INTERVAL,
                  leader: Leader | None = None, clock: Callable[[], float] = time.time) -> None:
@@ -158,18 +159,6 @@ class Rechecker:
     def __repr__(self) -> str:
         state = "running" if self._task is not None and not self._task.done() else "stopped"
         return f"<Rechecker {state} every {self.interval:g}s [checking: {len(self._running)}]>"
-
-    async def start(self) -> None:
-        await self.leader.start()
-        self._task = asyncio.create_task(self._run(), name="turnout-rechecks")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await self.leader.stop()
 
     async def _run(self) -> None:
         while True:

@@ -9,7 +9,6 @@ with actor "canary" and a reason that carries the numbers it was decided on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -38,7 +37,7 @@ from proxy.control.canary.rollout import (
     load_rollouts,
     save_rollout,
 )
-from proxy.control.leader import Leader, leader_for
+from proxy.control.leader import Leader, LedLoop, leader_for
 from proxy.errors import ConflictError, FieldError, NotFoundError, StoreUnavailableError, ValidationError
 from proxy.model import State
 from proxy.store.base import Store
@@ -64,8 +63,10 @@ class _Window:
 StatsSource = Callable[[], StatsSnapshot]
 
 
-class CanaryController:
+class CanaryController(LedLoop):
     """Drives every rollout (and drain) in the store; started by `turnout serve` in the supervisor process."""
+
+    task_name = "turnout-canary"
 
     def __init__(self, store: Store, stats: Stats, health: gates.HealthView, stats_source: StatsSource, *,
                  leader: Leader | None = None, clock: Callable[[], float] = time.time,
@@ -87,18 +88,6 @@ class CanaryController:
         return f"<CanaryController {state} [windows: {len(self._windows)} | leader: {self.leader.is_leader()}]>"
 
     # lifecycle
-
-    async def start(self) -> None:
-        await self.leader.start()
-        self._task = asyncio.create_task(self._run(), name="turnout-canary")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await self.leader.stop()
 
     async def _run(self) -> None:
         while True:
