@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from proxy.routefile import load_route_file
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -43,3 +45,12 @@ def test_relative_links_resolve(page: Path) -> None:
 
 def test_readme_is_short() -> None:
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
+def test_the_readmes_route_file_examples_are_valid() -> None:
+    # Every README block that defines versions (native, HTTPRoute, gRPC, zones) must be a route file turnout
+    # accepts as it stands: an example that no longer parses is a broken promise on the first page.
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    examples = [b for b in blocks if "versions:" in b or "kind: HTTPRoute" in b]
+    states = [load_route_file(b) for b in examples]
+    assert [sorted(s.versions) for s in states] == [["v1", "v2"], ["v1", "v2"], ["v1", "v2"], ["v2"]]
