@@ -44,6 +44,7 @@ class PlaneState:
         self.t_pool_idle = t.upstream_pool_idle
         self.t_connect = t.upstream_connect
         self.pool_size = settings.pool_size
+        self.max_upstream = settings.limits.max_upstream_connections
         self.trusted = TrustedPeers(settings.trusted_proxies)
         self.conns: set[ClientSide] = set()
         # TLS connections accepted whose handshake has not ended: they hold a socket and memory too, so they
