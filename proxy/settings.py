@@ -38,6 +38,10 @@ class Limits:
     # SETTINGS, PING, PRIORITY and empty DATA frames a client may send per connection in one second before
     # GOAWAY ENHANCE_YOUR_CALM: each costs work (and an answer) and carries no request.
     h2_max_control_frames: int = 200
+    # Upstream connections open (or being opened) per endpoint at once. Past it an exchange waits, first come
+    # first served, for one to come free (bounded by upstream_connect -> 504) instead of opening another: a
+    # burst of HTTP/2 streams (each needs its own HTTP/1.1 connection) must not become a storm of connects.
+    max_upstream_connections: int = 256
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,7 +83,8 @@ limits: {max_conections: 1}
         "listeners[1].tls.certificates[0].chain: unknown field (expected one of: cert, key)",
         "limits.max_conections: unknown field (expected one of: h2_max_concurrent_streams, "
         "h2_max_control_frames, h2_max_resets, high_water, low_water, max_body_bytes, max_connections, "
-        "max_header_bytes, max_headers, max_pipelined, max_request_line, retry_buffer_bytes)",
+        "max_header_bytes, max_headers, max_pipelined, max_request_line, max_upstream_connections, "
+        "retry_buffer_bytes)",
     ]
 
 

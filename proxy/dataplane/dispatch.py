@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 _NO_HEADERS: Final[dict[str, str]] = {}  # never written to
 _ERROR_KIND: Final[dict[str, UpstreamErrorKind]] = {
     "connect": "connect", "connect_timeout": "timeout", "timeout": "timeout", "reset": "reset",
-    "invalid_response": "invalid_response", "tls": "tls", "deadline": "timeout",
+    "invalid_response": "invalid_response", "tls": "tls", "deadline": "timeout", "queue_timeout": "timeout",
 }
 
 
@@ -201,30 +201,74 @@ def open_connection(dp: PlaneState, ep: Endpoint, ex: Exchange) -> None:
     if ep.mux is not None:  # HTTP/2: a stream on a shared connection (proxy.dataplane.h2upstream)
         cast(H2Pool, ep.mux).request(ex)
         return
+    if ep.conns >= dp.max_upstream:
+        # At the cap: wait for one of its connections instead of opening one more.
+        ep.waiting.append(_Waiter(dp, ep, ex))
+        return
+    ep.conns += 1
     task = dp.loop.create_task(_open(dp, ep, ex))
     dp.tasks.add(task)
     task.add_done_callback(dp.tasks.discard)
 
 
 
+class _Waiter:
+    """An exchange in its endpoint's queue for a connection; it gives up after upstream_connect (504)."""
+
+    __slots__ = ("dp", "ep", "ex", "timer")
+
+    def __init__(self, dp: PlaneState, ep: Endpoint, ex: Exchange) -> None:
+        self.dp = dp
+        self.ep = ep
+        self.ex = ex
+        self.timer = dp.loop.call_later(dp.t_connect, self.expire)
+
+    def __call__(self, conn: UpstreamSide | None) -> None:
+        self.timer.cancel()
+        ex = self.ex
+        if conn is not None:
+            attach(self.dp, ex, conn)  # releases it again (to the next waiter) when ex is gone
+        elif ex.done() or ex.client.closed:
+            self.ep.pass_slot()
+        else:
+            open_connection(self.dp, self.ep, ex)
+
+    def expire(self) -> None:
+        self.ep.waiting.remove(self)
+        # Not counted against the endpoint's health: the wait is ours, every connection it has is busy.
+        self.ex.client.upstream_failed(self.ex, None, "queue_timeout", True)
+
+
+
 async def _open(dp: PlaneState, ep: Endpoint, ex: Exchange) -> None:
+    made: list[UpstreamConnection] = []
+
+    def factory() -> UpstreamConnection:
+        conn = UpstreamConnection(dp, ep)
+        made.append(conn)
+        return conn
+
     try:
         async with asyncio.timeout(dp.t_connect):
             if not ep.https:
-                _, conn = await dp.loop.create_connection(lambda: UpstreamConnection(dp, ep), ep.host, ep.port)
+                _, conn = await dp.loop.create_connection(factory, ep.host, ep.port)
             elif ep.ssl is None:
                 raise ssl.SSLError("no TLS context for this version (its tls files could not be loaded)")
             else:
                 # The handshake is part of the connect: its time counts against upstream_connect.
-                _, conn = await dp.loop.create_connection(lambda: UpstreamConnection(dp, ep), ep.host, ep.port,
+                _, conn = await dp.loop.create_connection(factory, ep.host, ep.port,
                                                           ssl=ep.ssl, server_hostname=ep.server_hostname)
-    except TimeoutError:
-        ex.client.upstream_failed(ex, None, "connect_timeout", True)
-    except ssl.SSLError:
-        # A failed verification or handshake: never retried without verification.
-        ex.client.upstream_failed(ex, None, "tls", True)
-    except OSError:
-        ex.client.upstream_failed(ex, None, "connect", True)
+    except (TimeoutError, OSError) as e:
+        # No connection_lost will come for a connection never made: its slot is freed here.
+        if not made or made[0].transport is None:
+            ep.conn_closed()
+        if isinstance(e, TimeoutError):
+            ex.client.upstream_failed(ex, None, "connect_timeout", True)
+        elif isinstance(e, ssl.SSLError):
+            # A failed verification or handshake: never retried without verification.
+            ex.client.upstream_failed(ex, None, "tls", True)
+        else:
+            ex.client.upstream_failed(ex, None, "connect", True)
     else:
         attach(dp, ex, conn)
 
@@ -304,7 +348,7 @@ def upstream_failed(dp: PlaneState, ex: Exchange, conn: UpstreamSide | None, kin
             connect(dp, ex)
             return
     # "deadline": the client's own grpc-timeout passed, which says nothing about the endpoint's health.
-    status = 504 if kind == "timeout" or kind == "connect_timeout" or kind == "deadline" else 502
+    status = 504 if kind in ("timeout", "connect_timeout", "deadline", "queue_timeout") else 502
     now = dp.now()
     dp.stats.request(route.name, ex.version, status, now - ex.t0, ex.body_bytes, 0)
     if dp.access_log is not None:

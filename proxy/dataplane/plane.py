@@ -45,6 +45,7 @@ class PlaneState:
         self.t_connect = t.upstream_connect
         self.pool_size = settings.pool_size
         self.grpc_error_codes = frozenset(settings.grpc_error_codes)
+        self.max_upstream = settings.limits.max_upstream_connections
         self.trusted = TrustedPeers(settings.trusted_proxies)
         self.conns: set[ClientSide] = set()
         # TLS connections accepted whose handshake has not ended: they hold a socket and memory too, so they

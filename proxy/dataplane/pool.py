@@ -2,8 +2,11 @@
 
 Design rule: choosing an endpoint and taking an idle connection are synchronous and allocation-free, so
 the request path never awaits when a pooled connection is ready. The pool owns taking and returning
-connections (take_idle, put_idle): the return rule is written once, here. Health flags are plain
-booleans that timers and checks flip through Endpoint's methods; the request path only reads them.
+connections (take_idle, put_idle): the return rule is written once, here. It also counts the connections an
+endpoint has open or opening (`conns`, bounded by limits.max_upstream_connections) and holds the FIFO of
+exchanges waiting for one (`waiting`); a freed connection goes to the first waiter before the pool. Health
+flags are plain booleans that timers and checks flip through Endpoint's methods; the request path only reads
+them.
 Zone-aware choice (proxy.zones) is a precomputed cycle of endpoints, rebuilt on the first pick after an
 endpoint's health changed; without a proxy zone, or without endpoint zones, the pick is the plain one.
 """
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import deque
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from proxy.select import smooth_cycle
@@ -72,8 +77,8 @@ class Multiplexer:
 
 class Endpoint:
     __slots__ = (
-        "active_ok", "address", "ejected", "ejections", "failures", "host", "https", "idle", "mux", "owner",
-        "port", "readmit_handle", "removed", "server_hostname", "ssl", "url", "version", "zone",
+        "active_ok", "address", "conns", "ejected", "ejections", "failures", "host", "https", "idle", "mux",
+        "owner", "port", "readmit_handle", "removed", "server_hostname", "ssl", "url", "version", "waiting", "zone",
     )
 
     def __init__(self, version: str, url: str, ssl_context: ssl.SSLContext | None = None,
@@ -90,6 +95,10 @@ class Endpoint:
         self.server_hostname = (server_name or self.host) if self.https else None
         self.address = f"{self.host}:{self.port}"
         self.idle: list[UpstreamSide] = []  # LIFO: the most recently used connection is the warmest
+        self.conns = 0  # connections open or being opened, pooled ones included
+        # Exchanges waiting for a connection because `conns` reached the cap, first come first served; each is
+        # called with a free connection, or with None when a slot came free (it may open one).
+        self.waiting: deque[Callable[[UpstreamSide | None], None]] = deque()
         # Optimistic start: a new endpoint serves until a check or passive ejection says otherwise.
         self.active_ok = True
         self.ejected = False
@@ -124,6 +133,23 @@ class Endpoint:
             self.idle.append(conn)
             return True
         return False
+
+    def hand_over(self, conn: UpstreamSide) -> bool:
+        """A connection that just finished an exchange goes to the first waiter, if any (True)."""
+        if self.waiting and conn.reusable() and not self.removed:
+            self.waiting.popleft()(conn)
+            return True
+        return False
+
+    def conn_closed(self) -> None:
+        """A connection of this endpoint closed (or its connect failed): its slot goes to the first waiter."""
+        self.conns -= 1
+        self.pass_slot()
+
+    def pass_slot(self) -> None:
+        """A free slot (below the cap) for the first waiter, which opens a connection with it."""
+        if self.waiting:
+            self.waiting.popleft()(None)
 
     def retire(self) -> None:
         """No longer in the table: its connections are not pooled again."""

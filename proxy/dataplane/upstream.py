@@ -87,6 +87,7 @@ class UpstreamConnection(UpstreamSide):
         self.closed = True
         self.dp.uconns.discard(self)
         self.dp.stats.connection("upstream", -1)
+        self.endpoint.conn_closed()
         ex = self.ex
         if ex is None:
             return
@@ -443,7 +444,10 @@ class UpstreamConnection(UpstreamSide):
     def release(self) -> None:
         """Back to the pool when it may serve again, else closed."""
         dp = self.dp
-        if self.endpoint.put_idle(self, dp.pool_size, dp.stopping):
+        ep = self.endpoint
+        if ep.waiting and not dp.stopping and ep.hand_over(self):
+            return
+        if ep.put_idle(self, dp.pool_size, dp.stopping):
             self.deadline = self.now() + dp.t_pool_idle
         else:
             self.close()
