@@ -20,7 +20,9 @@ import h2.events
 import httpx
 import pytest
 
+from proxy.parse import parse_document
 from proxy.settings import Certificate, Limits, Listener, Settings, TlsConfig
+from proxy.table import RouteTable
 from tests.dataplane.h2client import Closed, RawH2
 from tests.dataplane.helpers import Proxy, Request, Upstream, ok, simple_route, start_proxy, table, version
 from tests.tlscerts import API, CA, Pair
@@ -323,3 +325,18 @@ async def test_a_graceful_stop_sends_goaway_with_the_last_stream_and_lets_it_fin
     assert (status, body) == (200, b"late")
     await c.until(Closed, timeout=5)
     await asyncio.wait_for(stop, 5)
+
+
+async def test_response_header_edits_reach_an_http2_client(upstreams: Any, proxies: Any) -> None:
+    # A route's and a version's response header edits apply to the structured (HTTP/2) response too, not only
+    # to the HTTP/1.1 bytes an upstream's head becomes.
+    a: Upstream = await upstreams(name="a")
+    doc = {"versions": {"v1": {"endpoints": [a.url]}},
+           "routes": [{"name": "web", "split": {"v1": 1},
+                       "filters": {"response_headers": {"set": {"X-Edited": "yes"}}},
+                       "version_filters": {"v1": {"response_headers": {"add": {"X-Version-Edit": "v1"}}}}}]}
+    p = await proxies(RouteTable(parse_document(doc), 1), h2c_listener())
+    rc, out, err = await curl("--http2-prior-knowledge", "-i", f"http://127.0.0.1:{p.port}/")
+    assert (rc, err) == (0, "")
+    head = [ln.strip() for ln in out.split("\r\n\r\n")[0].lower().splitlines()]
+    assert (head[0], "x-edited: yes" in head, "x-version-edit: v1" in head) == ("http/2 200", True, True)
