@@ -31,7 +31,17 @@ from typing import Any
 import benchmarks.peers as peers
 from benchmarks.load import run_tool
 from benchmarks.peers import BIG_FILE_BYTES, Backends, Lab, Target
-from benchmarks.procs import Processes, cores, free_port, pinned, raise_nofile, wait_http, wait_port
+from benchmarks.procs import (
+    Processes,
+    cores,
+    free_port,
+    machine_load,
+    pinned,
+    raise_nofile,
+    require_tools,
+    wait_http,
+    wait_port,
+)
 from benchmarks.profile.tls import compiled
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -230,13 +240,10 @@ async def main() -> None:
         return
     if args.quick:
         args.rounds, args.gb = 1, 0.1
-    missing = [t for t in ("curl", "haproxy", "nginx", "taskset") if shutil.which(t) is None]
-    if missing:
-        sys.exit(f"missing: {', '.join(missing)}")
+    require_tools("curl", "haproxy", "nginx", "taskset")
     raise_nofile()
     proxy_core, load_core = cores()
-    load_start = [round(x, 2) for x in os.getloadavg()]
-    print(f"machine load at start: {load_start}", flush=True)
+    load_start = machine_load("start")
     procs = Processes()
     work = Path(tempfile.mkdtemp(prefix="turnout-bodies-"))
     runs: list[dict[str, Any]] = []
@@ -261,8 +268,7 @@ async def main() -> None:
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
-    load_end = [round(x, 2) for x in os.getloadavg()]
-    print(f"machine load at end: {load_end}", flush=True)
+    load_end = machine_load("end")
     now = dt.datetime.now(dt.UTC)
     doc = {"schema": "turnout-bodies/1", "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "quick": args.quick,
            "command": " ".join(["python -m benchmarks.bodies", *sys.argv[1:]]),

@@ -32,7 +32,7 @@ from typing import Any
 import benchmarks.peers as peers
 from benchmarks.load import IdleClients
 from benchmarks.peers import Backends, Lab, Target
-from benchmarks.procs import Processes, cores, raise_nofile
+from benchmarks.procs import Processes, cores, machine_load, raise_nofile, require_tools
 from benchmarks.profile.tls import compiled
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -147,9 +147,7 @@ async def main() -> None:
     counts = [int(c) for c in args.counts.split(",")]
     if args.quick:
         counts, args.settle = [500], 1.5
-    missing = [t for t in ("haproxy", "nginx", "taskset") if shutil.which(t) is None]
-    if missing:
-        sys.exit(f"missing: {', '.join(missing)}")
+    require_tools("haproxy", "nginx", "taskset")
     nofile = raise_nofile()
     too_many = [n for n in counts if n + 1000 > nofile]
     if too_many:
@@ -157,8 +155,7 @@ async def main() -> None:
     proxy_core, load_core = cores()
     if load_core is not None:
         os.sched_setaffinity(0, {load_core})
-    load_start = [round(x, 2) for x in os.getloadavg()]
-    print(f"machine load at start: {load_start}", flush=True)
+    load_start = machine_load("start")
     procs = Processes()
     work = Path(tempfile.mkdtemp(prefix="turnout-idle-"))
     runs: list[dict[str, Any]] = []
@@ -175,8 +172,7 @@ async def main() -> None:
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
-    load_end = [round(x, 2) for x in os.getloadavg()]
-    print(f"machine load at end: {load_end}", flush=True)
+    load_end = machine_load("end")
     now = dt.datetime.now(dt.UTC)
     doc = {"schema": "turnout-idle-benchmark/1", "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "quick": args.quick,
            "command": " ".join(["python -m benchmarks.idle", *sys.argv[1:]]),

@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +25,20 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # A proxy gets this long to exit after SIGTERM before SIGKILL; turnout's own grace is shortened too.
 STOP_GRACE = 5.0
+
+
+def require_tools(*tools: str) -> None:
+    """Exit with one line naming every tool the run needs and this machine lacks."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        sys.exit(f"missing: {', '.join(missing)}")
+
+
+def machine_load(when: str) -> list[float]:
+    """The 1/5/15-minute load, printed and returned: every figure is stored with the load it was taken under."""
+    load = [round(x, 2) for x in os.getloadavg()]
+    print(f"machine load at {when}: {load}", flush=True)
+    return load
 
 
 def cores() -> tuple[int | None, int | None]:

@@ -42,7 +42,18 @@ from typing import Any
 import benchmarks.peers as peers
 from benchmarks.load import run_tool
 from benchmarks.peers import Backends, Lab, Target
-from benchmarks.procs import Proc, Processes, StartError, cores, free_port, pinned, raise_nofile, wait_port
+from benchmarks.procs import (
+    Proc,
+    Processes,
+    StartError,
+    cores,
+    free_port,
+    machine_load,
+    pinned,
+    raise_nofile,
+    require_tools,
+    wait_port,
+)
 from benchmarks.profile.tls import compiled
 from proxy.model import Match, Route, State, Version, VersionSpec
 from proxy.table import RouteTable
@@ -329,15 +340,12 @@ async def main() -> None:
     counts = [int(c) for c in args.counts.split(",")]
     if args.quick:
         args.rounds, args.seconds, counts = 1, 1.0, [1, 100]
-    missing = [t for t in ("wrk", "haproxy", "nginx", "taskset") if shutil.which(t) is None]
-    if missing:
-        sys.exit(f"missing: {', '.join(missing)}")
+    require_tools("wrk", "haproxy", "nginx", "taskset")
     if not compiled():
         print("warning: the data plane is not compiled (pure Python build)", flush=True)
     raise_nofile()
     proxy_core, load_core = cores()
-    load_start = [round(x, 2) for x in os.getloadavg()]
-    print(f"machine load at start: {load_start}", flush=True)
+    load_start = machine_load("start")
     started = time.monotonic()
     procs = Processes()
     work = Path(tempfile.mkdtemp(prefix="turnout-routes-"))
@@ -362,8 +370,7 @@ async def main() -> None:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
     match_ns = match_cost(counts, 20_000 if args.quick else 200_000)
-    load_end = [round(x, 2) for x in os.getloadavg()]
-    print(f"machine load at end: {load_end}", flush=True)
+    load_end = machine_load("end")
     now = dt.datetime.now(dt.UTC)
     doc = {"schema": "turnout-routes-benchmark/1", "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "quick": args.quick,
            "command": " ".join(["python -m benchmarks.routes", *sys.argv[1:]]),

@@ -31,7 +31,7 @@ from typing import Any
 
 from benchmarks.load import run_wrk
 from benchmarks.peers import Lab, Target
-from benchmarks.procs import Processes, _group_pids, cores, raise_nofile
+from benchmarks.procs import Processes, _group_pids, cores, machine_load, raise_nofile, require_tools
 from benchmarks.profile.tls import compiled
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -126,13 +126,10 @@ async def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.rounds = 1.0, 1
-    missing = [t for t in ("wrk", "haproxy", "nginx", "taskset", "strace") if shutil.which(t) is None]
-    if missing:
-        sys.exit(f"missing: {', '.join(missing)}")
+    require_tools("wrk", "haproxy", "nginx", "taskset", "strace")
     raise_nofile()
     proxy_core, load_core = cores()
-    load_start = [round(x, 2) for x in os.getloadavg()]
-    print(f"machine load at start: {load_start}", flush=True)
+    load_start = machine_load("start")
     procs = Processes()
     work = Path(tempfile.mkdtemp(prefix="turnout-syscalls-"))
     runs: list[dict[str, Any]] = []
@@ -153,8 +150,7 @@ async def main() -> None:
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
-    load_end = [round(x, 2) for x in os.getloadavg()]
-    print(f"machine load at end: {load_end}", flush=True)
+    load_end = machine_load("end")
     now = dt.datetime.now(dt.UTC)
     doc = {"schema": "turnout-syscalls/1", "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "quick": args.quick,
            "command": " ".join(["python -m benchmarks.syscalls", *sys.argv[1:]]),

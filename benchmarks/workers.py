@@ -34,8 +34,10 @@ from benchmarks.procs import (
     _stat_fields,
     cores,
     free_port,
+    machine_load,
     pinned,
     raise_nofile,
+    require_tools,
     wait_http,
 )
 from benchmarks.profile.tls import compiled
@@ -124,13 +126,10 @@ async def main() -> None:
         return
     if args.quick:
         args.rounds, args.seconds = 1, 1.0
-    missing = [t for t in ("wrk", "haproxy", "nginx", "taskset") if shutil.which(t) is None]
-    if missing:
-        sys.exit(f"missing: {', '.join(missing)}")
+    require_tools("wrk", "haproxy", "nginx", "taskset")
     raise_nofile()
     proxy_core, load_core = cores()
-    load_start = [round(x, 2) for x in os.getloadavg()]
-    print(f"machine load at start: {load_start}", flush=True)
+    load_start = machine_load("start")
     procs = Processes()
     work = Path(tempfile.mkdtemp(prefix="turnout-workers-"))
     runs: list[dict[str, Any]] = []
@@ -153,8 +152,7 @@ async def main() -> None:
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
-    load_end = [round(x, 2) for x in os.getloadavg()]
-    print(f"machine load at end: {load_end}", flush=True)
+    load_end = machine_load("end")
     med: dict[str, dict[str, float]] = {}
     for name in sorted({r["proxy"] for r in runs}):
         rs = [r for r in runs if r["proxy"] == name]

@@ -30,7 +30,7 @@ from typing import Any
 import benchmarks.peers as peers
 from benchmarks.load import run_tool
 from benchmarks.peers import Backends, Lab, Target
-from benchmarks.procs import Processes, cores, free_port, pinned, raise_nofile
+from benchmarks.procs import Processes, cores, free_port, pinned, raise_nofile, require_tools
 from benchmarks.profile.tls import compiled, machine, wait_https, write_certificate
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -128,9 +128,7 @@ async def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.requests = 1, 2000
-    missing = [t for t in ("h2load", "haproxy", "nginx", "taskset") if shutil.which(t) is None]
-    if missing:
-        sys.exit(f"missing: {', '.join(missing)}")
+    require_tools("h2load", "haproxy", "nginx", "taskset")
     if not compiled():
         print("warning: the data plane is not compiled; the numbers do not describe a release", flush=True)
     raise_nofile()

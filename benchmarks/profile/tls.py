@@ -49,7 +49,18 @@ from cryptography.x509.oid import NameOID
 import benchmarks.peers as peers
 from benchmarks.load import WrkResult, run_tool, run_wrk
 from benchmarks.peers import Backends, Lab, Target
-from benchmarks.procs import Proc, Processes, StartError, cores, free_port, pinned, raise_nofile, wait_port
+from benchmarks.procs import (
+    Proc,
+    Processes,
+    StartError,
+    cores,
+    free_port,
+    machine_load,
+    pinned,
+    raise_nofile,
+    require_tools,
+    wait_port,
+)
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 TARGET_CPU_RATIO = 1.3  # turnout's CPU per keep-alive request <= 1.3x HAProxy's
@@ -309,16 +320,13 @@ async def main() -> None:
         return
     if args.quick:
         args.rounds, args.seconds = 1, 1.0
-    missing = [t for t in ("wrk", "hey", "haproxy", "nginx", "taskset") if shutil.which(t) is None]
-    if missing:
-        sys.exit(f"missing: {', '.join(missing)}")
+    require_tools("wrk", "hey", "haproxy", "nginx", "taskset")
     if not compiled():
         print("warning: the data plane is not compiled (pure Python build); the numbers do not describe a release",
               flush=True)
     raise_nofile()
     proxy_core, load_core = cores()
-    load_start = [round(x, 2) for x in os.getloadavg()]
-    print(f"machine load at start: {load_start}", flush=True)
+    load_start = machine_load("start")
     started = time.monotonic()
     procs = Processes()
     work = Path(tempfile.mkdtemp(prefix="turnout-tls-"))
@@ -345,8 +353,7 @@ async def main() -> None:
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
-    load_end = [round(x, 2) for x in os.getloadavg()]
-    print(f"machine load at end: {load_end}", flush=True)
+    load_end = machine_load("end")
     now = dt.datetime.now(dt.UTC)
     doc = {"schema": "turnout-tls-benchmark/1", "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "quick": args.quick,
            "command": " ".join(["python -m benchmarks.profile.tls", *sys.argv[1:]]),
