@@ -60,6 +60,7 @@ def request_bytes(client: str, path: str = "/", close: bool = False) -> bytes:
 
 
 TRAFFIC = tuple(request_bytes(f"c{i}") for i in range(TRAFFIC_CLIENTS))
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux; named in Python >= 3.12
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -166,9 +167,23 @@ class _Conn(asyncio.Protocol):
         self.owner.on_lost(self)
 
 
-async def _connect(owner: Any, port: int) -> _Conn:
+async def _connect(owner: Any, port: int, source: str | None = None) -> _Conn:
     loop = asyncio.get_running_loop()
-    _, proto = await loop.create_connection(lambda: _Conn(owner), "127.0.0.1", port)
+    if source is None:
+        _, proto = await loop.create_connection(lambda: _Conn(owner), "127.0.0.1", port)
+        return proto
+    # From another loopback address (127.0.0.2, ...): the ~28,000 ephemeral ports run out per (source,
+    # destination) pair, not per machine. IP_BIND_ADDRESS_NO_PORT defers the port choice to connect().
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        _, proto = await loop.create_connection(lambda: _Conn(owner), sock=sock)
+    except BaseException:
+        sock.close()
+        raise
     return proto
 
 
@@ -313,17 +328,26 @@ class OpenLoop:
 class IdleClients:
     """Opens n connections, makes one request on each, then keeps them open and silent."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, source: str | None = None) -> None:
         self.port = port
+        self.source = source  # loopback address to connect from (None: the kernel's choice, 127.0.0.1)
         self.conns: list[_Conn] = []
         self.answered = 0
         self.failed = 0
         self._waiters: dict[_Conn, asyncio.Future[None]] = {}
 
+    def held(self) -> int:
+        """Connections still open (a proxy's idle timeout or connection limit closes them)."""
+        return sum(1 for c in self.conns if not c.closed)
+
     def on_response(self, conn: _Conn, status: int, body: bytes) -> None:
         fut = self._waiters.pop(conn, None)
         if fut is not None and not fut.done():
-            fut.set_result(None)
+            # A refusal (turnout's 503 past max_connections) is an answer, but not a connection held.
+            if status == 200:
+                fut.set_result(None)
+            else:
+                fut.set_exception(ConnectionError(f"status {status}"))
 
     def on_lost(self, conn: _Conn) -> None:
         fut = self._waiters.pop(conn, None)
@@ -333,7 +357,7 @@ class IdleClients:
     async def _one(self, sem: asyncio.Semaphore, i: int, timeout: float) -> None:
         async with sem:
             try:
-                conn = await asyncio.wait_for(_connect(self, self.port), timeout)
+                conn = await asyncio.wait_for(_connect(self, self.port, self.source), timeout)
             except (OSError, TimeoutError):
                 self.failed += 1
                 return
@@ -347,9 +371,9 @@ class IdleClients:
             except (ConnectionError, TimeoutError):
                 self.failed += 1
 
-    async def open(self, n: int, timeout: float = 10.0) -> None:
+    async def open(self, n: int, timeout: float = 10.0, concurrency: int = 200) -> None:
         # Bounded concurrency keeps the listen backlogs (511 for nginx) from overflowing into SYN retries.
-        sem = asyncio.Semaphore(200)
+        sem = asyncio.Semaphore(concurrency)
         await asyncio.gather(*(self._one(sem, i, timeout) for i in range(n)))
 
     def close(self) -> None:

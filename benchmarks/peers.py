@@ -15,6 +15,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,7 +154,7 @@ class Lab:
 
     def start_turnout(self, b: Backends, *, pins: int = 10_000, workers: int = 1, store: str | None = None,
                       routes: Path | None = None, name: str = "turnout", pin_core: bool = True,
-                      ready_timeout: float = 90.0) -> Target:
+                      ready_timeout: float = 90.0, extra: Sequence[str] = ()) -> Target:
         run = self._dir(name)
         port, admin = free_port(), free_port()
         token = secrets.token_hex(16)
@@ -161,7 +162,7 @@ class Lab:
         argv = [sys.executable, "-m", "proxy", "serve", "--routes", str(routes),
                 "--store", store or f"sqlite:///{run / 'state.db'}",
                 "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-                "--workers", str(workers), "--shutdown-grace", "1", "--state-dir", str(run)]
+                "--workers", str(workers), "--shutdown-grace", "1", "--state-dir", str(run), *extra]
         env = dict(os.environ, TURNOUT_STATE_DIR=str(run), TURNOUT_ADMIN_TOKEN=token, PYTHONPATH=str(REPO))
         proc = self.procs.start(name, pinned(argv, self.proxy_core if pin_core else None), run / "stdout.log",
                                 env=env, cwd=REPO)
