@@ -57,7 +57,7 @@ async def one(lab: Lab, b: Backends, name: str, n: int, k: int, settle: float, n
     g = start_group(lab, b, name, n, k, nofile)
     clients = Clients(lab, g.port, n, client_count(n, k), OPEN_TIMEOUT, OPEN_DEADLINE)
     try:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(0.5)
         base = g.rss()
         t0 = time.perf_counter()
         await clients.open()
