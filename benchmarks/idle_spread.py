@@ -237,9 +237,11 @@ def source_address(i: int) -> str:
 class Clients:
     """K client subprocesses holding n connections between them; each answers `held` and stops at EOF."""
 
-    def __init__(self, lab: Lab, port: int, n: int, k: int, timeout: float, deadline: float) -> None:
+    def __init__(self, lab: Lab, port: int, n: int, k: int, timeout: float, deadline: float,
+                 rate: float = 0.0) -> None:
         self.lab, self.port, self.n, self.k = lab, port, n, k
         self.timeout, self.deadline = timeout, deadline
+        self.rate = rate  # connections per second in all (0: as fast as 200 in flight allow)
         self.procs: list[asyncio.subprocess.Process] = []
         self.results: list[dict[str, Any]] = []
 
@@ -257,7 +259,8 @@ class Clients:
             argv = [sys.executable, "-m", "benchmarks.idle_spread", "client", "--port", str(self.port),
                     "--source", source_address(i), "--count", str(count), "--timeout", str(self.timeout),
                     "--deadline", str(self.deadline), "--lifetime", str(lifetime),
-                    "--concurrency", str(max(25, 200 // self.k)), "--work", str(self.lab.work)]
+                    "--concurrency", str(max(25, 200 // self.k)), "--rate", str(self.rate / self.k),
+                    "--work", str(self.lab.work)]
             self.procs.append(await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, start_new_session=True,
                 cwd=Path(__file__).resolve().parent.parent))
@@ -308,8 +311,8 @@ async def client_main(args: argparse.Namespace) -> None:
     clients = IdleClients(args.port, source=args.source)
     t0 = time.perf_counter()
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(clients.open(args.count, timeout=args.timeout, concurrency=args.concurrency),
-                               args.deadline)
+        await asyncio.wait_for(clients.open(args.count, timeout=args.timeout, concurrency=args.concurrency,
+                                            rate=args.rate), args.deadline)
     # Connections still opening when the deadline struck were cancelled: they count as failed.
     failed = args.count - clients.answered
     print(json.dumps({"source": args.source, "answered": clients.answered, "failed": failed,
@@ -335,6 +338,7 @@ def main() -> None:
     c.add_argument("--deadline", type=float, default=300.0, help="for opening all of them")
     c.add_argument("--lifetime", type=int, default=1200, help="exit after this many seconds whatever happens")
     c.add_argument("--concurrency", type=int, default=50)
+    c.add_argument("--rate", type=float, default=0.0, help="connections per second (0: as fast as possible)")
     c.add_argument("--work", help="the benchmark's work folder (names the run this client belongs to)")
     args = ap.parse_args()
     if not args.source.startswith("127."):

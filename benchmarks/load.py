@@ -371,10 +371,26 @@ class IdleClients:
             except (ConnectionError, TimeoutError):
                 self.failed += 1
 
-    async def open(self, n: int, timeout: float = 10.0, concurrency: int = 200) -> None:
+    async def open(self, n: int, timeout: float = 10.0, concurrency: int = 200, rate: float = 0.0) -> None:
+        """Open n connections, `concurrency` at a time; with `rate` > 0, connection i starts at t0 + i / rate."""
         # Bounded concurrency keeps the listen backlogs (511 for nginx) from overflowing into SYN retries.
         sem = asyncio.Semaphore(concurrency)
-        await asyncio.gather(*(self._one(sem, i, timeout) for i in range(n)))
+        if rate <= 0:
+            await asyncio.gather(*(self._one(sem, i, timeout) for i in range(n)))
+            return
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for i in range(n):
+                delay = t0 + i / rate - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(loop.create_task(self._one(sem, i, timeout)))
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
 
     def close(self) -> None:
         for c in self.conns:
