@@ -53,10 +53,10 @@ TARGETS = ("turnout", "haproxy", "nginx", "floor", "floor-parse", "floor-buffere
 class ExactLoad:
     """`n` requests over `c` keep-alive connections, each response checked: 200, or counted as an error."""
 
-    def __init__(self, port: int, n: int, c: int) -> None:
+    def __init__(self, port: int, n: int, c: int, path: str = "/") -> None:
         self.port, self.n, self.c = port, n, c
         self.sent = self.ok = self.errors = 0
-        self.reqs = [request_bytes(f"c{i}") for i in range(peers.TRAFFIC_CLIENTS)]
+        self.reqs = [request_bytes(f"c{i}", path) for i in range(peers.TRAFFIC_CLIENTS)]
         self.done: asyncio.Future[None] | None = None
 
     def _next(self, conn: Any) -> None:
@@ -113,6 +113,12 @@ def start(lab: Lab, b: Backends, name: str, work: Path) -> tuple[Proc, int]:
     out = run / "callgrind.out"
     if name == "turnout":
         routes = lab.write_routes(b, 10_000, run)
+        # Under callgrind the loop runs ~50x slower: a 100 MB body keeps it busy past the default 1 s check
+        # timeout, and a failed check would take the endpoint out (503s). The checks keep their interval.
+        doc = json.loads(routes.read_text())
+        for v in doc["versions"].values():
+            v["health"] = {"timeout": 120}
+        routes.write_text(json.dumps(doc))
         admin = free_port()
         argv = [sys.executable, "-m", "proxy", "serve", "--routes", str(routes),
                 "--store", f"sqlite:///{run / 'state.db'}", "--listen", f"127.0.0.1:{port}",
@@ -168,42 +174,44 @@ def _name(table: dict[str, str], value: str) -> str:
     return value
 
 
-def self_costs(path: Path) -> tuple[int, dict[tuple[str, str], int]]:
-    """(total Ir, {(object, function): self Ir}) read from a callgrind file itself: the cost line after a
-    `calls=` line is the callee's inclusive cost and is not the caller's (callgrind_annotate also counts the
-    functions still on the stack at a mid-run dump as inclusive, which this avoids)."""
+def costs(path: Path) -> tuple[int, dict[tuple[str, str], int], dict[tuple[str, str], int]]:
+    """(total Ir, {(object, function): self Ir}, {(object, function): inclusive Ir}) read from a callgrind
+    file itself. The cost line after a `calls=` line is the callee's inclusive cost: it counts toward the
+    caller's inclusive cost, not its self cost (callgrind_annotate also shows the functions still on the
+    stack at a mid-run dump with their inclusive cost as if it were their own, which this avoids)."""
     obs: dict[str, str] = {}
     fns: dict[str, str] = {}
     ob = fn = "?"
     total = 0
-    by: dict[tuple[str, str], int] = defaultdict(int)
-    skip = False
+    own: dict[tuple[str, str], int] = defaultdict(int)
+    incl: dict[tuple[str, str], int] = defaultdict(int)
+    call = False
     with open(path, errors="replace") as f:
         for line in f:
             c = line[0] if line else ""
             if c.isdigit() or c in "+-*":
-                if skip:
-                    skip = False
-                    continue
                 parts = line.split()
                 if len(parts) >= 2:
-                    by[(ob, fn)] += int(parts[1])
+                    ir = int(parts[1])
+                    incl[(ob, fn)] += ir
+                    if not call:
+                        own[(ob, fn)] += ir
+                call = False
                 continue
             key, _, value = line.rstrip("\n").partition("=")
             if key == "ob":
                 ob = Path(_name(obs, value)).name
             elif key == "fn":
                 fn = _name(fns, value)
-            elif key in ("cob", "cfn", "cfi", "cfl"):
-                if key == "cob":
-                    _name(obs, value)
-                elif key == "cfn":
-                    _name(fns, value)
+            elif key == "cob":
+                _name(obs, value)
+            elif key == "cfn":
+                _name(fns, value)
             elif key == "calls":
-                skip = True
+                call = True
             elif line.startswith(("summary:", "totals:")):
                 total = int(line.split(":")[1].split()[0])
-    return total, dict(by)
+    return total, dict(own), dict(incl)
 
 
 def family(obj: str) -> str:
@@ -225,13 +233,13 @@ def family(obj: str) -> str:
     return "other"
 
 
-async def measure(lab: Lab, b: Backends, name: str, work: Path, n: int, c: int) -> dict[str, Any]:
+async def measure(lab: Lab, b: Backends, name: str, work: Path, n: int, c: int, path: str) -> dict[str, Any]:
     proc, port = start(lab, b, name, work)
     run = work / name
     try:
         await ExactLoad(port, 2000, c).run(600.0)
         control(proc, "-z")
-        load = ExactLoad(port, n, c)
+        load = ExactLoad(port, n, c, path)
         took = await load.run(1800.0)
         control(proc, "-d")
         await asyncio.sleep(took)
@@ -241,10 +249,15 @@ async def measure(lab: Lab, b: Backends, name: str, work: Path, n: int, c: int) 
     files = dumps(run)
     if len(files) < 2:
         raise RuntimeError(f"{name}: expected two callgrind dumps in {run}, found {[p.name for p in files]}")
-    busy_total, busy = self_costs(files[-2])
-    idle_total, idle = self_costs(files[-1])
+    busy_total, busy, busy_incl = costs(files[-2])
+    idle_total, idle, idle_incl = costs(files[-1])
     per = (busy_total - idle_total) / n
     fns = {k: (busy.get(k, 0) - idle.get(k, 0)) / n for k in set(busy) | set(idle)}
+    # turnout's own functions (mypyc names them CPyDef_<module>___<Class>___<method>) with what they call:
+    # the request's steps, each with its whole cost.
+    steps = {k: (busy_incl.get(k, 0) - idle_incl.get(k, 0)) / n for k in busy_incl
+             if k[1].startswith("CPyDef_") and "__mypyc" in k[0]}
+    top_steps = sorted(steps.items(), key=lambda kv: -kv[1])[:25]
     fam: dict[str, float] = defaultdict(float)
     for (obj, _fn), ir in fns.items():
         fam[family(obj)] += ir
@@ -252,7 +265,9 @@ async def measure(lab: Lab, b: Backends, name: str, work: Path, n: int, c: int) 
     return {"target": name, "requests": n, "ok": load.ok, "errors": load.errors, "seconds_traced": round(took, 2),
             "ir_busy": busy_total, "ir_idle": idle_total, "ir_per_request": round(per, 1),
             "by_family": {k: round(v, 1) for k, v in sorted(fam.items(), key=lambda kv: -kv[1])},
-            "top": [{"object": o, "function": f, "ir_per_request": round(v, 1)} for (o, f), v in top]}
+            "top": [{"object": o, "function": f, "ir_per_request": round(v, 1)} for (o, f), v in top],
+            "steps": [{"function": f.removeprefix("CPyDef_"), "inclusive_ir_per_request": round(v, 1)}
+                      for (_o, f), v in top_steps]}
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -261,7 +276,8 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [f"# User-space instructions per request, whole proxy process ({doc['date']}"
              f"{', quick' if doc['quick'] else ''})", "",
              f"Command: `{doc['command']}`. callgrind on each proxy process; {doc['plan']['requests']:,} "
-             f"requests over {doc['plan']['connections']} keep-alive connections after a 2,000-request warm-up; "
+             f"requests for `{doc['plan'].get('path', '/')}` over {doc['plan']['connections']} keep-alive connections "
+             "after a 2,000-request warm-up; "
              "the same seconds idle subtracted (the method is in benchmarks/profile/instructions.py). "
              f"Compiled data plane: {doc['machine']['compiled_dataplane']}. Machine load at start "
              f"{doc['machine']['load_start']}, at end {doc['machine']['load_end']} (counts do not depend on it).",
@@ -281,6 +297,11 @@ def markdown(doc: dict[str, Any]) -> str:
                   "| # | Ir/request | object | function |", "|---:|---:|---|---|"]
         for i, t in enumerate(r["top"], 1):
             lines.append(f"| {i} | {t['ir_per_request']:,.0f} | `{t['object']}` | `{t['function'][:90]}` |")
+        if r.get("steps"):
+            lines += ["", f"## {r['target']}: its compiled functions with everything they call (inclusive, per "
+                      "request; nested, so they do not add up)", "", "| # | Ir/request | function |", "|---:|---:|---|"]
+            for i, t in enumerate(r["steps"], 1):
+                lines.append(f"| {i} | {t['inclusive_ir_per_request']:,.0f} | `{t['function'][:100]}` |")
     return "\n".join(lines) + "\n"
 
 
@@ -321,7 +342,7 @@ async def main_async(args: argparse.Namespace) -> int:
         b = lab.start_backends()
         for name in args.targets.split(","):
             print(f"instructions: {name} under callgrind, {args.requests:,} requests ...", flush=True)
-            r = await measure(lab, b, name, work, args.requests, args.connections)
+            r = await measure(lab, b, name, work, args.requests, args.connections, args.path)
             print(f"instructions: {name}: {r['ir_per_request']:,.0f} per request "
                   f"({r['ok']:,} answered 200, {r['errors']} errors, {r['seconds_traced']} s)", flush=True)
             results.append(r)
@@ -330,7 +351,8 @@ async def main_async(args: argparse.Namespace) -> int:
         shutil.rmtree(work, ignore_errors=True)
     date = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     doc = {"date": date, "quick": args.quick, "command": "python -m benchmarks.profile.instructions "
-           + " ".join(sys.argv[1:]), "plan": {"requests": args.requests, "connections": args.connections},
+           + " ".join(sys.argv[1:]), "plan": {"requests": args.requests, "connections": args.connections,
+                                                       "path": args.path},
            "machine": {"compiled_dataplane": compiled(), "load_start": start_load,
                        "load_end": machine_load("end")},
            "results": results}
@@ -352,6 +374,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=20_000)
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--path", default="/", help="what the measured requests ask for (the backends also serve "
+                    "/big, 100 MB of zeros; the warm-up always asks for /)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--quick", action="store_true", help="500 requests: checks the harness, not comparable")
     args = ap.parse_args()
