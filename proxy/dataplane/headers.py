@@ -203,6 +203,10 @@ def split_host(host: bytes) -> str:
 
 # A '%' not followed by two hex digits, or an encoded NUL: a path an upstream cannot decode, or (in C) truncates.
 _BAD_PCT: Final = re.compile(rb"%(?![0-9A-Fa-f]{2})|%00")
+# The bytes "%" and "?" as ints: `int in bytes` is a memchr, while `b"%" in bytes` first tries the int form and
+# fails with a formatted TypeError inside CPython (~1,900 instructions per request, callgrind, #17).
+_PERCENT: Final = 0x25
+_QUESTION: Final = 0x3F
 
 
 # -- request validation (raises Refuse; the common case is validated inline in downstream)
@@ -210,8 +214,8 @@ _BAD_PCT: Final = re.compile(rb"%(?![0-9A-Fa-f]{2})|%00")
 
 def request_target(ex: Exchange, target: bytes) -> None:
     """Origin-form target -> ex.target, ex.path and ex.query (path and query as latin-1 text)."""
-    q = target.find(b"?")
-    if b"%" in target and _BAD_PCT.search(target, 0, q if q >= 0 else len(target)) is not None:
+    q = target.find(b"?") if _QUESTION in target else -1
+    if _PERCENT in target and _BAD_PCT.search(target, 0, q if q >= 0 else len(target)) is not None:
         raise Refuse(400, "bad_request")  # the query is the application's to decode, as nginx leaves it
     ex.target = target
     if q >= 0:
