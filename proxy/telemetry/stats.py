@@ -13,10 +13,13 @@ JSON-able data that proxy.telemetry.metrics publishes across worker processes an
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
-# Upper bounds (seconds) of latency buckets: from a cache-hit 0.5 ms to a 10 s slow request.
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Upper bounds (seconds) of latency buckets: from a cache-hit 0.5 ms to a 10 s slow request. Declared of any
+# length: compiled code unboxes a fixed-length tuple of floats into 14 C doubles and boxes them back into a new
+# tuple for every bisect_left call (~1,000 instructions per request, callgrind, #17).
+LATENCY_BUCKETS: Final[tuple[float, ...]] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # One count per bucket plus an overflow slot (> 10 s, only in the +Inf bucket).
 HIST_SLOTS = len(LATENCY_BUCKETS) + 1
 
