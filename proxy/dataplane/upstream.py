@@ -35,7 +35,7 @@ STRUCTURED: Final = 3  # through the client's response_data (an HTTP/2 stream: e
 _SPECIAL: Final = RESPONSE_DROP | {b"content-length"}
 # Response header names as received -> lower-case name when special, else None. Upstreams repeat the same
 # few spellings, so one dict lookup replaces lower() and a set test; bounded like every cache of peer input.
-_NAMES: dict[bytes, bytes | None] = {}
+_NAMES: Final[dict[bytes, bytes | None]] = {}  # Final: compiled code reads it without a module-dict lookup
 _NAMES_MAX: Final = 512
 _CRLF: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
