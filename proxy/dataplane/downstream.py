@@ -35,6 +35,7 @@ from proxy.dataplane.headers import (
     connection_tokens,
     host_of,
     local_response,
+    lower_name,
     request_target,
     validate_request,
 )
@@ -169,7 +170,7 @@ class ClientConnection(ClientHandover):
         self.head_bytes += len(name) + len(value) + 4
         if self.nheaders > self.max_headers or self.head_bytes > self.max_head:
             raise Refuse(431, "too_large")
-        n = name.lower()
+        n = lower_name(name)
         kind = self.kinds.get(n)
         if kind is None:
             ex.lines.append(b"%b: %b\r\n" % (name, value))

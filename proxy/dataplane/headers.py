@@ -73,6 +73,27 @@ RESPONSE_DROP: Final = frozenset({
 
 _CRLF: Final = b"\r\n"
 
+# Request header names as received -> lower case. Clients repeat the same few spellings, so one lookup replaces
+# a lower() call per header, and the kind lookup that follows finds the name's hash already computed (~400
+# instructions per header, callgrind, #17). Bounded like every cache of peer input; a long name (rare, and it
+# would pin its bytes) is lowered every time.
+LOWER_NAMES: Final[dict[bytes, bytes]] = {}
+_LOWER_MAX: Final = 512
+_LOWER_NAME_MAX: Final = 64
+
+
+def lower_name(name: bytes) -> bytes:
+    """name.lower(), remembered in LOWER_NAMES."""
+    n = LOWER_NAMES.get(name)
+    if n is not None:
+        return n
+    n = name.lower()
+    if len(name) <= _LOWER_NAME_MAX:
+        if len(LOWER_NAMES) >= _LOWER_MAX:
+            LOWER_NAMES.clear()
+        LOWER_NAMES[name] = n
+    return n
+
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 STATUS_LINES: Final[dict[int, bytes]] = {
