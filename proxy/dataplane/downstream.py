@@ -30,6 +30,7 @@ from proxy.dataplane.headers import (
     HOST,
     IDEMPOTENT,
     LOCAL_RESPONSES,
+    NEVER_HOP,
     TRANSFER_ENCODING,
     UPGRADE,
     connection_tokens,
@@ -42,10 +43,7 @@ from proxy.dataplane.headers import (
 from proxy.dataplane.plan import WANTED
 from proxy.dataplane.pool import UpstreamSide
 
-_CRLF: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
-# Connection may not name these: Host is end-to-end and what the route was chosen by.
-_NEVER_HOP: Final = frozenset({b"host"})
 _METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 
@@ -154,6 +152,7 @@ class ClientConnection(ClientHandover):
         self.nheaders = 0
         self.nhost = 0
         self.tokens = None
+        self.hop = False
         self.cl = None
         self.deadline = self.now() + self.dp.t_header_read
 
@@ -203,8 +202,9 @@ class ClientConnection(ClientHandover):
             if value.lower() != b"100-continue":
                 raise Refuse(417, "bad_request")
             ex.expect = True
-        elif kind == HOP and n == b"te":
-            if b"trailers" in value.lower():
+        elif kind == HOP:
+            self.hop = True  # Proxy-Connection is one: llhttp reads it as Connection (see on_headers_complete)
+            if n == b"te" and b"trailers" in value.lower():
                 ex.te_trailers = True  # dropped as hop-by-hop; an HTTP/2 upstream is told (h2upstream)
         elif kind == FORWARDED and self.trusted:
             fwd = ex.fwd
@@ -227,10 +227,11 @@ class ClientConnection(ClientHandover):
             method = ex.method = _METHODS.get(method_b) or method_b.decode("ascii", "replace")
             if method == "HEAD":
                 ex.head = True
-        if p.get_http_version() != "1.1":
-            ex.http11 = False
         if not p.should_keep_alive():
             ex.keep_alive = False
+        # llhttp keeps other versions alive only for a Connection/Proxy-Connection token: skip get_http_version
+        if not (ex.keep_alive and self.tokens is None and not self.hop) and p.get_http_version() != "1.1":
+            ex.http11 = False
         upgrade = p.should_upgrade()
         if upgrade:
             ex.upgrade = True
@@ -266,7 +267,7 @@ class ClientConnection(ClientHandover):
             ex.refuse = Refuse(505, "bad_request")
             ex.keep_alive = False
         if self.tokens and not self.tokens <= {b"close", b"keep-alive", b"upgrade"}:
-            tokens = self.tokens - _NEVER_HOP
+            tokens = self.tokens - NEVER_HOP
             ex.lines = [ln for ln in ex.lines if ln.split(b":", 1)[0].lower() not in tokens]
             if ex.wanted is not None:
                 ex.wanted = {k: v for k, v in ex.wanted.items() if k.encode("latin-1") not in tokens}

@@ -73,6 +73,9 @@ RESPONSE_DROP: Final = frozenset({
 
 _CRLF: Final = b"\r\n"
 
+# Connection may not name these: Host is end-to-end and what the route was chosen by.
+NEVER_HOP: Final = frozenset({b"host"})
+
 # Request header names as received -> lower case. Clients repeat the same few spellings, so one lookup replaces
 # a lower() call per header, and the kind lookup that follows finds the name's hash already computed (~400
 # instructions per header, callgrind, #17). Bounded like every cache of peer input; a long name (rare, and it
