@@ -36,6 +36,9 @@ _SPECIAL: Final = RESPONSE_DROP | {b"content-length"}
 # Response header names as received -> lower-case name when special, else None. Upstreams repeat the same
 # few spellings, so one dict lookup replaces lower() and a set test; bounded like every cache of peer input.
 _NAMES: Final[dict[bytes, bytes | None]] = {}  # Final: compiled code reads it without a module-dict lookup
+# The lengths of the special names, one bit each: a name of any other length (Server, Date, Content-Type ...)
+# is an ordinary line without hashing it (httptools makes a new bytes object per header; ~300 instructions).
+_SPECIAL_LENS: Final = sum(1 << n for n in {len(s) for s in _SPECIAL})
 _NAMES_MAX: Final = 512
 _CRLF: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
@@ -181,6 +184,9 @@ class UpstreamConnection(UpstreamSide):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.in_head:
+            if not _SPECIAL_LENS >> len(name) & 1:
+                self.lines.append(b"%b: %b\r\n" % (name, value))
+                return
             try:
                 n = _NAMES[name]
             except KeyError:
