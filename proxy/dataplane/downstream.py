@@ -33,6 +33,7 @@ from proxy.dataplane.headers import (
     NEVER_HOP,
     TRANSFER_ENCODING,
     UPGRADE,
+    capture,
     connection_tokens,
     host_of,
     local_response,
@@ -175,15 +176,7 @@ class ClientConnection(ClientHandover):
             ex.lines.append(b"%b: %b\r\n" % (name, value))
         elif kind == WANTED:
             ex.lines.append(b"%b: %b\r\n" % (name, value))
-            k = n.decode("latin-1")
-            v = value.decode("latin-1")
-            w = ex.wanted
-            if w is None:
-                ex.wanted = {k: v}
-            elif k in w:
-                w[k] = w[k] + ("; " if k == "cookie" else ", ") + v
-            else:
-                w[k] = v
+            capture(ex, n, value)
         elif kind == HOST:
             self.nhost += 1
             ex.host_raw = value

@@ -85,6 +85,30 @@ _LOWER_MAX: Final = 512
 _LOWER_NAME_MAX: Final = 64
 
 
+# Lower-case names of captured headers (plan.WANTED) -> the same as str, the key of Exchange.wanted: one lookup
+# of a name from LOWER_NAMES (its hash cached) instead of a decode and the new str's hash, per request.
+_WANTED_KEYS: Final[dict[bytes, str]] = {}
+
+
+def capture(ex: Exchange, n: bytes, value: bytes) -> None:
+    """Header n (lower case, a name some route reads) with value into ex.wanted, repeats joined as LazyHeaders
+    joins them."""
+    k = _WANTED_KEYS.get(n)
+    if k is None:
+        k = n.decode("latin-1")
+        if len(_WANTED_KEYS) >= _LOWER_MAX:
+            _WANTED_KEYS.clear()
+        _WANTED_KEYS[n] = k
+    v = value.decode("latin-1")
+    w = ex.wanted
+    if w is None:
+        ex.wanted = {k: v}
+    elif k in w:
+        w[k] = w[k] + ("; " if k == "cookie" else ", ") + v
+    else:
+        w[k] = v
+
+
 def lower_name(name: bytes) -> bytes:
     """name.lower(), remembered in LOWER_NAMES."""
     n = LOWER_NAMES.get(name)
