@@ -433,8 +433,9 @@ class UpstreamConnection(UpstreamSide):
     def begin(self, ex: Exchange) -> None:
         """Serve ex next (a fresh connection, or one taken from the pool)."""
         self.ex = ex
-        self.lines = []
-        self.special = []
+        if self.lines or self.special:  # left over by a HEAD answer (on_message_complete resets them otherwise)
+            self.lines = []
+            self.special = []
         self.got_bytes = self.informational = self.until_eof = False
         self.in_head = True
         self.head_size = 0
