@@ -236,7 +236,7 @@ class UpstreamConnection(UpstreamSide):
             if n == b"content-length":
                 cl = v
             elif n == b"connection":
-                lv = v.lower()
+                lv = v if v == b"keep-alive" else v.lower()  # the common spelling needs no lower() call
                 if lv != b"keep-alive":
                     tokens = connection_tokens(lv) if tokens is None else tokens | connection_tokens(lv)
             elif n == b"transfer-encoding":
