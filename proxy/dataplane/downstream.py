@@ -222,10 +222,12 @@ class ClientConnection(ClientHandover):
                 ex.head = True
         if not p.should_keep_alive():
             ex.keep_alive = False
-        # llhttp keeps other versions alive only for a Connection/Proxy-Connection token: skip get_http_version
-        if not (ex.keep_alive and self.tokens is None and not self.hop) and p.get_http_version() != "1.1":
+        # llhttp keeps other versions alive only for a Connection/Proxy-Connection token: skip get_http_version.
+        # Its upgrade needs Connection (or Proxy-Connection): upgrade, or CONNECT: skip should_upgrade for a GET.
+        plain = ex.keep_alive and self.tokens is None and not self.hop
+        if not plain and p.get_http_version() != "1.1":
             ex.http11 = False
-        upgrade = p.should_upgrade()
+        upgrade = p.should_upgrade() if not plain or method != "GET" else False
         if upgrade:
             ex.upgrade = True
         now = ex.t0 = self.now()
