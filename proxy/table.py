@@ -58,8 +58,9 @@ class CompiledRoute:
     __slots__ = (
         "_assignable", "_bounds", "_cycle", "_cycle_len", "_next", "_pins", "_shares", "_spread_current",
         "_sticky_picks", "_weighted_picks", "actions", "assignment_cookie", "chains", "challenge", "entries",
-        "expose_version", "header_ids", "host", "host_suffix", "identity", "match_headers", "name",
+        "expose_version", "header_ids", "host", "host_suffix", "identity", "match_headers", "mirrored", "name",
         "pins_verified", "prefix", "prefix_dir", "require_identity", "route", "sources", "split_names", "verifying",
+        "zone_affinity",
     )
 
     def __init__(self, route: Route, previous: CompiledRoute | None = None) -> None:
@@ -67,6 +68,9 @@ class CompiledRoute:
         self.name = route.name
         self.expose_version = route.expose_version
         self.assignment_cookie = route.assignment_cookie
+        # Read per request: an attribute of the (uncompiled) model.Route costs a generic getattr from compiled code.
+        self.mirrored = bool(route.mirrors)
+        self.zone_affinity = route.zone_affinity
         m = route.match
         self.host = None if m.host is None or m.host.startswith("*.") else m.host
         self.host_suffix = m.host[1:] if m.host and m.host.startswith("*.") else None

@@ -96,10 +96,10 @@ def start(dp: PlaneState, ex: Exchange) -> None:
     ex.head_common = ex.client.upstream_head(ex, route.name)
     if ex.id_source and cid is not None:
         ex.head_common += identity_lines(ex.id_source, cid)
-    if route.route.mirrors:
+    if route.mirrored:
         dp.mirror.consider(ex, route, dp.backends)
     backend = dp.backends.get(chain[0])
-    ep = backend.pick(route.route.zone_affinity) if backend is not None else None
+    ep = backend.pick(route.zone_affinity) if backend is not None else None
     if ep is not None:
         ex.version = chain[0]
         ex.endpoint = ep

@@ -30,21 +30,21 @@ from proxy.dataplane.headers import (
     HOST,
     IDEMPOTENT,
     LOCAL_RESPONSES,
+    NEVER_HOP,
     TRANSFER_ENCODING,
     UPGRADE,
+    capture,
     connection_tokens,
     host_of,
     local_response,
+    lower_name,
     request_target,
     validate_request,
 )
 from proxy.dataplane.plan import WANTED
 from proxy.dataplane.pool import UpstreamSide
 
-_CRLF: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
-# Connection may not name these: Host is end-to-end and what the route was chosen by.
-_NEVER_HOP: Final = frozenset({b"host"})
 _METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 
@@ -153,6 +153,7 @@ class ClientConnection(ClientHandover):
         self.nheaders = 0
         self.nhost = 0
         self.tokens = None
+        self.hop = False
         self.cl = None
         self.deadline = self.now() + self.dp.t_header_read
 
@@ -169,21 +170,13 @@ class ClientConnection(ClientHandover):
         self.head_bytes += len(name) + len(value) + 4
         if self.nheaders > self.max_headers or self.head_bytes > self.max_head:
             raise Refuse(431, "too_large")
-        n = name.lower()
+        n = lower_name(name)
         kind = self.kinds.get(n)
         if kind is None:
             ex.lines.append(b"%b: %b\r\n" % (name, value))
         elif kind == WANTED:
             ex.lines.append(b"%b: %b\r\n" % (name, value))
-            k = n.decode("latin-1")
-            v = value.decode("latin-1")
-            w = ex.wanted
-            if w is None:
-                ex.wanted = {k: v}
-            elif k in w:
-                w[k] = w[k] + ("; " if k == "cookie" else ", ") + v
-            else:
-                w[k] = v
+            capture(ex, n, value)
         elif kind == HOST:
             self.nhost += 1
             ex.host_raw = value
@@ -202,8 +195,9 @@ class ClientConnection(ClientHandover):
             if value.lower() != b"100-continue":
                 raise Refuse(417, "bad_request")
             ex.expect = True
-        elif kind == HOP and n == b"te":
-            if b"trailers" in value.lower():
+        elif kind == HOP:
+            self.hop = True  # Proxy-Connection is one: llhttp reads it as Connection (see on_headers_complete)
+            if n == b"te" and b"trailers" in value.lower():
                 ex.te_trailers = True  # dropped as hop-by-hop; an HTTP/2 upstream is told (h2upstream)
         elif kind == FORWARDED and self.trusted:
             fwd = ex.fwd
@@ -226,11 +220,14 @@ class ClientConnection(ClientHandover):
             method = ex.method = _METHODS.get(method_b) or method_b.decode("ascii", "replace")
             if method == "HEAD":
                 ex.head = True
-        if p.get_http_version() != "1.1":
-            ex.http11 = False
         if not p.should_keep_alive():
             ex.keep_alive = False
-        upgrade = p.should_upgrade()
+        # llhttp keeps other versions alive only for a Connection/Proxy-Connection token: skip get_http_version.
+        # Its upgrade needs Connection (or Proxy-Connection): upgrade, or CONNECT: skip should_upgrade for a GET.
+        plain = ex.keep_alive and self.tokens is None and not self.hop
+        if not plain and p.get_http_version() != "1.1":
+            ex.http11 = False
+        upgrade = p.should_upgrade() if not plain or method != "GET" else False
         if upgrade:
             ex.upgrade = True
         now = ex.t0 = self.now()
@@ -265,7 +262,7 @@ class ClientConnection(ClientHandover):
             ex.refuse = Refuse(505, "bad_request")
             ex.keep_alive = False
         if self.tokens and not self.tokens <= {b"close", b"keep-alive", b"upgrade"}:
-            tokens = self.tokens - _NEVER_HOP
+            tokens = self.tokens - NEVER_HOP
             ex.lines = [ln for ln in ex.lines if ln.split(b":", 1)[0].lower() not in tokens]
             if ex.wanted is not None:
                 ex.wanted = {k: v for k, v in ex.wanted.items() if k.encode("latin-1") not in tokens}

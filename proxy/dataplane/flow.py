@@ -97,6 +97,7 @@ class ClientFlow(ClientSide):
         self.nheaders = 0
         self.nhost = 0
         self.tokens: set[bytes] | None = None
+        self.hop = False  # the head has a hop-by-hop header other than Connection (Proxy-Connection, TE, ...)
         self.kinds = dp.plan.kinds  # header kinds of the table the current request is parsed under
         self.cl: int | None = None
         self.body_left: int | None = None

@@ -35,7 +35,10 @@ STRUCTURED: Final = 3  # through the client's response_data (an HTTP/2 stream: e
 _SPECIAL: Final = RESPONSE_DROP | {b"content-length"}
 # Response header names as received -> lower-case name when special, else None. Upstreams repeat the same
 # few spellings, so one dict lookup replaces lower() and a set test; bounded like every cache of peer input.
-_NAMES: dict[bytes, bytes | None] = {}
+_NAMES: Final[dict[bytes, bytes | None]] = {}  # Final: compiled code reads it without a module-dict lookup
+# The lengths of the special names, one bit each: a name of any other length (Server, Date, Content-Type ...)
+# is an ordinary line without hashing it (httptools makes a new bytes object per header; ~300 instructions).
+_SPECIAL_LENS: Final = sum(1 << n for n in {len(s) for s in _SPECIAL})
 _NAMES_MAX: Final = 512
 _CRLF: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
@@ -181,6 +184,9 @@ class UpstreamConnection(UpstreamSide):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.in_head:
+            if not _SPECIAL_LENS >> len(name) & 1:
+                self.lines.append(b"%b: %b\r\n" % (name, value))
+                return
             try:
                 n = _NAMES[name]
             except KeyError:
@@ -230,7 +236,7 @@ class UpstreamConnection(UpstreamSide):
             if n == b"content-length":
                 cl = v
             elif n == b"connection":
-                lv = v.lower()
+                lv = v if v == b"keep-alive" else v.lower()  # the common spelling needs no lower() call
                 if lv != b"keep-alive":
                     tokens = connection_tokens(lv) if tokens is None else tokens | connection_tokens(lv)
             elif n == b"transfer-encoding":
@@ -427,8 +433,9 @@ class UpstreamConnection(UpstreamSide):
     def begin(self, ex: Exchange) -> None:
         """Serve ex next (a fresh connection, or one taken from the pool)."""
         self.ex = ex
-        self.lines = []
-        self.special = []
+        if self.lines or self.special:  # left over by a HEAD answer (on_message_complete resets them otherwise)
+            self.lines = []
+            self.special = []
         self.got_bytes = self.informational = self.until_eof = False
         self.in_head = True
         self.head_size = 0

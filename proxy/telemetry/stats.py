@@ -12,11 +12,12 @@ JSON-able data that proxy.telemetry.metrics publishes across worker processes an
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
-# Upper bounds (seconds) of latency buckets: from a cache-hit 0.5 ms to a 10 s slow request.
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Upper bounds (seconds) of latency buckets: from a cache-hit 0.5 ms to a 10 s slow request. Declared of any
+# length: compiled code would unbox a fixed-length tuple of floats into 14 C doubles on every read.
+LATENCY_BUCKETS: Final[tuple[float, ...]] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # One count per bucket plus an overflow slot (> 10 s, only in the +Inf bucket).
 HIST_SLOTS = len(LATENCY_BUCKETS) + 1
 
@@ -96,7 +97,14 @@ class Stats:
         c.duration_sum += duration
         c.bytes_in += bytes_in
         c.bytes_out += bytes_out
-        c.hist[bisect_left(LATENCY_BUCKETS, duration)] += 1
+        # bisect_left's slot, by a compiled scan: most requests end in the first few buckets, and calling
+        # bisect_left from compiled code (boxing the duration, a C call, float objects compared) costs more.
+        i = 0
+        for bound in LATENCY_BUCKETS:
+            if duration <= bound:
+                break
+            i += 1
+        c.hist[i] += 1
 
     def upstream_error(self, version: str, kind: UpstreamErrorKind, route: str | None = None) -> None:
         """`route`, when the caller knows it, also feeds the per-(route, version) error count canaries use."""

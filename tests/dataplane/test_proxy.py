@@ -203,6 +203,23 @@ async def test_http10_keepalive(upstreams) -> None:  # type: ignore[no-untyped-d
         await p.dp.shutdown(0.5)
 
 
+async def test_http10_kept_alive_by_proxy_connection(upstreams) -> None:  # type: ignore[no-untyped-def]
+    # llhttp reads Proxy-Connection as Connection: this 1.0 request is kept alive, and must still be taken as
+    # 1.0 (the version is not inferred from keep-alive when such a header is present; downstream).
+    a = await upstreams()
+    p = await proxy_for(table([version("v1", a)], [simple_route(("v1", 1.0))]))
+    try:
+        c = await Client.open(p.port)
+        r1 = await c.request(b"GET /1 HTTP/1.0\r\nProxy-Connection: keep-alive\r\n\r\n")
+        r2 = await c.request(b"GET /2 HTTP/1.1\r\nHost: app\r\n\r\n")
+        r3 = await c.request(b"GET /3 HTTP/1.1\r\nHost: app\r\nProxy-Connection: keep-alive\r\n\r\n")
+        assert [(r.status, r.header("connection")) for r in (r1, r2, r3)] == \
+            [(200, "keep-alive"), (200, None), (200, None)]
+        c.close()
+    finally:
+        await p.dp.shutdown(0.5)
+
+
 async def test_expect_100_continue(upstreams) -> None:  # type: ignore[no-untyped-def]
     a = await upstreams()
     p = await proxy_for(table([version("v1", a)], [simple_route(("v1", 1.0))]))
