@@ -313,7 +313,7 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     results = doc["results"]
     families = sorted({f for r in results for f in r["by_family"]},
                       key=lambda f: -max(r["by_family"].get(f, 0) for r in results))
-    fig, ax = plt.subplots(figsize=(9, 4.8))
+    fig, ax = plt.subplots(figsize=(11.5, 4.8))
     left = [0.0] * len(results)
     for f in families:
         vals = [max(r["by_family"].get(f, 0), 0) for r in results]
@@ -324,7 +324,7 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("user-space instructions per proxied request (callgrind)")
     ax.set_title("Where a request's instructions go: turnout, the Python floor, HAProxy, nginx")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_xlim(0, max(left) * 1.18)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
