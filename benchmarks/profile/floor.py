@@ -49,9 +49,12 @@ class _Parsed:
 BUF = 65536
 
 
-class Side(asyncio.Protocol):
+class _Relay:
+    """One side of a connection pair; not itself a protocol class, because uvloop reads into get_buffer only
+    for protocols that are not asyncio.Protocol."""
+
     def __init__(self, parse: bool, response: bool) -> None:
-        self.peer: Side | None = None
+        self.peer: _Relay | None = None
         self.transport: Any = None
         self.pending: list[bytes] = []
         self.cb = _Parsed()
@@ -63,6 +66,13 @@ class Side(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.close()
+
+
+class Side(_Relay, asyncio.Protocol):
     def forward(self, data: bytes) -> None:
         if self.parser is not None:
             self.parser.feed_data(data)
@@ -74,11 +84,6 @@ class Side(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.forward(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        peer = self.peer
-        if peer is not None and peer.transport is not None:
-            peer.transport.close()
 
 
 class Shared:
@@ -96,20 +101,7 @@ class Shared:
 SHARED = Shared()
 
 
-class BufferedSide(asyncio.BufferedProtocol):
-    def __init__(self, parse: bool, response: bool) -> None:
-        self.peer: BufferedSide | None = None
-        self.transport: Any = None
-        self.pending: list[bytes] = []
-        self.cb = _Parsed()
-        self.parser: Any = None
-        if parse:
-            self.parser = (httptools.HttpResponseParser(self.cb) if response
-                           else httptools.HttpRequestParser(self.cb))
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
+class BufferedSide(_Relay, asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         return SHARED.view
 
@@ -125,11 +117,6 @@ class BufferedSide(asyncio.BufferedProtocol):
                 SHARED.renew()  # the transport holds `data` until it is sent
         else:
             self.pending.append(bytes(data))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        peer = self.peer
-        if peer is not None and peer.transport is not None:
-            peer.transport.close()
 
 
 async def serve(listen: int, upstream: int, parse: bool, buffered: bool) -> None:
