@@ -48,10 +48,11 @@ from benchmarks.procs import (
     require_tools,
     wait_http,
 )
+from benchmarks.profile import floor
 from benchmarks.profile.tls import compiled
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TARGETS = ("haproxy", "nginx", "turnout", "floor", "floor-parse", "floor-buffered", "floor-parse-buffered")
+TARGETS = ("haproxy", "nginx", "turnout", *floor.VARIANTS)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -86,11 +87,7 @@ def start(lab: Lab, b: Backends, name: str) -> Target:
     if name == "nginx":
         return lab.start_nginx(b)
     port = free_port()
-    argv = [sys.executable, "-m", "benchmarks.profile.floor", "--listen", str(port), "--upstream", str(b.v1)]
-    if "parse" in name:
-        argv.append("--parse")
-    if "buffered" in name:
-        argv.append("--buffered")
+    argv = floor.command(name, port, b.v1)
     run = lab.work / name
     run.mkdir(exist_ok=True)
     proc = lab.procs.start(name, pinned(argv, lab.proxy_core), run / "stdout.log", cwd=REPO,

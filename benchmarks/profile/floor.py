@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 from typing import Any
 
 import httptools
@@ -47,6 +48,18 @@ class _Parsed:
 
 
 BUF = 65536
+# The relay's variants as the benchmarks name their targets.
+VARIANTS = ("floor", "floor-parse", "floor-buffered", "floor-parse-buffered")
+
+
+def command(variant: str, listen: int, upstream: int) -> list[str]:
+    """The command line that runs `variant` (one of VARIANTS) on `listen`, relaying to `upstream`."""
+    argv = [sys.executable, "-m", "benchmarks.profile.floor", "--listen", str(listen), "--upstream", str(upstream)]
+    if "parse" in variant:
+        argv.append("--parse")
+    if "buffered" in variant:
+        argv.append("--buffered")
+    return argv
 
 
 class _Relay:

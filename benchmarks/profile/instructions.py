@@ -44,10 +44,11 @@ import benchmarks.peers as peers
 from benchmarks.load import _connect, request_bytes
 from benchmarks.peers import Backends, Lab
 from benchmarks.procs import Proc, Processes, free_port, machine_load, require_tools, wait_http, wait_port
+from benchmarks.profile import floor
 from benchmarks.profile.tls import compiled
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
-TARGETS = ("turnout", "haproxy", "nginx", "floor", "floor-parse", "floor-buffered", "floor-parse-buffered")
+TARGETS = ("turnout", "haproxy", "nginx", *floor.VARIANTS)
 
 
 class ExactLoad:
@@ -147,13 +148,8 @@ def start(lab: Lab, b: Backends, name: str, work: Path) -> tuple[Proc, int]:
                                                      "-e", str(run / "nginx.err")]), run / "stdout.log")
         wait_http(proc, port, 120.0)
     else:
-        argv = [sys.executable, "-m", "benchmarks.profile.floor", "--listen", str(port), "--upstream", str(b.v1)]
-        if "parse" in name:
-            argv.append("--parse")
-        if "buffered" in name:
-            argv.append("--buffered")
-        proc = lab.procs.start(name, callgrind(out, argv), run / "stdout.log", cwd=peers.REPO,
-                               env=dict(peers.os.environ, PYTHONPATH=str(peers.REPO)))
+        proc = lab.procs.start(name, callgrind(out, floor.command(name, port, b.v1)), run / "stdout.log",
+                               cwd=peers.REPO, env=dict(peers.os.environ, PYTHONPATH=str(peers.REPO)))
         wait_http(proc, port, 120.0)
     return proc, port
 
